@@ -1,0 +1,64 @@
+# hoop_addon: `make run` starts the gateway, `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+HOME_DIR ?= .hoop
+HOST    ?= 127.0.0.1
+PORT    ?= 8080
+
+# A Python >= 3.12 (mitmproxy 12 needs it): $PYTHON if given, else the first fit on
+# PATH, else a pyenv-installed one.
+ifndef PYTHON
+PYTHON := $(shell for c in python3.14 python3.13 python3.12 python3 \
+	$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.1[2-9]*/bin/python3; do \
+	p=$$(command -v $$c 2>/dev/null) && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+endif
+
+.PHONY: help venv init run test demo policy-check clean
+
+help:
+	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/)"
+	@echo "make test   install and run the whole test suite"
+	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
+	@echo "make policy-check   validate rules/"
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.12 found; install one (e.g. pyenv install 3.12) or pass PYTHON=/path/to/python3.12" >&2; exit 2; fi
+	@echo "using $(PYTHON) ($$($(PYTHON) --version))"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+init: venv
+	@$(PY) -m hoop_addon init --home $(HOME_DIR)
+
+run: init
+	@echo
+	@echo "hoop gateway on http://$(HOST):$(PORT). Point an agent at it:"
+	@echo "  export HTTPS_PROXY=http://agent:\$$($(PY) -m hoop_addon dev-token --subject my-agent --groups agents)@$(HOST):$(PORT)"
+	@echo "  export SSL_CERT_FILE=$(CURDIR)/$(HOME_DIR)/mitmproxy/mitmproxy-ca-cert.pem"
+	@echo "Recordings and the audit log go to recordings/."
+	@[ -n "$$OPENAI_API_KEY" ] || echo "note: OPENAI_API_KEY is not set: requests to api.openai.com will carry a placeholder key"
+	@echo
+	OPENAI_API_KEY=$${OPENAI_API_KEY:-unset-set-OPENAI_API_KEY} \
+	HOOP_LOCAL_LLM_KEY=$${HOOP_LOCAL_LLM_KEY:-local-llm-key} \
+	$(VENV)/bin/mitmdump -s hoop_addon/addon.py --set hoop_rules=rules \
+		--set confdir=$(HOME_DIR)/mitmproxy --listen-host $(HOST) --listen-port $(PORT)
+
+test: venv
+	$(PY) -m pytest
+
+demo: init
+	$(PY) -m hoop_addon.dev.demo --home $(HOME_DIR)
+
+policy-check: venv
+	$(PY) -m hoop_addon policy check rules
+
+clean:
+	rm -rf $(VENV) $(HOME_DIR) recordings/*.mitm recordings/*.jsonl .pytest_cache

@@ -1,0 +1,392 @@
+"""Load `rules/*.yaml` into a `Policy`, or fail with the file, line and key at fault.
+
+Loading is all-or-nothing: every file is parsed and every cross-reference resolved
+before a `Policy` is returned, so a gateway never runs half a rule set. Unknown keys
+are errors (with a did-you-mean hint), because a typo in a security policy must not
+silently drop a rule.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonpath_rfc9535
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from hoop_addon.detectors import BUILTIN, Detector, DetectorError, luhn_valid, ssn_valid
+from hoop_addon.policy.model import Credential, Issuer, MaskRule, Policy, Route
+
+ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+TOKEN_SOURCES = ("authorization", "proxy_password")
+VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_valid, "us_ssn": ssn_valid}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PolicyError(Exception):
+    """A policy file is invalid. `str()` is `FILE:LINE: KEY: MESSAGE`.
+
+    Attributes: `file` (str path), `line` (1-based int; 0 when the problem is the file
+    itself, and then left out of the message), `key` (dotted path such as
+    `routes[0].match.hosts`), `message` (str).
+    """
+
+    def __init__(self, file: str, line: int, key: str, message: str) -> None:
+        super().__init__(f"{file}:{line}: {key}: {message}" if line else f"{file}: {message}")
+        self.file, self.line, self.key, self.message = file, line, key, message
+
+
+@dataclass(frozen=True, slots=True)
+class _Loc:
+    file: str
+    dir: Path
+    key: str
+
+    def at(self, key: str | int) -> _Loc:
+        if isinstance(key, int):
+            return _Loc(self.file, self.dir, f"{self.key}[{key}]")
+        return _Loc(self.file, self.dir, f"{self.key}.{key}" if self.key else key)
+
+    def error(self, node: Node, message: str) -> PolicyError:
+        return PolicyError(self.file, node.start_mark.line + 1, self.key or "(top)", message)
+
+
+class _Map:
+    """A YAML mapping node read key by key; `finish()` rejects keys nobody read."""
+
+    def __init__(self, node: Node, loc: _Loc) -> None:
+        if not isinstance(node, MappingNode):
+            raise loc.error(node, f"expected a mapping, got {_kind(node)}")
+        self.mapping, self.loc = node, loc
+        self.items: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            if not isinstance(key, str):
+                raise loc.error(key_node, "keys must be plain strings")
+            if key in self.items:
+                raise loc.at(key).error(key_node, "duplicate key")
+            self.items[key] = (key_node, value_node)
+        self.read: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.items
+
+    def node(self, key: str) -> Node:
+        self.read.add(key)
+        if key not in self.items:
+            unread = [k for k in self.items if k not in self.read]
+            if typo := difflib.get_close_matches(key, unread, n=1):
+                raise self.loc.at(typo[0]).error(self.items[typo[0]][0], f"unknown key (did you mean '{key}'?)")
+            raise self.loc.at(key).error(self.mapping, "required key is missing")
+        return self.items[key][1]
+
+    def text(self, key: str, default: str | None = None) -> str:
+        if default is not None and key not in self.items:
+            self.read.add(key)
+            return default
+        return _scalar(self.node(key), self.loc.at(key), str)
+
+    def integer(self, key: str, default: int) -> int:
+        if key not in self.items:
+            self.read.add(key)
+            return default
+        return _scalar(self.node(key), self.loc.at(key), int)
+
+    def texts(self, key: str, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """A list of strings; a single string is accepted as a one-item list."""
+        if default is not None and key not in self.items:
+            self.read.add(key)
+            return default
+        node, loc = self.node(key), self.loc.at(key)
+        if isinstance(node, ScalarNode):
+            return (_scalar(node, loc, str),)
+        return tuple(_scalar(n, loc.at(i), str) for i, n in _seq(node, loc))
+
+    def where(self, key: str) -> Node:
+        """The value node of `key` if present, else the mapping: where to point an error."""
+        return self.items[key][1] if key in self.items else self.mapping
+
+    def listed(self, key: str) -> list[tuple[str, _Loc, Node]]:
+        """Like `texts`, but each item with its location and node, to point errors at it."""
+        if key not in self.items:
+            self.read.add(key)
+            return []
+        node, loc = self.node(key), self.loc.at(key)
+        if isinstance(node, ScalarNode):
+            return [(_scalar(node, loc, str), loc, node)]
+        return [(_scalar(n, loc.at(i), str), loc.at(i), n) for i, n in _seq(node, loc)]
+
+    def sub(self, key: str) -> _Map:
+        return _Map(self.node(key), self.loc.at(key))
+
+    def finish(self, allowed: tuple[str, ...] | None = None) -> None:
+        for key, (key_node, _) in self.items.items():
+            if key not in self.read:
+                hint = difflib.get_close_matches(key, allowed or tuple(self.read), n=1)
+                suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise self.loc.at(key).error(key_node, f"unknown key{suffix}")
+
+
+def _kind(node: Node) -> str:
+    return {MappingNode: "a mapping", SequenceNode: "a list"}.get(type(node), "a scalar")
+
+
+_CONSTRUCTOR = yaml.SafeLoader("")
+
+
+def _scalar[T](node: Node, loc: _Loc, kind: type[T]) -> T:
+    if not isinstance(node, ScalarNode):
+        raise loc.error(node, f"expected {kind.__name__}, got {_kind(node)}")
+    value = _CONSTRUCTOR.construct_object(node)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = node.value  # a bare 443 is a fine host/path/name string
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise loc.error(node, f"expected {kind.__name__}, got {type(value).__name__}")
+    if kind is str and not value:
+        raise loc.error(node, "must not be empty")
+    return value
+
+
+def _seq(node: Node, loc: _Loc) -> Iterator[tuple[int, Node]]:
+    if not isinstance(node, SequenceNode):
+        raise loc.error(node, f"expected a list, got {_kind(node)}")
+    return enumerate(node.value)
+
+
+def _choice(value: str, choices: tuple[str, ...], loc: _Loc, node: Node) -> str:
+    if value not in choices:
+        raise loc.error(node, f"'{value}' is not one of: {', '.join(choices)}")
+    return value
+
+
+def _name(m: _Map, seen: dict[str, str], what: str) -> str:
+    name = m.text("name")
+    node = m.node("name")
+    if not _NAME.match(name):
+        raise m.loc.at("name").error(node, "use letters, digits, '_', '-', '.' (max 64)")
+    if name in seen:
+        raise m.loc.at("name").error(node, f"duplicate {what} name '{name}' (first in {seen[name]})")
+    seen[name] = f"{m.loc.file}:{node.start_mark.line + 1}"
+    return name
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not files:
+            raise PolicyError(str(path), 0, "(dir)", "no *.yaml policy files here")
+        return files
+    if not path.is_file():
+        raise PolicyError(str(path), 0, "(path)", "no such policy file or directory")
+    return [path]
+
+
+def _compose(path: Path) -> Node | None:
+    try:
+        return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except OSError as exc:
+        raise PolicyError(str(path), 0, "(file)", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(str(path), 0, "(file)", "not UTF-8 text") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise PolicyError(str(path), line, "(yaml)", f"{exc.problem or exc.context}") from None
+
+
+def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Policy:
+    """Load a policy file, or every `*.yaml`/`*.yml` of a directory in name order.
+
+    With `resolve_env`, `${VAR}` references in credentials are replaced with the
+    environment's values (a missing variable is an error); without it (for
+    `policy check` in CI, where secrets are absent) they are only validated.
+
+    Returns a `Policy`. Raises `PolicyError` naming the file, line and key of the first
+    problem: YAML syntax, unknown or duplicate key, wrong type, invalid RE2 pattern or
+    RFC 9535 JSONPath, unknown detector or rule, duplicate name, literal secret.
+    """
+    files = _files(Path(path))
+    digest = hashlib.sha256()
+    docs: list[_Map] = []
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        node = _compose(file)
+        if node is None:
+            continue  # an empty file contributes nothing
+        doc = _Map(node, _Loc(str(file), file.parent.resolve(), ""))
+        if doc.integer("version", 1) != 1:
+            raise doc.loc.at("version").error(doc.node("version"), "only version 1 is supported")
+        docs.append(doc)
+
+    def sections(key: str) -> Iterator[tuple[int, _Map]]:
+        for doc in docs:
+            if doc.has(key):
+                for i, node in _seq(doc.node(key), doc.loc.at(key)):
+                    yield i, _Map(node, doc.loc.at(key).at(i))
+
+    def single(key: str) -> _Map | None:
+        found = [d for d in docs if d.has(key)]
+        if len(found) > 1:
+            raise found[1].loc.at(key).error(
+                found[1].items[key][0], f"'{key}' is already set in {found[0].loc.file}"
+            )
+        return found[0].sub(key) if found else None
+
+    names: dict[str, str] = {}
+    issuers = tuple(_issuer(m, names) for _, m in sections("issuers"))
+    detectors = dict(BUILTIN)
+    names = {}
+    for _, m in sections("detectors"):
+        detector = _detector(m, names)
+        if detector.name in BUILTIN:
+            raise m.loc.at("name").error(m.node("name"), "shadows a built-in detector")
+        detectors[detector.name] = detector
+    names = {}
+    rules = {r.name: r for r in (_mask_rule(m, names, detectors) for _, m in sections("masking"))}
+    names = {}
+    routes = tuple(_route(m, names, rules, resolve_env) for _, m in sections("routes"))
+
+    token_sources: tuple[str, ...] = TOKEN_SOURCES
+    if identity := single("identity"):
+        token_sources = tuple(_choice(v, TOKEN_SOURCES, loc, n) for v, loc, n in identity.listed("token_sources"))
+        identity.finish()
+    unmatched = "deny"
+    if defaults := single("defaults"):
+        unmatched = _choice(defaults.text("unmatched", "deny"), ("deny", "allow"), defaults.loc.at("unmatched"), defaults.where("unmatched"))
+        defaults.finish()
+    for doc in docs:
+        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes"))
+    if routes and not issuers:
+        raise PolicyError(str(files[0]), 1, "issuers", "routes need at least one trusted issuer")
+    return Policy(
+        files=tuple(str(f) for f in files),
+        digest=digest.hexdigest(),
+        issuers=issuers,
+        token_sources=frozenset(token_sources),  # type: ignore[arg-type]
+        unmatched=unmatched,  # type: ignore[arg-type]
+        routes=routes,
+    )
+
+
+def _issuer(m: _Map, names: dict[str, str]) -> Issuer:
+    name = _name(m, names, "issuer")
+    jwks_node, jwks = m.node("jwks"), m.text("jwks")
+    if jwks.startswith(("http://", "https://")):
+        host = urlsplit(jwks).hostname or ""
+        if jwks.startswith("http://") and not _loopback(host):
+            raise m.loc.at("jwks").error(jwks_node, "JWKS over plain http is only allowed on loopback")
+    else:
+        jwks = str((m.loc.dir / jwks.removeprefix("file:")).resolve())
+    algorithms = tuple(_choice(v, ALGORITHMS, loc, n) for v, loc, n in m.listed("algorithms")) or ("RS256", "ES256")
+    leeway = m.integer("leeway", 30)
+    if not 0 <= leeway <= 300:
+        raise m.loc.at("leeway").error(m.node("leeway"), "must be 0..300 seconds")
+    issuer = Issuer(
+        name=name,
+        issuer=m.text("issuer"),
+        audiences=m.texts("audience"),
+        jwks=jwks,
+        algorithms=algorithms,
+        groups_claim=m.text("groups_claim", "groups"),
+        leeway=leeway,
+    )
+    m.finish()
+    return issuer
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _detector(m: _Map, names: dict[str, str]) -> Detector:
+    name = _name(m, names, "detector")
+    validator = None
+    if m.has("validator"):
+        vnode = m.node("validator")
+        validator = VALIDATORS[_choice(m.text("validator"), tuple(VALIDATORS), m.loc.at("validator"), vnode)]
+    try:
+        detector = Detector(name, m.text("label", name.upper()), m.text("pattern"), validator)
+    except DetectorError as exc:
+        raise m.loc.at("pattern").error(m.node("pattern"), str(exc)) from None
+    m.finish()
+    return detector
+
+
+def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -> MaskRule:
+    name = _name(m, names, "masking rule")
+    direction = _choice(m.text("direction", "both"), ("request", "response", "both"), m.loc.at("direction"), m.where("direction"))
+    paths = []
+    for text, loc, node in m.listed("paths"):
+        try:
+            paths.append((text, jsonpath_rfc9535.compile(text)))
+        except jsonpath_rfc9535.JSONPathError as exc:
+            raise loc.error(node, f"invalid JSONPath: {exc}") from None
+    chosen = []
+    for det, loc, node in m.listed("detectors"):
+        if det not in detectors:
+            hint = difflib.get_close_matches(det, detectors, n=1)
+            suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise loc.error(node, f"unknown detector '{det}'{suffix}")
+        chosen.append(detectors[det])
+    if not chosen:
+        raise m.loc.at("detectors").error(m.where("detectors"), "name at least one detector")
+    _choice(m.text("operator", "redact"), ("redact",), m.loc.at("operator"), m.where("operator"))
+    m.finish()
+    directions = frozenset(("request", "response") if direction == "both" else (direction,))
+    return MaskRule(name, directions, tuple(paths), tuple(chosen))  # type: ignore[arg-type]
+
+
+def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_env: bool) -> Route:
+    name = _name(m, names, "route")
+    match = m.sub("match")
+    hosts = tuple(h.lower() for h in match.texts("hosts"))
+    paths = tuple(p for p, _, _ in match.listed("paths")) or ("*",)
+    for p, loc, node in match.listed("paths"):
+        if not p.startswith(("/", "*")):
+            raise loc.error(node, "a path glob starts with '/' or '*'")
+    methods = frozenset(x.upper() for x in match.texts("methods", ()))
+    match.finish()
+    allow = m.sub("allow")
+    groups, subjects = frozenset(allow.texts("groups", ())), frozenset(allow.texts("subjects", ()))
+    allow.finish()
+    if not groups and not subjects:
+        raise allow.loc.error(allow.mapping, "admits nobody: name allow.groups or allow.subjects")
+    masking = []
+    for rule, loc, node in m.listed("masking"):
+        if rule not in rules:
+            raise loc.error(node, f"unknown masking rule '{rule}'")
+        masking.append(rules[rule])
+    credential = _credential(m.sub("credential"), resolve_env) if m.has("credential") else None
+    m.finish()
+    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential)
+
+
+def _credential(m: _Map, resolve_env: bool) -> Credential:
+    header = m.text("header")
+    template, node, loc = m.text("value"), m.node("value"), m.loc.at("value")
+    if not _ENV_REF.search(template):
+        raise loc.error(node, "write secrets as ${ENV_VAR} references, never literally")
+
+    def resolve(ref: re.Match[str]) -> str:
+        value = os.environ.get(ref[1])
+        if not value:
+            raise loc.error(node, f"environment variable {ref[1]} is not set")
+        return value
+
+    m.finish()
+    return Credential(header, _ENV_REF.sub(resolve, template) if resolve_env else template)

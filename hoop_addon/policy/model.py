@@ -1,0 +1,125 @@
+"""The typed policy model: what `rules/*.yaml` compiles into.
+
+Everything here is immutable and validated: a `Policy` only exists once every file of
+the rule set has loaded without error (see `hoop_addon.policy.loader`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jsonpath_rfc9535 import JSONPathQuery
+
+from hoop_addon.detectors import Detector
+
+TokenSource = Literal["authorization", "proxy_password"]
+Direction = Literal["request", "response"]
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """A trusted token issuer (an OIDC provider or the development issuer).
+
+    `issuer` is matched exactly against the token's `iss` claim (RFC 7519 §4.1.1);
+    `audiences` must intersect the token's `aud`; `algorithms` is the allow-list applied
+    to the token header (RFC 8725 §3.1), never taken from the token itself.
+    `jwks` is an absolute file path or an http(s) URL. `groups_claim` is a dotted claim
+    path (e.g. `realm_access.roles`). `leeway` is in seconds.
+    """
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks: str
+    algorithms: tuple[str, ...]
+    groups_claim: str = "groups"
+    leeway: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class MaskRule:
+    """A masking rule: which detectors to run, where, and in which direction.
+
+    `paths` are compiled RFC 9535 JSONPath queries with their source text; an empty
+    tuple means the whole body is scanned as text. `operator` is how a match is
+    replaced (`redact` gives `[REDACTED:LABEL]`).
+    """
+
+    name: str
+    directions: frozenset[Direction]
+    paths: tuple[tuple[str, JSONPathQuery], ...]
+    detectors: tuple[Detector, ...]
+    operator: Literal["redact"] = "redact"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """An upstream credential the gateway holds: `header` is set to `value` (already
+    resolved from the environment) after the agent's own value is removed."""
+
+    header: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A route: which requests it matches, who it admits, what it masks.
+
+    `hosts` and `paths` are shell-style globs (`fnmatch`, case-insensitive for hosts,
+    `*` also matches `/` in paths); a host glob with a `:` is matched against
+    `host:port`. `methods` is empty for any method.
+    """
+
+    name: str
+    hosts: tuple[str, ...]
+    paths: tuple[str, ...]
+    methods: frozenset[str]
+    allow_groups: frozenset[str]
+    allow_subjects: frozenset[str]
+    masking: tuple[MaskRule, ...]
+    credential: Credential | None = None
+
+    def matches(self, host: str, port: int, path: str, method: str) -> bool:
+        """True when `host` (any case) and `port`, `path` (query excluded) and `method`
+        all match."""
+        host = host.lower()
+        authority = f"{host}:{port}"
+        return (
+            (not self.methods or method.upper() in self.methods)
+            and any(fnmatch.fnmatchcase(authority if ":" in h else host, h) for h in self.hosts)
+            and any(fnmatch.fnmatchcase(path, p) for p in self.paths)
+        )
+
+    def admits(self, subject: str, groups: tuple[str, ...]) -> bool:
+        """True when the subject is named or one of its groups is allowed."""
+        return subject in self.allow_subjects or not self.allow_groups.isdisjoint(groups)
+
+    def rules_for(self, direction: Direction) -> tuple[MaskRule, ...]:
+        """The masking rules that apply to `direction` ("request" or "response")."""
+        return tuple(r for r in self.masking if direction in r.directions)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A complete, validated rule set.
+
+    `digest` is the SHA-256 (hex) of the loaded files' names and bytes, in load order:
+    the policy hash written into every audit line. `token_sources` names where identity
+    tokens are accepted from. `unmatched` says what happens to traffic no route matches.
+    """
+
+    files: tuple[str, ...]
+    digest: str
+    issuers: tuple[Issuer, ...]
+    token_sources: frozenset[TokenSource]
+    unmatched: Literal["deny", "allow"]
+    routes: tuple[Route, ...]
+
+    def route_for(self, host: str, port: int, path: str, method: str) -> Route | None:
+        """The first route, in file order, that matches the request; None if none does."""
+        for route in self.routes:
+            if route.matches(host, port, path, method):
+                return route
+        return None
