@@ -1,0 +1,1 @@
+"""Development tools: local CA, fake OpenAI-compatible upstream."""
