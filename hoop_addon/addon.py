@@ -1,0 +1,17 @@
+"""The gateway: `mitmdump -s hoop_addon/addon.py --set hoop_rules=rules`.
+
+The chain, in hook order: identify -> admit (route) -> mask request -> inject
+credential -> upstream -> mask response -> record -> audit.
+"""
+
+from hoop_addon.stages.admit import Admit
+from hoop_addon.stages.audit import Audit
+from hoop_addon.stages.credentials import InjectCredential
+from hoop_addon.stages.identify import Identify
+from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.policy import PolicyStage
+from hoop_addon.stages.record import Record
+
+policy = PolicyStage()
+
+addons = [policy, Identify(policy), Admit(policy), Mask(), InjectCredential(), Record(), Audit()]

@@ -1,0 +1,82 @@
+"""The mitmproxy addon classes, one per pipeline stage, and what they share.
+
+Stages talk to each other only through `flow.metadata["hoop"]` (JSON-safe: mitmproxy
+silently skips saving a flow whose metadata is not) and, for the compiled `Route` the
+flow was admitted under, a weak side table (a `Route` is not JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import orjson
+from mitmproxy import exceptions, http
+
+from hoop_addon.policy.model import Route
+
+logger = logging.getLogger("hoop")
+
+_routes: weakref.WeakKeyDictionary[http.HTTPFlow, Route] = weakref.WeakKeyDictionary()
+
+
+def hoop(flow: http.HTTPFlow) -> dict[str, Any]:
+    """The flow's hoop record, `flow.metadata["hoop"]`, created on first use."""
+    return flow.metadata.setdefault("hoop", {})
+
+
+def admit(flow: http.HTTPFlow, route: Route | None) -> None:
+    """Mark the flow allowed under `route` (None: no route matched, policy allows it)."""
+    if route is not None:
+        _routes[flow] = route
+    hoop(flow)["route"] = route.name if route else None
+    hoop(flow)["decision"] = {"outcome": "allow"}
+
+
+def route_of(flow: http.HTTPFlow) -> Route | None:
+    """The route the flow was admitted under, or None if it was not admitted under one."""
+    return _routes.get(flow)
+
+
+def allowed(flow: http.HTTPFlow) -> bool:
+    """True while no stage has refused the flow."""
+    return hoop(flow).get("decision", {}).get("outcome") == "allow"
+
+
+def refuse(
+    flow: http.HTTPFlow,
+    status: int,
+    stage: str,
+    reason: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer the flow ourselves with a JSON error and record the decision.
+
+    `reason` is a short code (`expired`, `no_route`, ...); `message` is shown to the
+    client and must not contain secrets or policy internals beyond the rule's name.
+    Body: `{"error": reason, "message": message, "stage": stage}`.
+    """
+    body = orjson.dumps({"error": reason, "message": message, "stage": stage})
+    flow.response = http.Response.make(status, body, {"Content-Type": "application/json", **(headers or {})})
+    hoop(flow)["decision"] = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
+
+
+class Stage:
+    """Base of every stage: knows whether the proxy is running, so that a
+    configuration error stops start-up but, later, only rejects the change."""
+
+    started = False
+
+    def running(self) -> None:
+        self.started = True
+
+    def config_error(self, message: str) -> None:
+        """Report a configuration error. Before start-up completes it is logged as an
+        error, which makes mitmproxy's ErrorCheck exit with status 1 before any port is
+        opened; afterwards `OptionsError` makes mitmproxy roll the option back, so the
+        previous configuration keeps enforcing."""
+        if self.started:
+            raise exceptions.OptionsError(message)
+        logger.error(message)
