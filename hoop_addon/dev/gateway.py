@@ -1,0 +1,116 @@
+"""Run the real gateway, `mitmdump -s hoop_addon/addon.py`, as a subprocess on a free
+loopback port with its own confdir (and so its own CA): for the demo and the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+ADDON = ROOT / "hoop_addon" / "addon.py"
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """A gateway process. `rules` is the policy path, `workdir` holds its confdir, log
+    and (unless `recordings` is given) recordings; `upstream_ca` is the CA file the
+    gateway trusts for upstream TLS; `env` is added to the environment.
+
+    `start()` returns once the proxy port accepts connections (or raises
+    `RuntimeError` with mitmdump's output if it exited first); `stop()` terminates it.
+    """
+
+    def __init__(
+        self,
+        rules: Path,
+        workdir: Path,
+        upstream_ca: Path,
+        env: dict[str, str] | None = None,
+        recordings: Path | None = None,
+    ) -> None:
+        self.rules, self.workdir = rules, workdir
+        self.recordings = recordings or workdir / "recordings"
+        self.confdir = workdir / "mitmproxy"
+        self.log = workdir / "mitmdump.log"
+        self.port = free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.argv = [
+            str(MITMDUMP), "-s", str(ADDON),
+            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+            "--set", f"confdir={self.confdir}",
+            "--set", f"hoop_rules={rules}",
+            "--set", f"hoop_recordings={self.recordings}",
+            "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Gateway:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.output}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mitmdump did not listen within {timeout}s:\n{self.output}")
+
+    def run_to_exit(self, timeout: float = 30.0) -> tuple[int, str]:
+        """Start and wait for mitmdump to exit by itself (a start-up that must fail)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(self.argv, capture_output=True, env=self.env, cwd=ROOT, timeout=timeout)
+        return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def ca_cert(self) -> Path:
+        """The gateway's CA certificate: what clients trust via SSL_CERT_FILE."""
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    def proxy(self, token: str | None = None) -> str:
+        """The proxy URL, with `token` as the proxy password if given."""
+        auth = f"agent:{token}@" if token else ""
+        return f"http://{auth}127.0.0.1:{self.port}"
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.recordings / "audit.jsonl"
+        return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+    def wait_audit(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The audit entries once there are at least `count` (the line is written when
+        the response is sent, so a client can see the response a moment earlier)."""
+        deadline = time.monotonic() + timeout
+        while len(entries := self.audit()) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return entries

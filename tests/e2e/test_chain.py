@@ -1,0 +1,213 @@
+"""End to end: real clients (httpx, the openai SDK, curl) through HTTPS_PROXY with TLS
+interception, the real gateway (mitmdump subprocess), a real HTTPS upstream and IdP.
+
+Each test asserts on what the upstream received, what the client got back, what was
+recorded and what was audited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from mitmproxy import io
+
+from hoop_addon.dev.upstream import FakeOpenAI
+from tests.conftest import UPSTREAM_KEY
+from hoop_addon.dev.gateway import MITMDUMP, ROOT, Gateway
+from tests.support.idp import LocalIdP
+
+PROMPT_PII = ("jane.doe@example.com", "4242 4242 4242 4242")
+REPLY_PII = ("help@upstream.example", "4111 1111 1111 1111")  # planted by the fake upstream
+
+
+@pytest.fixture(autouse=True)
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ambient proxy settings: each test points its client at the gateway itself."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def agent_client(gateway: Gateway, monkeypatch: pytest.MonkeyPatch, proxy_token: str | None = None) -> httpx.Client:
+    """An httpx client configured only through the environment, as an agent would be."""
+    monkeypatch.setenv("HTTPS_PROXY", gateway.proxy(proxy_token))
+    monkeypatch.setenv("SSL_CERT_FILE", str(gateway.ca_cert))
+    return httpx.Client(timeout=10)
+
+
+def chat(content: str, stream: bool = False) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+def header(received, name: str) -> str | None:
+    """A header the upstream received, by case-insensitive name."""
+    return next((v for k, v in received.headers if k.lower() == name.lower()), None)
+
+
+def recorded_bytes(gateway: Gateway) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(gateway.recordings.iterdir()))
+
+
+def assert_absent(haystack: bytes | str, needles: tuple[str, ...]) -> None:
+    data = haystack.encode() if isinstance(haystack, str) else haystack
+    for needle in needles:
+        assert needle.encode() not in data, f"{needle!r} leaked"
+
+
+def test_httpx_bearer_request_and_response_masked(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = idp.mint(subject="agent-httpx", groups=["agents"])
+    before = len(gateway.audit())
+    with agent_client(gateway, monkeypatch) as client:
+        r = client.post(
+            f"{upstream.url}/v1/chat/completions",
+            json=chat(f"mail {PROMPT_PII[0]}, card {PROMPT_PII[1]}"),
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert r.status_code == 200
+    reply = r.json()["choices"][0]["message"]["content"]
+    assert "[REDACTED:EMAIL]" in reply and "[REDACTED:CARD]" in reply
+    assert_absent(r.content, PROMPT_PII + REPLY_PII)
+
+    (received,) = upstream.received
+    assert json.loads(received.body)["messages"][0]["content"] == "mail [REDACTED:EMAIL], card [REDACTED:CARD]"
+    assert header(received, "Authorization") == f"Bearer {UPSTREAM_KEY}"  # the gateway's credential, not the agent's token
+    assert_absent(repr(received.headers), (token,))
+
+    entry = gateway.wait_audit(before + 1)[-1]
+    assert entry["identity"]["subject"] == "agent-httpx" and entry["identity"]["groups"] == ["agents"]
+    assert entry["route"] == "llm" and entry["decision"] == {"outcome": "allow"} and entry["status"] == 200
+    counts = {(m["rule"], m["part"]): m["detectors"] for m in entry["masked"]}
+    assert counts == {("pii-in", "request"): {"email": 1, "payment_card": 1}, ("pii-out", "response"): {"email": 1, "payment_card": 1}}
+    assert_absent(json.dumps(entry), PROMPT_PII + REPLY_PII + (token, UPSTREAM_KEY))
+
+    recording = Path(entry["recording"])
+    (flow,) = list(io.FlowReader(recording.open("rb")).stream())
+    assert flow.request.headers["Authorization"] == "[SCRUBBED]"
+    assert b"[REDACTED:EMAIL]" in flow.request.content and b"[REDACTED:EMAIL]" in flow.response.content
+    assert_absent(recorded_bytes(gateway), PROMPT_PII + REPLY_PII + (token, UPSTREAM_KEY))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "sse"])
+@pytest.mark.parametrize("mode", ["proxy_password", "bearer"])
+def test_openai_sdk_agent(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, mode: str, stream: bool) -> None:
+    """The shipped example agent (official openai SDK), configured only by environment."""
+    token = idp.mint(subject=f"sdk-{mode}", groups=["agents"])
+    env = {
+        **os.environ,
+        "HTTPS_PROXY": gateway.proxy(token if mode == "proxy_password" else None),
+        "SSL_CERT_FILE": str(gateway.ca_cert),
+        "OPENAI_BASE_URL": f"{upstream.url}/v1",
+        "OPENAI_API_KEY": token if mode == "bearer" else "the-agent-holds-no-real-key",
+    }
+    env.pop("NO_PROXY", None)
+    args = [sys.executable, str(ROOT / "examples" / "agent.py")] + (["--stream"] if stream else [])
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    content = json.loads(done.stdout)["content"]
+    assert content.count("[REDACTED:EMAIL]") == 2 and content.count("[REDACTED:CARD]") == 2
+    assert_absent(content, PROMPT_PII + REPLY_PII)
+
+    (received,) = upstream.received
+    assert_absent(received.body, PROMPT_PII)
+    assert json.loads(received.body).get("stream", False) is stream
+    assert header(received, "Authorization") == f"Bearer {UPSTREAM_KEY}"
+    assert_absent(recorded_bytes(gateway), PROMPT_PII + REPLY_PII + (token, UPSTREAM_KEY))
+
+
+def test_curl_through_the_gateway(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    token = idp.mint(subject="agent-curl", groups=["agents"])
+    done = subprocess.run(
+        ["curl", "-sS", "--proxy", gateway.proxy(), "--proxy-user", f"agent:{token}", "--cacert", str(gateway.ca_cert),
+         "-H", "Content-Type: application/json", "--data", json.dumps(chat(f"I am {PROMPT_PII[0]}")),
+         f"{upstream.url}/v1/chat/completions"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[REDACTED:EMAIL]" in done.stdout
+    assert_absent(done.stdout, PROMPT_PII + REPLY_PII)
+    (received,) = upstream.received
+    assert b"[REDACTED:EMAIL]" in received.body
+
+
+def _tokens(idp: LocalIdP) -> dict[str, str]:
+    return {
+        "expired": idp.mint(groups=["agents"], expires_in=-120),
+        "wrong_audience": idp.mint(groups=["agents"], audience="someone-else"),
+        "untrusted_issuer": idp.mint(groups=["agents"], issuer="https://evil.example"),
+        "bad_signature": idp.mint_with_foreign_key(groups=["agents"]),
+        "malformed": "not-a-jwt",
+    }
+
+
+@pytest.mark.parametrize("reason", ["missing", "expired", "wrong_audience", "untrusted_issuer", "bad_signature", "malformed"])
+def test_bearer_refused_with_401(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch, reason: str) -> None:
+    token = _tokens(idp).get(reason)
+    before = len(gateway.audit())
+    with agent_client(gateway, monkeypatch) as client:
+        r = client.post(
+            f"{upstream.url}/v1/chat/completions",
+            json=chat(PROMPT_PII[0]),
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith('Bearer realm="hoop"')
+    assert r.json()["error"] == reason and r.json()["stage"] == "identity"
+    assert upstream.received == []
+    entry = gateway.wait_audit(before + 1)[-1]
+    assert entry["decision"]["reason"] == reason and entry["status"] == 401 and entry["recording"] is None
+
+
+@pytest.mark.parametrize("reason", ["expired", "wrong_audience", "untrusted_issuer", "bad_signature", "malformed"])
+def test_proxy_password_refused_with_407_on_connect(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch, reason: str) -> None:
+    before = len(gateway.audit())
+    with agent_client(gateway, monkeypatch, proxy_token=_tokens(idp)[reason]) as client:
+        with pytest.raises(httpx.ProxyError, match="407"):
+            client.post(f"{upstream.url}/v1/chat/completions", json=chat("hi"))
+    assert upstream.received == []
+    entry = gateway.wait_audit(before + 1)[-1]
+    assert entry["event"] == "connect" and entry["status"] == 407 and entry["decision"]["reason"] == reason
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [("/v1/admin/users", "not_admitted"), ("/internal/metrics", "no_route")],
+)
+def test_route_admission_refused_with_403(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch, path: str, reason: str) -> None:
+    with agent_client(gateway, monkeypatch, proxy_token=idp.mint(groups=["agents"])) as client:
+        r = client.post(f"{upstream.url}{path}", json=chat("hi"))
+    assert r.status_code == 403 and r.json()["error"] == reason
+    assert upstream.received == []
+
+
+def test_admitted_group_reaches_admin_route(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    with agent_client(gateway, monkeypatch, proxy_token=idp.mint(groups=["admins"])) as client:
+        r = client.get(f"{upstream.url}/v1/admin/users")
+    assert r.status_code == 404  # the fake upstream has no such page: what matters is that it was asked
+    assert [x.path for x in upstream.received] == ["/v1/admin/users"]
+
+
+def test_body_the_rules_cannot_inspect_is_refused(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    with agent_client(gateway, monkeypatch, proxy_token=idp.mint(groups=["agents"])) as client:
+        r = client.post(
+            f"{upstream.url}/v1/chat/completions",
+            content=b'{"messages": [{"content": "' + PROMPT_PII[0].encode() + b'"',  # truncated JSON
+            headers={"Content-Type": "application/json"},
+        )
+    assert r.status_code == 422 and r.json()["error"] == "unmaskable_request"
+    assert upstream.received == []
+
+
+def test_recording_opens_with_stock_mitmdump(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = len(gateway.audit())
+    with agent_client(gateway, monkeypatch, proxy_token=idp.mint(subject="agent-replay", groups=["agents"])) as client:
+        assert client.post(f"{upstream.url}/v1/chat/completions", json=chat("hello")).status_code == 200
+    recording = gateway.wait_audit(before + 1)[-1]["recording"]
+    done = subprocess.run([str(MITMDUMP), "-n", "-r", recording, "--flow-detail", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"POST {upstream.url}/v1/chat/completions" in done.stdout
+    assert "200 OK" in done.stdout
