@@ -7,6 +7,7 @@ PY      := $(VENV)/bin/python
 HOME_DIR ?= .hoop
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
+ARGS    ?=
 
 # A Python >= 3.12 (mitmproxy 12 needs it): $PYTHON if given, else the first fit on
 # PATH, else a pyenv-installed one.
@@ -20,7 +21,7 @@ endif
 .PHONY: help venv init run test demo policy-check clean
 
 help:
-	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/)"
+	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options"
 	@echo "make test   install and run the whole test suite"
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
 	@echo "make policy-check   validate rules/"
@@ -49,7 +50,7 @@ run: init
 	OPENAI_API_KEY=$${OPENAI_API_KEY:-unset-set-OPENAI_API_KEY} \
 	HOOP_LOCAL_LLM_KEY=$${HOOP_LOCAL_LLM_KEY:-local-llm-key} \
 	$(VENV)/bin/mitmdump -s hoop_addon/addon.py --set hoop_rules=rules \
-		--set confdir=$(HOME_DIR)/mitmproxy --listen-host $(HOST) --listen-port $(PORT)
+		--set confdir=$(HOME_DIR)/mitmproxy --listen-host $(HOST) --listen-port $(PORT) $(ARGS)
 
 test: venv
 	$(PY) -m pytest
