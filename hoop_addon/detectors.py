@@ -40,7 +40,8 @@ class Detector:
         try:
             compiled = re2.compile(self.pattern)
         except re2.error as exc:
-            raise DetectorError(f"invalid RE2 pattern: {exc}") from None
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise DetectorError(f"invalid RE2 pattern: {reason}") from None
         if compiled.groups:
             raise DetectorError("pattern must not contain capturing groups; use (?:...)")
 

@@ -217,7 +217,7 @@ class Verifier:
                 key,
                 algorithms=[alg],
                 issuer=issuer.issuer,
-                options={"verify_aud": False, "require_exp": True, "leeway": issuer.leeway},
+                options={"verify_aud": False, "leeway": issuer.leeway},
             )
         except ExpiredSignatureError:
             raise TokenError("expired", "token has expired") from None
@@ -226,10 +226,16 @@ class Verifier:
             raise TokenError(reason, f"token claims are invalid: {exc}") from None
         except JWTError:
             raise TokenError("bad_signature", "token signature does not verify") from None
+        except (OverflowError, ValueError, TypeError):  # python-jose's int() of exp/nbf/iat
+            raise TokenError("invalid_claims", "token time claims are not finite numbers") from None
         return _identity(claims, issuer, now)
 
 
 def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
+    """Check what python-jose does not (exp present, aud, iat) and map the claims."""
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        raise TokenError("invalid_claims", "token has no numeric exp (expiry is required)")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     if not set(audiences) & set(issuer.audiences):
@@ -247,4 +253,4 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
         groups = groups.split()
     groups = tuple(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else ()
     jti = claims.get("jti")
-    return Identity(subject, issuer.issuer, groups, jti if isinstance(jti, str) else None, int(claims["exp"]))
+    return Identity(subject, issuer.issuer, groups, jti if isinstance(jti, str) else None, int(exp))

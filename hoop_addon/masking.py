@@ -36,6 +36,7 @@ class Scanner:
     def __init__(self, detectors: Sequence[Detector]) -> None:
         self.detectors = {f"d{i}": d for i, d in enumerate(detectors)}
         self.regex = re2.compile("|".join(f"(?P<{g}>{d.pattern})" for g, d in self.detectors.items()))
+        self._single: dict[str, Any] = {}  # group -> that detector alone, compiled on demand
 
     def spans(self, text: str) -> list[tuple[int, int, Detector]]:
         """The validated matches in `text`: (start, end, detector), in order, disjoint.
@@ -45,7 +46,25 @@ class Scanner:
             detector = self.detectors[m.lastgroup]
             if detector.validator is None or detector.validator(m.group()):
                 found.append((m.start(), m.end(), detector))
+            elif inner := self._inner(m.lastgroup, text, m.start(), m.end()):
+                found.append(inner)
         return found
+
+    def _inner(self, failed: str, text: str, start: int, end: int) -> tuple[int, int, Detector] | None:
+        """The longest validated match of any detector inside a candidate that failed
+        validation: a greedy candidate may have swallowed digits around a valid value
+        (`4111 1111 1111 1111 12`), or be another detector's value (an SSN read as a
+        too-short card). Tries spans between word boundaries only; runs on failures only."""
+        cuts = [k for k in range(start, end + 1) if k in (start, end) or _wordchar(text[k - 1]) != _wordchar(text[k])]
+        for i, j in sorted(((i, j) for i in cuts for j in cuts if i < j), key=lambda c: c[0] - c[1]):
+            value = text[i:j]
+            for group, detector in self.detectors.items():
+                if group == failed and (i, j) == (start, end):
+                    continue
+                single = self._single.get(group) or self._single.setdefault(group, re2.compile(detector.pattern))
+                if single.fullmatch(value) and (detector.validator is None or detector.validator(value)):
+                    return i, j, detector
+        return None
 
     def redact(self, text: str, counts: dict[str, int]) -> str:
         """`text` with every validated match replaced by `[REDACTED:LABEL]`; adds the
@@ -53,6 +72,11 @@ class Scanner:
         spans = self.spans(text)
         _count(spans, counts)
         return _spread([text], spans)[0] if spans else text
+
+
+def _wordchar(c: str) -> bool:
+    """RE2's `\\w` (ASCII), which its `\\b` is defined by."""
+    return c.isascii() and (c.isalnum() or c == "_")
 
 
 def _count(spans: Iterable[tuple[int, int, Detector]], counts: dict[str, int]) -> None:
@@ -158,7 +182,48 @@ def mask_json(doc: Any, rules: Iterable[MaskRule], evidence: Evidence) -> tuple[
                 parent[key] = masked
                 evidence.add(rule, counts, _jsonpath(location))
                 changed = True
+        changed |= _mask_keys(box, rule, scanner, evidence)
     return box[0], changed
+
+
+def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, evidence: Evidence) -> bool:
+    """Mask object member names at or under the rule's selected nodes, keeping member
+    order; names that would collide after masking get a `#2`, `#3`... suffix."""
+    roots = [n.location for _, q in rule.paths for n in q.finditer(box[0])] if rule.paths else [()]
+    changed = False
+
+    def walk(value: Any, location: tuple[str | int, ...]) -> None:
+        nonlocal changed
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, (*location, index))
+        elif isinstance(value, dict):
+            renamed: dict[str, Any] = {}
+            for key, item in value.items():
+                walk(item, (*location, key))
+                counts: dict[str, int] = {}
+                new = scanner.redact(key, counts)
+                if counts:
+                    evidence.add(rule, counts, _jsonpath(location) + " (member name)")
+                    base, n = new, 1
+                    while new in renamed or (new in value and new != key):
+                        n += 1
+                        new = f"{base}#{n}"
+                renamed[new] = item
+            if list(renamed) != list(value):
+                value.clear()
+                value.update(renamed)
+                changed = True
+
+    try:
+        for root in roots:
+            node = box[0]
+            for step in root:
+                node = node[step]
+            walk(node, tuple(root))
+    except RecursionError:
+        raise MaskError("JSON is nested too deeply to inspect") from None
+    return changed
 
 
 Leaf = tuple[tuple[str | int, ...], Any, str | int]
@@ -194,8 +259,16 @@ def _leaves(box: list[Any], rule: MaskRule, numbers: bool = True) -> list[Leaf]:
 
 
 def _jsonpath(location: Sequence[str | int]) -> str:
-    """RFC 9535 normalized path of a location (§2.7)."""
-    return "$" + "".join(f"[{s}]" if isinstance(s, int) else "['" + s.replace("\\", "\\\\").replace("'", "\\'") + "']" for s in location)
+    """RFC 9535 normalized path of a location (§2.7), e.g. `$['messages'][0]`."""
+    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f"['{_quote(s)}']" for s in location)
+
+
+_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "'": "\\'", "\\": "\\\\"}
+
+
+def _quote(name: str) -> str:
+    """A member name escaped as RFC 9535 §2.7 requires in normalized paths."""
+    return "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 else c) for c in name)
 
 
 def _mask_text(text: str, rules: Iterable[MaskRule], evidence: Evidence, where: str) -> str:

@@ -335,7 +335,7 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
         try:
             paths.append((text, jsonpath_rfc9535.compile(text)))
         except jsonpath_rfc9535.JSONPathError as exc:
-            raise loc.error(node, f"invalid JSONPath: {exc}") from None
+            raise loc.error(node, f"invalid JSONPath: {str(exc).splitlines()[0]}") from None
     chosen = []
     for det, loc, node in m.listed("detectors"):
         if det not in detectors:

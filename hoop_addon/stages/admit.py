@@ -12,7 +12,7 @@ class Admit(Stage):
     """Matches the request to the first route of the policy (host, path glob, method)
     and checks the identity against the route's `allow`. Refusals are 403 with a JSON
     reason naming the route, decided on the request headers, before any body is read
-    into the chain. The host matched is the one the gateway connects to, never the
+    into the chain. Admitted requests are never streamed. The host matched is the one the gateway connects to, never the
     client-supplied `Host` header."""
 
     def __init__(self, policy: PolicyStage) -> None:
@@ -36,3 +36,7 @@ class Admit(Stage):
             refuse(flow, 403, "route", "not_admitted", f"this identity is not admitted to route '{route.name}'")
             return
         admit(flow, route)
+        # A streamed request body would be sent upstream before the `request` hook runs,
+        # i.e. before masking and credential injection: the chain inspects whole requests
+        # (mitmproxy's body_size_limit bounds them).
+        request.stream = False

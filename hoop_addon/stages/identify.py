@@ -61,7 +61,8 @@ class Identify(Stage):
         hoop(flow)["policy_hash"] = active.policy.digest
         headers = flow.request.headers
         sources = active.policy.token_sources
-        proxy = "Proxy-Authorization" in headers
+        # Challenge for proxy credentials when they were sent or are the only ones accepted.
+        proxy = "Proxy-Authorization" in headers or "authorization" not in sources
         try:
             if (identity := self.tunnels.get(flow.client_conn)) is not None:
                 if identity.expires_at <= time.time():

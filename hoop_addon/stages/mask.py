@@ -14,14 +14,10 @@ class Mask(Stage):
 
     Bodies are decoded from their content-encoding, masked, and re-encoded. A body the
     rules cannot inspect is never passed on: the request is refused (422) or the
-    response is withheld (502). Streaming is turned off for masked routes, because a
-    streamed body would bypass the masker. Evidence (rule, detector counts, JSONPath;
+    response is withheld (502). Response streaming is turned off for routes that mask
+    responses, because a streamed body would bypass the masker. Evidence (rule, detector counts, JSONPath;
     never values) goes to `hoop.masked`.
     """
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if (route := route_of(flow)) is not None and route.rules_for("request"):
-            flow.request.stream = False
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response and (route := route_of(flow)) is not None and route.rules_for("response"):
