@@ -1,0 +1,298 @@
+"""Token verification against a local IdP (real RSA and EC keys, JWKS over loopback):
+accepted tokens and their `Identity`, every refusal reason, key rotation with the
+refetch cooldown, and the verified-token cache."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from jose import jwk, jwt
+
+from hoop_addon.identity import REFETCH_COOLDOWN_S, Identity, JwksError, KeySet, TokenError, Verifier
+from hoop_addon.policy.loader import ALGORITHMS
+from hoop_addon.policy.model import Issuer
+from tests.support.idp import LocalIdP
+
+AUDIENCE = "hoop-gateway"
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[LocalIdP]:
+    with LocalIdP(audience=AUDIENCE) as provider:
+        yield provider
+
+
+def trust(idp: LocalIdP, **changes: Any) -> Issuer:
+    """The issuer entry a policy would have for `idp`, with `changes` applied."""
+    issuer = Issuer("local", idp.issuer, (AUDIENCE,), idp.jwks_url, ("RS256", "ES256"))
+    return dataclasses.replace(issuer, **changes)
+
+
+@pytest.fixture
+def verifier(idp: LocalIdP) -> Verifier:
+    return Verifier.load([trust(idp)])
+
+
+class Clock:
+    """A settable clock, starting at the current time."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def clocked_verifier(
+    issuer: Issuer, jwks_clock: Clock, clock: Callable[[], float] = time.time, **kwargs: Any
+) -> Verifier:
+    """A verifier whose JWKS refetch cooldown follows `jwks_clock` and cache expiry `clock`."""
+    keyset = KeySet(issuer.jwks, clock=jwks_clock)
+    keyset.refresh()
+    return Verifier([issuer], {issuer.issuer: keyset}, clock=clock, **kwargs)
+
+
+def verify(verifier: Verifier, token: str) -> Identity:
+    return asyncio.run(verifier.verify(token))
+
+
+def refusal(verifier: Verifier, token: str) -> str:
+    """The reason `verifier` refuses `token` with."""
+    with pytest.raises(TokenError) as caught:
+        verify(verifier, token)
+    return caught.value.reason
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made(idp: LocalIdP, header: dict[str, Any], sign: Callable[[bytes], bytes]) -> str:
+    """A compact JWS with valid claims for `idp`, `header`, and the signature `sign` gives."""
+    claims = {"iss": idp.issuer, "sub": "mallory", "aud": AUDIENCE, "exp": int(time.time()) + 300}
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(claims))}"
+    return f"{signing_input}.{b64url(sign(signing_input.encode()))}"
+
+
+def hs256_with_rsa_public_key(idp: LocalIdP) -> str:
+    """The key-confusion forgery: HS256 keyed with the issuer's RSA public key (PEM)."""
+    rsa_jwk = next(k for k in idp.jwks()["keys"] if k["kid"] == "rsa-1")
+    secret = jwk.construct(rsa_jwk, "RS256").to_pem()
+    header = {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}
+    return hand_made(idp, header, lambda data: hmac.digest(secret, data, hashlib.sha256))
+
+
+def in_an_hour() -> int:
+    return int(time.time()) + 3600
+
+
+class TestAccepted:
+    @pytest.mark.parametrize("kid", ["rsa-1", "ec-1"])
+    def test_valid_token_gives_its_identity(self, idp: LocalIdP, verifier: Verifier, kid: str) -> None:
+        token = idp.mint("agent-7", ("agents", "ops"), kid=kid)
+        claims = jwt.get_unverified_claims(token)
+
+        identity = verify(verifier, token)
+
+        assert identity == Identity("agent-7", idp.issuer, ("agents", "ops"), claims["jti"], claims["exp"])
+        assert identity.record() == {
+            "subject": "agent-7", "issuer": idp.issuer, "groups": ["agents", "ops"], "token_id": claims["jti"]
+        }
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            pytest.param(lambda idp: idp.mint(expires_in=-10), id="expired-within-leeway"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"nbf": int(time.time()) + 10}), id="nbf-within-leeway"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"iat": int(time.time()) + 10}), id="iat-within-leeway"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"aud": ["other", AUDIENCE]}), id="audience-list"),
+            pytest.param(lambda idp: idp.mint(omit=["jti", "iat", "nbf"]), id="optional-claims-absent"),
+        ],
+    )
+    def test_token_within_the_rules_is_accepted(self, idp: LocalIdP, verifier: Verifier, make: Callable[[LocalIdP], str]) -> None:
+        assert verify(verifier, make(idp)).subject == "agent-1"
+
+    def test_token_without_jti_has_no_token_id(self, idp: LocalIdP, verifier: Verifier) -> None:
+        assert verify(verifier, idp.mint(omit=["jti"])).token_id is None
+
+    @pytest.mark.parametrize(
+        ("groups_claim", "claims", "expected"),
+        [
+            pytest.param(
+                "realm_access.roles", {"realm_access": {"roles": ["admins", 7, "agents"]}}, ("admins", "agents"), id="nested-list"
+            ),
+            pytest.param("scope", {"scope": "read write"}, ("read", "write"), id="space-separated-string"),
+            pytest.param("realm_access.roles", {"realm_access": ["not", "a", "mapping"]}, (), id="path-through-a-list"),
+            pytest.param("missing.claim", {}, (), id="absent"),
+        ],
+    )
+    def test_groups_come_from_the_configured_claim(
+        self, idp: LocalIdP, groups_claim: str, claims: dict[str, Any], expected: tuple[str, ...]
+    ) -> None:
+        verifier = Verifier.load([trust(idp, groups_claim=groups_claim)])
+
+        assert verify(verifier, idp.mint(groups=("ignored",), extra_claims=claims)).groups == expected
+
+    def test_jwks_can_be_a_file(self, idp: LocalIdP, tmp_path: Path) -> None:
+        idp.write_jwks(tmp_path / "jwks.json")
+        verifier = Verifier.load([trust(idp, jwks=str(tmp_path / "jwks.json"))])
+
+        assert verify(verifier, idp.mint("agent-2", kid="ec-1")).subject == "agent-2"
+
+
+class TestRefused:
+    @pytest.mark.parametrize(
+        ("make", "reason"),
+        [
+            pytest.param(lambda idp: idp.mint(expires_in=-3600), "expired", id="expired"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"nbf": in_an_hour()}), "not_yet_valid", id="nbf-in-future"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"iat": in_an_hour()}), "not_yet_valid", id="iat-in-future"),
+            pytest.param(lambda idp: idp.mint(audience="another-service"), "wrong_audience", id="wrong-audience"),
+            pytest.param(lambda idp: idp.mint(omit=["aud"]), "wrong_audience", id="missing-audience"),
+            pytest.param(lambda idp: idp.mint(omit=["sub"]), "invalid_claims", id="missing-subject"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"exp": "soon"}), "invalid_claims", id="exp-not-a-number"),
+            pytest.param(lambda idp: idp.mint(omit=["exp"]), "invalid_claims", id="missing-exp"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"exp": float("inf")}), "invalid_claims", id="non-finite-exp"),
+            pytest.param(lambda idp: idp.mint(issuer="https://evil.example"), "untrusted_issuer", id="untrusted-issuer"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"iss": [idp.issuer]}), "untrusted_issuer", id="issuer-not-a-string"),
+            pytest.param(lambda idp: idp.mint_with_foreign_key(), "bad_signature", id="foreign-rsa-key"),
+            pytest.param(lambda idp: idp.mint_with_foreign_key(kid="ec-1"), "bad_signature", id="foreign-ec-key"),
+            pytest.param(lambda idp: idp.mint(headers={"crit": ["exp"]}), "crit_not_understood", id="crit-header"),
+            pytest.param(lambda idp: idp.mint(headers={"kid": "no-such-key"}), "unknown_key", id="unknown-kid"),
+            pytest.param(lambda idp: idp.mint(kid="rsa-1", headers={"kid": "ec-1"}), "unknown_key", id="kid-of-another-key-type"),
+            pytest.param(lambda idp: idp.mint(headers={"kid": "k" * 257}), "malformed", id="kid-over-256-chars"),
+            pytest.param(lambda idp: idp.mint(headers={"kid": 7}), "malformed", id="kid-not-a-string"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"pad": "x" * 8192}), "too_large", id="over-8192-bytes"),
+            pytest.param(lambda idp: idp.mint().rsplit(".", 1)[0], "malformed", id="two-segments"),
+            pytest.param(lambda idp: idp.mint() + ".e30", "malformed", id="four-segments"),
+            pytest.param(lambda idp: idp.mint() + "=", "malformed", id="base64-padding"),
+            pytest.param(lambda idp: "+" + idp.mint()[1:], "malformed", id="non-base64url-char"),
+            pytest.param(lambda idp: "e30.bm90IGpzb24.c2ln", "malformed", id="payload-not-json"),
+            pytest.param(lambda idp: hand_made(idp, {"alg": "none"}, lambda _: b""), "malformed", id="alg-none-unsigned"),
+            pytest.param(
+                lambda idp: hand_made(idp, {"alg": "none"}, lambda _: b"x"), "algorithm_not_allowed", id="alg-none-with-signature"
+            ),
+            pytest.param(hs256_with_rsa_public_key, "algorithm_not_allowed", id="hs256-keyed-with-rsa-public-key"),
+        ],
+    )
+    def test_refusal_reason(self, idp: LocalIdP, verifier: Verifier, make: Callable[[LocalIdP], str], reason: str) -> None:
+        assert refusal(verifier, make(idp)) == reason
+
+    @pytest.mark.parametrize(("allowed", "kid"), [(("ES256",), "rsa-1"), (("RS256",), "ec-1")])
+    def test_algorithm_outside_the_issuer_allow_list_is_refused(self, idp: LocalIdP, allowed: tuple[str, ...], kid: str) -> None:
+        verifier = Verifier.load([trust(idp, algorithms=allowed)])
+
+        assert refusal(verifier, idp.mint(kid=kid)) == "algorithm_not_allowed"
+
+    def test_key_confusion_is_refused_even_when_every_policy_algorithm_is_allowed(self, idp: LocalIdP) -> None:
+        verifier = Verifier.load([trust(idp, algorithms=ALGORITHMS)])
+
+        assert refusal(verifier, hs256_with_rsa_public_key(idp)) == "algorithm_not_allowed"
+
+    def test_token_error_message_never_contains_the_token(self, idp: LocalIdP, verifier: Verifier) -> None:
+        token = idp.mint(expires_in=-3600)
+
+        with pytest.raises(TokenError) as caught:
+            verify(verifier, token)
+
+        assert token not in str(caught.value) and token.split(".")[2] not in str(caught.value)
+
+
+class TestJwks:
+    def test_unreadable_jwks_file_is_a_configuration_error(self, idp: LocalIdP, tmp_path: Path) -> None:
+        with pytest.raises(JwksError, match="cannot read JWKS"):
+            Verifier.load([trust(idp, jwks=str(tmp_path / "absent.json"))])
+
+    def test_unreachable_jwks_url_loads_and_refuses_tokens(self, idp: LocalIdP) -> None:
+        verifier = Verifier.load([trust(idp, jwks="http://127.0.0.1:9/jwks.json")])
+
+        assert refusal(verifier, idp.mint()) == "unknown_key"
+
+    def test_rotated_key_is_fetched_without_rebuilding_the_verifier(self, idp: LocalIdP) -> None:
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), clock)
+        kid = idp.add_key("RSA", "rsa-2")
+        clock.advance(REFETCH_COOLDOWN_S)
+        fetches = idp.jwks_fetches
+
+        identity = verify(verifier, idp.mint("rotated", kid=kid))
+
+        assert identity.subject == "rotated"
+        assert idp.jwks_fetches == fetches + 1
+
+    def test_unknown_kid_does_not_refetch_within_the_cooldown(self, idp: LocalIdP) -> None:
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), clock)
+        fetches = idp.jwks_fetches
+
+        clock.advance(REFETCH_COOLDOWN_S - 1)
+
+        assert refusal(verifier, idp.mint(headers={"kid": "ghost"})) == "unknown_key"
+        assert idp.jwks_fetches == fetches
+
+    def test_flood_of_unknown_kids_fetches_the_jwks_once(self, idp: LocalIdP) -> None:
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), clock)
+        tokens = [hand_made(idp, {"alg": "RS256", "kid": f"ghost-{i}"}, lambda _: b"unchecked") for i in range(50)]
+        clock.advance(REFETCH_COOLDOWN_S)
+        fetches = idp.jwks_fetches
+
+        async def flood() -> list[BaseException | Identity]:
+            return await asyncio.gather(*(verifier.verify(t) for t in tokens), return_exceptions=True)
+
+        results = asyncio.run(flood())
+
+        assert [getattr(r, "reason", r) for r in results] == ["unknown_key"] * 50
+        assert idp.jwks_fetches == fetches + 1
+
+
+def forget_keys(verifier: Verifier) -> None:
+    """Drop the verifier's keys (no refetch within the cooldown): only a cached identity
+    still verifies."""
+    for keyset in verifier.keysets.values():
+        keyset.keys = {}
+
+
+class TestCache:
+    def test_verified_token_is_served_from_the_cache(self, idp: LocalIdP) -> None:
+        verifier = clocked_verifier(trust(idp), Clock())
+        token = idp.mint()
+        first = verify(verifier, token)
+        forget_keys(verifier)
+
+        assert verify(verifier, token) is first
+        assert refusal(verifier, idp.mint()) == "unknown_key"
+
+    def test_cache_entry_ends_when_the_token_expires(self, idp: LocalIdP) -> None:
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), Clock(), clock)
+        token = idp.mint(expires_in=300)
+        verify(verifier, token)
+        forget_keys(verifier)
+
+        clock.advance(300)
+
+        assert refusal(verifier, token) == "unknown_key"
+
+    def test_least_recently_used_entry_is_evicted(self, idp: LocalIdP) -> None:
+        verifier = clocked_verifier(trust(idp), Clock(), cache_size=2)
+        first, second, third = idp.mint("first"), idp.mint("second"), idp.mint("third")
+        for token in (first, second, first, third):  # `first` used again: `second` is now the oldest
+            verify(verifier, token)
+        forget_keys(verifier)
+
+        assert [verify(verifier, t).subject for t in (first, third)] == ["first", "third"]
+        assert refusal(verifier, second) == "unknown_key"
