@@ -28,7 +28,8 @@ def free_port() -> int:
 class Gateway:
     """A gateway process. `rules` is the policy path, `workdir` holds its confdir, log
     and (unless `recordings` is given) recordings; `upstream_ca` is the CA file the
-    gateway trusts for upstream TLS; `env` is added to the environment.
+    gateway trusts for upstream TLS; `env` is added to the environment; `options` are
+    extra mitmproxy/hoop options (`--set NAME=VALUE`).
 
     `start()` returns once the proxy port accepts connections (or raises
     `RuntimeError` with mitmdump's output if it exited first); `stop()` terminates it.
@@ -41,6 +42,7 @@ class Gateway:
         upstream_ca: Path,
         env: dict[str, str] | None = None,
         recordings: Path | None = None,
+        options: dict[str, str] | None = None,
     ) -> None:
         self.rules, self.workdir = rules, workdir
         self.recordings = recordings or workdir / "recordings"
@@ -55,6 +57,7 @@ class Gateway:
             "--set", f"hoop_rules={rules}",
             "--set", f"hoop_recordings={self.recordings}",
             "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+            *(arg for name, value in (options or {}).items() for arg in ("--set", f"{name}={value}")),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 

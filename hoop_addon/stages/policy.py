@@ -1,8 +1,11 @@
-"""Stage 0: load the policy and the issuers' keys, and swap them in atomically."""
+"""Stage 0: load the policy and the issuers' keys, swap them in atomically, and reload
+them when the policy files change."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 
 from mitmproxy import ctx
 
@@ -19,33 +22,63 @@ class Enforcement:
     verifier: Verifier
 
 
+def _load(path: str) -> Enforcement:
+    """Load the policy at `path` and read its issuers' keys (blocking: may fetch JWKS).
+    Raises `PolicyError` or `JwksError`."""
+    policy = load_policy(path)
+    return Enforcement(policy, Verifier.load(policy.issuers))
+
+
+def _fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
+    """What identifies the policy files' current state: (name, size in bytes, mtime in
+    ns) of the file, or of every entry of the directory; () if the path is missing."""
+    root = Path(path)
+    try:
+        entries = sorted(root.iterdir()) if root.is_dir() else [root]
+        return tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in entries)
+    except OSError:
+        return ()
+
+
 class PolicyStage(Stage):
-    """Owns option `hoop_rules` (a policy file or a directory of `*.yaml`).
+    """Owns options `hoop_rules` (a policy file or a directory of `*.yaml`) and
+    `hoop_reload` (seconds between checks of the policy files for changes; "0" turns
+    hot reload off).
 
     `active` is None until a policy has loaded; the other stages refuse every flow
-    while it is None (fail closed).
+    while it is None (fail closed). A changed policy is validated completely, with its
+    JWKS, before it replaces the one in force; a policy that fails is refused with its
+    file:line:key, and the previous one keeps enforcing.
     """
 
     def __init__(self) -> None:
         self.active: Enforcement | None = None
+        self.reload_interval = 2.0
+        self._seen: tuple[tuple[str, int, int], ...] = ()
+        self._watcher: asyncio.Task[None] | None = None
 
     def load(self, loader) -> None:
         loader.add_option("hoop_rules", str, "rules", "Policy file or directory of *.yaml policy files.")
+        loader.add_option("hoop_reload", str, "2", "Seconds between checks for policy changes; 0 disables hot reload.")
 
     def configure(self, updated: set[str]) -> None:
-        if "hoop_rules" not in updated:
-            return
-        try:
-            policy = load_policy(ctx.options.hoop_rules)
-            verifier = Verifier.load(policy.issuers)
-        except (PolicyError, JwksError) as exc:
-            self.config_error(f"hoop: policy not loaded: {exc}")
-            return
-        self.active = Enforcement(policy, verifier)
-        logger.info(
-            f"hoop: policy {policy.digest[:12]} loaded from {len(policy.files)} file(s): "
-            f"{len(policy.routes)} route(s), {len(policy.issuers)} issuer(s)"
-        )
+        if "hoop_reload" in updated:
+            try:
+                interval = float(ctx.options.hoop_reload)
+                if not 0 <= interval <= 3600:
+                    raise ValueError
+            except ValueError:
+                self.config_error(f"hoop: hoop_reload: '{ctx.options.hoop_reload}' is not a number of seconds in 0..3600")
+                return
+            self.reload_interval = interval
+        if "hoop_rules" in updated:
+            seen = _fingerprint(ctx.options.hoop_rules)
+            try:
+                active = _load(ctx.options.hoop_rules)
+            except (PolicyError, JwksError) as exc:
+                self.config_error(f"hoop: policy not loaded: {exc}")
+                return
+            self._swap(active, seen)
 
     def running(self) -> None:
         super().running()
@@ -54,3 +87,33 @@ class PolicyStage(Stage):
             # the tunnel is authenticated: unauthenticated callers could make us dial out.
             ctx.options.connection_strategy = "lazy"
             logger.info("hoop: connection_strategy set to lazy: no upstream connection before admission")
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="hoop policy watcher")
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval or 1.0)
+            path = ctx.options.hoop_rules
+            if not self.reload_interval or (seen := _fingerprint(path)) == self._seen:
+                continue
+            self._seen = seen  # a refused version is reported once, not every interval
+            try:
+                active = await asyncio.to_thread(_load, path)
+            except (PolicyError, JwksError) as exc:
+                kept = self.active.policy.digest[:12] if self.active else "none"
+                logger.error(f"hoop: policy reload refused, policy {kept} keeps enforcing: {exc}")
+                continue
+            self._swap(active, seen)
+
+    def _swap(self, active: Enforcement, seen: tuple[tuple[str, int, int], ...]) -> None:
+        self.active, self._seen = active, seen
+        policy = active.policy
+        logger.info(
+            f"hoop: policy {policy.digest[:12]} in force, from {len(policy.files)} file(s): "
+            f"{len(policy.routes)} route(s), {len(policy.issuers)} issuer(s)"
+        )
+

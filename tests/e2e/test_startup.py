@@ -19,9 +19,9 @@ from tests.support.idp import LocalIdP
 TYPO = POLICY.replace("      hosts: [localhost, 127.0.0.1]", "      hostz: [localhost, 127.0.0.1]")
 
 
-def start(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], policy: str, recordings: Path | None = None) -> tuple[int, str]:
+def start(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], policy: str, recordings: Path | None = None, options: dict[str, str] | None = None) -> tuple[int, str]:
     rules = write_policy(tmp_path / "rules", idp, policy)
-    gateway = Gateway(rules, tmp_path, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": "k"}, recordings=recordings)
+    gateway = Gateway(rules, tmp_path, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": "k"}, recordings=recordings, options=options)
     return gateway.run_to_exit()
 
 
@@ -53,6 +53,11 @@ def test_unwritable_recordings_option_stops_startup(tmp_path: Path, idp: LocalId
     blocker.write_text("not a directory")
     code, output = start(tmp_path, idp, pki, POLICY, recordings=blocker / "recordings")
     assert_clean_failure(code, output, "hoop_recordings: cannot create")
+
+
+def test_bad_reload_interval_stops_startup(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
+    code, output = start(tmp_path, idp, pki, POLICY, options={"hoop_reload": "soon"})
+    assert_clean_failure(code, output, "hoop_reload: 'soon' is not a number of seconds")
 
 
 @pytest.mark.parametrize("policy", [POLICY, TYPO], ids=["valid", "typo"])

@@ -1,0 +1,62 @@
+"""Hot reload: a changed policy is validated and swapped in without a restart; a broken
+one is refused with file:line:key and the policy in force keeps enforcing."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hoop_addon.dev.gateway import Gateway
+from hoop_addon.dev.tls import CA
+from hoop_addon.dev.upstream import FakeOpenAI
+from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
+from tests.support.idp import LocalIdP
+
+
+@pytest.fixture
+def reloading_gateway(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
+    rules = write_policy(tmp_path / "rules", idp)
+    gateway = Gateway(rules, tmp_path, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, options={"hoop_reload": "0.1"})
+    yield gateway.start()
+    gateway.stop()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_policy_change_applies_and_broken_policy_is_refused(reloading_gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    gateway = reloading_gateway
+    policy_file = gateway.rules / "policy.yaml"
+    token = idp.mint(groups=["agents"])
+
+    def status() -> int:
+        ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        with httpx.Client(proxy=gateway.proxy(token), verify=ca, trust_env=False) as client:
+            return client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+
+    assert status() == 200
+    # Admit only `admins` on the llm route: agents are now refused, without a restart.
+    text = policy_file.read_text()
+    policy_file.write_text(text.replace("      groups: [agents]", "      groups: [admins]"))
+    assert eventually(lambda: status() == 403), gateway.output
+    forwarded = len(upstream.received)
+
+    # A typo is refused with file:line:key; the policy in force (admins only) stays.
+    broken = policy_file.read_text().replace("      paths: [/v1/*]", "      pathz: [/v1/*]")
+    line = broken.splitlines().index("      pathz: [/v1/*]") + 1
+    policy_file.write_text(broken)
+    assert eventually(lambda: "policy reload refused" in gateway.output), gateway.output
+    assert f"policy.yaml:{line}: routes[1].match.pathz: unknown key (did you mean 'paths'?)" in gateway.output
+    assert status() == 403
+    assert len(upstream.received) == forwarded  # nothing passed once agents were refused
