@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from hoop_addon import keys
+
 ROOT = Path(__file__).resolve().parents[2]
 ADDON = ROOT / "hoop_addon" / "addon.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -25,11 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ensure_signing_key(path: Path) -> Path:
+    """An Ed25519 signing key at `path` (created, with `path.pub`, if missing): what a
+    development gateway signs its recordings and audit checkpoints with."""
+    if not path.exists():
+        keys.generate(path)
+    return path
+
+
 class Gateway:
     """A gateway process. `rules` is the policy path, `workdir` holds its confdir, log
     and (unless `recordings` is given) recordings; `upstream_ca` is the CA file the
     gateway trusts for upstream TLS; `env` is added to the environment; `options` are
-    extra mitmproxy/hoop options (`--set NAME=VALUE`).
+    extra mitmproxy/hoop options (`--set NAME=VALUE`). Unless `options` names
+    `hoop_signing_key`, the gateway signs with `workdir/signing.key` (created if
+    missing; its public half `public_key` is what `hoop verify` trusts). `bare` runs mitmdump without
+    the addon (the benchmark's baseline): `rules` and `recordings` are then unused.
 
     `start()` returns once the proxy port accepts connections (or raises
     `RuntimeError` with mitmdump's output if it exited first); `stop()` terminates it.
@@ -43,6 +56,7 @@ class Gateway:
         env: dict[str, str] | None = None,
         recordings: Path | None = None,
         options: dict[str, str] | None = None,
+        bare: bool = False,
     ) -> None:
         self.rules, self.workdir = rules, workdir
         self.recordings = recordings or workdir / "recordings"
@@ -50,15 +64,20 @@ class Gateway:
         self.log = workdir / "mitmdump.log"
         self.port = free_port()
         self.env = {**os.environ, **(env or {})}
-        self.argv = [
-            str(MITMDUMP), "-s", str(ADDON),
-            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-            "--set", f"confdir={self.confdir}",
+        hoop = [] if bare else [
+            "-s", str(ADDON),
             "--set", f"hoop_rules={rules}",
             "--set", f"hoop_recordings={self.recordings}",
+        ]
+        self.argv = [
+            str(MITMDUMP), *hoop,
+            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+            "--set", f"confdir={self.confdir}",
             "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
             *(arg for name, value in (options or {}).items() for arg in ("--set", f"{name}={value}")),
         ]
+        if not bare and "hoop_signing_key" not in (options or {}):
+            self.argv += ["--set", f"hoop_signing_key={ensure_signing_key(workdir / 'signing.key')}"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Gateway:
@@ -95,6 +114,11 @@ class Gateway:
     @property
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def public_key(self) -> Path:
+        """The public key of the development signing key (see `ensure_signing_key`)."""
+        return self.workdir / "signing.pub"
 
     @property
     def ca_cert(self) -> Path:

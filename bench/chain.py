@@ -1,0 +1,249 @@
+"""Benchmark the gateway against bare mitmdump and direct calls, in one run.
+
+    python bench/chain.py [--quick] [--json bench/results/chain.json]
+
+Three configurations, each against the same local HTTPS upstream (a separate process):
+`direct` (client -> upstream), `bare` (`mitmdump -q`, TLS interception only) and
+`gateway` (`mitmdump -s hoop_addon/addon.py` with a benchmark policy: JWT identity,
+20 masking rules on requests and responses, recording and audit). Measured: p50/p99
+latency of 1, 8 and 64 KB JSON chat POSTs, SSE time to first event and total,
+throughput at 1, 8 and 32 concurrent clients, and the proxy's RSS growth over a long
+run. Printed as a table with the gateway/bare ratio, and written as JSON.
+
+Everything runs on loopback on this machine; client, proxy and upstream share its
+cores, so absolute figures are machine-bound: the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from hoop_addon.dev import issuer
+from hoop_addon.dev.gateway import Gateway, free_port
+from hoop_addon.dev.tls import issue_server_cert, make_ca
+
+UPSTREAM_KEY = "sk-bench-upstream-key"
+SIZES_KB = (1, 8, 64)
+CONCURRENCY = (1, 8, 32)
+FILLER = "The agent reviewed the quarterly report and summarised the findings for the team. "
+PII = " Contact jane.doe@example.com or card 4242 4242 4242 4242."
+
+DETECTORS = ["email", "payment_card", "us_ssn", "aws_access_key_id", "openai_api_key", "jwt"]
+
+
+def bench_policy(jwks: Path) -> str:
+    """A policy with 20 masking rules (10 on requests, 10 on responses)."""
+    rules, names = [], []
+    for i in range(10):
+        for part, paths in (("request", ["$.messages[*].content"]), ("response", ["$.choices[*].message.content", "$.choices[*].delta.content"])):
+            name = f"{part}-{i}"
+            names.append(name)
+            detectors = [DETECTORS[(i + k) % len(DETECTORS)] for k in range(3)]
+            rules.append(
+                f"  - name: {name}\n    direction: {part}\n    paths:\n"
+                + "".join(f"      - {p}\n" for p in paths)
+                + f"    detectors: [{', '.join(detectors)}]\n"
+            )
+    return (
+        "version: 1\nissuers:\n  - name: dev\n    issuer: hoop-dev\n    audience: hoop-gateway\n"
+        f"    jwks: {jwks}\n    algorithms: [ES256]\nmasking:\n" + "".join(rules)
+        + "routes:\n  - name: llm\n    match:\n      hosts: [127.0.0.1]\n      paths: [/v1/*]\n"
+        "    allow:\n      groups: [agents]\n"
+        f"    masking: [{', '.join(names)}]\n"
+        "    credential:\n      header: Authorization\n      value: Bearer ${HOOP_BENCH_KEY}\n"
+    )
+
+
+def chat(size_kb: int, stream: bool = False) -> bytes:
+    text = (FILLER * (size_kb * 1024 // len(FILLER) + 1))[: size_kb * 1024 - len(PII)] + PII
+    return json.dumps({"model": "bench", "stream": stream, "messages": [{"role": "user", "content": text}]}).encode()
+
+
+class Target:
+    """How a client reaches the upstream in one configuration."""
+
+    def __init__(self, name: str, url: str, proxy: str | None, ca: Path, pid: int | None) -> None:
+        self.name, self.url, self.proxy, self.pid = name, url, proxy, pid
+        self.ssl = ssl.create_default_context(cafile=str(ca))
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(proxy=self.proxy, verify=self.ssl, trust_env=False, timeout=30)
+
+    def rss_kb(self) -> int | None:
+        """The proxy's resident set size in KiB (Linux /proc), None for direct calls."""
+        if self.pid is None:
+            return None
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return None
+
+
+def post(client: httpx.Client, url: str, body: bytes) -> None:
+    r = client.post(url, content=body, headers={"Content-Type": "application/json"})
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+
+
+def latency(target: Target, size_kb: int, n: int) -> dict[str, float]:
+    body, url = chat(size_kb), f"{target.url}/v1/chat/completions"
+    with target.client() as client:
+        for _ in range(max(10, n // 10)):
+            post(client, url, body)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            post(client, url, body)
+            samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return {"p50_ms": statistics.median(samples) * 1e3, "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1e3}
+
+
+def sse(target: Target, n: int) -> dict[str, float]:
+    body, url = chat(1, stream=True), f"{target.url}/v1/chat/completions"
+    ttft, total = [], []
+    with target.client() as client:
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            first = None
+            with client.stream("POST", url, content=body, headers={"Content-Type": "application/json"}) as r:
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data:"):
+                        first = time.perf_counter() - t0
+            if i >= 5:  # warm-up
+                ttft.append(first or 0.0)
+                total.append(time.perf_counter() - t0)
+    return {"ttft_p50_ms": statistics.median(ttft) * 1e3, "total_p50_ms": statistics.median(total) * 1e3}
+
+
+def throughput(target: Target, clients: int, seconds: float) -> float:
+    """Requests per second of 8 KB chat POSTs by `clients` concurrent keep-alive clients."""
+    body, url = chat(8), f"{target.url}/v1/chat/completions"
+    stop = time.perf_counter() + seconds
+    counts = [0] * clients
+
+    def worker(i: int) -> None:
+        with target.client() as client:
+            while time.perf_counter() < stop:
+                post(client, url, body)
+                counts[i] += 1
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def rss_growth(target: Target, requests: int) -> dict[str, float | None]:
+    """Proxy RSS before and after `requests` 1 KB POSTs over 8 clients."""
+    body, url = chat(1), f"{target.url}/v1/chat/completions"
+    per_client = requests // 8
+    lock, done = threading.Lock(), [0]
+
+    def worker(_: int) -> None:
+        with target.client() as client:
+            for _ in range(per_client):
+                post(client, url, body)
+                with lock:
+                    done[0] += 1
+
+    before = target.rss_kb()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    after = target.rss_kb()
+    growth = (after - before) / before * 100 if before and after else None
+    return {"rss_before_mb": before and before / 1024, "rss_after_mb": after and after / 1024, "rss_growth_pct": growth}
+
+
+def measure(target: Target, quick: bool) -> dict[str, float | None]:
+    n = 100 if quick else 400
+    result: dict[str, float | None] = {}
+    for size in SIZES_KB:
+        for key, value in latency(target, size, n).items():
+            result[f"{key} {size}KB"] = value
+    result.update(sse(target, 20 if quick else 100))
+    for clients in CONCURRENCY:
+        result[f"req/s x{clients}"] = throughput(target, clients, 2.0 if quick else 5.0)
+    result.update(rss_growth(target, 2_000 if quick else 20_000))
+    return result
+
+
+def print_table(results: dict[str, dict[str, float | None]]) -> None:
+    names = list(results)
+    metrics = list(results["gateway"])
+    print(f"{'metric':<22}" + "".join(f"{n:>12}" for n in names) + f"{'gateway/bare':>14}")
+    for metric in metrics:
+        row = [results[n].get(metric) for n in names]
+        bare, gw = results["bare"].get(metric), results["gateway"].get(metric)
+        ratio = f"{gw / bare:>14.2f}" if bare and gw is not None else f"{'':>14}"
+        print(f"{metric:<22}" + "".join(f"{v:>12.2f}" if v is not None else f"{'-':>12}" for v in row) + ratio)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, not a measurement)")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/chain.json"), help="where to write the results")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="hoop-bench-") as tmp:
+        work = Path(tmp)
+        ca = make_ca(work / "pki")
+        cert, key = issue_server_cert(ca, ["127.0.0.1"], work / "pki")
+        port = free_port()
+        upstream = subprocess.Popen(
+            [sys.executable, "-m", "hoop_addon.dev.upstream", "--port", str(port), "--cert", str(cert), "--key", str(key)],
+            stdout=subprocess.PIPE,
+        )
+        upstream.stdout.readline()  # "fake OpenAI upstream on ..." once it listens
+        url = f"https://127.0.0.1:{port}"
+        (work / "rules").mkdir()
+        dev = issuer.ensure(work / "home")
+        (work / "rules" / "bench.yaml").write_text(bench_policy(dev.jwks_path))
+        token = issuer.mint(work / "home", "bench-agent", ["agents"], ttl=7200)
+
+        quiet = {"termlog_verbosity": "error", "flow_detail": "0"}
+        bare = Gateway(work / "rules", work / "bare", ca.cert_path, options=quiet, bare=True).start()
+        gateway = Gateway(
+            work / "rules", work / "gateway", ca.cert_path, env={"HOOP_BENCH_KEY": UPSTREAM_KEY}, options={**quiet, "hoop_reload": "0"}
+        ).start()
+        try:
+            targets = [
+                Target("direct", url, None, ca.cert_path, None),
+                Target("bare", url, bare.proxy(), bare.ca_cert, bare.proc.pid),
+                Target("gateway", url, gateway.proxy(token), gateway.ca_cert, gateway.proc.pid),
+            ]
+            results = {}
+            for target in targets:
+                print(f"measuring {target.name} ...", file=sys.stderr)
+                results[target.name] = measure(target, args.quick)
+        except Exception:
+            print(f"gateway log tail:\n{gateway.output[-3000:]}", file=sys.stderr)
+            raise
+        finally:
+            gateway.stop()
+            bare.stop()
+            upstream.send_signal(signal.SIGTERM)
+            upstream.wait(10)
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"quick": args.quick, "cpus": os.cpu_count(), "results": results}, indent=2))
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
