@@ -1,20 +1,24 @@
 """Bearer token -> verified `Identity`, following RFC 7519 (JWT) and RFC 8725 (JWT BCP).
 
 python-jose does the signature and time-claim checks; this module enforces around it
-what python-jose leaves open: the algorithm comes from the issuer's allow-list and must
-fit the key's `kty`/`alg`/`use` (RFC 8725 §3.1, §3.2), keys come only from the
-configured JWKS (the token's `jwk`/`jku`/`x5u`/`x5c` headers are never consulted),
-`exp` and `aud` are required, `crit` is refused (RFC 7515 §4.1.11), and the token's
-size and shape are checked before anything is decoded. Every caller goes through
-`Verifier.verify`.
+what python-jose leaves open: the algorithm comes from the issuer's allow-list, is
+always asymmetric (no HS*/none: RFC 8725 §2.1, §3.1) and must fit the key's
+`kty`/`alg`/`crv`/`use`/`key_ops` (RFC 8725 §3.1, RFC 7517 §4.2-4.3), keys come only
+from the configured JWKS or OIDC discovery (the token's `jwk`/`jku`/`x5u`/`x5c` headers
+are never consulted), `exp` and `aud` are required, `crit` is refused (RFC 7515
+§4.1.11), `typ` is enforced where the issuer requires access tokens (RFC 8725 §3.11,
+RFC 9068), and the token's size and shape are checked before anything is decoded.
+Every caller goes through `Verifier.verify`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import time
+import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -32,8 +36,15 @@ MAX_JWKS_BYTES = 1 << 20
 MAX_KID_CHARS = 256
 JWKS_TIMEOUT_S = 5.0
 REFETCH_COOLDOWN_S = 30.0
+JWKS_MAX_AGE_S = 3600.0
+DISCOVERY_PATH = "/.well-known/openid-configuration"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
-_KTY = {"RS": "RSA", "ES": "EC"}
+# The only algorithms ever verified, with the key each needs (RFC 7518 §3.3, §3.4).
+_KEY_FOR_ALG = {
+    "RS256": ("RSA", None), "RS384": ("RSA", None), "RS512": ("RSA", None),
+    "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"),
+}
+logger = logging.getLogger("hoop")
 
 
 class TokenError(Exception):
@@ -59,6 +70,8 @@ class Identity:
     groups: tuple[str, ...]
     token_id: str | None
     expires_at: int
+    client_id: str | None = None
+    scopes: tuple[str, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """The JSON-safe form written to `flow.metadata` and the audit log."""
@@ -66,63 +79,124 @@ class Identity:
             "subject": self.subject,
             "issuer": self.issuer,
             "groups": list(self.groups),
+            "client_id": self.client_id,
+            "scopes": list(self.scopes),
             "token_id": self.token_id,
         }
 
 
 class KeySet:
-    """The signing keys of one issuer, from a JWKS file path or http(s) URL (RFC 7517).
+    """The signing keys of one issuer (RFC 7517), from a JWKS file path, an http(s)
+    URL, or, when `source` is None, OpenID Connect Discovery 1.0 from `issuer`.
 
     `refresh()` (blocking, seconds-bounded) re-reads the source and keeps the last good
-    key set if the source fails; `find(kid)` refetches at most once per
-    `REFETCH_COOLDOWN_S` seconds when a `kid` is unknown (key rotation without a restart,
-    no refetch storm).
+    key set if the source fails (`stale` is then True until a refresh succeeds);
+    `find(kid)` refetches at most once per `cooldown` seconds when a `kid` is unknown
+    (key rotation without a restart, no refetch storm), or when the keys are older than
+    `JWKS_MAX_AGE_S` (revoked keys drop out).
     """
 
-    def __init__(self, source: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        source: str | None,
+        *,
+        issuer: str = "",
+        cooldown: float = REFETCH_COOLDOWN_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.source = source
+        self.issuer = issuer
+        self.cooldown = cooldown
         self.keys: dict[str, dict[str, Any]] = {}
+        self.stale = False
         self._clock = clock
         self._last_fetch = float("-inf")
+        self._last_good = float("-inf")
         self._lock = asyncio.Lock()
 
     def refresh(self) -> None:
         """Re-read the JWKS. Raises `JwksError`; the previous keys stay in use then."""
         self._last_fetch = self._clock()
         try:
-            if self.source.startswith(("http://", "https://")):
-                with urllib.request.urlopen(self.source, timeout=JWKS_TIMEOUT_S) as resp:
-                    raw = resp.read(MAX_JWKS_BYTES + 1)
-            else:
-                with open(self.source, "rb") as fh:
-                    raw = fh.read(MAX_JWKS_BYTES + 1)
-        except OSError as exc:
-            raise JwksError(f"cannot read JWKS {self.source}: {exc}") from None
-        if len(raw) > MAX_JWKS_BYTES:
-            raise JwksError(f"JWKS {self.source} is larger than {MAX_JWKS_BYTES} bytes")
-        try:
-            doc = orjson.loads(raw)
+            doc = _read_json(self.source or self._discover(), "JWKS")
             keys = {
-                str(k.get("kid", "")): k
-                for k in doc["keys"]
-                if isinstance(k, dict) and k.get("use", "sig") == "sig" and k.get("kty") in ("RSA", "EC")
+                str(k.get("kid", "")): k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC")
             }
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise JwksError(f"JWKS {self.source} is not a JSON Web Key Set") from None
-        self.keys = keys
+        except JwksError as exc:
+            self.stale = bool(self.keys)
+            if self.stale:
+                logger.warning(f"hoop: {exc}; keeping the {len(self.keys)} key(s) last fetched")
+            raise
+        except (KeyError, TypeError):
+            self.stale = bool(self.keys)
+            raise JwksError(f"JWKS {self.source or self.issuer} is not a JSON Web Key Set") from None
+        self.keys, self.stale, self._last_good = keys, False, self._clock()
+
+    def _discover(self) -> str:
+        """The `jwks_uri` of the issuer's discovery document (OIDC Discovery 1.0 §4),
+        whose `issuer` must be ours exactly (§4.3)."""
+        doc = _read_json(self.issuer.rstrip("/") + DISCOVERY_PATH, "OIDC discovery document")
+        uri = doc.get("jwks_uri") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
+            raise JwksError(f"OIDC discovery document of {self.issuer} names another issuer")
+        if not isinstance(uri, str) or not (uri.startswith("https://") or _loopback_http(uri)):
+            raise JwksError(f"OIDC discovery document of {self.issuer} has no https jwks_uri")
+        return uri
 
     async def find(self, kid: str) -> dict[str, Any] | None:
         """The JWK with this `kid` ("" for a token without one), refetching once per
-        cooldown when it is unknown. Returns None when there is no such key."""
-        if kid in self.keys:
+        cooldown when it is unknown or the keys are old. Returns None when there is no
+        such key."""
+        now = self._clock()
+        if kid in self.keys and now - self._last_good < JWKS_MAX_AGE_S:
             return self.keys[kid]
         async with self._lock:
-            if kid not in self.keys and self._clock() - self._last_fetch >= REFETCH_COOLDOWN_S:
+            if now - self._last_fetch >= self.cooldown and (kid not in self.keys or now - self._last_good >= JWKS_MAX_AGE_S):
                 try:
                     await asyncio.to_thread(self.refresh)
                 except JwksError:
                     pass  # keep the last good keys; the caller reports the unknown kid
         return self.keys.get(kid)
+
+
+def _loopback_http(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return url.startswith("http://") and host in ("127.0.0.1", "::1", "localhost")
+
+
+def _read_json(source: str, what: str) -> Any:
+    """The JSON document at an http(s) URL or file path, at most `MAX_JWKS_BYTES`.
+    Raises `JwksError` naming the source (never a response body)."""
+    try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=JWKS_TIMEOUT_S) as resp:
+                raw = resp.read(MAX_JWKS_BYTES + 1)
+        else:
+            with open(source, "rb") as fh:
+                raw = fh.read(MAX_JWKS_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise JwksError(f"cannot read {what} {source}: {exc}") from None
+    if len(raw) > MAX_JWKS_BYTES:
+        raise JwksError(f"{what} {source} is larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise JwksError(f"{what} {source} is not JSON") from None
+
+
+def _key_fits(key: dict[str, Any], alg: str) -> bool:
+    """RFC 8725 §3.1 / RFC 7517 §4: the key may verify `alg`: its `kty` (and, for EC,
+    `crv`) is the one `alg` needs, its own `alg` (if any) is `alg`, its `use` (if any)
+    is `sig` and its `key_ops` (if any) include `verify`."""
+    kty, crv = _KEY_FOR_ALG[alg]
+    ops = key.get("key_ops")
+    return (
+        key.get("kty") == kty
+        and (crv is None or key.get("crv") == crv)
+        and key.get("alg", alg) == alg
+        and key.get("use", "sig") == "sig"
+        and (ops is None or (isinstance(ops, list) and "verify" in ops))
+    )
 
 
 class Verifier:
@@ -157,21 +231,27 @@ class Verifier:
         """
         keysets = {}
         for issuer in issuers:
-            keyset = KeySet(issuer.jwks)
+            keyset = KeySet(issuer.jwks, issuer=issuer.issuer, cooldown=issuer.refetch_cooldown)
             try:
                 keyset.refresh()
-            except JwksError:
-                if not issuer.jwks.startswith(("http://", "https://")):
+            except JwksError as exc:
+                if issuer.jwks is not None and not issuer.jwks.startswith(("http://", "https://")):
                     raise
+                logger.warning(f"hoop: issuer {issuer.name}: {exc}; its tokens are refused until it answers")
             keysets[issuer.issuer] = keyset
         return cls(issuers, keysets)
+
+    def keys_stale(self, issuer: str) -> bool:
+        """True when the last JWKS refresh of `issuer` failed and older keys are in use."""
+        return (keyset := self.keysets.get(issuer)) is not None and keyset.stale
 
     async def verify(self, token: str) -> Identity:
         """Verify `token` (compact JWS) and return who it identifies.
 
         Raises `TokenError` with reason: `too_large`, `malformed`, `untrusted_issuer`,
-        `algorithm_not_allowed`, `crit_not_understood`, `unknown_key`, `bad_signature`,
-        `expired`, `not_yet_valid`, `wrong_audience`, `invalid_claims`.
+        `algorithm_not_allowed`, `crit_not_understood`, `wrong_token_type`,
+        `unknown_key`, `bad_signature`, `expired`, `not_yet_valid`, `wrong_audience`,
+        `invalid_claims`.
         """
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("too_large", f"token is longer than {MAX_TOKEN_BYTES} bytes")
@@ -201,16 +281,18 @@ class Verifier:
         if issuer is None:
             raise TokenError("untrusted_issuer", "token issuer is not trusted")
         alg = header.get("alg")
-        if alg not in issuer.algorithms:
-            raise TokenError("algorithm_not_allowed", f"algorithm {alg!r} is not allowed for this issuer")
+        if not isinstance(alg, str) or alg not in issuer.algorithms or alg not in _KEY_FOR_ALG:
+            raise TokenError("algorithm_not_allowed", f"algorithm {str(alg)[:20]!r} is not allowed for this issuer")
         if "crit" in header:
             raise TokenError("crit_not_understood", "token has critical header parameters")
+        if issuer.token_type is not None and not _is_type(header.get("typ"), issuer.token_type):
+            raise TokenError("wrong_token_type", f"this issuer's tokens must have typ {issuer.token_type!r} (access tokens only)")
         kid = header.get("kid", "")
         if not isinstance(kid, str) or len(kid) > MAX_KID_CHARS:
             raise TokenError("malformed", "token kid is not a short string")
         key = await self.keysets[issuer.issuer].find(kid)
-        if key is None or key.get("kty") != _KTY[alg[:2]] or key.get("alg", alg) != alg:
-            raise TokenError("unknown_key", "no trusted key matches the token's kid and algorithm")
+        if key is None or not _key_fits(key, alg):
+            raise TokenError("unknown_key", "no trusted signing key matches the token's kid and algorithm")
         try:
             claims = jwt.decode(
                 token,
@@ -231,6 +313,21 @@ class Verifier:
         return _identity(claims, issuer, now)
 
 
+def _is_type(typ: Any, expected: str) -> bool:
+    """RFC 7515 §4.1.9: media types compare case-insensitively, `application/` optional."""
+    if not isinstance(typ, str):
+        return False
+    return typ.lower().removeprefix("application/") == expected.lower().removeprefix("application/")
+
+
+def _words(value: Any) -> tuple[str, ...]:
+    """A claim holding strings: a space-separated string (RFC 6749 §3.3 `scope`) or a
+    list (Okta `scp`, `groups`); anything else gives ()."""
+    if isinstance(value, str):
+        return tuple(value.split())
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
 def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     """Check what python-jose does not (exp present, aud, iat) and map the claims."""
     exp = claims.get("exp")
@@ -249,8 +346,10 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     groups: Any = claims
     for part in issuer.groups_claim.split("."):
         groups = groups.get(part) if isinstance(groups, dict) else None
-    if isinstance(groups, str):
-        groups = groups.split()
-    groups = tuple(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else ()
+    # RFC 9068 §2.2 `client_id`, else OIDC `azp`; scopes from `scope` (RFC 9068 §2.2.3) or `scp`.
+    client_id = next((c for c in (claims.get("client_id"), claims.get("azp")) if isinstance(c, str) and c), None)
+    scopes = _words(claims["scope"] if "scope" in claims else claims.get("scp"))
     jti = claims.get("jti")
-    return Identity(subject, issuer.issuer, groups, jti if isinstance(jti, str) else None, int(exp))
+    return Identity(
+        subject, issuer.issuer, _words(groups), jti if isinstance(jti, str) else None, int(exp), client_id, scopes
+    )

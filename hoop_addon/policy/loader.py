@@ -8,6 +8,7 @@ silently drop a rule.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import ipaddress
@@ -27,9 +28,11 @@ from hoop_addon.detectors import BUILTIN, Detector, DetectorError, luhn_valid, s
 from hoop_addon.policy.model import Credential, Issuer, MaskRule, Policy, Route
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
-TOKEN_SOURCES = ("authorization", "proxy_password")
+TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer")
 VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_valid, "us_ssn": ssn_valid}
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A secret reference: ${ENV_VAR}, or ${file:PATH} (PATH relative to the policy file).
+_SECRET_REF = re.compile(r"\$\{(?:([A-Za-z_][A-Za-z0-9_]*)|file:([^}]+))\}")
+MAX_SECRET_FILE_BYTES = 64 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -280,28 +283,44 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
 
 def _issuer(m: _Map, names: dict[str, str]) -> Issuer:
     name = _name(m, names, "issuer")
-    jwks_node, jwks = m.node("jwks"), m.text("jwks")
-    if jwks.startswith(("http://", "https://")):
-        host = urlsplit(jwks).hostname or ""
-        if jwks.startswith("http://") and not _loopback(host):
-            raise m.loc.at("jwks").error(jwks_node, "JWKS over plain http is only allowed on loopback")
+    issuer_url = m.text("issuer")
+    jwks: str | None = None
+    if m.has("jwks"):
+        jwks_node, jwks = m.node("jwks"), m.text("jwks")
+        if jwks.startswith(("http://", "https://")):
+            _check_url(jwks, m.loc.at("jwks"), jwks_node)
+        else:
+            jwks = str((m.loc.dir / jwks.removeprefix("file:")).resolve())
+    elif issuer_url.startswith(("http://", "https://")):
+        _check_url(issuer_url, m.loc.at("issuer"), m.node("issuer"))  # OIDC discovery from the issuer
     else:
-        jwks = str((m.loc.dir / jwks.removeprefix("file:")).resolve())
+        raise m.loc.at("jwks").error(m.mapping, "required unless the issuer is a URL (then OIDC discovery is used)")
     algorithms = tuple(_choice(v, ALGORITHMS, loc, n) for v, loc, n in m.listed("algorithms")) or ("RS256", "ES256")
     leeway = m.integer("leeway", 30)
     if not 0 <= leeway <= 300:
         raise m.loc.at("leeway").error(m.node("leeway"), "must be 0..300 seconds")
+    cooldown = m.integer("refetch_cooldown", 30)
+    if not 1 <= cooldown <= 3600:
+        raise m.loc.at("refetch_cooldown").error(m.node("refetch_cooldown"), "must be 1..3600 seconds")
     issuer = Issuer(
         name=name,
-        issuer=m.text("issuer"),
+        issuer=issuer_url,
         audiences=m.texts("audience"),
         jwks=jwks,
         algorithms=algorithms,
         groups_claim=m.text("groups_claim", "groups"),
         leeway=leeway,
+        token_type=m.text("typ") if m.has("typ") else None,
+        refetch_cooldown=cooldown,
     )
     m.finish()
     return issuer
+
+
+def _check_url(url: str, loc: _Loc, node: Node) -> None:
+    """Keys are fetched over https, or plain http on loopback only (tests, sidecars)."""
+    if url.startswith("http://") and not _loopback(urlsplit(url).hostname or ""):
+        raise loc.error(node, "JWKS over plain http is only allowed on loopback")
 
 
 def _loopback(host: str) -> bool:
@@ -363,9 +382,10 @@ def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_e
     match.finish()
     allow = m.sub("allow")
     groups, subjects = frozenset(allow.texts("groups", ())), frozenset(allow.texts("subjects", ()))
+    client_ids, scopes = frozenset(allow.texts("client_ids", ())), frozenset(allow.texts("scopes", ()))
     allow.finish()
-    if not groups and not subjects:
-        raise allow.loc.error(allow.mapping, "admits nobody: name allow.groups or allow.subjects")
+    if not (groups or subjects or client_ids or scopes):
+        raise allow.loc.error(allow.mapping, "admits nobody: name allow.groups or allow.subjects (or client_ids, scopes)")
     masking = []
     for rule, loc, node in m.listed("masking"):
         if rule not in rules:
@@ -373,20 +393,64 @@ def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_e
         masking.append(rules[rule])
     credential = _credential(m.sub("credential"), resolve_env) if m.has("credential") else None
     m.finish()
-    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential)
+    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes)
+
+
+CREDENTIAL_KINDS = ("header", "bearer", "basic", "query")
 
 
 def _credential(m: _Map, resolve_env: bool) -> Credential:
-    header = m.text("header")
-    template, node, loc = m.text("value"), m.node("value"), m.loc.at("value")
-    if not _ENV_REF.search(template):
-        raise loc.error(node, "write secrets as ${ENV_VAR} references, never literally")
-
-    def resolve(ref: re.Match[str]) -> str:
-        value = os.environ.get(ref[1])
-        if not value:
-            raise loc.error(node, f"environment variable {ref[1]} is not set")
-        return value
-
+    """One of: `header: NAME` + `value: SECRET`; `bearer: SECRET`;
+    `basic: {username: TEXT, password: SECRET}`; `query: NAME` + `value: SECRET`.
+    SECRET holds `${ENV_VAR}` / `${file:PATH}` references, never the secret itself."""
+    kinds = [k for k in CREDENTIAL_KINDS if m.has(k)]
+    if len(kinds) != 1:
+        raise m.loc.error(m.mapping, f"name exactly one of: {', '.join(CREDENTIAL_KINDS)}")
+    kind = kinds[0]
+    if kind == "bearer":
+        credential = Credential("Authorization", "Bearer " + _secret(m, "bearer", resolve_env))
+    elif kind == "basic":
+        basic = m.sub("basic")
+        username, password = basic.text("username"), _secret(basic, "password", resolve_env)
+        if ":" in username:
+            raise basic.loc.at("username").error(basic.node("username"), "must not contain ':' (RFC 7617)")
+        basic.finish()
+        pair = f"{username}:{password}"
+        credential = Credential("Authorization", "Basic " + (base64.b64encode(pair.encode()).decode() if resolve_env else pair))
+    elif kind == "query":
+        credential = Credential("Authorization", _secret(m, "value", resolve_env), param=m.text("query"))
+    else:
+        credential = Credential(m.text("header"), _secret(m, "value", resolve_env))
     m.finish()
-    return Credential(header, _ENV_REF.sub(resolve, template) if resolve_env else template)
+    return credential
+
+
+def _secret(m: _Map, key: str, resolve: bool) -> str:
+    """The text at `key` with its secret references resolved (left as written when not
+    `resolve`). Errors name the variable or file, never a secret's value."""
+    template, node, loc = m.text(key), m.node(key), m.loc.at(key)
+    if not _SECRET_REF.search(template):
+        raise loc.error(node, "write secrets as ${ENV_VAR} references, never literally (or as ${file:PATH})")
+
+    def value(ref: re.Match[str]) -> str:
+        if ref[1]:
+            found, where = os.environ.get(ref[1], ""), f"environment variable {ref[1]}"
+            if not found:
+                raise loc.error(node, f"{where} is not set")
+        else:
+            path = m.loc.dir / ref[2]
+            where = f"secret file {path}"
+            try:
+                with open(path, "rb") as fh:
+                    raw = fh.read(MAX_SECRET_FILE_BYTES + 1)
+                found = raw.decode().strip() if len(raw) <= MAX_SECRET_FILE_BYTES else ""
+            except OSError as exc:
+                raise loc.error(node, f"cannot read {where}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                found = ""
+        # Control characters (CR/LF) in a header or URL would let a secret inject requests.
+        if not found or any(ord(c) < 0x20 or c == "\x7f" for c in found):
+            raise loc.error(node, f"{where} must hold one line of text (at most {MAX_SECRET_FILE_BYTES} bytes)")
+        return found
+
+    return _SECRET_REF.sub(value, template) if resolve else template

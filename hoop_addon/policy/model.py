@@ -14,7 +14,7 @@ from jsonpath_rfc9535 import JSONPathQuery
 
 from hoop_addon.detectors import Detector
 
-TokenSource = Literal["authorization", "proxy_password"]
+TokenSource = Literal["authorization", "proxy_password", "proxy_bearer"]
 Direction = Literal["request", "response"]
 
 
@@ -25,17 +25,23 @@ class Issuer:
     `issuer` is matched exactly against the token's `iss` claim (RFC 7519 §4.1.1);
     `audiences` must intersect the token's `aud`; `algorithms` is the allow-list applied
     to the token header (RFC 8725 §3.1), never taken from the token itself.
-    `jwks` is an absolute file path or an http(s) URL. `groups_claim` is a dotted claim
-    path (e.g. `realm_access.roles`). `leeway` is in seconds.
+    `jwks` is an absolute file path or an http(s) URL; None means OpenID Connect
+    Discovery from `<issuer>/.well-known/openid-configuration`. `groups_claim` is a
+    dotted claim path (e.g. `realm_access.roles`). `leeway` is in seconds.
+    `token_type`, when set (e.g. `at+jwt`, RFC 9068 §2.1), is the `typ` header every
+    token must carry: ID tokens are then refused. `refetch_cooldown` is the minimum
+    number of seconds between two JWKS fetches caused by unknown `kid`s.
     """
 
     name: str
     issuer: str
     audiences: tuple[str, ...]
-    jwks: str
+    jwks: str | None
     algorithms: tuple[str, ...]
     groups_claim: str = "groups"
     leeway: int = 30
+    token_type: str | None = None
+    refetch_cooldown: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +62,18 @@ class MaskRule:
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """An upstream credential the gateway holds: `header` is set to `value` (already
-    resolved from the environment) after the agent's own value is removed."""
+    """An upstream credential the gateway holds, already resolved from the environment
+    or a secret file.
+
+    `header` is the request header the gateway takes over on the route: the agent's
+    value is always removed. Without `param`, `header` is then set to `value` (a raw
+    header value such as `Bearer sk-...` or `Basic dXNlcjpwdw==`); with `param`, the
+    query parameter `param` is set to `value` instead (the agent's own one replaced).
+    """
 
     header: str
     value: str = field(repr=False)
+    param: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +93,8 @@ class Route:
     allow_subjects: frozenset[str]
     masking: tuple[MaskRule, ...]
     credential: Credential | None = None
+    allow_client_ids: frozenset[str] = frozenset()
+    allow_scopes: frozenset[str] = frozenset()
 
     def matches(self, host: str, port: int, path: str, method: str) -> bool:
         """True when `host` (any case) and `port`, `path` (query excluded) and `method`
@@ -92,9 +107,19 @@ class Route:
             and any(fnmatch.fnmatchcase(path, p) for p in self.paths)
         )
 
-    def admits(self, subject: str, groups: tuple[str, ...]) -> bool:
-        """True when the subject is named or one of its groups is allowed."""
-        return subject in self.allow_subjects or not self.allow_groups.isdisjoint(groups)
+    def admits(
+        self, subject: str, groups: tuple[str, ...], client_id: str | None = None, scopes: tuple[str, ...] = ()
+    ) -> bool:
+        """True when the caller may use the route (deny by default): its subject, one
+        of its groups or its client id is named in `allow` (when `allow` names any of
+        them), and it holds every scope `allow.scopes` lists."""
+        named = self.allow_subjects or self.allow_groups or self.allow_client_ids
+        known = (
+            subject in self.allow_subjects
+            or not self.allow_groups.isdisjoint(groups)
+            or (client_id is not None and client_id in self.allow_client_ids)
+        )
+        return (known or not named) and self.allow_scopes.issubset(scopes)
 
     def rules_for(self, direction: Direction) -> tuple[MaskRule, ...]:
         """The masking rules that apply to `direction` ("request" or "response")."""

@@ -10,10 +10,11 @@ from hoop_addon.stages.policy import PolicyStage
 
 class Admit(Stage):
     """Matches the request to the first route of the policy (host, path glob, method)
-    and checks the identity against the route's `allow`. Refusals are 403 with a JSON
-    reason naming the route, decided on the request headers, before any body is read
-    into the chain. Admitted requests are never streamed. The host matched is the one the gateway connects to, never the
-    client-supplied `Host` header."""
+    and checks the identity (subject, groups, client id, scopes) against the route's
+    `allow`: deny by default. Refusals are 403 with a JSON reason naming the route and
+    nothing else of the policy, decided on the request headers, before any body is read
+    into the chain. Admitted requests are never streamed. The host matched is the one
+    the gateway connects to, never the client-supplied `Host` header."""
 
     def __init__(self, policy: PolicyStage) -> None:
         self.policy = policy
@@ -31,7 +32,7 @@ class Admit(Stage):
                 refuse(flow, 403, "route", "no_route", "no route of the policy matches this request")
             return
         identity = record["identity"]
-        if not route.admits(identity["subject"], identity["groups"]):
+        if not route.admits(identity["subject"], identity["groups"], identity["client_id"], identity["scopes"]):
             record["route"] = route.name
             refuse(flow, 403, "route", "not_admitted", f"this identity is not admitted to route '{route.name}'")
             return

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 import weakref
 
 from mitmproxy import connection, http
 
-from hoop_addon.identity import Identity, TokenError
+from hoop_addon.identity import Identity, TokenError, Verifier
 from hoop_addon.stages import Stage, hoop, refuse
 from hoop_addon.stages.policy import PolicyStage
 
 REALM = "hoop"
+# A query parameter that carries a token: RFC 6750 §2.3's name, or any JWS-shaped value.
+QUERY_TOKEN_NAMES = frozenset({"access_token", "id_token"})
+_JWS_SHAPED = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+_PROXY_SCHEMES = {"basic": "proxy_password", "bearer": "proxy_bearer"}
 
 
 class Identify(Stage):
@@ -21,11 +26,17 @@ class Identify(Stage):
 
     Token sources (the policy's `identity.token_sources`):
     - `proxy_password`: `Proxy-Authorization: Basic base64(user:JWT)`, as clients send
-      for `HTTPS_PROXY=http://agent:<JWT>@host:port`. On CONNECT the identity is bound
-      to the client connection for every request in the tunnel.
+      for `HTTPS_PROXY=http://agent:<JWT>@host:port`.
+    - `proxy_bearer`: `Proxy-Authorization: Bearer <JWT>`.
     - `authorization`: `Authorization: Bearer <JWT>` (RFC 6750 §2.1).
+    Proxy credentials on CONNECT bind the identity to the client connection for every
+    request in the tunnel. The header that carried the token is removed before
+    forwarding. A token in the query string (RFC 6750 §2.3) is always refused (401,
+    `token_in_query`) and removed from the flow, so it is neither logged nor audited.
     Failure: 407 with `Proxy-Authenticate` for proxy credentials, else 401 with
     `WWW-Authenticate: Bearer` (RFC 6750 §3); the upstream receives nothing.
+    `hoop.identity.jwks_stale` is true when the issuer's JWKS could not be refreshed
+    and the last good keys were used.
     """
 
     def __init__(self, policy: PolicyStage) -> None:
@@ -37,19 +48,19 @@ class Identify(Stage):
             refuse(flow, 503, "identity", "policy_not_loaded", "the gateway has no policy loaded")
             return
         hoop(flow)["policy_hash"] = active.policy.digest
+        sources = active.policy.token_sources
         header = flow.request.headers.get("Proxy-Authorization")
-        if header is None:
-            return  # requests inside the tunnel must then authenticate themselves
-        if "proxy_password" not in active.policy.token_sources:
-            self._refuse(flow, True, TokenError("source_not_allowed", "proxy credentials are not accepted here"))
-            return
         try:
-            identity = await active.verifier.verify(_basic_password(header))
+            if header is None:
+                if "authorization" in sources:
+                    return  # requests inside the tunnel must then authenticate themselves
+                raise TokenError("missing", "proxy credentials are required")
+            identity = await _verify_proxy(active.verifier, header, sources)
         except TokenError as exc:
-            self._refuse(flow, True, exc)
+            self._refuse(flow, True, exc, sources)
             return
         self.tunnels[flow.client_conn] = identity
-        hoop(flow)["identity"] = identity.record()
+        hoop(flow)["identity"] = _record(identity, active.verifier)
         del flow.request.headers["Proxy-Authorization"]
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -61,6 +72,9 @@ class Identify(Stage):
         hoop(flow)["policy_hash"] = active.policy.digest
         headers = flow.request.headers
         sources = active.policy.token_sources
+        if _scrub_query_tokens(flow.request):
+            self._refuse(flow, False, TokenError("token_in_query", "tokens in the URL are refused: send them in a header"), sources)
+            return
         # Challenge for proxy credentials when they were sent or are the only ones accepted.
         proxy = "Proxy-Authorization" in headers or "authorization" not in sources
         try:
@@ -69,28 +83,61 @@ class Identify(Stage):
                     del self.tunnels[flow.client_conn]
                     raise TokenError("expired", "token has expired; reconnect with a fresh one")
                 proxy = True
-            elif proxy and "proxy_password" in sources:
-                identity = await active.verifier.verify(_basic_password(headers["Proxy-Authorization"]))
+            elif "Proxy-Authorization" in headers:
+                identity = await _verify_proxy(active.verifier, headers["Proxy-Authorization"], sources)
             elif "authorization" in sources:
                 identity = await active.verifier.verify(_bearer(headers.get("Authorization")))
                 del headers["Authorization"]
             else:
-                raise TokenError("missing", "no accepted credentials: use the proxy password")
+                raise TokenError("missing", "proxy credentials are required")
         except TokenError as exc:
-            self._refuse(flow, proxy, exc)
+            self._refuse(flow, proxy, exc, sources)
             return
         headers.pop("Proxy-Authorization", None)
-        hoop(flow)["identity"] = identity.record()
+        hoop(flow)["identity"] = _record(identity, active.verifier)
 
-    def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError) -> None:
+    def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError, sources: frozenset[str]) -> None:
         hoop(flow)["auth_failure"] = exc.reason
         if proxy:
-            refuse(flow, 407, "identity", exc.reason, str(exc), {"Proxy-Authenticate": f'Basic realm="{REALM}"'})
+            schemes = [s for s, source in _PROXY_SCHEMES.items() if source in sources] or ["basic"]
+            challenge = ", ".join(f'{s.capitalize()} realm="{REALM}"' for s in schemes)
+            refuse(flow, 407, "identity", exc.reason, str(exc), {"Proxy-Authenticate": challenge})
         else:
             challenge = f'Bearer realm="{REALM}", error="invalid_token", error_description="{exc.reason}"'
             if exc.reason == "missing":
                 challenge = f'Bearer realm="{REALM}"'  # RFC 6750 §3.1: no error code without a token
             refuse(flow, 401, "identity", exc.reason, str(exc), {"WWW-Authenticate": challenge})
+
+
+def _record(identity: Identity, verifier: Verifier) -> dict[str, object]:
+    record = identity.record()
+    if verifier.keys_stale(identity.issuer):
+        record["jwks_stale"] = True  # the IdP did not answer: verified with the last good keys
+    return record
+
+
+async def _verify_proxy(verifier: Verifier, header: str, sources: frozenset[str]) -> Identity:
+    """The identity in a `Proxy-Authorization` header (Basic with the token as password,
+    or Bearer), if the policy accepts that scheme. Raises `TokenError`."""
+    scheme, _, value = header.strip().partition(" ")
+    source = _PROXY_SCHEMES.get(scheme.lower())
+    if source is None:
+        raise TokenError("malformed", "proxy credentials must be Basic (token as password) or Bearer")
+    if source not in sources:
+        raise TokenError("source_not_allowed", f"proxy credentials of scheme {scheme.capitalize()} are not accepted here")
+    token = _basic_password(value) if source == "proxy_password" else value.strip()
+    if not token:
+        raise TokenError("missing", "the proxy credentials hold no token")
+    return await verifier.verify(token)
+
+
+def _scrub_query_tokens(request: http.Request) -> bool:
+    """Remove query parameters that carry a token; True if there were any."""
+    query = request.query
+    found = {k for k, v in query.items(multi=True) if k.lower() in QUERY_TOKEN_NAMES or _JWS_SHAPED.match(v)}
+    for name in found:
+        del query[name]
+    return bool(found)
 
 
 def _bearer(header: str | None) -> str:
@@ -103,11 +150,8 @@ def _bearer(header: str | None) -> str:
     return token.strip()
 
 
-def _basic_password(header: str) -> str:
-    """The password of a `Proxy-Authorization: Basic` header (RFC 7617); raises `TokenError`."""
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        raise TokenError("malformed", "proxy credentials must use Basic with the token as password")
+def _basic_password(encoded: str) -> str:
+    """The password of Basic credentials `base64(user:password)` (RFC 7617); raises `TokenError`."""
     try:
         _, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):

@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +19,10 @@ import orjson
 import pytest
 from jose import jwk, jwt
 
-from hoop_addon.identity import REFETCH_COOLDOWN_S, Identity, JwksError, KeySet, TokenError, Verifier
+from hoop_addon.identity import JWKS_MAX_AGE_S, REFETCH_COOLDOWN_S, Identity, JwksError, KeySet, TokenError, Verifier
 from hoop_addon.policy.loader import ALGORITHMS
-from hoop_addon.policy.model import Issuer
+from hoop_addon.policy.loader import PolicyError, load_policy
+from hoop_addon.policy.model import Credential, Issuer, Policy, Route
 from tests.support.idp import LocalIdP
 
 AUDIENCE = "hoop-gateway"
@@ -109,7 +111,8 @@ class TestAccepted:
 
         assert identity == Identity("agent-7", idp.issuer, ("agents", "ops"), claims["jti"], claims["exp"])
         assert identity.record() == {
-            "subject": "agent-7", "issuer": idp.issuer, "groups": ["agents", "ops"], "token_id": claims["jti"]
+            "subject": "agent-7", "issuer": idp.issuer, "groups": ["agents", "ops"], "client_id": None, "scopes": [],
+            "token_id": claims["jti"],
         }
 
     @pytest.mark.parametrize(
@@ -296,3 +299,280 @@ class TestCache:
 
         assert [verify(verifier, t).subject for t in (first, third)] == ["first", "third"]
         assert refusal(verifier, second) == "unknown_key"
+
+
+def tampered_jwks(idp: LocalIdP, path: Path, kid: str, **changes: Any) -> str:
+    """Write `idp`'s JWKS to `path` with `changes` applied to key `kid`; returns the path."""
+    doc = idp.jwks()
+    for key in doc["keys"]:
+        if key["kid"] == kid:
+            key.update(changes)
+    path.write_bytes(orjson.dumps(doc))
+    return str(path)
+
+
+class TestClaimsToIdentity:
+    @pytest.mark.parametrize(
+        ("claims", "client_id", "scopes"),
+        [
+            pytest.param({"client_id": "svc-a", "scope": "chat:write models:read"}, "svc-a", ("chat:write", "models:read"), id="rfc9068"),
+            pytest.param({"azp": "web-app", "scp": ["chat:write"]}, "web-app", ("chat:write",), id="oidc-azp-okta-scp"),
+            pytest.param({"azp": "x", "client_id": "y", "scp": "a b"}, "y", ("a", "b"), id="client_id-wins-azure-scp-string"),
+            pytest.param({"client_id": 7, "scope": ["not", "a", "string"]}, None, ("not", "a", "string"), id="odd-types"),
+        ],
+    )
+    def test_client_id_and_scopes(
+        self, idp: LocalIdP, verifier: Verifier, claims: dict[str, Any], client_id: str | None, scopes: tuple[str, ...]
+    ) -> None:
+        identity = verify(verifier, idp.mint(extra_claims=claims))
+
+        assert (identity.client_id, identity.scopes) == (client_id, scopes)
+        assert identity.record()["client_id"] == client_id and identity.record()["scopes"] == list(scopes)
+
+
+class TestTokenType:
+    @pytest.mark.parametrize("typ", ["at+jwt", "application/at+JWT"])
+    def test_access_token_type_is_accepted(self, idp: LocalIdP, typ: str) -> None:
+        verifier = Verifier.load([trust(idp, token_type="at+jwt")])
+
+        assert verify(verifier, idp.mint(headers={"typ": typ})).subject == "agent-1"
+
+    @pytest.mark.parametrize("headers", [{"typ": "JWT"}, {}, {"typ": ["at+jwt"]}], ids=["id-token-JWT", "no-typ", "typ-not-a-string"])
+    def test_other_token_types_are_refused(self, idp: LocalIdP, headers: dict[str, Any]) -> None:
+        verifier = Verifier.load([trust(idp, token_type="at+jwt")])
+        token = idp.mint(headers=headers)
+        if "typ" not in headers:  # python-jose writes typ: JWT by default; drop it by hand
+            header, rest = token.split(".", 1)
+            fields = orjson.loads(base64.urlsafe_b64decode(header + "=="))
+            fields.pop("typ")
+            token = b64url(orjson.dumps(fields)) + "." + rest
+
+        assert refusal(verifier, token) == "wrong_token_type"
+
+
+class TestKeyBinding:
+    """RFC 8725 §3.1: a key verifies only the algorithm and use it is published for."""
+
+    @pytest.mark.parametrize(
+        ("kid", "changes"),
+        [
+            pytest.param("rsa-1", {"use": "enc"}, id="rsa-use-enc"),
+            pytest.param("ec-1", {"use": "enc"}, id="ec-use-enc"),
+            pytest.param("rsa-1", {"key_ops": ["encrypt"]}, id="key_ops-without-verify"),
+            pytest.param("rsa-1", {"alg": "RS512"}, id="key-alg-differs"),
+            pytest.param("ec-1", {"crv": "P-384"}, id="curve-not-for-ES256"),
+        ],
+    )
+    def test_key_published_for_something_else_is_not_used(
+        self, idp: LocalIdP, tmp_path: Path, kid: str, changes: dict[str, Any]
+    ) -> None:
+        verifier = Verifier.load([trust(idp, jwks=tampered_jwks(idp, tmp_path / "jwks.json", kid, **changes))])
+
+        assert refusal(verifier, idp.mint(kid=kid)) == "unknown_key"
+
+    def test_key_ops_with_verify_is_used(self, idp: LocalIdP, tmp_path: Path) -> None:
+        verifier = Verifier.load([trust(idp, jwks=tampered_jwks(idp, tmp_path / "jwks.json", "rsa-1", key_ops=["verify"]))])
+
+        assert verify(verifier, idp.mint()).subject == "agent-1"
+
+    @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512", "none"])
+    def test_symmetric_or_none_algorithm_is_refused_even_if_an_issuer_lists_it(self, idp: LocalIdP, alg: str) -> None:
+        verifier = Verifier.load([trust(idp, algorithms=("RS256", alg))])
+
+        token = hand_made(idp, {"alg": alg, "kid": "rsa-1"}, lambda _: b"signed-with-anything")
+
+        assert refusal(verifier, token) == "algorithm_not_allowed"
+
+
+@pytest.fixture(scope="module")
+def attacker() -> Iterator[LocalIdP]:
+    """Another IdP, with keys the gateway does not trust, whose JWKS counts fetches."""
+    with LocalIdP(audience=AUDIENCE) as provider:
+        yield provider
+
+
+class TestHeaderKeysIgnored:
+    """RFC 8725 §3.10 / RFC 7515 §4.1.2-4.1.6: keys come only from the configured JWKS."""
+
+    @pytest.mark.parametrize("field", ["jku", "x5u"])
+    def test_key_url_in_the_header_is_never_fetched(self, idp: LocalIdP, attacker: LocalIdP, verifier: Verifier, field: str) -> None:
+        token = attacker.mint(issuer=idp.issuer, kid="rsa-1", headers={"kid": "attacker-key", field: attacker.jwks_url})
+        fetches = attacker.jwks_fetches
+
+        assert refusal(verifier, token) == "unknown_key"
+        assert attacker.jwks_fetches == fetches
+
+    def test_embedded_jwk_is_not_trusted(self, idp: LocalIdP, attacker: LocalIdP, verifier: Verifier) -> None:
+        public = next(k for k in attacker.jwks()["keys"] if k["kid"] == "rsa-1")
+        token = attacker.mint(issuer=idp.issuer, kid="rsa-1", headers={"jwk": public})
+
+        assert refusal(verifier, token) == "bad_signature"
+
+    def test_embedded_certificate_chain_is_not_trusted(self, idp: LocalIdP, attacker: LocalIdP, verifier: Verifier) -> None:
+        token = attacker.mint(issuer=idp.issuer, kid="rsa-1", headers={"x5c": ["MIIBfake"]})
+
+        assert refusal(verifier, token) == "bad_signature"
+
+
+class TestIssuers:
+    def test_several_issuers_each_with_their_own_keys(self, idp: LocalIdP, attacker: LocalIdP) -> None:
+        verifier = Verifier.load([trust(idp), dataclasses.replace(trust(attacker), name="agents-idp")])
+
+        assert verify(verifier, idp.mint("human")).issuer == idp.issuer
+        assert verify(verifier, attacker.mint("robot", kid="ec-1")).issuer == attacker.issuer
+        # the same kid at another issuer is another key
+        assert refusal(verifier, attacker.mint(issuer=idp.issuer, kid="rsa-1")) == "bad_signature"
+
+    def test_keys_by_oidc_discovery(self, idp: LocalIdP) -> None:
+        verifier = Verifier.load([trust(idp, jwks=None)])
+
+        assert verify(verifier, idp.mint("discovered", kid="ec-1")).subject == "discovered"
+
+    def test_discovery_document_of_another_issuer_is_refused(self, idp: LocalIdP) -> None:
+        keyset = KeySet(None, issuer=idp.issuer + "/")  # the document names idp.issuer, not this
+
+        with pytest.raises(JwksError, match="names another issuer"):
+            keyset.refresh()
+
+    def test_idp_down_keeps_the_last_good_keys_and_says_so(self) -> None:
+        with LocalIdP(audience=AUDIENCE) as down:
+            clock = Clock()
+            verifier = clocked_verifier(trust(down), clock)
+            token = down.mint("still-works")
+            down.stop()
+            clock.advance(REFETCH_COOLDOWN_S)
+
+            assert refusal(verifier, down.mint(headers={"kid": "ghost"})) == "unknown_key"  # refetch fails
+            assert verifier.keys_stale(down.issuer)
+            assert verify(verifier, token).subject == "still-works"
+
+            down.start()
+            clock.advance(REFETCH_COOLDOWN_S)
+            assert refusal(verifier, down.mint(headers={"kid": "ghost"})) == "unknown_key"
+            assert not verifier.keys_stale(down.issuer)
+
+    def test_old_keys_are_refreshed_so_revoked_keys_drop_out(self, idp: LocalIdP) -> None:
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), clock)
+        kid = idp.add_key("RSA", "to-revoke")
+        clock.advance(REFETCH_COOLDOWN_S)
+        verify(verifier, idp.mint(kid=kid))
+        token = idp.mint("after-revocation", kid=kid)
+        idp.remove_key(kid)
+
+        clock.advance(JWKS_MAX_AGE_S)
+
+        assert refusal(verifier, token) == "unknown_key"
+
+
+def load(tmp_path: Path, text: str, resolve_env: bool = True) -> Policy:
+    (tmp_path / "policy.yaml").write_text(text)
+    return load_policy(tmp_path / "policy.yaml", resolve_env=resolve_env)
+
+
+POLICY_ISSUER = """\
+version: 1
+issuers:
+  - name: okta
+    issuer: https://corp.okta.com/oauth2/default
+    audience: api://hoop
+"""
+
+
+class TestPolicySections:
+    """The `issuers`, `identity`, `allow` and `credential` sections of the policy."""
+
+    def test_issuer_without_jwks_uses_discovery_and_reads_its_options(self, tmp_path: Path) -> None:
+        policy = load(tmp_path, POLICY_ISSUER + "    typ: at+jwt\n    refetch_cooldown: 120\n")
+
+        (issuer,) = policy.issuers
+        assert (issuer.jwks, issuer.token_type, issuer.refetch_cooldown) == (None, "at+jwt", 120)
+
+    @pytest.mark.parametrize(
+        ("extra", "key", "message"),
+        [
+            ("    refetch_cooldown: 0\n", "issuers[0].refetch_cooldown", "must be 1..3600 seconds"),
+            ("    jwks: http://keys.example/jwks.json\n", "issuers[0].jwks", "JWKS over plain http is only allowed on loopback"),
+        ],
+    )
+    def test_issuer_errors(self, tmp_path: Path, extra: str, key: str, message: str) -> None:
+        with pytest.raises(PolicyError) as caught:
+            load(tmp_path, POLICY_ISSUER + extra)
+        assert (caught.value.key, caught.value.message) == (key, message)
+
+    def test_non_url_issuer_needs_a_jwks(self, tmp_path: Path) -> None:
+        with pytest.raises(PolicyError, match=r"issuers\[0\].jwks: required unless the issuer is a URL"):
+            load(tmp_path, POLICY_ISSUER.replace("https://corp.okta.com/oauth2/default", "hoop-dev"))
+
+    def test_proxy_bearer_is_a_token_source(self, tmp_path: Path) -> None:
+        policy = load(tmp_path, POLICY_ISSUER + "identity:\n  token_sources: [proxy_bearer]\n")
+
+        assert policy.token_sources == {"proxy_bearer"}
+
+    def route(self, tmp_path: Path, body: str, resolve_env: bool = True) -> Route:
+        text = POLICY_ISSUER + "routes:\n  - name: r\n    match: {hosts: [a.example]}\n" + textwrap.indent(textwrap.dedent(body), "    ")
+        return load(tmp_path, text, resolve_env).routes[0]
+
+    def test_allow_by_client_ids_and_scopes(self, tmp_path: Path) -> None:
+        route = self.route(tmp_path, "allow: {client_ids: [svc-batch], scopes: [chat:write]}\n")
+
+        assert route.admits("x", (), "svc-batch", ("chat:write", "other"))
+        assert not route.admits("x", (), "svc-batch", ("other",))  # a required scope is missing
+        assert not route.admits("x", (), "svc-other", ("chat:write",))  # not a named client
+        assert not route.admits("x", ("agents",), None, ("chat:write",))
+
+    def test_scopes_alone_admit_any_caller_holding_them(self, tmp_path: Path) -> None:
+        route = self.route(tmp_path, "allow: {scopes: [models:read]}\n")
+
+        assert route.admits("anyone", (), None, ("models:read",))
+        assert not route.admits("anyone", ("admins",), "svc", ())
+
+    @pytest.mark.parametrize(
+        ("body", "header", "value", "param"),
+        [
+            ("credential: {header: x-api-key, value: '${HOOP_UNIT_SECRET}'}\n", "x-api-key", "s3cr3t", None),
+            ("credential: {bearer: '${HOOP_UNIT_SECRET}'}\n", "Authorization", "Bearer s3cr3t", None),
+            ("credential: {basic: {username: svc, password: '${HOOP_UNIT_SECRET}'}}\n", "Authorization", "Basic c3ZjOnMzY3IzdA==", None),
+            ("credential: {query: key, value: '${HOOP_UNIT_SECRET}'}\n", "Authorization", "s3cr3t", "key"),
+            ("credential: {bearer: '${file:secret.txt}'}\n", "Authorization", "Bearer from-file", None),
+        ],
+        ids=["header", "bearer", "basic", "query", "file"],
+    )
+    def test_credential_kinds(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, header: str, value: str, param: str | None
+    ) -> None:
+        monkeypatch.setenv("HOOP_UNIT_SECRET", "s3cr3t")
+        (tmp_path / "secret.txt").write_text("from-file\n")
+
+        credential = self.route(tmp_path, "allow: {groups: [agents]}\n" + body).credential
+
+        assert credential == Credential(header, value, param)
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            ("credential: {bearer: '${file:absent.txt}'}\n", "cannot read secret file"),
+            ("credential: {bearer: '${file:two-lines.txt}'}\n", "must hold one line of text"),
+            ("credential: {bearer: '${HOOP_UNIT_CRLF}'}\n", "environment variable HOOP_UNIT_CRLF must hold one line"),
+            ("credential: {bearer: sk-literal}\n", "write secrets as ${ENV_VAR} references"),
+            ("credential: {bearer: '${HOOP_UNIT_SECRET}', query: k}\n", "name exactly one of: header, bearer, basic, query"),
+            ("credential: {basic: {username: 'a:b', password: '${HOOP_UNIT_SECRET}'}}\n", "must not contain ':'"),
+        ],
+        ids=["missing-file", "multi-line-file", "crlf-in-env", "literal", "two-kinds", "colon-in-username"],
+    )
+    def test_credential_errors_never_show_the_secret(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str
+    ) -> None:
+        monkeypatch.setenv("HOOP_UNIT_SECRET", "s3cr3t")
+        monkeypatch.setenv("HOOP_UNIT_CRLF", "s3cr3t\r\nX-Injected: 1")
+        (tmp_path / "two-lines.txt").write_text("s3cr3t\nsecond\n")
+
+        with pytest.raises(PolicyError) as caught:
+            self.route(tmp_path, "allow: {groups: [agents]}\n" + body)
+
+        assert message in caught.value.message and "s3cr3t" not in str(caught.value)
+
+    def test_credential_references_stay_unresolved_for_policy_check(self, tmp_path: Path) -> None:
+        credential = self.route(tmp_path, "allow: {groups: [a]}\ncredential: {bearer: '${file:absent}'}\n", resolve_env=False).credential
+
+        assert credential == Credential("Authorization", "Bearer ${file:absent}")
