@@ -51,7 +51,8 @@ run: init
 	OPENAI_API_KEY=$${OPENAI_API_KEY:-unset-set-OPENAI_API_KEY} \
 	HOOP_LOCAL_LLM_KEY=$${HOOP_LOCAL_LLM_KEY:-local-llm-key} \
 	$(VENV)/bin/mitmdump -s hoop_addon/addon.py --set hoop_rules=rules \
-		--set confdir=$(HOME_DIR)/mitmproxy --listen-host $(HOST) --listen-port $(PORT) $(ARGS)
+		--set confdir=$(HOME_DIR)/mitmproxy --set hoop_signing_key=$(HOME_DIR)/signing.key \
+		--listen-host $(HOST) --listen-port $(PORT) $(ARGS)
 
 test: venv
 	$(PY) -m pytest

@@ -13,5 +13,6 @@ from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
 
 policy = PolicyStage()
+audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
 
-addons = [policy, Identify(policy), Admit(policy), Mask(), InjectCredential(), Record(), Audit()]
+addons = [policy, Identify(policy), Admit(policy), Mask(), InjectCredential(), Record(policy, audit), audit]

@@ -4,6 +4,8 @@
     hoop init [--home DIR]              create the mitmproxy CA and the dev issuer
     hoop dev-token --subject S --groups a,b [--ttl SECONDS]
                                         mint a development token (printed alone)
+    hoop keygen | verify | audit | evidence   signing keys, recordings, the audit log:
+                                        see `hoop_addon.records`
 
 Exit codes: 0 success, 1 invalid input found, 2 usage or I/O error.
 """
@@ -15,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from hoop_addon import records
 from hoop_addon.policy import PolicyError, load_policy
 
 
@@ -44,6 +47,7 @@ def init(args: argparse.Namespace) -> int:
     from mitmproxy.certs import CertStore
 
     from hoop_addon.dev import issuer
+    from hoop_addon.dev.gateway import ensure_signing_key
 
     home = _home(args.home)
     confdir = home / "mitmproxy"
@@ -52,6 +56,7 @@ def init(args: argparse.Namespace) -> int:
     dev = issuer.ensure(home)
     print(f"mitmproxy CA:      {confdir / 'mitmproxy-ca-cert.pem'}")
     print(f"dev issuer JWKS:   {dev.jwks_path} (issuer '{issuer.ISSUER}', audience '{issuer.AUDIENCE}')")
+    print(f"dev signing key:   {ensure_signing_key(home / 'signing.key')} (public: {home / 'signing.pub'})")
     return 0
 
 
@@ -85,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--audience", default="hoop-gateway")
     token.add_argument("--home", help="state directory (default $HOOP_HOME or .hoop)")
     token.set_defaults(run=dev_token)
+    records.register(sub)
     return p
 
 

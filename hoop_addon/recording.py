@@ -1,57 +1,211 @@
-"""Session recordings: one mitmproxy flow file per session, masked and scrubbed.
+"""Session recordings: mitmproxy flow files, masked and scrubbed, with a signed manifest.
 
-The files are plain mitmproxy flow dumps (tnetstring records), so stock
-`mitmproxy -r`, `mitmweb -r` and `mitmdump -nr` open them. Flows are written as the
-chain left them (bodies already masked) after the headers that carried identity tokens
-or upstream credentials are replaced with `[SCRUBBED]`.
+A recording is two files in the recordings directory:
+
+- `<session>-p<part>.mitm`: a plain mitmproxy flow dump (tnetstring records), so stock
+  `mitmproxy -r`, `mitmweb -r` and `mitmdump -nr` open it. Each flow is appended as the
+  chain left it (bodies already masked) after secrets are scrubbed (see `scrubbed`), and
+  flushed to the OS at once, so a crash of the gateway loses no flow already added.
+- `<session>-p<part>.manifest.json`: the manifest, canonical JSON (see
+  `hoop_addon.keys.canonical`), rewritten atomically (write + rename) at each signed
+  checkpoint and when the recording is sealed:
+
+      {"format": "hoop-recording/1", "session": str, "part": int (1-based),
+       "previous": sha256 hex of the previous part's manifest file, or null,
+       "recording": file name of the flow file, "identity": {subject, issuer, groups, ...},
+       "client_session": X-Hoop-Session value or null, "policy_hash": sha256 hex,
+       "started": RFC 3339 UTC, "updated": RFC 3339 UTC, "retention": seconds or null,
+       "flows": [{"offset": int, "length": int, "sha256": hex}, ...],
+       "chain": hex, "sealed": bool, "key_id": hex or null, "signature": base64 or null}
+
+  `chain` is the running hash: `c0 = 64 zeros`, `c_i = SHA-256(c_{i-1} || sha256_i)`
+  over the raw 32-byte digests. `sealed` is true only when the recording was closed
+  cleanly; `signature` is Ed25519 over the canonical form of every other field. Flows
+  after the last checkpoint are the unsealed tail (see `hoop_addon.verify`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mitmproxy import http, io
+from mitmproxy import http
+from mitmproxy.io import tnetstring
 
+from hoop_addon.keys import Signer, canonical, sha256
+
+FORMAT = "hoop-recording/1"
 ALWAYS_SCRUBBED = ("Authorization", "Proxy-Authorization")
+# Query parameters that commonly carry secrets (OAuth RFC 6749/6750, signed URLs, API keys).
+SECRET_QUERY = ("access_token", "id_token", "refresh_token", "token", "api_key", "apikey", "key", "code",
+                "password", "secret", "client_secret", "sig", "signature", "x-amz-signature", "x-amz-credential")
 SCRUBBED = "[SCRUBBED]"
+GENESIS = "0" * 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def scrubbed(flow: http.HTTPFlow, headers: Iterable[str] = ()) -> http.HTTPFlow:
-    """A copy of `flow` whose request headers named here or in `ALWAYS_SCRUBBED`
-    (case-insensitive) have their values replaced by `[SCRUBBED]`."""
+def scrubbed(
+    flow: http.HTTPFlow, headers: Iterable[str] = (), cookies: Iterable[str] = (), query: Iterable[str] = SECRET_QUERY
+) -> http.HTTPFlow:
+    """A copy of `flow` with secrets replaced by `[SCRUBBED]`: the request headers named
+    here or in `ALWAYS_SCRUBBED`, the cookies named in `cookies` (in `Cookie` and in the
+    response's `Set-Cookie`), and the query parameters named in `query` (case-insensitive).
+    """
     copy = flow.copy()
+    request = copy.request
     for name in (*ALWAYS_SCRUBBED, *headers):
-        if name in copy.request.headers:
-            copy.request.headers[name] = SCRUBBED
+        if name in request.headers:
+            request.headers[name] = SCRUBBED
+    for name in cookies:
+        if name in request.cookies:
+            request.cookies[name] = SCRUBBED
+        if copy.response is not None and name in copy.response.cookies:
+            _, attrs = copy.response.cookies[name]
+            copy.response.cookies[name] = (SCRUBBED, attrs)
+    secret = {q.lower() for q in query}
+    if any(k.lower() in secret for k in request.query):
+        request.query = [(k, SCRUBBED if k.lower() in secret else v) for k, v in request.query.items(multi=True)]
     return copy
 
 
-class SessionRecording:
-    """An open session's flow file, `DIRECTORY/<session_id>.mitm`.
+def chain_next(chain: str, digest: str) -> str:
+    """The running hash after a flow whose SHA-256 is `digest` (both hex)."""
+    return hashlib.sha256(bytes.fromhex(chain) + bytes.fromhex(digest)).hexdigest()
 
-    `session_id` is `<UTC start>-<subject, filename-safe, <= 40 chars>-<8 hex>`.
-    `add()` appends one flow and flushes it to the OS, so a crash of the gateway loses
-    no flow already added. Raises `OSError` when the file cannot be written.
+
+def manifest_path(recording: Path) -> Path:
+    """The manifest beside the flow file `recording`."""
+    return recording.with_suffix(".manifest.json")
+
+
+def utc(ts: float) -> str:
+    """RFC 3339 UTC time, second precision."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def new_session_id(subject: str, client_session: str | None = None) -> str:
+    """`<UTC start>-<subject>[-<X-Hoop-Session>]-<8 hex>`, each part filename-safe."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    label = _UNSAFE.sub("_", subject)[:40] + (f"-{_UNSAFE.sub('_', client_session)[:32]}" if client_session else "")
+    return f"{stamp}-{label}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Limits:
+    """When to checkpoint (every `checkpoint_flows` flows or `checkpoint_seconds`) and
+    when to rotate to a new part (`rotate_bytes` of flow file, `rotate_seconds` of age;
+    0 for never)."""
+
+    checkpoint_flows: int = 1
+    checkpoint_seconds: int = 30
+    rotate_bytes: int = 0
+    rotate_seconds: int = 0
+
+
+@dataclass
+class SessionRecording:
+    """One open part of a session's recording (see the module docstring for the files).
+
+    `add()` appends a scrubbed flow; `checkpoint()` signs and writes the manifest;
+    `seal()` writes the final manifest (sealed) and closes the file, returning the
+    manifest file's SHA-256. `signer` None is unsigned development mode. All raise
+    `OSError` when a file cannot be written.
     """
 
-    def __init__(self, directory: Path, subject: str) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        self.session_id = f"{stamp}-{_UNSAFE.sub('_', subject)[:40]}-{uuid.uuid4().hex[:8]}"
-        self.path = directory / f"{self.session_id}.mitm"
+    directory: Path
+    session_id: str
+    identity: dict[str, Any]
+    policy_hash: str | None
+    signer: Signer | None
+    limits: Limits = field(default_factory=Limits)
+    client_session: str | None = None
+    part: int = 1
+    previous: str | None = None
+
+    def __post_init__(self) -> None:
+        self.path = self.directory / f"{self.session_id}-p{self.part}.mitm"
+        self.started = time.time()
+        self.flows: list[dict[str, Any]] = []
+        self.chain = GENESIS
+        self.size = 0
+        self.retention: int | None = 0  # seconds, the longest of its flows' routes; None: forever
+        self._unsigned_flows = 0
+        self._checkpointed = self.started
         self._file = open(self.path, "xb")
-        self._writer = io.FlowWriter(self._file)
-        self.flows = 0
+        self.checkpoint()
 
-    def add(self, flow: http.HTTPFlow, scrub: Iterable[str] = ()) -> None:
-        """Append a scrubbed copy of `flow` (see `scrubbed`)."""
-        self._writer.add(scrubbed(flow, scrub))
+    def add(self, flow: http.HTTPFlow, retention: int | None, **scrub: Iterable[str]) -> None:
+        """Append a scrubbed copy of `flow` (keyword arguments go to `scrubbed`);
+        `retention` is its route's retention in seconds (None: forever). Checkpoints
+        when the limits say so."""
+        data = tnetstring.dumps(scrubbed(flow, **scrub).get_state())
+        self._file.write(data)
         self._file.flush()
-        self.flows += 1
+        self.flows.append({"offset": self.size, "length": len(data), "sha256": sha256(data)})
+        self.chain = chain_next(self.chain, self.flows[-1]["sha256"])
+        self.size += len(data)
+        if self.retention is not None:
+            self.retention = None if retention is None else max(self.retention, retention)
+        self._unsigned_flows += 1
+        if self._unsigned_flows >= self.limits.checkpoint_flows:
+            self.checkpoint()
 
-    def close(self) -> None:
+    def due(self, now: float) -> bool:
+        """True when unsigned flows have waited `checkpoint_seconds`."""
+        return self._unsigned_flows > 0 and now - self._checkpointed >= self.limits.checkpoint_seconds
+
+    def full(self, now: float) -> bool:
+        """True when this part should be sealed and the session continue in a new part."""
+        lim = self.limits
+        return bool(self.flows) and (
+            (lim.rotate_bytes > 0 and self.size >= lim.rotate_bytes)
+            or (lim.rotate_seconds > 0 and now - self.started >= lim.rotate_seconds)
+        )
+
+    def manifest(self, sealed: bool) -> dict[str, Any]:
+        """The manifest as it stands, signed (a JSON-safe dict)."""
+        body = {
+            "format": FORMAT,
+            "session": self.session_id,
+            "part": self.part,
+            "previous": self.previous,
+            "recording": self.path.name,
+            "identity": self.identity,
+            "client_session": self.client_session,
+            "policy_hash": self.policy_hash,
+            "started": utc(self.started),
+            "updated": utc(time.time()),
+            "retention": self.retention,
+            "flows": self.flows,
+            "chain": self.chain,
+            "sealed": sealed,
+            "key_id": self.signer.key_id if self.signer else None,
+        }
+        return {**body, "signature": self.signer.sign(body) if self.signer else None}
+
+    def checkpoint(self, sealed: bool = False) -> bytes:
+        """Sign and atomically replace the manifest; returns its bytes."""
+        data = canonical(self.manifest(sealed))
+        target = manifest_path(self.path)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        self._unsigned_flows = 0
+        self._checkpointed = time.time()
+        return data
+
+    def seal(self) -> str:
+        """Close cleanly: the final, sealed manifest. Returns its SHA-256 (hex)."""
+        self._file.close()
+        return sha256(self.checkpoint(sealed=True))
+
+    def abandon(self) -> None:
+        """Close the flow file without sealing (the gateway is going down uncleanly)."""
         self._file.close()

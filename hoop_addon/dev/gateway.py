@@ -130,14 +130,17 @@ class Gateway:
         auth = f"agent:{token}@" if token else ""
         return f"http://{auth}127.0.0.1:{self.port}"
 
-    def audit(self) -> list[dict[str, Any]]:
+    def audit(self, events: tuple[str, ...] | None = ("request", "connect")) -> list[dict[str, Any]]:
+        """The audit log's entries of the given event types (default: the one per flow;
+        None: all, with checkpoints, `recording_sealed`, ... written at any moment)."""
         path = self.recordings / "audit.jsonl"
-        return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+        entries = [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+        return [e for e in entries if events is None or e["event"] in events]
 
-    def wait_audit(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """The audit entries once there are at least `count` (the line is written when
-        the response is sent, so a client can see the response a moment earlier)."""
+    def wait_audit(self, count: int, timeout: float = 5.0, events: tuple[str, ...] | None = ("request", "connect")) -> list[dict[str, Any]]:
+        """The audit entries (see `audit`) once there are at least `count` (the line is
+        written when the response is sent, so a client can see the response a moment earlier)."""
         deadline = time.monotonic() + timeout
-        while len(entries := self.audit()) < count and time.monotonic() < deadline:
+        while len(entries := self.audit(events)) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return entries

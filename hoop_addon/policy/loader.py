@@ -25,7 +25,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hoop_addon.detectors import BUILTIN, Detector, DetectorError, luhn_valid, ssn_valid
-from hoop_addon.policy.model import Credential, Issuer, MaskRule, Policy, Route
+from hoop_addon.policy.model import Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer")
@@ -267,8 +267,9 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
     if defaults := single("defaults"):
         unmatched = _choice(defaults.text("unmatched", "deny"), ("deny", "allow"), defaults.loc.at("unmatched"), defaults.where("unmatched"))
         defaults.finish()
+    recording = _recording(single("recording"), single("audit"))
     for doc in docs:
-        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes"))
+        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes", "recording", "audit"))
     if routes and not issuers:
         raise PolicyError(str(files[0]), 1, "issuers", "routes need at least one trusted issuer")
     return Policy(
@@ -278,6 +279,7 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
         token_sources=frozenset(token_sources),  # type: ignore[arg-type]
         unmatched=unmatched,  # type: ignore[arg-type]
         routes=routes,
+        recording=recording,
     )
 
 
@@ -392,8 +394,9 @@ def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_e
             raise loc.error(node, f"unknown masking rule '{rule}'")
         masking.append(rules[rule])
     credential = _credential(m.sub("credential"), resolve_env) if m.has("credential") else None
+    retention = _duration(m, "retention") if m.has("retention") else None
     m.finish()
-    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes)
+    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes, retention)
 
 
 CREDENTIAL_KINDS = ("header", "bearer", "basic", "query")
@@ -454,3 +457,55 @@ def _secret(m: _Map, key: str, resolve: bool) -> str:
         return found
 
     return _SECRET_REF.sub(value, template) if resolve else template
+
+
+def _bounded(m: _Map, key: str, default: int, low: int, high: int) -> int:
+    value = m.integer(key, default)
+    if not low <= value <= high:
+        raise m.loc.at(key).error(m.where(key), f"must be {low}..{high}")
+    return value
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(m: _Map, key: str) -> int:
+    """Seconds from an integer or `<n>s|m|h|d` (e.g. `90d`); must be positive."""
+    node, loc = m.node(key), m.loc.at(key)
+    text = _scalar(node, loc, str)
+    found = re.fullmatch(r"([0-9]+)([smhd]?)", text)
+    if not found or int(found[1]) == 0:
+        raise loc.error(node, "expected a positive duration such as 3600, 90s, 30m, 12h or 90d")
+    return int(found[1]) * _UNITS[found[2] or "s"]
+
+
+def _recording(rec: _Map | None, audit: _Map | None) -> RecordingPolicy:
+    """The `recording:` and `audit:` sections (both optional)."""
+    settings: dict[str, Any] = {}
+    if rec is not None:
+        settings["signing"] = _choice(rec.text("signing", "required"), ("required", "unsigned"), rec.loc.at("signing"), rec.where("signing"))
+        if rec.has("checkpoint"):
+            cp = rec.sub("checkpoint")
+            settings["checkpoint_flows"] = _bounded(cp, "flows", 1, 1, 1_000_000)
+            settings["checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
+            cp.finish()
+        if rec.has("rotate"):
+            rot = rec.sub("rotate")
+            settings["rotate_bytes"] = _bounded(rot, "bytes", 0, 0, 1 << 40)
+            settings["rotate_seconds"] = _bounded(rot, "seconds", 0, 0, 366 * 86_400)
+            rot.finish()
+        if rec.has("scrub"):
+            scrub = rec.sub("scrub")
+            settings["scrub_cookies"] = scrub.texts("cookies", ())
+            settings["scrub_query"] = scrub.texts("query", ())
+            scrub.finish()
+        if rec.has("retention"):
+            settings["retention"] = _duration(rec, "retention")
+        rec.finish(("signing", "checkpoint", "rotate", "scrub", "retention"))
+    if audit is not None:
+        if audit.has("checkpoint"):
+            cp = audit.sub("checkpoint")
+            settings["audit_checkpoint_entries"] = _bounded(cp, "entries", 100, 1, 1_000_000)
+            settings["audit_checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
+            cp.finish()
+        audit.finish(("checkpoint",))
+    return RecordingPolicy(**settings)

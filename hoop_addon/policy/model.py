@@ -95,6 +95,7 @@ class Route:
     credential: Credential | None = None
     allow_client_ids: frozenset[str] = frozenset()
     allow_scopes: frozenset[str] = frozenset()
+    retention: int | None = None
 
     def matches(self, host: str, port: int, path: str, method: str) -> bool:
         """True when `host` (any case) and `port`, `path` (query excluded) and `method`
@@ -127,12 +128,40 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordingPolicy:
+    """How sessions are recorded and the audit log kept (`recording:` and `audit:`).
+
+    `signing` "required" refuses to start without a signing key; "unsigned" is the
+    development mode (manifests and checkpoints unsigned: verify reports them so).
+    A recording is checkpointed every `checkpoint_flows` flows or `checkpoint_seconds`,
+    and rotated to a new part at `rotate_bytes` or `rotate_seconds` (0: never).
+    `scrub_cookies` and `scrub_query` name cookies and query parameters recorded as
+    `[SCRUBBED]` (beside the built-in list of secret query parameters). `retention`
+    (seconds; None: forever) applies to routes without their own. The audit log is
+    checkpointed every `audit_checkpoint_entries` entries or `audit_checkpoint_seconds`.
+    """
+
+    signing: Literal["required", "unsigned"] = "required"
+    checkpoint_flows: int = 1
+    checkpoint_seconds: int = 30
+    rotate_bytes: int = 0
+    rotate_seconds: int = 0
+    scrub_cookies: tuple[str, ...] = ()
+    scrub_query: tuple[str, ...] = ()
+    retention: int | None = None
+    audit_checkpoint_entries: int = 100
+    audit_checkpoint_seconds: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """A complete, validated rule set.
 
     `digest` is the SHA-256 (hex) of the loaded files' names and bytes, in load order:
     the policy hash written into every audit line. `token_sources` names where identity
     tokens are accepted from. `unmatched` says what happens to traffic no route matches.
+    `recording` holds the recording and audit settings; a route's `retention`
+    (seconds) overrides its default.
     """
 
     files: tuple[str, ...]
@@ -141,6 +170,7 @@ class Policy:
     token_sources: frozenset[TokenSource]
     unmatched: Literal["deny", "allow"]
     routes: tuple[Route, ...]
+    recording: RecordingPolicy = RecordingPolicy()
 
     def route_for(self, host: str, port: int, path: str, method: str) -> Route | None:
         """The first route, in file order, that matches the request; None if none does."""

@@ -1,40 +1,118 @@
-"""Stage 6: one audit line per flow, whatever was decided."""
+"""Stage 6: the hash-chained audit log: one entry per flow, plus the events other stages
+report through `Audit.event`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import ctx, http
 
 from hoop_addon.audit import AuditLog
+from hoop_addon.keys import KeyFileError, Signer, load_signer
 from hoop_addon.stages import Stage, hoop, logger, refuse
+from hoop_addon.stages.policy import PolicyStage
 
 
 class Audit(Stage):
-    """Owns option `hoop_audit_log` (a file; empty means `<hoop_recordings>/audit.jsonl`).
-    Writes one entry per finished flow (`response`, `error`) and per refused CONNECT."""
+    """Owns options `hoop_audit_log` (a file; empty means `<hoop_recordings>/audit.jsonl`)
+    and `hoop_signing_key` (an Ed25519 private key from `hoop keygen`; it signs the
+    audit checkpoints and the recordings' manifests). Without a key the gateway does not
+    start, unless the policy says `recording: {signing: unsigned}` (development).
 
-    def __init__(self) -> None:
+    Writes one `request` entry per finished flow (`response`, `error`) and a `connect`
+    entry per refused CONNECT; `policy_loaded` when a new policy is first in force,
+    `key_rotated` when the signing key differs from the log's last checkpoint's.
+
+    Other stages report events with `event()`; they hold this stage (pass it to their
+    constructor in `hoop_addon/addon.py`).
+    """
+
+    def __init__(self, policy: PolicyStage) -> None:
+        self.policy = policy
         self.log: AuditLog | None = None
+        self.signer: Signer | None = None
+        self._policy_hash: str | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
             "hoop_audit_log", str, "", "Audit log file (JSON lines); default <hoop_recordings>/audit.jsonl."
         )
+        loader.add_option("hoop_signing_key", str, "", "Ed25519 private key (PEM) signing recordings and audit checkpoints.")
 
     def configure(self, updated: set[str]) -> None:
-        if not {"hoop_audit_log", "hoop_recordings"} & updated:
+        if not {"hoop_audit_log", "hoop_recordings", "hoop_signing_key", "hoop_rules"} & updated:
+            return
+        signer = None
+        if ctx.options.hoop_signing_key:
+            try:
+                signer = load_signer(Path(ctx.options.hoop_signing_key))
+            except KeyFileError as exc:
+                self.config_error(f"hoop: hoop_signing_key: {exc}")
+                return
+        active = self.policy.active
+        if signer is None and (active is None or active.policy.recording.signing == "required"):
+            self.config_error(
+                "hoop: hoop_signing_key: recording needs a signing key (create one with `hoop keygen`), "
+                "or `recording: {signing: unsigned}` in the policy for development"
+            )
             return
         path = Path(ctx.options.hoop_audit_log or Path(ctx.options.hoop_recordings) / "audit.jsonl")
-        try:
-            log = AuditLog(path)
-        except OSError as exc:
-            self.config_error(f"hoop: hoop_audit_log: cannot open {path}: {exc.strerror}")
+        if self.log is None or self.log.path != path or signer != self.signer:
+            try:
+                log = AuditLog(path, signer)
+            except OSError as exc:
+                self.config_error(f"hoop: hoop_audit_log: cannot open {path}: {exc}")
+                return
+            if self.log is not None:
+                self.log.close()
+            self.log, self.signer = log, signer
+            previous = log.previous_key_id
+            if signer is not None and previous is not None and previous != signer.key_id:
+                self.event("key_rotated", key_id=signer.key_id, previous_key_id=previous)
+        self._policy_loaded()
+
+    def running(self) -> None:
+        super().running()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self.log is not None and self.log.due(time.time()):
+                try:
+                    self.log.checkpoint()
+                except OSError as exc:
+                    logger.error(f"hoop: audit checkpoint failed: {exc}")
+
+    def event(self, name: str, flow: http.HTTPFlow | None = None, **fields: Any) -> dict[str, Any]:
+        """Append an audit entry of type `name` (see `hoop_addon.audit` for the names in
+        use) with `fields` (JSON values; never secrets or unmasked data). With `flow`,
+        the flow's id, identity, route and policy hash are added (fields win).
+        Returns the entry as written; raises `OSError` when it cannot be written: the
+        caller then refuses the flow (fail closed)."""
+        if self.log is None:
+            raise OSError("no audit log is open")
+        if flow is not None:
+            record = hoop(flow)
+            fields = {"flow": flow.id, "identity": record.get("identity"), "route": record.get("route"),
+                      "policy_hash": record.get("policy_hash"), **fields}
+        return self.log.append(name, **fields)
+
+    def _policy_loaded(self) -> None:
+        """Log the policy in force when it is not the one last logged (start-up, reload)."""
+        active = self.policy.active
+        if self.log is None or active is None or active.policy.digest == self._policy_hash:
             return
-        if self.log is not None:
-            self.log.close()
-        self.log = log
+        settings = active.policy.recording
+        self.log.checkpoint_entries = settings.audit_checkpoint_entries
+        self.log.checkpoint_seconds = settings.audit_checkpoint_seconds
+        self.event("policy_loaded", policy_hash=active.policy.digest, files=[Path(f).name for f in active.policy.files],
+                   signing=settings.signing, key_id=self.signer.key_id if self.signer else None)
+        self._policy_hash = active.policy.digest
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._write(flow)
@@ -46,36 +124,32 @@ class Audit(Stage):
         self._write(flow)
 
     def done(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self.log is not None:
             self.log.close()
 
     def _write(self, flow: http.HTTPFlow) -> None:
         record = hoop(flow)
         request = flow.request
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "event": "connect" if request.method == "CONNECT" else "request",
-            "flow": flow.id,
-            "client": f"{flow.client_conn.peername[0]}:{flow.client_conn.peername[1]}" if flow.client_conn.peername else None,
-            "identity": record.get("identity"),
-            "policy_hash": record.get("policy_hash"),
-            "route": record.get("route"),
-            "method": request.method,
-            "host": request.host,
-            "port": request.port,
-            "path": request.path.split("?", 1)[0],
-            "decision": record.get("decision", {"outcome": "deny", "reason": "not_decided"}),
-            "status": flow.response.status_code if flow.response else None,
-            "masked": record.get("masked", []),
-            "credential": record.get("credential"),
-            "session": record.get("session"),
-            "recording": record.get("recording"),
-            "error": flow.error.msg if flow.error else None,
-        }
         try:
-            if self.log is None:
-                raise OSError("no audit log is open")
-            self.log.append(entry)
+            self._policy_loaded()
+            self.event(
+                "connect" if request.method == "CONNECT" else "request",
+                flow,
+                client=f"{flow.client_conn.peername[0]}:{flow.client_conn.peername[1]}" if flow.client_conn.peername else None,
+                method=request.method,
+                host=request.host,
+                port=request.port,
+                path=request.path.split("?", 1)[0],
+                decision=record.get("decision", {"outcome": "deny", "reason": "not_decided"}),
+                status=flow.response.status_code if flow.response else None,
+                masked=record.get("masked", []),
+                credential=record.get("credential"),
+                session=record.get("session"),
+                recording=record.get("recording"),
+                error=flow.error.msg if flow.error else None,
+            )
         except OSError as exc:
             logger.error(f"hoop: audit log write failed, response withheld: {exc}")
             if flow.response is not None and request.method != "CONNECT":

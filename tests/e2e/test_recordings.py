@@ -1,0 +1,216 @@
+"""End to end: signed recordings and the audit log of a real gateway, checked with the
+real `hoop verify`; kill -9 mid-session; retention; the byte scan for leaked secrets.
+
+Each test runs its own gateway (its own recordings folder), except the last, which scans
+what the shared gateway recorded for every test before it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from hoop_addon.dev.gateway import MITMDUMP, Gateway
+from hoop_addon.dev.tls import CA
+from hoop_addon.dev.upstream import FakeOpenAI
+from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
+from tests.support.idp import LocalIdP
+
+PROMPT_PII = ("jane.doe@example.com", "4242 4242 4242 4242")
+REPLY_PII = ("help@upstream.example", "4111 1111 1111 1111")
+COOKIE_SECRET, QUERY_SECRET, TENANT_SECRET = "cookie-secret-5d1f", "query-secret-8a2b", "tenant-secret-c3e4"
+JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}")
+RECORDING = """\
+recording:
+  scrub:
+    cookies: [session_id]
+    query: [tenant]
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def own_gateway(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], policy: str = POLICY + RECORDING, **options: str) -> Gateway:
+    rules = write_policy(tmp_path / "rules", idp, policy)
+    return Gateway(rules, tmp_path, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, options=options)
+
+
+@pytest.fixture
+def gw(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> Iterator[Gateway]:
+    gateway = own_gateway(tmp_path, idp, pki).start()
+    yield gateway
+    gateway.stop()
+
+
+def client(gateway: Gateway, token: str | None = None) -> httpx.Client:
+    return httpx.Client(proxy=gateway.proxy(token), verify=ssl.create_default_context(cafile=str(gateway.ca_cert)), timeout=10)
+
+
+def chat(content: str, stream: bool = False) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+def verify(gateway: Gateway, *extra: str) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "hoop_addon", "verify", str(gateway.recordings), "--public-key", str(gateway.public_key), *extra],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, done.stdout
+
+
+def recordings(gateway: Gateway) -> list[Path]:
+    return sorted(gateway.recordings.glob("*.mitm"))
+
+
+def stock_mitmdump_flows(recording: Path) -> int:
+    """How many flows stock `mitmdump -nr` prints from a recording."""
+    done = subprocess.run([str(MITMDUMP), "-n", "-r", str(recording), "--flow-detail", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.count("POST https://")
+
+
+def test_cleanly_stopped_gateway_leaves_a_valid_signed_tree(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    with client(gw, idp.mint(subject="rec-agent", groups=["agents"])) as c:
+        for i in range(3):
+            assert c.post(f"{upstream.url}/v1/chat/completions", json=chat(f"hello {i}")).status_code == 200
+    gw.wait_audit(3)
+    gw.stop()
+    code, out = verify(gw)
+    assert code == 0, out
+    (recording,) = recordings(gw)
+    assert f"OK {recording}: session " in out and "flows 3" in out
+    assert stock_mitmdump_flows(recording) == 3
+    events = [e["event"] for e in gw.audit(events=None)]
+    assert events[0] == "policy_loaded" and events.count("request") == 3
+    assert "recording_sealed" in events and events[-1] == "checkpoint"
+    manifest = orjson.loads(recording.with_suffix(".manifest.json").read_bytes())
+    assert manifest["sealed"] is True and manifest["identity"]["subject"] == "rec-agent"
+    assert manifest["policy_hash"] == gw.audit()[0]["policy_hash"] and len(manifest["flows"]) == 3
+
+
+def test_x_hoop_session_header_groups_connections(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    token = idp.mint(subject="multi-conn", groups=["agents"])
+    for _ in range(2):  # two client connections, one session
+        with client(gw, token) as c:
+            r = c.post(f"{upstream.url}/v1/chat/completions", json=chat("hi"), headers={"X-Hoop-Session": "task-42"})
+            assert r.status_code == 200
+    first, second = gw.wait_audit(2)
+    assert first["recording"] == second["recording"] and "multi-conn-task-42" in first["recording"]
+    gw.stop()
+    assert verify(gw)[0] == 0
+    assert stock_mitmdump_flows(Path(first["recording"])) == 2
+
+
+def test_kill_9_mid_session_keeps_every_flushed_flow_verifiable(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> None:
+    gateway = own_gateway(tmp_path, idp, pki).start()
+    try:
+        with client(gateway, idp.mint(subject="crashing", groups=["agents"])) as c:
+            for i in range(3):
+                assert c.post(f"{upstream.url}/v1/chat/completions", json=chat(f"step {i}")).status_code == 200
+            gateway.wait_audit(3)
+            gateway.proc.kill()  # SIGKILL while the client's session is still open
+            gateway.proc.wait()
+    finally:
+        gateway.stop()
+    (recording,) = recordings(gateway)
+    code, out = verify(gateway)
+    assert code == 1, out
+    assert "INVALID " not in out.replace("INVALID: ", "")
+    assert f"UNSEALED {recording}: unsealed: not closed cleanly; 3 flow(s) signed, 0 flow(s) after the last checkpoint" in out
+    assert "audit.jsonl: unsealed tail: " in out
+    assert verify(gateway, "--allow-unsealed-tail")[0] == 0
+    assert stock_mitmdump_flows(recording) == 3
+
+
+def test_retention_deletes_expired_recordings_and_audits_it(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> None:
+    policy = POLICY.replace("      value: Bearer ${{HOOP_TEST_UPSTREAM_KEY}}\n", "      value: Bearer ${{HOOP_TEST_UPSTREAM_KEY}}\n    retention: 1s\n")
+    gateway = own_gateway(tmp_path, idp, pki, policy).start()
+    with client(gateway, idp.mint(groups=["agents"])) as c:
+        assert c.post(f"{upstream.url}/v1/chat/completions", json=chat("short-lived")).status_code == 200
+    gateway.wait_audit(1, events=("recording_sealed",))
+    gateway.stop()
+    (recording,) = recordings(gateway)
+    assert orjson.loads(recording.with_suffix(".manifest.json").read_bytes())["retention"] == 1
+    subprocess.run(["sleep", "1.1"], check=True)  # let the retention period pass (not a timed assertion)
+    again = own_gateway(tmp_path, idp, pki, policy).start()  # sweeps at start-up
+    try:
+        (deleted,) = again.wait_audit(1, events=("retention_deleted",))
+    finally:
+        again.stop()
+    assert deleted["recording"] == recording.name and not recording.exists()
+    code, out = verify(again)
+    assert code == 0, out
+    assert f"OK {recording}: deleted by retention at seq {deleted['seq']}" in out
+
+
+def test_gateway_refuses_to_record_without_a_signing_key(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
+    code, output = own_gateway(tmp_path, idp, pki, hoop_signing_key="").run_to_exit()
+    assert code == 1 and "recording needs a signing key" in output and "Traceback" not in output
+    unsigned = own_gateway(tmp_path / "dev", idp, pki, POLICY + "recording:\n  signing: unsigned\n", hoop_signing_key="").start()
+    unsigned.stop()
+
+
+def test_audit_queries(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    with client(gw, idp.mint(subject="query-me", groups=["agents"])) as c:
+        c.post(f"{upstream.url}/v1/chat/completions", json=chat(f"mail {PROMPT_PII[0]}"))
+        c.post(f"{upstream.url}/internal/nothing", json=chat("x"))
+    gw.wait_audit(2)
+    base = [sys.executable, "-m", "hoop_addon", "audit", "--recordings", str(gw.recordings), "--subject", "query-me"]
+    masked = subprocess.run([*base, "--rule", "pii-in", "--json"], capture_output=True, text=True, check=True).stdout
+    (entry,) = [json.loads(line) for line in masked.splitlines()]
+    assert entry["route"] == "llm" and {"rule": "pii-in"}.items() <= entry["masked"][0].items()
+    denied = subprocess.run([*base, "--decision", "deny"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert denied[0].split()[:4] == ["seq", "time", "event", "subject"] and len(denied) == 2 and "no_route" in denied[1]
+
+
+def test_no_secret_or_unmasked_value_is_recorded_or_audited(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """The byte scan: tokens (as proxy password and bearer), the upstream credential,
+    named cookies, query tokens and planted PII appear nowhere under the recordings folder."""
+    tokens = [idp.mint(subject="scan-proxy", groups=["agents"]), idp.mint(subject="scan-bearer", groups=["agents"])]
+    url = f"{upstream.url}/v1/chat/completions?api_key={QUERY_SECRET}&tenant={TENANT_SECRET}&model=m"
+    prompt = f"mail {PROMPT_PII[0]}, card {PROMPT_PII[1]}"
+    with client(gw, tokens[0]) as c:
+        for stream in (False, True):
+            r = c.post(url, json=chat(prompt, stream), headers={"Cookie": f"session_id={COOKIE_SECRET}; theme=dark"})
+            assert r.status_code == 200
+    with client(gw) as c:
+        r = c.post(url, json=chat(prompt), headers={"Authorization": f"Bearer {tokens[1]}", "X-Hoop-Session": "scan"})
+        assert r.status_code == 200
+    gw.wait_audit(3)
+    gw.stop()
+    assert verify(gw)[0] == 0
+    data = b"".join(p.read_bytes() for p in sorted(gw.recordings.iterdir()))
+    assert b"[SCRUBBED]" in data and b"theme=dark" in data  # scrubbed, not dropped: what is kept is still there
+    for secret in (*tokens, UPSTREAM_KEY, COOKIE_SECRET, QUERY_SECRET, TENANT_SECRET, *PROMPT_PII, *REPLY_PII):
+        assert secret.encode() not in data, f"{secret!r} leaked"
+    assert not JWT.search(data)
+
+
+def test_shared_gateway_recorded_nothing_secret_and_verifies(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """Runs after the other end-to-end tests that use the shared gateway (file order):
+    its whole recordings folder, audit log included, holds no token, credential or
+    planted value, and verifies (sessions still open are unsealed tails)."""
+    before = len(gateway.audit())
+    with client(gateway, idp.mint(groups=["agents"])) as c:  # at least this session, whatever ran before
+        assert c.post(f"{upstream.url}/v1/chat/completions", json=chat(PROMPT_PII[0])).status_code == 200
+    gateway.wait_audit(before + 1)
+    data = b"".join(p.read_bytes() for p in sorted(gateway.recordings.iterdir()) if p.is_file())
+    for secret in (UPSTREAM_KEY, *PROMPT_PII, *REPLY_PII):
+        assert secret.encode() not in data, f"{secret!r} leaked"
+    assert not JWT.search(data)
+    code, out = verify(gateway, "--allow-unsealed-tail")
+    assert code == 0, out
