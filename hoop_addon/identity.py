@@ -346,8 +346,10 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     groups: Any = claims
     for part in issuer.groups_claim.split("."):
         groups = groups.get(part) if isinstance(groups, dict) else None
-    # RFC 9068 §2.2 `client_id`, else OIDC `azp`; scopes from `scope` (RFC 9068 §2.2.3) or `scp`.
-    client_id = next((c for c in (claims.get("client_id"), claims.get("azp")) if isinstance(c, str) and c), None)
+    # The configured claim, else RFC 9068 §2.2 `client_id`, else OIDC `azp`; scopes from
+    # `scope` (RFC 9068 §2.2.3) or `scp` (Okta, Azure AD).
+    names = (issuer.client_id_claim,) if issuer.client_id_claim else ("client_id", "azp")
+    client_id = next((c for c in map(claims.get, names) if isinstance(c, str) and c), None)
     scopes = _words(claims["scope"] if "scope" in claims else claims.get("scp"))
     jti = claims.get("jti")
     return Identity(

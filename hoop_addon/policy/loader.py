@@ -314,6 +314,7 @@ def _issuer(m: _Map, names: dict[str, str]) -> Issuer:
         leeway=leeway,
         token_type=m.text("typ") if m.has("typ") else None,
         refetch_cooldown=cooldown,
+        client_id_claim=m.text("client_id_claim") if m.has("client_id_claim") else None,
     )
     m.finish()
     return issuer

@@ -31,6 +31,8 @@ class Issuer:
     `token_type`, when set (e.g. `at+jwt`, RFC 9068 §2.1), is the `typ` header every
     token must carry: ID tokens are then refused. `refetch_cooldown` is the minimum
     number of seconds between two JWKS fetches caused by unknown `kid`s.
+    `client_id_claim` names the claim holding the client id (e.g. Okta's `cid`); None
+    means `client_id` (RFC 9068), else `azp` (OIDC).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Issuer:
     leeway: int = 30
     token_type: str | None = None
     refetch_cooldown: int = 30
+    client_id_claim: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

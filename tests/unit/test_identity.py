@@ -329,6 +329,11 @@ class TestClaimsToIdentity:
         assert (identity.client_id, identity.scopes) == (client_id, scopes)
         assert identity.record()["client_id"] == client_id and identity.record()["scopes"] == list(scopes)
 
+    def test_client_id_claim_is_configurable(self, idp: LocalIdP) -> None:
+        verifier = Verifier.load([trust(idp, client_id_claim="cid")])
+
+        assert verify(verifier, idp.mint(extra_claims={"cid": "0oa-okta-app", "azp": "ignored"})).client_id == "0oa-okta-app"
+
 
 class TestTokenType:
     @pytest.mark.parametrize("typ", ["at+jwt", "application/at+JWT"])
@@ -483,10 +488,10 @@ class TestPolicySections:
     """The `issuers`, `identity`, `allow` and `credential` sections of the policy."""
 
     def test_issuer_without_jwks_uses_discovery_and_reads_its_options(self, tmp_path: Path) -> None:
-        policy = load(tmp_path, POLICY_ISSUER + "    typ: at+jwt\n    refetch_cooldown: 120\n")
+        policy = load(tmp_path, POLICY_ISSUER + "    typ: at+jwt\n    refetch_cooldown: 120\n    client_id_claim: cid\n")
 
         (issuer,) = policy.issuers
-        assert (issuer.jwks, issuer.token_type, issuer.refetch_cooldown) == (None, "at+jwt", 120)
+        assert (issuer.jwks, issuer.token_type, issuer.refetch_cooldown, issuer.client_id_claim) == (None, "at+jwt", 120, "cid")
 
     @pytest.mark.parametrize(
         ("extra", "key", "message"),
