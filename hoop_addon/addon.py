@@ -1,12 +1,16 @@
 """The gateway: `mitmdump -s hoop_addon/addon.py --set hoop_rules=rules`.
 
-The chain, in hook order: identify -> admit (route) -> mask request -> inject
-credential -> upstream -> mask response -> record -> audit.
+The chain, in hook order: identify -> admit (route) -> guard (block rules; approval
+needed?) -> mask request -> approve (hold or ticket) -> inject credential -> upstream
+-> mask response -> record -> audit.
 """
 
 from hoop_addon.stages.admit import Admit
+from hoop_addon.stages.approve import Approve
 from hoop_addon.stages.audit import Audit
+from hoop_addon.stages.control import Control
 from hoop_addon.stages.credentials import InjectCredential
+from hoop_addon.stages.guard import Guard
 from hoop_addon.stages.identify import Identify
 from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.policy import PolicyStage
@@ -15,4 +19,9 @@ from hoop_addon.stages.record import Record
 policy = PolicyStage()
 audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
 
-addons = [policy, Identify(policy), Admit(policy), Mask(), InjectCredential(), Record(policy, audit), audit]
+control = Control()  # the control API; stages add their handlers to it
+
+addons = [
+    policy, Identify(policy), Admit(policy), Guard(policy), Mask(), Approve(policy, control, audit),
+    InjectCredential(), Record(policy, audit), audit, control,
+]

@@ -6,6 +6,7 @@
                                         mint a development token (printed alone)
     hoop keygen | verify | audit | evidence   signing keys, recordings, the audit log:
                                         see `hoop_addon.records`
+    hoop approvals list | approve ID | deny ID   decide requests waiting for approval
 
 Exit codes: 0 success, 1 invalid input found, 2 usage or I/O error.
 """
@@ -17,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from hoop_addon import records
+from hoop_addon import approvals_cli, records
 from hoop_addon.policy import PolicyError, load_policy
 
 
@@ -91,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--home", help="state directory (default $HOOP_HOME or .hoop)")
     token.set_defaults(run=dev_token)
     records.register(sub)
+    approvals_cli.register(sub)
     return p
 
 

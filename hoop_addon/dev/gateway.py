@@ -78,6 +78,11 @@ class Gateway:
         ]
         if not bare and "hoop_signing_key" not in (options or {}):
             self.argv += ["--set", f"hoop_signing_key={ensure_signing_key(workdir / 'signing.key')}"]
+        self.control_port = free_port()
+        self.ports_after_start: tuple[int, ...] = ()  # opened in `running`, a moment after the proxy port
+        if not bare and "hoop_control" not in (options or {}):  # never the fixed default: gateways run side by side
+            self.argv += ["--set", f"hoop_control=127.0.0.1:{self.control_port}"]
+            self.ports_after_start = (self.control_port,)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Gateway:
@@ -89,7 +94,8 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.output}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                for port in (self.port, *self.ports_after_start):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
@@ -119,6 +125,11 @@ class Gateway:
     def public_key(self) -> Path:
         """The public key of the development signing key (see `ensure_signing_key`)."""
         return self.workdir / "signing.pub"
+
+    @property
+    def control_url(self) -> str:
+        """The control API's base URL (approvals)."""
+        return f"http://127.0.0.1:{self.control_port}"
 
     @property
     def ca_cert(self) -> Path:

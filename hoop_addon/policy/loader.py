@@ -21,11 +21,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jsonpath_rfc9535
+import re2
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hoop_addon.detectors import BUILTIN, Detector, DetectorError, luhn_valid, ssn_valid
-from hoop_addon.policy.model import Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
+from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions, Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer")
@@ -258,18 +259,26 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
     rules = {r.name: r for r in (_mask_rule(m, names, detectors) for _, m in sections("masking"))}
     names = {}
     routes = tuple(_route(m, names, rules, resolve_env) for _, m in sections("routes"))
+    route_names = {r.name for r in routes}
+    names = {}
+    block_rules = tuple(_block_rule(m, names, route_names) for _, m in sections("block"))
+    approval_rules = tuple(_approval_rule(m, names, route_names) for _, m in sections("approvals"))
 
     token_sources: tuple[str, ...] = TOKEN_SOURCES
     if identity := single("identity"):
         token_sources = tuple(_choice(v, TOKEN_SOURCES, loc, n) for v, loc, n in identity.listed("token_sources"))
         identity.finish()
     unmatched = "deny"
+    max_pending = 100
     if defaults := single("defaults"):
         unmatched = _choice(defaults.text("unmatched", "deny"), ("deny", "allow"), defaults.loc.at("unmatched"), defaults.where("unmatched"))
+        max_pending = defaults.integer("max_pending", 100)
+        if not 1 <= max_pending <= 100_000:
+            raise defaults.loc.at("max_pending").error(defaults.node("max_pending"), "must be 1..100000")
         defaults.finish()
     recording = _recording(single("recording"), single("audit"))
     for doc in docs:
-        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes", "recording", "audit"))
+        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes", "block", "approvals", "recording", "audit"))
     if routes and not issuers:
         raise PolicyError(str(files[0]), 1, "issuers", "routes need at least one trusted issuer")
     return Policy(
@@ -279,6 +288,9 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
         token_sources=frozenset(token_sources),  # type: ignore[arg-type]
         unmatched=unmatched,  # type: ignore[arg-type]
         routes=routes,
+        block_rules=block_rules,
+        approval_rules=approval_rules,
+        max_pending=max_pending,
         recording=recording,
     )
 
@@ -354,10 +366,7 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
     direction = _choice(m.text("direction", "both"), ("request", "response", "both"), m.loc.at("direction"), m.where("direction"))
     paths = []
     for text, loc, node in m.listed("paths"):
-        try:
-            paths.append((text, jsonpath_rfc9535.compile(text)))
-        except jsonpath_rfc9535.JSONPathError as exc:
-            raise loc.error(node, f"invalid JSONPath: {str(exc).splitlines()[0]}") from None
+        paths.append((text, _jsonpath(text, loc, node)))
     chosen = []
     for det, loc, node in m.listed("detectors"):
         if det not in detectors:
@@ -510,3 +519,94 @@ def _recording(rec: _Map | None, audit: _Map | None) -> RecordingPolicy:
             cp.finish()
         audit.finish(("checkpoint",))
     return RecordingPolicy(**settings)
+
+
+def _jsonpath(text: str, loc: _Loc, node: Node) -> jsonpath_rfc9535.JSONPathQuery:
+    """Compile an RFC 9535 JSONPath query, or a `PolicyError`."""
+    try:
+        return jsonpath_rfc9535.compile(text)
+    except jsonpath_rfc9535.JSONPathError as exc:
+        raise loc.error(node, f"invalid JSONPath: {str(exc).splitlines()[0]}") from None
+
+
+def _re2(text: str, loc: _Loc, node: Node) -> Any:
+    """Compile a user-written RE2 pattern (linear time: no ReDoS), or a `PolicyError`."""
+    try:
+        return re2.compile(text)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise loc.error(node, f"invalid RE2 pattern: {reason}") from None
+
+
+def _conditions(m: _Map, route_names: set[str]) -> Conditions:
+    """The `when` of a block or approval rule; at least one condition is required."""
+    for name, loc, node in m.listed("routes"):
+        if name not in route_names:
+            hint = difflib.get_close_matches(name, route_names, n=1)
+            raise loc.error(node, f"unknown route '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    headers = []
+    if m.has("headers"):
+        hmap = m.sub("headers")
+        for header, (_, value_node) in hmap.items.items():
+            hmap.read.add(header)
+            pattern = _scalar(value_node, hmap.loc.at(header), str)
+            headers.append((header.lower(), _re2(pattern, hmap.loc.at(header), value_node)))
+    json = []
+    if m.has("json"):
+        jloc = m.loc.at("json")
+        for i, node in _seq(m.node("json"), jloc):
+            item = _Map(node, jloc.at(i))
+            path = item.text("path")
+            query = _jsonpath(path, item.loc.at("path"), item.node("path"))
+            json.append((path, query, _re2(item.text("matches"), item.loc.at("matches"), item.node("matches"))))
+            item.finish()
+    when = Conditions(
+        routes=frozenset(name for name, _, _ in m.listed("routes")),
+        methods=frozenset(x.upper() for x in m.texts("methods", ())),
+        groups=frozenset(m.texts("groups", ())),
+        subjects=frozenset(m.texts("subjects", ())),
+        headers=tuple(headers),
+        body_over=_bounded(m, "body_larger_than", -1, 0, 1 << 40) if m.has("body_larger_than") else None,
+        tokens_over=_bounded(m, "tokens_more_than", -1, 0, 1 << 40) if m.has("tokens_more_than") else None,
+        body=tuple(_re2(text, loc, node) for text, loc, node in m.listed("body_matches")),
+        json=tuple(json),
+    )
+    m.finish()
+    if when == Conditions():
+        raise m.loc.error(m.mapping, "a rule needs at least one condition (it would match every request)")
+    return when
+
+
+def _block_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> BlockRule:
+    name = _name(m, names, "block/approval rule")
+    rule = BlockRule(
+        name=name,
+        when=_conditions(m.sub("when"), route_names),
+        action=_choice(m.text("action", "block"), ("block", "log"), m.loc.at("action"), m.where("action")),  # type: ignore[arg-type]
+        reason=m.text("reason", f"blocked by rule {name}"),
+    )
+    m.finish()
+    return rule
+
+
+def _approval_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> ApprovalRule:
+    name = _name(m, names, "block/approval rule")
+    when = _conditions(m.sub("when"), route_names)
+    approvers = m.sub("approvers")
+    groups, subjects = frozenset(approvers.texts("groups", ())), frozenset(approvers.texts("subjects", ()))
+    approvers.finish()
+    if not groups and not subjects:
+        raise approvers.loc.error(approvers.mapping, "nobody can approve: name approvers.groups or approvers.subjects")
+    rule = ApprovalRule(
+        name=name,
+        when=when,
+        approver_groups=groups,
+        approver_subjects=subjects,
+        reason=m.text("reason", f"needs approval under rule {name}"),
+        min_approvals=_bounded(m, "min_approvals", 1, 1, 10),
+        timeout=_bounded(m, "timeout", 300, 1, 86_400),
+        mode=_choice(m.text("mode", "hold"), ("hold", "ticket"), m.loc.at("mode"), m.where("mode")),  # type: ignore[arg-type]
+        ticket_window=_bounded(m, "ticket_window", 900, 1, 86_400),
+    )
+    m.finish()
+    return rule

@@ -1,0 +1,121 @@
+"""Evaluate block and approval rule conditions against one request (pure: no mitmproxy).
+
+Conditions are evaluated on the request as the agent sent it, before masking: a policy
+author who writes "block bodies containing `rm -rf`" or "approve requests mentioning
+customer e-mails" means the real content, which masking would hide. Whatever is shown
+to an approver is built later, from the masked body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions
+
+
+class UninspectableBody(ValueError):
+    """A rule needs the body as JSON and it is not JSON (fail closed: the caller refuses)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What conditions look at. `route` is the route name (None: no route), `method`
+    upper case, `headers` (name, value) pairs with any name case, `body` the decoded
+    (content-encoding removed) bytes."""
+
+    route: str | None
+    method: str
+    subject: str
+    groups: Sequence[str]
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+
+
+def estimate_tokens(body: bytes) -> int:
+    """A rough LLM token count: one token per 4 bytes, rounded up (OpenAI's rule of
+    thumb for English text; no tokenizer, so it costs nothing and never fails)."""
+    return (len(body) + 3) // 4
+
+
+def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bool:
+    """True when every condition of `when` holds for `facts`.
+
+    `parsed` is a per-request cache shared across rules (key "json": the parsed body),
+    so a body is parsed once however many rules look at it. Cheap conditions are
+    checked first. Raises `UninspectableBody` when a JSONPath condition must be
+    evaluated and the non-empty body is not JSON.
+    """
+    if when.routes and facts.route not in when.routes:
+        return False
+    if when.methods and facts.method.upper() not in when.methods:
+        return False
+    if when.subjects and facts.subject not in when.subjects:
+        return False
+    if when.groups and when.groups.isdisjoint(facts.groups):
+        return False
+    if when.body_over is not None and len(facts.body) <= when.body_over:
+        return False
+    if when.tokens_over is not None and estimate_tokens(facts.body) <= when.tokens_over:
+        return False
+    for name, pattern in when.headers:
+        values = [v for k, v in facts.headers if k.lower() == name]
+        if not any(pattern.search(v) for v in values):
+            return False
+    if when.body:
+        text = facts.body.decode("utf-8", errors="replace")
+        if not any(p.search(text) for p in when.body):
+            return False
+    if when.json:
+        if not facts.body.strip():
+            return False
+        if "json" not in parsed:
+            try:
+                parsed["json"] = orjson.loads(facts.body)
+            except orjson.JSONDecodeError:
+                raise UninspectableBody("the body is not JSON, and a rule inspects it with JSONPath") from None
+        document = parsed["json"]
+        if not any(
+            isinstance(value, str) and pattern.search(value)
+            for _, query, pattern in when.json
+            for value in query.find(document).values()
+        ):
+            return False
+    return True
+
+
+def evaluate(
+    block_rules: Sequence[BlockRule], approval_rules: Sequence[ApprovalRule], facts: RequestFacts
+) -> tuple[BlockRule | None, list[BlockRule], ApprovalRule | None]:
+    """Apply a policy's rules, in order, to one request.
+
+    Returns (the first matching `block` rule or None, every matching `log` rule before
+    it, the first matching approval rule or None: approval is only looked for when
+    nothing blocks). Raises `UninspectableBody`.
+    """
+    parsed: dict[str, Any] = {}
+    shadow: list[BlockRule] = []
+    for rule in block_rules:
+        if matches(rule.when, facts, parsed):
+            if rule.action == "block":
+                return rule, shadow, None
+            shadow.append(rule)
+    approval = next((r for r in approval_rules if matches(r.when, facts, parsed)), None)
+    return None, shadow, approval
+
+
+def request_key(secret: bytes, subject: str, route: str | None, method: str, url: str, body: bytes) -> str:
+    """What makes two requests "the same request" for ticket mode: HMAC-SHA256 (RFC
+    2104) under a per-process `secret` of the identity, route, method, URL and body.
+    Keyed, so it can be written to flow metadata without letting anyone test guesses
+    of an unmasked body against it. Returns 64 hex characters."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in (subject, route or "", method.upper(), url):
+        mac.update(part.encode() + b"\0")
+    mac.update(body)
+    return mac.hexdigest()

@@ -1,0 +1,279 @@
+"""Stage 4 (after masking, before the credential): just-in-time approval."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.hooks import UpdateHook
+
+from hoop_addon import webhook
+from hoop_addon.approvals import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
+from hoop_addon.control import approval_handlers
+from hoop_addon.identity import TokenError
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
+from hoop_addon.stages.audit import Audit
+from hoop_addon.stages.control import Control
+from hoop_addon.stages.policy import PolicyStage
+
+PREVIEW_CHARS = 2000
+DENIALS = {
+    "denied": (403, "approval_denied", "an approver denied this request"),
+    "timeout": (403, "approval_timeout", "nobody approved this request in time"),
+    "shutdown": (403, "gateway_shutdown", "the gateway shut down before this request was approved"),
+}
+
+
+class Approve(Stage):
+    """Holds the requests the Guard stage marked (`hoop.approval.status == "required"`)
+    until approvers decide, or answers them with a ticket (rule `mode: ticket`).
+
+    Hold: the flow is intercepted (`flow.intercept()`, visible as such in mitmproxy's
+    console and mitmweb) and this async hook waits, so the later stages (credential
+    injection, forwarding) run only once it returns; other flows are not delayed.
+    Approve: the flow resumes and goes on. Deny, timeout or shutdown: a 403 response
+    is set, then the flow resumes (mitmproxy 12 hangs a killed intercepted flow).
+    Resuming the flow in mitmproxy without `hoop.approve` denies it (fail closed).
+
+    Ticket: the first request gets 202 `{"error": "approval_pending", "approval_id",
+    "rule", "status", "deadline", "message", "stage"}` with `Retry-After`; once
+    approved, the same identity's identical request (route, method, URL, body) passes
+    once within the rule's `ticket_window`; a denied or timed-out ticket answers its
+    retry with 403 once. Beyond the policy's `max_pending`: 503 with `Retry-After`.
+
+    Every outcome goes to `hoop.approval` (the record: approvers, times, reasons, time
+    waited) and, without the masked preview, to `hoop.decision.approval` (the audit
+    line). Owns option `hoop_webhook` (http(s) URL notified of each pending approval).
+    """
+
+    def __init__(self, policy: PolicyStage, control: Control, audit: Audit) -> None:
+        self.policy, self.control, self.audit = policy, control, audit
+        self.queue = ApprovalQueue()
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self.held: dict[str, http.HTTPFlow] = {}
+        self.finished = asyncio.Event()
+        self.webhook_url = ""
+        self.notifications: set[asyncio.Task[bool]] = set()
+        for pattern, handler, kwargs in approval_handlers(self):
+            control.server.add(pattern, handler, kwargs)
+
+    def load(self, loader) -> None:
+        loader.add_option("hoop_webhook", str, "", "http(s) URL to POST each pending approval to (JSON with a Slack `text`).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "hoop_webhook" in updated:
+            url = ctx.options.hoop_webhook
+            if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+                self.config_error(f"hoop: hoop_webhook: '{url}' is not an http(s) URL")
+                return
+            self.webhook_url = url
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        record = hoop(flow)
+        need = record.get("approval")
+        if flow.response is not None or not allowed(flow) or not need or need.get("status") != "required":
+            return
+        key = need.pop("key")
+        active = self.policy.active
+        rule = next((r for r in active.policy.approval_rules if r.name == need["rule"]), None) if active else None
+        if rule is None:
+            refuse(flow, 503, "approve", "approval_unavailable", "the approval rule is no longer in force; retry")
+            return
+        if rule.mode == "ticket" and (ticket := self.queue.ticket(record["identity"]["subject"], key)):
+            self._use_ticket(flow, ticket)
+            return
+        preview = flow.request.get_text(strict=False) or ""  # already masked by the Mask stage
+        summary = {
+            "route": record.get("route"), "method": flow.request.method,
+            "url": flow.request.pretty_url.split("?", 1)[0], "preview": preview[:PREVIEW_CHARS],
+        }
+        try:
+            item = self.queue.open(rule, record["identity"], summary, key, active.policy.max_pending)  # type: ignore[union-attr]
+        except QueueFull as exc:
+            refuse(flow, 503, "approve", "approvals_full", str(exc), {"Retry-After": str(exc.retry_after)})
+            return
+        try:
+            self.audit.event("approval_requested", flow, approval=_audit_view(item))
+        except OSError:
+            self.queue.close(item, "denied")
+            refuse(flow, 503, "approve", "audit_failed", "the gateway could not audit this approval request")
+            return
+        self._notify(item)
+        if rule.mode == "ticket":
+            self._ticket_answer(flow, item)
+            return
+        await self._hold(flow, item)
+
+    async def _hold(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
+        wakeup = self.wakeups[item.id] = asyncio.Event()
+        self.held[item.id] = flow
+        hoop(flow)["approval"] = item.record()
+        flow.intercept()
+        ctx.master.addons.trigger(UpdateHook([flow]))
+        logger.info(f"hoop: approval {item.id} pending: {item.requester['subject']} {flow.request.method} "
+                    f"{item.request['url']} (rule {item.rule.name})")
+        waits = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(flow.wait_for_resume())]
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, item.deadline - self.queue.clock()), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            del self.wakeups[item.id], self.held[item.id]
+        if item.outcome is None:
+            if not flow.intercepted:  # resumed in mitmproxy, not decided: fail closed
+                self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
+            else:
+                self.queue.close(item, "timeout")
+        self._settle(flow, item)
+        flow.resume()
+        ctx.master.addons.trigger(UpdateHook([flow]))
+        if not self.held:
+            self.finished.set()
+
+    def _settle(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
+        """Write the outcome into the flow's record; refuse it unless approved."""
+        record = hoop(flow)
+        record["approval"] = item.record()
+        audit = _audit_view(item)
+        if item.outcome == "approved":
+            record["decision"]["approval"] = audit
+            logger.info(f"hoop: approval {item.id} approved")
+            return
+        status, reason, message = DENIALS[item.outcome or "timeout"]
+        refuse(flow, status, "approve", reason, f"{message} (approval {item.id}, rule '{item.rule.name}')")
+        record["decision"]["approval"] = audit
+        logger.info(f"hoop: approval {item.id} {item.outcome}")
+
+    def _use_ticket(self, flow: http.HTTPFlow, ticket: PendingApproval) -> None:
+        if ticket.outcome is None:
+            self._ticket_answer(flow, ticket)
+            return
+        if ticket.outcome == "approved":
+            self.queue.redeem(ticket)  # passes this once
+        else:
+            self.queue.forget(ticket.id)  # refused this once; a later retry asks again
+        self._settle(flow, ticket)
+        hoop(flow)["approval"]["redeemed"] = True
+
+    def _ticket_answer(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
+        record = hoop(flow)
+        record["approval"] = item.record()
+        refuse(
+            flow, 202, "approve", "approval_pending",
+            f"this request needs approval (rule '{item.rule.name}'): retry the identical request once approved",
+            {"Retry-After": "30"},
+        )
+        record["decision"].update(outcome="pending", approval={"id": item.id, "rule": item.rule.name, "status": "pending"})
+        body = {
+            "error": "approval_pending", "approval_id": item.id, "rule": item.rule.name, "status": "pending",
+            "deadline": record["approval"]["deadline"], "message": record["decision"]["message"], "stage": "approve",
+        }
+        flow.response.set_content(orjson.dumps(body))  # type: ignore[union-attr]
+
+    def _notify(self, item: PendingApproval) -> None:
+        if self.webhook_url:
+            task = asyncio.ensure_future(webhook.notify(self.webhook_url, webhook.payload(item.record(), self.control.url)))
+            self.notifications.add(task)
+            task.add_done_callback(self.notifications.discard)
+
+    # The approval service, for the control API and the mitmproxy commands.
+
+    async def authenticate(self, token: str) -> Approver:
+        """Verify an approver's own token with the identity stage's verifier."""
+        if (active := self.policy.active) is None:
+            raise ApprovalError("policy_not_loaded", 503, "the gateway has no policy loaded")
+        try:
+            identity = await active.verifier.verify(token)
+        except TokenError as exc:
+            raise ApprovalError(exc.reason, 401, str(exc)) from None
+        return Approver(identity.subject, identity.groups, identity.issuer)
+
+    def visible(self, approver: Approver) -> list[dict[str, Any]]:
+        return [p.record() for p in self.queue.pending() if p.may_decide(approver)]
+
+    def show(self, approver: Approver, approval_id: str) -> dict[str, Any]:
+        item = self.queue.get(approval_id)
+        if not item.may_decide(approver) and approver.subject != item.requester.get("subject"):
+            raise ApprovalError("not_found", 404, f"no approval '{approval_id}' is known")
+        return item.record()
+
+    def decide(self, approver: Approver, approval_id: str, approve: bool, reason: str) -> dict[str, Any]:
+        item = self.queue.decide(approval_id, approver, approve, reason)
+        try:
+            self.audit.event("approval_decided", identity=item.requester, route=item.request["route"],
+                             approver={"subject": approver.subject, "issuer": approver.issuer, "via": approver.via},
+                             approve=approve, reason=reason, approval=_audit_view(item))
+        except OSError as exc:  # the flow's own audit entry fails too, and withholds its response
+            logger.error(f"hoop: approval {item.id}: decision not audited: {exc}")
+        logger.info(f"hoop: approval {item.id}: {approver.subject} ({approver.via}) "
+                    f"{'approves' if approve else 'denies'}: {reason!r}")
+        if item.outcome is not None and (wakeup := self.wakeups.get(item.id)) is not None:
+            wakeup.set()
+        return item.record()
+
+    def refused(self, approval_id: str, approver: Approver | None, error: ApprovalError) -> None:
+        """Audit a refused decision attempt (`approval_refused`): who tried (None: no
+        valid token), on which approval, and why (`self_approval`, `not_an_approver`,
+        `expired`, ...)."""
+        who = {"subject": approver.subject, "issuer": approver.issuer, "via": approver.via} if approver else None
+        logger.warning(f"hoop: approval {approval_id}: decision refused ({error.code}) for {who and who['subject']}")
+        item = self.queue.items.get(approval_id)
+        try:
+            self.audit.event(
+                "approval_refused", identity=item.requester if item else None, route=item.request["route"] if item else None,
+                approval={"id": approval_id, "rule": item.rule.name if item else None}, approver=who, reason=error.code,
+            )
+        except OSError as exc:
+            logger.error(f"hoop: approval {approval_id}: refused attempt not audited: {exc}")
+
+    @command.command("hoop.pending")
+    def pending(self) -> Sequence[str]:
+        """Pending approvals, one line each: id, rule, requester, method, URL, deadline."""
+        return [
+            f"{p.id} rule={p.rule.name} requester={p.requester['subject']} "
+            f"{p.request['method']} {p.request['url']} deadline={p.record()['deadline']}"
+            for p in self.queue.pending()
+        ]
+
+    @command.command("hoop.approve")
+    def approve(self, approval_id: str, reason: str = "") -> None:
+        """Approve as the local operator (an approval id, or the id of a held flow)."""
+        self._local(approval_id, True, reason)
+
+    @command.command("hoop.deny")
+    def deny(self, approval_id: str, reason: str = "") -> None:
+        """Deny as the local operator (an approval id, or the id of a held flow)."""
+        self._local(approval_id, False, reason)
+
+    def _local(self, approval_id: str, approve: bool, reason: str) -> None:
+        by_flow = {f.id: i for i, f in self.held.items()}
+        try:
+            self.decide(Approver.local_operator(), by_flow.get(approval_id, approval_id), approve, reason)
+        except ApprovalError as exc:
+            raise exceptions.CommandError(str(exc)) from None
+
+    async def done(self) -> None:
+        """Deny every pending approval (outcome `shutdown`) and give held flows a moment
+        to be answered and audited before the later stages close their files."""
+        denied = self.queue.shutdown()
+        if denied:
+            logger.warning(f"hoop: shutting down: {len(denied)} pending approval(s) denied")
+        if self.held:
+            self.finished.clear()
+            for wakeup in self.wakeups.values():
+                wakeup.set()
+            try:
+                await asyncio.wait_for(self.finished.wait(), 5.0)
+                await asyncio.sleep(0.2)  # let their response hooks (record, audit) run
+            except TimeoutError:
+                logger.error(f"hoop: {len(self.held)} held flow(s) did not finish before shutdown")
+
+
+def _audit_view(item: PendingApproval) -> dict[str, Any]:
+    """The approval record without the request preview and requester (the audit entry
+    carries the identity already; previews stay out of a log kept for years)."""
+    return {k: v for k, v in item.record().items() if k not in ("request", "requester")}
