@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import re
 import time
@@ -23,13 +24,14 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from jose import jwt
 from jose.exceptions import ExpiredSignatureError, JWTClaimsError, JWTError
 
-from hoop_addon.policy.model import Issuer
+if TYPE_CHECKING:  # the policy loader imports this module
+    from hoop_addon.policy.model import Issuer
 
 MAX_TOKEN_BYTES = 8192
 MAX_JWKS_BYTES = 1 << 20
@@ -139,7 +141,7 @@ class KeySet:
         uri = doc.get("jwks_uri") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
             raise JwksError(f"OIDC discovery document of {self.issuer} names another issuer")
-        if not isinstance(uri, str) or not (uri.startswith("https://") or _loopback_http(uri)):
+        if not isinstance(uri, str) or not key_url_allowed(uri):
             raise JwksError(f"OIDC discovery document of {self.issuer} has no https jwks_uri")
         return uri
 
@@ -159,9 +161,18 @@ class KeySet:
         return self.keys.get(kid)
 
 
-def _loopback_http(url: str) -> bool:
+def key_url_allowed(url: str) -> bool:
+    """True for an https URL, or a plain http one on loopback (tests, sidecars): where
+    JWKS and OIDC discovery documents may be fetched from."""
+    if url.startswith("https://"):
+        return True
     host = urllib.parse.urlsplit(url).hostname or ""
-    return url.startswith("http://") and host in ("127.0.0.1", "::1", "localhost")
+    if not url.startswith("http://") or not host:
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_json(source: str, what: str) -> Any:

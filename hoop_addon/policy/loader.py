@@ -11,20 +11,19 @@ from __future__ import annotations
 import base64
 import difflib
 import hashlib
-import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import jsonpath_rfc9535
 import re2
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from hoop_addon.identity import key_url_allowed
 from hoop_addon.detectors import BUILTIN, Detector, DetectorError, luhn_valid, ssn_valid
 from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions, Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
 
@@ -333,18 +332,8 @@ def _issuer(m: _Map, names: dict[str, str]) -> Issuer:
 
 
 def _check_url(url: str, loc: _Loc, node: Node) -> None:
-    """Keys are fetched over https, or plain http on loopback only (tests, sidecars)."""
-    if url.startswith("http://") and not _loopback(urlsplit(url).hostname or ""):
+    if not key_url_allowed(url):
         raise loc.error(node, "JWKS over plain http is only allowed on loopback")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _detector(m: _Map, names: dict[str, str]) -> Detector:
