@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from hoop_addon.dev.gateway import MITMDUMP, Gateway
+from hoop_addon.dev.gateway import MITMDUMP, ROOT, Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
@@ -175,6 +175,54 @@ def test_audit_queries(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None
     assert entry["route"] == "llm" and {"rule": "pii-in"}.items() <= entry["masked"][0].items()
     denied = subprocess.run([*base, "--decision", "deny"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert denied[0].split()[:4] == ["seq", "time", "event", "subject"] and len(denied) == 2 and "no_route" in denied[1]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream_server: FakeOpenAI) -> Path:
+    """A sealed recording of one chat exchange with an email in the prompt."""
+    recorder = own_gateway(tmp_path_factory.mktemp("recorded"), idp, pki).start()
+    with client(recorder, idp.mint(subject="original", groups=["agents"])) as c:
+        assert c.post(f"{upstream_server.url}/v1/chat/completions", json=chat(f"mail {PROMPT_PII[0]}")).status_code == 200
+    recorder.wait_audit(1)
+    recorder.stop()
+    (recording,) = recordings(recorder)
+    return recording
+
+
+@pytest.mark.parametrize("reauthenticated", [False, True])
+def test_client_replay_goes_through_the_policy_again(recorded: Path, tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI, reauthenticated: bool) -> None:
+    """`mitmdump -s hoop_addon/replay.py -s hoop_addon/addon.py -C RECORDING`: the
+    scrubbed token makes the replay fail identity; a fresh token lets it through,
+    masked, with the gateway's credential, and recorded again."""
+    token = idp.mint(subject="replayer", groups=["agents"]) if reauthenticated else ""
+    replay = own_gateway(tmp_path, idp, pki, client_replay=str(recorded), hoop_replay_token=token)
+    replay.argv[1:1] = ["-s", str(ROOT / "hoop_addon" / "replay.py")]  # before the gateway's script
+    (entry,) = replay.start().wait_audit(1)
+    replay.stop()
+    if not reauthenticated:
+        assert entry["decision"]["outcome"] == "deny" and entry["status"] == 401 and upstream.received == []
+        return
+    assert entry["decision"] == {"outcome": "allow"} and entry["identity"]["subject"] == "replayer"
+    (received,) = upstream.received
+    assert b"[REDACTED:EMAIL]" in received.body and f"Bearer {UPSTREAM_KEY}" in repr(received.headers)
+    code, out = verify(replay)
+    assert code == 0, out
+
+
+def test_server_replay_serves_the_recorded_masked_answer(recorded: Path, tmp_path: Path, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> None:
+    """`mitmdump -S RECORDING`: an agent gets the recorded (masked) answer, the
+    upstream is never asked."""
+    server = Gateway(tmp_path, tmp_path, pki[0].cert_path, bare=True, options={
+        "server_replay": str(recorded), "server_replay_ignore_content": "true", "server_replay_extra": "kill",
+        "server_replay_reuse": "true", "connection_strategy": "lazy",
+    }).start()
+    try:
+        with client(server) as c:
+            r = c.post(f"{upstream.url}/v1/chat/completions", json=chat("a different prompt"))
+    finally:
+        server.stop()
+    assert r.status_code == 200 and "[REDACTED:EMAIL]" in r.json()["choices"][0]["message"]["content"]
+    assert upstream.received == []
 
 
 def test_no_secret_or_unmasked_value_is_recorded_or_audited(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
