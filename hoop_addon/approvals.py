@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from hoop_addon.policy.model import ApprovalRule
 
-Outcome = Literal["approved", "denied", "timeout", "shutdown"]
+Outcome = Literal["approved", "denied", "timeout", "shutdown", "abandoned"]
 DECIDED_KEPT_S = 600.0
 
 LOCAL_OPERATOR = "local-operator"

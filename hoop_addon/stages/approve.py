@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.hooks import UpdateHook
 
 from hoop_addon import webhook
@@ -25,7 +26,9 @@ DENIALS = {
     "denied": (403, "approval_denied", "an approver denied this request"),
     "timeout": (403, "approval_timeout", "nobody approved this request in time"),
     "shutdown": (403, "gateway_shutdown", "the gateway shut down before this request was approved"),
+    "abandoned": (403, "client_gone", "the client closed its connection before a decision"),
 }
+CLIENT_CHECK_S = 0.5
 
 
 class Approve(Stage):
@@ -37,7 +40,9 @@ class Approve(Stage):
     injection, forwarding) run only once it returns; other flows are not delayed.
     Approve: the flow resumes and goes on. Deny, timeout or shutdown: a 403 response
     is set, then the flow resumes (mitmproxy 12 hangs a killed intercepted flow).
-    Resuming the flow in mitmproxy without `hoop.approve` denies it (fail closed).
+    Resuming the flow in mitmproxy without `hoop.approve` denies it (fail closed), and
+    so does the client closing its connection (outcome `abandoned`): an agent that gave
+    up may retry, and the stale request must not reach the upstream later.
 
     Ticket: the first request gets 202 `{"error": "approval_pending", "approval_id",
     "rule", "status", "deadline", "message", "stage"}` with `Retry-After`; once
@@ -81,7 +86,7 @@ class Approve(Stage):
         active = self.policy.active
         rule = next((r for r in active.policy.approval_rules if r.name == need["rule"]), None) if active else None
         if rule is None:
-            refuse(flow, 503, "approve", "approval_unavailable", "the approval rule is no longer in force; retry")
+            _refuse(flow, 503, "approval_unavailable", "the approval rule is no longer in force; retry")
             return
         if rule.mode == "ticket" and (ticket := self.queue.ticket(record["identity"]["subject"], key)):
             self._use_ticket(flow, ticket)
@@ -94,13 +99,13 @@ class Approve(Stage):
         try:
             item = self.queue.open(rule, record["identity"], summary, key, active.policy.max_pending)  # type: ignore[union-attr]
         except QueueFull as exc:
-            refuse(flow, 503, "approve", "approvals_full", str(exc), {"Retry-After": str(exc.retry_after)})
+            _refuse(flow, 503, "approvals_full", str(exc), {"Retry-After": str(exc.retry_after)})
             return
         try:
             self.audit.event("approval_requested", flow, approval=_audit_view(item))
         except OSError:
             self.queue.close(item, "denied")
-            refuse(flow, 503, "approve", "audit_failed", "the gateway could not audit this approval request")
+            _refuse(flow, 503, "audit_failed", "the gateway could not audit this approval request")
             return
         self._notify(item)
         if rule.mode == "ticket":
@@ -116,7 +121,7 @@ class Approve(Stage):
         ctx.master.addons.trigger(UpdateHook([flow]))
         logger.info(f"hoop: approval {item.id} pending: {item.requester['subject']} {flow.request.method} "
                     f"{item.request['url']} (rule {item.rule.name})")
-        waits = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(flow.wait_for_resume())]
+        waits = [asyncio.ensure_future(w) for w in (wakeup.wait(), flow.wait_for_resume(), _client_gone(flow))]
         try:
             await asyncio.wait(waits, timeout=max(0.0, item.deadline - self.queue.clock()), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -125,9 +130,12 @@ class Approve(Stage):
             del self.wakeups[item.id], self.held[item.id]
         if item.outcome is None:
             if not flow.intercepted:  # resumed in mitmproxy, not decided: fail closed
-                self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
+                try:
+                    self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
+                except ApprovalError:  # the requester is the local operator
+                    self.queue.close(item, "denied")
             else:
-                self.queue.close(item, "timeout")
+                self.queue.close(item, "timeout" if _connected(flow) else "abandoned")
         self._settle(flow, item)
         flow.resume()
         ctx.master.addons.trigger(UpdateHook([flow]))
@@ -136,16 +144,11 @@ class Approve(Stage):
 
     def _settle(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
         """Write the outcome into the flow's record; refuse it unless approved."""
-        record = hoop(flow)
-        record["approval"] = item.record()
-        audit = _audit_view(item)
-        if item.outcome == "approved":
-            record["decision"]["approval"] = audit
-            logger.info(f"hoop: approval {item.id} approved")
-            return
-        status, reason, message = DENIALS[item.outcome or "timeout"]
-        refuse(flow, status, "approve", reason, f"{message} (approval {item.id}, rule '{item.rule.name}')")
-        record["decision"]["approval"] = audit
+        hoop(flow)["approval"] = item.record()
+        if item.outcome != "approved":
+            status, reason, message = DENIALS[item.outcome or "timeout"]
+            _refuse(flow, status, reason, f"{message} (approval {item.id}, rule '{item.rule.name}')")
+        hoop(flow)["decision"]["approval"] = _audit_view(item)
         logger.info(f"hoop: approval {item.id} {item.outcome}")
 
     def _use_ticket(self, flow: http.HTTPFlow, ticket: PendingApproval) -> None:
@@ -162,8 +165,8 @@ class Approve(Stage):
     def _ticket_answer(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
         record = hoop(flow)
         record["approval"] = item.record()
-        refuse(
-            flow, 202, "approve", "approval_pending",
+        _refuse(
+            flow, 202, "approval_pending",
             f"this request needs approval (rule '{item.rule.name}'): retry the identical request once approved",
             {"Retry-After": "30"},
         )
@@ -271,6 +274,26 @@ class Approve(Stage):
                 await asyncio.sleep(0.2)  # let their response hooks (record, audit) run
             except TimeoutError:
                 logger.error(f"hoop: {len(self.held)} held flow(s) did not finish before shutdown")
+
+
+def _connected(flow: http.HTTPFlow) -> bool:
+    return bool(flow.client_conn.state & ConnectionState.CAN_READ)
+
+
+async def _client_gone(flow: http.HTTPFlow) -> None:
+    """Returns once the client has closed its connection: an approval must not send a
+    request upstream that its agent gave up on (and may have retried)."""
+    while _connected(flow):
+        await asyncio.sleep(CLIENT_CHECK_S)
+
+
+def _refuse(flow: http.HTTPFlow, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """`refuse` by this stage, keeping the shadow-mode rules the Guard stage matched in
+    the decision (the audit entry must still say what they would have done)."""
+    shadow = hoop(flow)["decision"].get("shadow")
+    refuse(flow, status, "approve", reason, message, headers)
+    if shadow:
+        hoop(flow)["decision"]["shadow"] = shadow
 
 
 def _audit_view(item: PendingApproval) -> dict[str, Any]:

@@ -91,11 +91,14 @@ def test_console_deny_by_flow_id_answers_403(stage: Approve) -> None:
 async def _console_deny_by_flow_id_answers_403(stage: Approve) -> None:
     with taddons.context(stage) as tctx:
         flow = held_flow()
+        shadow = [{"rule": "watch", "action": "block", "reason": "r"}]
+        hoop(flow)["decision"]["shadow"] = shadow
         task = await hold(stage, flow)
         tctx.master.commands.execute(f"hoop.deny {flow.id}")
         await asyncio.wait_for(task, 5)
         assert flow.response.status_code == 403 and not flow.intercepted
-        assert hoop(flow)["decision"]["reason"] == "approval_denied"
+        decision = hoop(flow)["decision"]
+        assert decision["reason"] == "approval_denied" and decision["shadow"] == shadow  # still audited
         with pytest.raises(exceptions.CommandError, match="already denied"):
             tctx.master.commands.execute(f"hoop.approve {hoop(flow)['approval']['id']}")
 
