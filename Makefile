@@ -45,7 +45,8 @@ run: init
 	@echo "hoop gateway on http://$(HOST):$(PORT). Point an agent at it:"
 	@echo "  export HTTPS_PROXY=http://agent:\$$($(PY) -m hoop_addon dev-token --subject my-agent --groups agents)@$(HOST):$(PORT)"
 	@echo "  export SSL_CERT_FILE=$(CURDIR)/$(HOME_DIR)/mitmproxy/mitmproxy-ca-cert.pem"
-	@echo "Recordings and the audit log go to recordings/."
+	@echo "Recordings and the audit log go to recordings/; check them with"
+	@echo "  $(PY) -m hoop_addon verify recordings --public-key $(HOME_DIR)/signing.pub"
 	@[ -n "$$OPENAI_API_KEY" ] || echo "note: OPENAI_API_KEY is not set: requests to api.openai.com will carry a placeholder key"
 	@echo
 	OPENAI_API_KEY=$${OPENAI_API_KEY:-unset-set-OPENAI_API_KEY} \

@@ -143,16 +143,16 @@ def select(
     in the decision or approval."""
     for e in entries:
         identity = e.get("identity") or {}
-        outcome = (e.get("decision") or {}).get("outcome")
+        decided = e.get("decision") or {}
         rules = {m.get("rule") for m in e.get("masked") or []} | {
-            (e.get("decision") or {}).get("rule"), (e.get("approval") or {}).get("rule"), e.get("rule")}
+            decided.get("rule"), (e.get("approval") or decided.get("approval") or {}).get("rule"), e.get("rule")}
         if (
             (subject is None or identity.get("subject") == subject)
             and (group is None or group in (identity.get("groups") or []))
             and (route is None or e.get("route") == route)
             and (since is None or e.get("time", "") >= since)
             and (until is None or e.get("time", "") <= until)
-            and (decision is None or outcome == decision)
+            and (decision is None or decided.get("outcome") == decision)
             and (rule is None or rule in rules)
             and (event is None or e.get("event") == event)
         ):

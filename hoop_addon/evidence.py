@@ -3,7 +3,8 @@
 `build()` writes a gzip'd tar with one directory `evidence/`:
 
 - `audit.jsonl`: the audit log's slice from the first entry at or after `since` to the
-  first checkpoint at or after the last entry before `until` (so the slice ends signed);
+  first checkpoint at or after the last entry before `until` (so the slice ends signed),
+  or later, until it holds the sealing of every recording it references;
 - every recording (flow file + manifest) the slice references and that still exists;
 - `keys/*.pub`: the public keys given;
 - `bundle.json`: `{"since", "until", "created", "audit_start": {"seq", "prev"}}` (where
@@ -31,13 +32,31 @@ from hoop_addon.verify import BUNDLE_INFO, verify_paths
 
 
 def _slice(lines: list[bytes], since: str, until: str) -> list[bytes]:
+    """The lines from the first entry at or after `since` to the first checkpoint after
+    the last entry at or before `until`, extended (to a checkpoint again) until every
+    recording the slice references has its sealing in it, if it was sealed."""
     entries = [orjson.loads(line) for line in lines]
     first = next((i for i, e in enumerate(entries) if e["time"] >= since), len(entries))
     last = max((i for i, e in enumerate(entries) if e["time"] <= until), default=-1)
     if last < first:
         return []
-    end = next((i for i in range(last, len(entries)) if entries[i]["event"] == CHECKPOINT), len(entries) - 1)
-    return lines[first:end + 1]
+
+    def checkpoint_after(i: int) -> int:
+        return next((j for j in range(i, len(entries)) if entries[j]["event"] == CHECKPOINT), len(entries) - 1)
+
+    end = checkpoint_after(last)
+    while True:
+        names = {_name(e) for e in entries[first:end + 1]} - {None}
+        sealed = max((i for i in range(end + 1, len(entries))
+                      if entries[i]["event"] == "recording_sealed" and _name(entries[i]) in names), default=end)
+        if sealed == end:
+            return lines[first:end + 1]
+        end = checkpoint_after(sealed)
+
+
+def _name(entry: dict) -> str | None:
+    name = entry.get("recording")
+    return Path(name).name if isinstance(name, str) and name else None
 
 
 def build(audit_log: Path, recordings: Path, since: str, until: str, output: Path, public_keys: Iterable[Path]) -> list[str]:
@@ -55,7 +74,7 @@ def build(audit_log: Path, recordings: Path, since: str, until: str, output: Pat
         root = Path(tmp) / "evidence"
         (root / "keys").mkdir(parents=True)
         (root / "audit.jsonl").write_bytes(b"\n".join(chosen) + b"\n")
-        names = {Path(n).name for line in chosen if isinstance(n := orjson.loads(line).get("recording"), str)}
+        names = {_name(orjson.loads(line)) for line in chosen} - {None}
         for name in sorted(names):
             for path in (recordings / name, manifest_path(recordings / name)):
                 if path.exists():

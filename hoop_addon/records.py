@@ -94,12 +94,13 @@ COLUMNS = ("seq", "time", "event", "subject", "route", "decision", "status", "ma
 
 def _row(e: dict[str, Any]) -> tuple[str, ...]:
     decision = e.get("decision") or {}
-    approval = e.get("approval") or {}
+    approval = e.get("approval") or decision.get("approval") or {}
+    approvers = ",".join(d["approver"] for d in approval.get("decisions") or [] if d.get("approve") and d.get("approver"))
     masked = ",".join(f"{m.get('rule')}:{sum((m.get('detectors') or {}).values())}" for m in e.get("masked") or [])
     return (
         str(e.get("seq", "")), e.get("time", ""), e.get("event", ""), (e.get("identity") or {}).get("subject") or "",
         e.get("route") or "", " ".join(x for x in (decision.get("outcome"), decision.get("reason")) if x),
-        str(e.get("status") or ""), masked, " ".join(str(x) for x in (approval.get("outcome"), approval.get("approver")) if x),
+        str(e.get("status") or ""), masked, " ".join(x for x in (approval.get("status"), approvers) if x),
         Path(e["recording"]).name if e.get("recording") else "",
     )
 

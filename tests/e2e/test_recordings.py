@@ -101,6 +101,18 @@ def test_cleanly_stopped_gateway_leaves_a_valid_signed_tree(gw: Gateway, upstrea
     assert manifest["sealed"] is True and manifest["identity"]["subject"] == "rec-agent"
     assert manifest["policy_hash"] == gw.audit()[0]["policy_hash"] and len(manifest["flows"]) == 3
 
+    second = manifest["flows"][1]  # tampering with what the real gateway wrote is caught too
+    data = bytearray(recording.read_bytes())
+    data[second["offset"] + second["length"] // 2] ^= 0x20
+    recording.write_bytes(bytes(data))
+    code, out = verify(gw)
+    assert code == 1 and f"INVALID {recording}: hash mismatch (flow 2 of 3)" in out, out
+    log = gw.recordings / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:1] + lines[2:]))
+    code, out = verify(gw)
+    assert code == 1 and "audit.jsonl: sequence gap at seq 2" in out, out
+
 
 def test_x_hoop_session_header_groups_connections(gw: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
     token = idp.mint(subject="multi-conn", groups=["agents"])

@@ -4,14 +4,17 @@ with recordings and the audit log, 0 for an untouched tree, 2 for usage errors."
 from __future__ import annotations
 
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 import pytest
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
+from hoop_addon import audit as audit_module
 from hoop_addon import keys
 from hoop_addon.audit import AuditLog
 from hoop_addon.cli import main
@@ -253,3 +256,30 @@ def test_evidence_bundle_verifies_offline(tree: Path, tmp_path: Path, capsys: py
     assert {"evidence/audit.jsonl", "evidence/alice-p1.mitm", "evidence/bob-p1.manifest.json",
             "evidence/keys/key.pub", "evidence/report.txt", "evidence/bundle.json"} <= names
     assert main(["verify", str(bundle), "--public-key", str(tmp_path / "key.pub")]) == 0, capsys.readouterr().out
+
+
+def test_evidence_window_ending_before_a_session_is_sealed(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slice is extended to the sealing of the recordings it references, so a window
+    that ends while a session was open still verifies; other sessions stay out."""
+    days = iter(range(1, 29))
+    clock = SimpleNamespace(time=time.time, strftime=time.strftime,
+                            gmtime=lambda *_: time.struct_time((2026, 2, next(days), 0, 0, 0, 0, 32, 0)))
+    monkeypatch.setattr(audit_module, "time", clock)  # each audit entry one day later
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    log = AuditLog(directory / "audit.jsonl", signer, checkpoint_entries=2)
+    record(directory, log, signer, "alice", ["one", "two", "three"])
+    record(directory, log, signer, "bob", ["four"])
+    log.close()
+    bundle = tmp_path / "window.tar.gz"
+    assert main(["evidence", "--since", "2026-02-01", "--until", "2026-02-01", "-o", str(bundle),
+                 "--recordings", str(directory), "--public-key", str(tmp_path / "key.pub")]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(bundle), "--public-key", str(tmp_path / "key.pub")]) == 0, capsys.readouterr().out
+    with tarfile.open(bundle) as archive:
+        names = archive.getnames()
+        sliced = archive.extractfile("evidence/audit.jsonl").read().splitlines()
+    assert "evidence/alice-p1.mitm" in names and "evidence/bob-p1.mitm" not in names
+    assert [orjson.loads(line)["event"] for line in sliced] == ["request", "request", "checkpoint", "request", "recording_sealed", "checkpoint"]
