@@ -18,13 +18,14 @@ PYTHON := $(shell for c in python3.14 python3.13 python3.12 python3 \
 	&& { echo $$p; break; }; done)
 endif
 
-.PHONY: help venv init run test demo bench policy-check clean
+.PHONY: help venv init run test demo bench bench-engine policy-check clean
 
 help:
 	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options"
 	@echo "make test   install and run the whole test suite"
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
 	@echo "make bench  the gateway against bare mitmdump and direct calls (ratios; QUICK=1 for a smoke run)"
+	@echo "make bench-engine   the masking engine alone: MB/s on 8 KB, 64 KB, 1 MB bodies"
 	@echo "make policy-check   validate rules/"
 
 $(VENV)/.installed: pyproject.toml
@@ -63,6 +64,9 @@ demo: init
 
 bench: venv
 	$(PY) bench/chain.py $(if $(QUICK),--quick)
+
+bench-engine: venv
+	$(PY) bench/engine.py
 
 policy-check: venv
 	$(PY) -m hoop_addon policy check rules

@@ -2,7 +2,8 @@
 
 The chain, in hook order: identify -> admit (route) -> guard (block rules; approval
 needed?) -> mask request -> approve (hold or ticket) -> inject credential -> upstream
--> mask response -> record -> audit.
+-> mask response -> record -> audit -> restore (tokenized values, for the client
+only).
 """
 
 from hoop_addon.stages.admit import Admit
@@ -12,7 +13,7 @@ from hoop_addon.stages.control import Control
 from hoop_addon.stages.credentials import InjectCredential
 from hoop_addon.stages.guard import Guard
 from hoop_addon.stages.identify import Identify
-from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.mask import Mask, Restore
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
 
@@ -20,8 +21,9 @@ policy = PolicyStage()
 audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
 
 control = Control()  # the control API; stages add their handlers to it
+mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
 
 addons = [
-    policy, Identify(policy), Admit(policy), Guard(policy), Mask(), Approve(policy, control, audit),
-    InjectCredential(), Record(policy, audit), audit, control,
+    policy, Identify(policy), Admit(policy), Guard(policy), mask, Approve(policy, control, audit),
+    InjectCredential(), Record(policy, audit), audit, control, Restore(mask),
 ]

@@ -2,16 +2,34 @@
 
 A detector is an RE2 pattern (linear-time, no backtracking: user-written patterns can
 never cause ReDoS) plus an optional validator that confirms a candidate match, so that
-a 16-digit order number is not taken for a card number.
+a 16-digit order number is not taken for a card number, and optional keyword context
+(one of `keywords` must appear shortly before the match).
 
-Sources: email after the dot-atom form of RFC 5322 §3.4.1 (practical subset);
-payment cards per ISO/IEC 7812 (13 to 19 digits, Luhn check digit, ISO/IEC 7812-1 Annex B);
-US SSN per SSA's rules (no area 000, 666 or 9xx, no group 00, no serial 0000);
-AWS access key ids per AWS IAM identifiers documentation; OpenAI keys `sk-` / `sk-proj-`.
+Sources, and what keeps each precise:
+- email: dot-atom form of RFC 5322 §3.4.1 (practical subset).
+- phone: ITU-T E.164 (`+` and 7 to 15 digits, separators allowed) and the North
+  American Numbering Plan (NXX-NXX-XXXX: area and exchange codes start with 2-9);
+  separators are required in national form, so timestamps and ids are not phones.
+- payment_card: ISO/IEC 7812 (13 to 19 digits, Luhn check digit per ISO/IEC 7812-1
+  Annex B) and a major-industry identifier of 2 to 6 (cards), so a millisecond
+  timestamp (1...) is not a card.
+- us_ssn: SSA's rules (no area 000, 666 or 9xx, no group 00, no serial 0000).
+- iban: ISO 13616 (country, 2 check digits, up to 30 alphanumerics, mod-97 == 1).
+- ipv4 / ipv6: RFC 791 dotted quad, RFC 4291 §2.2 text forms (validated by
+  `ipaddress`, so `12:30:45` is not an address).
+- secrets, by their published prefixes: AWS access key ids (IAM identifiers
+  documentation: AKIA/ASIA/...) and secret access keys (40 base64 characters with the
+  word `aws` or `secret` nearby, mixed case and a digit, so a git SHA is not one);
+  OpenAI `sk-`/`sk-proj-`; Anthropic `sk-ant-`; GitHub `ghp_`/`gho_`/`ghu_`/`ghs_`/
+  `ghr_`/`github_pat_`; GitLab `glpat-`; Slack `xox?-`; Stripe `sk_live_`/`rk_test_`...;
+  Google API keys `AIza` + 35; JWTs (RFC 7519 compact JWS: two base64url `eyJ` parts);
+  PEM private keys (RFC 7468 `-----BEGIN ... PRIVATE KEY-----` to its END line).
+Version strings (`1.2.3`), git SHAs and timestamps match none of these.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,13 +46,17 @@ class Detector:
 
     `name` is the policy name (`email`), `label` the replacement tag (`EMAIL`),
     `pattern` RE2 syntax without capturing groups, `validator` an optional
-    `str -> bool` run on each candidate match only.
+    `str -> bool` run on each candidate match only. With `keywords` (lower-case), a
+    candidate counts only if one of them occurs, in any case, within `window`
+    characters before it.
     """
 
     name: str
     label: str
     pattern: str
     validator: Callable[[str], bool] | None = field(default=None, compare=False)
+    keywords: tuple[str, ...] = ()
+    window: int = 40
 
     def __post_init__(self) -> None:
         try:
@@ -44,6 +66,14 @@ class Detector:
             raise DetectorError(f"invalid RE2 pattern: {reason}") from None
         if compiled.groups:
             raise DetectorError("pattern must not contain capturing groups; use (?:...)")
+
+    def in_context(self, text: str, start: int) -> bool:
+        """True when the detector has no keywords, or one occurs in the `window`
+        characters of `text` before offset `start`."""
+        if not self.keywords:
+            return True
+        before = text[max(0, start - self.window) : start].lower()
+        return any(k in before for k in self.keywords)
 
 
 def luhn_valid(number: str) -> bool:
@@ -62,12 +92,54 @@ def luhn_valid(number: str) -> bool:
     return total % 10 == 0
 
 
+def card_valid(number: str) -> bool:
+    """A payment card number: Luhn-valid, with a card industry identifier (2-6)."""
+    return number[0] in "23456" and luhn_valid(number)
+
+
 def ssn_valid(ssn: str) -> bool:
     """True for a structurally valid US SSN `AAA-GG-SSSS` (SSA: area not 000, 666 or
     900-999; group not 00; serial not 0000)."""
     area, group, serial = ssn[0:3], ssn[4:6], ssn[7:11]
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
+
+def iban_valid(iban: str) -> bool:
+    """ISO 13616 / ISO 7064 mod 97-10: the rearranged number modulo 97 is 1."""
+    compact = iban.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    digits = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
+    return int(digits) % 97 == 1
+
+
+def phone_valid(phone: str) -> bool:
+    """7 to 15 digits (E.164 §6.2.1), not all the same digit."""
+    digits = [c for c in phone if c.isdigit()]
+    return 7 <= len(digits) <= 15 and len(set(digits)) > 1
+
+
+def ip_valid(text: str) -> bool:
+    """A valid IPv4 or IPv6 address (RFC 791 / RFC 4291), not the unspecified `::`."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return not address.is_unspecified
+
+
+def aws_secret_valid(key: str) -> bool:
+    """40 base64 characters with upper and lower case and a digit (a hex SHA has no
+    upper case)."""
+    return any(c.isupper() for c in key) and any(c.islower() for c in key) and any(c.isdigit() for c in key)
+
+
+def openai_key_valid(key: str) -> bool:
+    """An `sk-` key that is not Anthropic's `sk-ant-` (that detector reports it)."""
+    return not key.startswith("sk-ant-")
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 
 BUILTIN: dict[str, Detector] = {
     d.name: d
@@ -78,14 +150,47 @@ BUILTIN: dict[str, Detector] = {
             r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
             r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,63}",
         ),
-        Detector("payment_card", "CARD", r"\b(?:\d[ -]?){12,18}\d\b", luhn_valid),
+        Detector(
+            "phone",
+            "PHONE",
+            r"(?:\+[1-9](?:[ .-]?\(?[0-9]\)?){6,14}\b"
+            r"|(?:\([2-9][0-9]{2}\) ?|\b[2-9][0-9]{2}[-. ])[2-9][0-9]{2}[-. ][0-9]{4}\b)",
+            phone_valid,
+        ),
+        Detector("payment_card", "CARD", r"\b(?:\d[ -]?){12,18}\d\b", card_valid),
         Detector("us_ssn", "SSN", r"\b\d{3}-\d{2}-\d{4}\b", ssn_valid),
+        Detector("iban", "IBAN", r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", iban_valid),
+        Detector("ipv4", "IPV4", rf"\b{_OCTET}(?:\.{_OCTET}){{3}}\b", ip_valid),
+        Detector(
+            "ipv6",
+            "IPV6",
+            r"(?:\b[0-9A-Fa-f]{1,4}|:)(?::[0-9A-Fa-f]{0,4}){2,7}(?:\b|::)(?:\.[0-9]{1,3}){0,3}",
+            ip_valid,
+        ),
         Detector("aws_access_key_id", "AWS_KEY", r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b"),
-        Detector("openai_api_key", "OPENAI_KEY", r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}\b"),
+        Detector(
+            "aws_secret_access_key",
+            "AWS_SECRET",
+            r"\b[A-Za-z0-9/+]{40}\b",
+            aws_secret_valid,
+            keywords=("aws", "secret"),
+        ),
+        Detector("openai_api_key", "OPENAI_KEY", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", openai_key_valid),
+        Detector("anthropic_api_key", "ANTHROPIC_KEY", r"\bsk-ant-[A-Za-z0-9_-]{20,}"),
+        Detector("github_token", "GITHUB_TOKEN", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"),
+        Detector("gitlab_token", "GITLAB_TOKEN", r"\bglpat-[A-Za-z0-9_-]{20,}"),
+        Detector("slack_token", "SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+        Detector("stripe_key", "STRIPE_KEY", r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"),
+        Detector("google_api_key", "GOOGLE_KEY", r"\bAIza[0-9A-Za-z_-]{35}"),
         Detector(
             "jwt",
             "JWT",
             r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}",
+        ),
+        Detector(
+            "pem_private_key",
+            "PRIVATE_KEY",
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?s:.)*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
         ),
     )
 }

@@ -5,24 +5,41 @@ compiled into one RE2 alternation, so a text is scanned once whatever the number
 detectors, in linear time; validators (Luhn, ...) run only on candidate matches.
 
 JSON bodies are parsed with orjson; rules with RFC 9535 JSONPath `paths` mask the
-strings (and numbers) under the selected nodes, rules without paths mask every string.
-`text/event-stream` bodies (LLM streaming) are masked event by event: each `data:` line
-is a JSON document or text. Anything a rule cannot inspect raises `MaskError`, and the
-caller refuses the flow: nothing is forwarded unmasked.
+strings (and numbers) under the selected nodes, rules without paths mask every string;
+a selected string that is itself a JSON document (tool-call `arguments`) is masked as
+JSON. Form bodies (`application/x-www-form-urlencoded`) are masked as an object of
+field name -> list of values, NDJSON line by line, `text/event-stream` event by event
+(see `hoop_addon.masking.sse`), anything else as text. Anything a rule cannot inspect
+raises `MaskError`, and the caller refuses the flow: nothing is forwarded unmasked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 import re2
 
 from hoop_addon.detectors import Detector
+from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
 MAX_EVIDENCE_PATHS = 20
+MAX_DEPTH = 128
+"""Deepest JSON nesting inspected; deeper documents are refused."""
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"})
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+Replace = Callable[[str, Detector], str]
+_OPTIONS = re2.Options()
+_OPTIONS.max_mem = 64 << 20  # room for the combined DFA of many detectors (default 8 MiB)
+Span = tuple[int, int, Detector]
 
 
 class MaskError(Exception):
@@ -30,48 +47,104 @@ class MaskError(Exception):
     it never contains body content)."""
 
 
+@dataclass(slots=True)
+class MaskContext:
+    """What operators need beyond the rule: `secret`, the HMAC key of `hash`
+    (bytes), and `tokens`, the session's vault of `tokenize` (and of restoring)."""
+
+    secret: bytes | None = None
+    tokens: TokenSession | None = None
+
+    def replacer(self, rule: MaskRule) -> Replace:
+        """The function giving a match's replacement under `rule.operator`. Raises
+        `MaskError` if the operator lacks what it needs (no secret, no session)."""
+        if rule.operator == "partial":
+            keep = rule.keep
+            return lambda v, d: "*" * len(v) if len(v) <= keep else "*" * (len(v) - keep) + v[len(v) - keep :]
+        if rule.operator == "hash":
+            if not self.secret:
+                raise MaskError(f"rule '{rule.name}' hashes values but no masking secret is configured")
+            key = self.secret
+            return lambda v, d: f"[{d.label}:{hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:16]}]"
+        if rule.operator == "tokenize":
+            if self.tokens is None:
+                raise MaskError(f"rule '{rule.name}' tokenizes values but the flow has no session")
+            tokens = self.tokens
+            return lambda v, d: tokens.token(d.label, v)
+        return _redacted
+
+
+def _redacted(value: str, detector: Detector) -> str:
+    return f"[REDACTED:{detector.label}]"
+
+
 class Scanner:
-    """One combined RE2 scan over a fixed set of detectors."""
+    """One combined RE2 scan over a fixed set of detectors.
+
+    The scan runs over the UTF-8 bytes (RE2's native input: no per-match offset
+    translation) with an alternation without groups (the DFA alone finds matches);
+    which detectors match a found value is asked of an RE2 set (one DFA pass too)."""
 
     def __init__(self, detectors: Sequence[Detector]) -> None:
-        self.detectors = {f"d{i}": d for i, d in enumerate(detectors)}
-        self.regex = re2.compile("|".join(f"(?P<{g}>{d.pattern})" for g, d in self.detectors.items()))
-        self._single: dict[str, Any] = {}  # group -> that detector alone, compiled on demand
+        self.detectors = tuple(detectors)
+        self.regex = re2.compile("|".join(f"(?:{d.pattern})" for d in self.detectors), _OPTIONS)
+        self.which = re2.Set.FullMatchSet(_OPTIONS)
+        for d in self.detectors:
+            self.which.Add(d.pattern)
+        self.which.Compile()
 
-    def spans(self, text: str) -> list[tuple[int, int, Detector]]:
+    def _matching(self, value: str) -> list[Detector]:
+        """The detectors whose pattern matches all of `value`, in rule order."""
+        if len(self.detectors) == 1:
+            return list(self.detectors)
+        return [self.detectors[i] for i in sorted(self.which.Match(value.encode()) or ())]
+
+    def spans(self, text: str) -> list[Span]:
         """The validated matches in `text`: (start, end, detector), in order, disjoint.
         Offsets are in characters."""
+        data = text.encode()
+        ascii_only = len(data) == len(text)
         found = []
-        for m in self.regex.finditer(text):
-            detector = self.detectors[m.lastgroup]
-            if detector.validator is None or detector.validator(m.group()):
-                found.append((m.start(), m.end(), detector))
-            elif inner := self._inner(m.lastgroup, text, m.start(), m.end()):
-                found.append(inner)
+        last_byte = last_char = 0
+        for m in self.regex.finditer(data):
+            start, end = m.span()
+            if not ascii_only:  # byte offsets to character offsets, in one pass over the text
+                start_char = last_char + len(data[last_byte:start].decode())
+                end_char = start_char + len(data[start:end].decode())
+                last_byte, last_char = end, end_char
+                start, end = start_char, end_char
+            value = text[start:end]
+            for detector in self._matching(value):
+                if (detector.validator is None or detector.validator(value)) and detector.in_context(text, start):
+                    found.append((start, end, detector))
+                    break
+            else:
+                if inner := self._inner(text, start, end):
+                    found.append(inner)
         return found
 
-    def _inner(self, failed: str, text: str, start: int, end: int) -> tuple[int, int, Detector] | None:
+    def _inner(self, text: str, start: int, end: int) -> Span | None:
         """The longest validated match of any detector inside a candidate that failed
         validation: a greedy candidate may have swallowed digits around a valid value
         (`4111 1111 1111 1111 12`), or be another detector's value (an SSN read as a
         too-short card). Tries spans between word boundaries only; runs on failures only."""
+        if end - start > 256:  # long candidates (PEM blocks, base64) only fail as a whole
+            return None
         cuts = [k for k in range(start, end + 1) if k in (start, end) or _wordchar(text[k - 1]) != _wordchar(text[k])]
-        for i, j in sorted(((i, j) for i in cuts for j in cuts if i < j), key=lambda c: c[0] - c[1]):
+        for i, j in sorted(((i, j) for i in cuts for j in cuts if i < j and (i, j) != (start, end)), key=lambda c: c[0] - c[1]):
             value = text[i:j]
-            for group, detector in self.detectors.items():
-                if group == failed and (i, j) == (start, end):
-                    continue
-                single = self._single.get(group) or self._single.setdefault(group, re2.compile(detector.pattern))
-                if single.fullmatch(value) and (detector.validator is None or detector.validator(value)):
+            for detector in self._matching(value):
+                if (detector.validator is None or detector.validator(value)) and detector.in_context(text, i):
                     return i, j, detector
         return None
 
-    def redact(self, text: str, counts: dict[str, int]) -> str:
-        """`text` with every validated match replaced by `[REDACTED:LABEL]`; adds the
-        number of replacements per detector name to `counts`."""
+    def redact(self, text: str, counts: dict[str, int], replace: Replace = _redacted) -> str:
+        """`text` with every validated match replaced by `replace(value, detector)`
+        (default `[REDACTED:LABEL]`); adds the number of replacements per detector
+        name to `counts`."""
         spans = self.spans(text)
         _count(spans, counts)
-        return _spread([text], spans)[0] if spans else text
+        return spread([text], spans, replace)[0] if spans else text
 
 
 def _wordchar(c: str) -> bool:
@@ -79,13 +152,13 @@ def _wordchar(c: str) -> bool:
     return c.isascii() and (c.isalnum() or c == "_")
 
 
-def _count(spans: Iterable[tuple[int, int, Detector]], counts: dict[str, int]) -> None:
+def _count(spans: Iterable[Span], counts: dict[str, int]) -> None:
     for _, _, detector in spans:
         counts[detector.name] = counts.get(detector.name, 0) + 1
 
 
-def _spread(pieces: Sequence[str], spans: Sequence[tuple[int, int, Detector]]) -> list[str]:
-    """Redact `spans` of the concatenation of `pieces`, keeping the pieces apart: the
+def spread(pieces: Sequence[str], spans: Sequence[Span], replace: Replace = _redacted) -> list[str]:
+    """Replace `spans` of the concatenation of `pieces`, keeping the pieces apart: the
     replacement goes into the piece where a match starts, and the matched characters
     are removed from every piece they span (a value split across stream events)."""
     joined = "".join(pieces)
@@ -98,7 +171,7 @@ def _spread(pieces: Sequence[str], spans: Sequence[tuple[int, int, Detector]]) -
             if m_end <= start or m_start >= end:
                 continue
             if m_start >= start:
-                parts += (joined[pos:m_start], f"[REDACTED:{detector.label}]")
+                parts += (joined[pos:m_start], replace(joined[m_start:m_end], detector))
             pos = min(m_end, end)
         parts.append(joined[pos:end])
         result.append("".join(parts))
@@ -122,71 +195,147 @@ class Evidence:
     never the values. `records()` gives the JSON-safe list for metadata and audit."""
 
     def __init__(self) -> None:
-        self._rules: dict[str, tuple[dict[str, int], list[str]]] = {}
+        self._rules: dict[str, tuple[str, dict[str, int], list[str]]] = {}
 
     def add(self, rule: MaskRule, counts: dict[str, int], where: str) -> None:
         if not counts:
             return
-        total, paths = self._rules.setdefault(rule.name, ({}, []))
+        _, total, paths = self._rules.setdefault(rule.name, (rule.operator, {}, []))
         for name, n in counts.items():
             total[name] = total.get(name, 0) + n
         if where not in paths and len(paths) < MAX_EVIDENCE_PATHS:
             paths.append(where)
 
     def records(self, part: str) -> list[dict[str, Any]]:
+        """One record per rule that masked something: `{"rule", "part", "operator",
+        "count", "detectors": {name: count}, "where": [JSONPath or part, ...]}`."""
         return [
-            {"rule": name, "part": part, "operator": "redact", "count": sum(c.values()), "detectors": c, "where": w}
-            for name, (c, w) in self._rules.items()
+            {"rule": name, "part": part, "operator": op, "count": sum(c.values()), "detectors": c, "where": w}
+            for name, (op, c, w) in self._rules.items()
         ]
 
 
-def mask_body(body: bytes, content_type: str, rules: Sequence[MaskRule], part: str) -> tuple[bytes | None, list[dict[str, Any]]]:
+def mask_body(
+    body: bytes,
+    content_type: str,
+    rules: Sequence[MaskRule],
+    part: str,
+    context: MaskContext | None = None,
+) -> tuple[bytes | None, list[dict[str, Any]]]:
     """Mask a decoded HTTP body.
 
     `content_type` is the raw header value; `part` is "request" or "response" (for the
-    evidence). Returns (the new body, or None when nothing changed; the evidence
-    records). Raises `MaskError` when a rule cannot inspect the body: not UTF-8, or
-    not JSON although a rule selects JSONPath.
+    evidence); `context` carries the `hash` secret and `tokenize` session. Returns (the
+    new body, or None when nothing changed; the evidence records). Raises `MaskError`
+    when a rule cannot inspect the body: not UTF-8, not JSON although a rule selects
+    JSONPath (unless every such rule says `on_invalid_json: text`), nested deeper than
+    `MAX_DEPTH`.
     """
+    rules = [r for r in rules if r.body]
     evidence = Evidence()
     if not body or not rules:
         return None, []
+    context = context or MaskContext()
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime == "text/event-stream":
-        new = _mask_sse(body, rules, evidence)
+        from hoop_addon.masking.sse import EventStreamMasker  # sse builds on this module
+
+        masker = EventStreamMasker(rules, context, evidence)
+        new = masker.feed(body, final=True)
+        # Only the pieces moved between events when nothing was masked: keep the original.
+        return (new if masker.masked or masker.restored else None), evidence.records(part)
+    if mime == FORM_TYPE:
+        new = _mask_form(_text(body), rules, context, evidence)
+    elif mime in NDJSON_TYPES:
+        new = _mask_ndjson(body, rules, context, evidence)
     elif mime == "application/json" or mime.endswith("+json") or any(r.paths for r in rules):
-        doc, changed = mask_json(_parse_json(body), rules, evidence)
-        new = orjson.dumps(doc) if changed else None
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            if not all(r.on_invalid_json == "text" for r in rules):
+                raise MaskError(f"body is not valid JSON ({exc.args[0].split(':')[0]})") from None
+            new = _mask_plain(body, rules, context, evidence, part)
+        else:
+            doc, changed = mask_json(doc, rules, evidence, context)
+            new = orjson.dumps(doc) if changed else None
     else:
-        text = _text(body)
-        masked = _mask_text(text, rules, evidence, part)
-        new = masked.encode() if masked != text else None
+        new = _mask_plain(body, rules, context, evidence, part)
     return new, evidence.records(part)
 
 
-def mask_json(doc: Any, rules: Iterable[MaskRule], evidence: Evidence) -> tuple[Any, bool]:
+def _mask_plain(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> bytes | None:
+    text = _text(body)
+    masked = mask_text(text, rules, context, evidence, where)
+    return masked.encode() if masked != text else None
+
+
+def mask_text(text: str, rules: Iterable[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> str:
+    """`text` masked by every rule in turn (whole text, paths ignored); evidence is
+    located at `where` (a part name such as `request`, `query`, `header:x-user`)."""
+    for rule in rules:
+        counts: dict[str, int] = {}
+        text = scanner_for(rule).redact(text, counts, context.replacer(rule))
+        evidence.add(rule, counts, where)
+    return text
+
+
+def mask_json(
+    doc: Any, rules: Iterable[MaskRule], evidence: Evidence, context: MaskContext | None = None
+) -> tuple[Any, bool]:
     """Mask a parsed JSON document (in place where it is a container).
 
     Returns (the masked document, whether anything changed): a scalar root is
-    replaced, not mutated. Raises `MaskError` on nesting too deep to walk.
+    replaced, not mutated. Raises `MaskError` on nesting deeper than `MAX_DEPTH`.
     """
+    context = context or MaskContext()
     box = [doc]
     changed = False
     for rule in rules:
-        scanner = scanner_for(rule)
+        scanner, replace = scanner_for(rule), context.replacer(rule)
         for location, parent, key in _leaves(box, rule):
-            counts: dict[str, int] = {}
             value = parent[key]
-            masked = scanner.redact(value if isinstance(value, str) else str(value), counts)
+            if isinstance(value, str) and (inner := _json_in_string(value)) is not None:
+                new_inner, inner_changed = mask_json(inner, [_whole(rule)], _Relocated(evidence, jsonpath(location)), context)
+                if inner_changed:
+                    parent[key] = orjson.dumps(new_inner).decode()
+                    changed = True
+                continue
+            counts: dict[str, int] = {}
+            masked = scanner.redact(value if isinstance(value, str) else str(value), counts, replace)
             if counts:
                 parent[key] = masked
-                evidence.add(rule, counts, _jsonpath(location))
+                evidence.add(rule, counts, jsonpath(location))
                 changed = True
-        changed |= _mask_keys(box, rule, scanner, evidence)
+        changed |= _mask_keys(box, rule, scanner, replace, evidence)
     return box[0], changed
 
 
-def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, evidence: Evidence) -> bool:
+class _Relocated(Evidence):
+    """Evidence for a JSON document inside a string: located under the string's path."""
+
+    def __init__(self, outer: Evidence, where: str) -> None:
+        self.outer, self.where = outer, where
+
+    def add(self, rule: MaskRule, counts: dict[str, int], where: str) -> None:
+        self.outer.add(rule, counts, f"{self.where} (JSON in string: {where})")
+
+
+def _whole(rule: MaskRule) -> MaskRule:
+    return dataclasses.replace(rule, paths=()) if rule.paths else rule
+
+
+def _json_in_string(value: str) -> Any:
+    """The object or array a string holds as JSON text (tool-call `arguments`), else None."""
+    if value.lstrip()[:1] not in ("{", "["):
+        return None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, (dict, list)) else None
+
+
+def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, replace: Replace, evidence: Evidence) -> bool:
     """Mask object member names at or under the rule's selected nodes, keeping member
     order; names that would collide after masking get a `#2`, `#3`... suffix."""
     roots = [n.location for _, q in rule.paths for n in q.finditer(box[0])] if rule.paths else [()]
@@ -194,6 +343,8 @@ def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, evidence: Evide
 
     def walk(value: Any, location: tuple[str | int, ...]) -> None:
         nonlocal changed
+        if len(location) > MAX_DEPTH:
+            raise MaskError(f"JSON is nested deeper than {MAX_DEPTH} levels")
         if isinstance(value, list):
             for index, item in enumerate(value):
                 walk(item, (*location, index))
@@ -202,9 +353,9 @@ def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, evidence: Evide
             for key, item in value.items():
                 walk(item, (*location, key))
                 counts: dict[str, int] = {}
-                new = scanner.redact(key, counts)
+                new = scanner.redact(key, counts, replace)
                 if counts:
-                    evidence.add(rule, counts, _jsonpath(location) + " (member name)")
+                    evidence.add(rule, counts, jsonpath(location) + " (member name)")
                     base, n = new, 1
                     while new in renamed or (new in value and new != key):
                         n += 1
@@ -215,28 +366,32 @@ def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, evidence: Evide
                 value.update(renamed)
                 changed = True
 
-    try:
-        for root in roots:
-            node = box[0]
-            for step in root:
-                node = node[step]
-            walk(node, tuple(root))
-    except RecursionError:
-        raise MaskError("JSON is nested too deeply to inspect") from None
+    for root in roots:
+        node = box[0]
+        for step in root:
+            node = node[step]
+        walk(node, tuple(root))
     return changed
 
 
 Leaf = tuple[tuple[str | int, ...], Any, str | int]
 
 
+def leaves(doc: Any, rule: MaskRule, numbers: bool = True) -> list[Leaf]:
+    """Every string (and, with `numbers`, number) at or under the nodes `rule` selects
+    in `doc` (all of them when it has no paths), once each, as (location in the
+    document, parent container, key); a scalar root's parent is a one-item list.
+    Raises `MaskError` beyond `MAX_DEPTH`."""
+    return _leaves([doc], rule, numbers)
+
+
 def _leaves(box: list[Any], rule: MaskRule, numbers: bool = True) -> list[Leaf]:
-    """Every string (and, with `numbers`, number) at or under the nodes the rule
-    selects in `box[0]` (all of them when it has no paths), once each, as
-    (location in the document, parent container, key)."""
     roots = [n.location for _, q in rule.paths for n in q.finditer(box[0])] if rule.paths else [()]
     found: dict[tuple[str | int, ...], Leaf] = {}
 
     def walk(parent: Any, key: str | int, location: tuple[str | int, ...]) -> None:
+        if len(location) > MAX_DEPTH:
+            raise MaskError(f"JSON is nested deeper than {MAX_DEPTH} levels")
         value = parent[key]
         if isinstance(value, dict):
             for child in list(value):
@@ -247,18 +402,15 @@ def _leaves(box: list[Any], rule: MaskRule, numbers: bool = True) -> list[Leaf]:
         elif isinstance(value, str) or numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
             found[location] = (location, parent, key)
 
-    try:
-        for root in roots:
-            parent: Any = box
-            for step in (0, *root)[:-1]:
-                parent = parent[step]
-            walk(parent, (0, *root)[-1], tuple(root))
-    except RecursionError:
-        raise MaskError("JSON is nested too deeply to inspect") from None
+    for root in roots:
+        parent: Any = box
+        for step in (0, *root)[:-1]:
+            parent = parent[step]
+        walk(parent, (0, *root)[-1], tuple(root))
     return list(found.values())
 
 
-def _jsonpath(location: Sequence[str | int]) -> str:
+def jsonpath(location: Sequence[str | int]) -> str:
     """RFC 9535 normalized path of a location (§2.7), e.g. `$['messages'][0]`."""
     return "$" + "".join(f"[{s}]" if isinstance(s, int) else f"['{_quote(s)}']" for s in location)
 
@@ -271,78 +423,32 @@ def _quote(name: str) -> str:
     return "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 else c) for c in name)
 
 
-def _mask_text(text: str, rules: Iterable[MaskRule], evidence: Evidence, where: str) -> str:
-    for rule in rules:
-        if rule.paths:
-            raise MaskError(f"rule '{rule.name}' selects JSON paths but the body is not JSON")
-        counts: dict[str, int] = {}
-        text = scanner_for(rule).redact(text, counts)
-        evidence.add(rule, counts, where)
-    return text
+def _mask_form(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:
+    """An `application/x-www-form-urlencoded` body (WHATWG URL §5) masked as the
+    object {name: [values...]}, so `$.email` selects the `email` field."""
+    doc: dict[str, list[str]] = {}
+    for name, value in parse_qsl(text, keep_blank_values=True):
+        doc.setdefault(name, []).append(value)
+    doc, changed = mask_json(doc, rules, evidence, context)
+    return urlencode([(k, v) for k, values in doc.items() for v in values]).encode() if changed else None
 
 
-def _mask_sse(body: bytes, rules: Sequence[MaskRule], evidence: Evidence) -> bytes | None:
-    """Mask a server-sent event stream (WHATWG HTML §9.2), as a stream.
-
-    Each `data:` line is a JSON document (or text). The strings found at the same
-    location in successive events (e.g. `$.choices[0].delta.content`) are one text
-    split into pieces, so they are scanned concatenated and a value split across
-    events is still caught; the replacement lands in the piece where it starts.
-    """
-    lines = _text(body).split("\n")
-    docs: dict[int, list[Any]] = {}  # line index -> [parsed JSON], boxed
-    texts: list[int] = []
+def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:
+    """Newline-delimited JSON: each non-empty line is a document."""
+    lines = body.split(b"\n")
+    changed = False
     for i, line in enumerate(lines):
-        if not line.startswith("data:"):
+        if not line.strip():
             continue
-        data = _data(line)
-        if not data or data == "[DONE]":
-            continue
-        if data[0] in "{[":
-            docs[i] = [_parse_json(data.encode())]
-        else:
-            texts.append(i)
-    changed: set[int] = set()
-    for rule in rules:
-        scanner = scanner_for(rule)
-        streams: dict[tuple[str | int, ...], list[tuple[int, Any, str | int]]] = {}
-        for i, box in docs.items():
-            for location, parent, key in _leaves(box, rule, numbers=False):
-                streams.setdefault(location, []).append((i, parent, key))
-        for location, pieces in streams.items():
-            values = [parent[key] for _, parent, key in pieces]
-            if spans := scanner.spans("".join(values)):
-                for (i, parent, key), new in zip(pieces, _spread(values, spans)):
-                    parent[key] = new
-                    changed.add(i)
-                counts: dict[str, int] = {}
-                _count(spans, counts)
-                evidence.add(rule, counts, _jsonpath(location))
-        if texts:
-            if rule.paths:
-                raise MaskError(f"rule '{rule.name}' selects JSON paths but an event's data is not JSON")
-            values = [_data(lines[i]) for i in texts]
-            if spans := scanner.spans("".join(values)):
-                for i, new in zip(texts, _spread(values, spans)):
-                    lines[i] = "data: " + new + ("\r" if lines[i].endswith("\r") else "")
-                    changed.add(i)
-                counts = {}
-                _count(spans, counts)
-                evidence.add(rule, counts, "data")
-    for i in changed & docs.keys():
-        lines[i] = "data: " + orjson.dumps(docs[i][0]).decode() + ("\r" if lines[i].endswith("\r") else "")
-    return "\n".join(lines).encode() if changed else None
-
-
-def _data(line: str) -> str:
-    return line[5:].removeprefix(" ").rstrip("\r")
-
-
-def _parse_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MaskError(f"body is not valid JSON ({exc.args[0].split(':')[0]})") from None
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise MaskError(f"NDJSON line {i + 1} is not valid JSON") from None
+        doc, line_changed = mask_json(doc, rules, evidence, context)
+        if line_changed:
+            lines[i] = orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")
+            changed = True
+    return b"\n".join(lines) if changed else None
 
 
 def _text(body: bytes) -> str:

@@ -24,12 +24,13 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hoop_addon.identity import key_url_allowed
-from hoop_addon.detectors import BUILTIN, Detector, DetectorError, luhn_valid, ssn_valid
+from hoop_addon.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
 from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions, Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer")
-VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_valid, "us_ssn": ssn_valid}
+VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_valid, "us_ssn": ssn_valid, "iban": iban_valid}
+OPERATORS = ("redact", "partial", "hash", "tokenize")
 # A secret reference: ${ENV_VAR}, or ${file:PATH} (PATH relative to the policy file).
 _SECRET_REF = re.compile(r"\$\{(?:([A-Za-z_][A-Za-z0-9_]*)|file:([^}]+))\}")
 MAX_SECRET_FILE_BYTES = 64 * 1024
@@ -342,8 +343,12 @@ def _detector(m: _Map, names: dict[str, str]) -> Detector:
     if m.has("validator"):
         vnode = m.node("validator")
         validator = VALIDATORS[_choice(m.text("validator"), tuple(VALIDATORS), m.loc.at("validator"), vnode)]
+    keywords = tuple(k.lower() for k in m.texts("keywords", ()))
+    window = m.integer("window", 40)
+    if not 1 <= window <= 1000:
+        raise m.loc.at("window").error(m.node("window"), "must be 1..1000 characters")
     try:
-        detector = Detector(name, m.text("label", name.upper()), m.text("pattern"), validator)
+        detector = Detector(name, m.text("label", name.upper()), m.text("pattern"), validator, keywords, window)
     except DetectorError as exc:
         raise m.loc.at("pattern").error(m.node("pattern"), str(exc)) from None
     m.finish()
@@ -365,10 +370,27 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
         chosen.append(detectors[det])
     if not chosen:
         raise m.loc.at("detectors").error(m.where("detectors"), "name at least one detector")
-    _choice(m.text("operator", "redact"), ("redact",), m.loc.at("operator"), m.where("operator"))
+    operator = _choice(m.text("operator", "redact"), OPERATORS, m.loc.at("operator"), m.where("operator"))
+    keep = m.integer("keep", 4)
+    if not 0 <= keep <= 64:
+        raise m.loc.at("keep").error(m.node("keep"), "must be 0..64 characters")
+    on_invalid = _choice(m.text("on_invalid_json", "block"), ("block", "text"), m.loc.at("on_invalid_json"), m.where("on_invalid_json"))
+    body = _flag(m, "body", True)
+    query = _flag(m, "query", False)
+    headers = tuple(h.lower() for h in m.texts("headers", ()))
+    cookies = m.texts("cookies", ())
     m.finish()
     directions = frozenset(("request", "response") if direction == "both" else (direction,))
-    return MaskRule(name, directions, tuple(paths), tuple(chosen))  # type: ignore[arg-type]
+    return MaskRule(
+        name, directions, tuple(paths), tuple(chosen), operator, keep, on_invalid, body, headers, cookies, query,  # type: ignore[arg-type]
+    )
+
+
+def _flag(m: _Map, key: str, default: bool) -> bool:
+    if not m.has(key):
+        m.read.add(key)
+        return default
+    return _scalar(m.node(key), m.loc.at(key), bool)
 
 
 def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_env: bool) -> Route:

@@ -16,6 +16,7 @@ from hoop_addon.detectors import Detector
 
 TokenSource = Literal["authorization", "proxy_password", "proxy_bearer"]
 Direction = Literal["request", "response"]
+Operator = Literal["redact", "partial", "hash", "tokenize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +54,25 @@ class MaskRule:
 
     `paths` are compiled RFC 9535 JSONPath queries with their source text; an empty
     tuple means the whole body is scanned as text. `operator` is how a match is
-    replaced (`redact` gives `[REDACTED:LABEL]`).
+    replaced: `redact` gives `[REDACTED:LABEL]`, `partial` keeps the last `keep`
+    characters, `hash` gives a keyed HMAC-SHA256 pseudonym, `tokenize` a session token
+    `<LABEL_n>` restored in responses. `on_invalid_json` says what a body that is not
+    JSON under a rule with `paths` gets: `block` (refused) or `text` (scanned whole).
+    `body` is False for a rule that only masks the named `headers` / `cookies`
+    (lower-case names) or the `query` string.
     """
 
     name: str
     directions: frozenset[Direction]
     paths: tuple[tuple[str, JSONPathQuery], ...]
     detectors: tuple[Detector, ...]
-    operator: Literal["redact"] = "redact"
+    operator: Operator = "redact"
+    keep: int = 4
+    on_invalid_json: Literal["block", "text"] = "block"
+    body: bool = True
+    headers: tuple[str, ...] = ()
+    cookies: tuple[str, ...] = ()
+    query: bool = False
 
 
 @dataclass(frozen=True, slots=True)

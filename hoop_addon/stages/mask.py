@@ -1,49 +1,285 @@
-"""Stage 3: mask what the route's rules select, in requests and in responses."""
+"""Stage 3: mask what the route's rules select, in requests and in responses; and the
+last stage, `Restore`, which puts `tokenize` tokens back in the client's response."""
 
 from __future__ import annotations
 
-from mitmproxy import http
+import os
+import weakref
+from collections.abc import Hashable
+from typing import Any
+from pathlib import Path
 
-from hoop_addon.masking import MaskError, mask_body
-from hoop_addon.policy.model import Direction
-from hoop_addon.stages import Stage, allowed, hoop, refuse, route_of
+from mitmproxy import connection, ctx, http
+from mitmproxy.utils import human
+
+from hoop_addon.masking import EventStreamMasker, Evidence, MaskContext, MaskError, TokenSession, Vault, mask_body, mask_text
+from hoop_addon.masking.codec import Decoder, decode
+from hoop_addon.policy.model import Direction, MaskRule
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
+
+SESSION_HEADER = "X-Hoop-Session"
+_TEXTUAL = ("text/", "application/json", "application/x-ndjson", "application/x-www-form-urlencoded", "+json")
 
 
 class Mask(Stage):
-    """Applies the route's masking rules to request bodies before they go upstream and
-    to response bodies before they reach the client (or the recording).
+    """Applies the route's masking rules to requests before they go upstream and to
+    responses before they reach the client (or the recording).
 
-    Bodies are decoded from their content-encoding, masked, and re-encoded. A body the
-    rules cannot inspect is never passed on: the request is refused (422) or the
-    response is withheld (502). Response streaming is turned off for routes that mask
-    responses, because a streamed body would bypass the masker. Evidence (rule,
-    detector counts, JSONPath; never values) goes to `hoop.masked`.
+    Owns options `hoop_mask_secret` (where the `hash` operator's HMAC key is:
+    `env:NAME` or a file path; default `env:HOOP_MASK_SECRET`) and
+    `hoop_mask_max_body` (most bytes a body may decode to, e.g. `16m`: a larger one,
+    a decompression bomb, is refused).
+
+    Bodies are decoded from their content-encoding, masked, and re-encoded; the
+    `query`, `headers` and `cookies` a rule names are masked too. `text/event-stream`
+    responses are masked as they stream (`flow.response.stream` is a masking
+    callable; content-encoding is decoded and dropped); other responses are buffered.
+    Anything that cannot be inspected, and any error of the masker, is never passed
+    on: the request is refused (422, nothing reaches the upstream), the response
+    withheld (502), or the stream ended with an `event: error`. Evidence (rule,
+    operator, detector counts, JSONPath; never values) goes to `hoop.masked`.
+
+    A `tokenize` session is the identity on one client connection, or the identity
+    plus the `X-Hoop-Session` request header (removed before forwarding).
     """
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response and (route := route_of(flow)) is not None and route.rules_for("response"):
-            flow.response.stream = False
+    def __init__(self) -> None:
+        self.secret: bytes | None = None
+        self.max_body = 16 * 1024 * 1024
+        self.vault = Vault()
+        self.sessions: weakref.WeakKeyDictionary[http.HTTPFlow, TokenSession] = weakref.WeakKeyDictionary()
+        self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, EventStreamMasker] = weakref.WeakKeyDictionary()
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "hoop_mask_secret", str, "env:HOOP_MASK_SECRET",
+            "HMAC key of the `hash` masking operator: env:NAME or a file path.",
+        )
+        loader.add_option("hoop_mask_max_body", str, "16m", "Most bytes a body may decode to before it is refused.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "hoop_mask_max_body" in updated:
+            try:
+                size = human.parse_size(ctx.options.hoop_mask_max_body)
+            except ValueError:
+                size = None
+            if not size:
+                self.config_error(f"hoop: hoop_mask_max_body: not a size: {ctx.options.hoop_mask_max_body!r}")
+                return
+            self.max_body = size
+        if "hoop_mask_secret" in updated:
+            where = ctx.options.hoop_mask_secret
+            if where.startswith("env:"):
+                value = os.environ.get(where[4:], "")
+                self.secret = value.encode() or None
+            else:
+                try:
+                    self.secret = Path(where).read_bytes().strip() or None
+                except OSError as exc:
+                    self.config_error(f"hoop: hoop_mask_secret: cannot read {where}: {exc.strerror}")
+                    return
+                if self.secret is None:
+                    self.config_error(f"hoop: hoop_mask_secret: {where} is empty")
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.vault.drop((client.id,))
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None and allowed(flow):
-            self._mask(flow, flow.request, "request")
+        if flow.response is not None or not allowed(flow) or (route := route_of(flow)) is None:
+            return
+        label = flow.request.headers.pop(SESSION_HEADER, None)
+        rules = route.rules_for("request")
+        tokenizes = any(r.operator == "tokenize" for r in route.masking)
+        if not rules and not tokenizes:
+            return
+        if tokenizes:
+            subject = (hoop(flow).get("identity") or {}).get("subject", "")
+            key: Hashable = ("header", subject, label) if label else (flow.client_conn.id, subject)
+            self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
+        try:
+            if flow.request.stream:
+                raise MaskError("request body was streamed and cannot be inspected")
+            self._mask(flow, flow.request, rules, "request")
+        except Exception as exc:  # fail closed: whatever went wrong, nothing goes upstream
+            self._fail(flow, "request", exc)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and hoop(flow).get("forwarded"):
-            self._mask(flow, flow.response, "response")
-
-    def _mask(self, flow: http.HTTPFlow, message: http.Message, part: Direction) -> None:
-        if (route := route_of(flow)) is None or not (rules := route.rules_for(part)):
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or (route := route_of(flow)) is None or not hoop(flow).get("forwarded"):
+            return
+        rules = route.rules_for("response")
+        session = self.sessions.get(flow)
+        if not rules and not session:
+            return
+        response = flow.response
+        if _mime(response) != "text/event-stream":
+            response.stream = False  # buffered, so that `response` masks the whole body
             return
         try:
-            body = message.get_content(strict=True) or b""
-            new, evidence = mask_body(body, message.headers.get("Content-Type", ""), rules, part)
-        except (MaskError, ValueError) as exc:
-            if part == "request":
-                refuse(flow, 422, "mask", "unmaskable_request", f"request body could not be inspected: {exc}")
-            else:
-                refuse(flow, 502, "mask", "unmaskable_response", f"upstream response withheld: it could not be inspected: {exc}")
+            decoder = Decoder(response.headers.get("Content-Encoding", ""), self.max_body)
+        except MaskError:
+            response.stream = False  # `response` refuses it
             return
-        if new is not None:
-            message.content = new
-        hoop(flow).setdefault("masked", []).extend(evidence)
+        masker = EventStreamMasker(
+            rules, MaskContext(self.secret, session), Evidence(), restore=session,
+            record=bool(session) and ctx.options.store_streamed_bodies,
+        )
+        response.headers.pop("Content-Encoding", None)
+        response.headers.pop("Content-Length", None)
+        self.streams[flow] = masker
+        failed = False
+
+        def stream(chunk: bytes) -> list[bytes]:
+            # A list, never b"": an empty HTTP/1.1 chunk would end the response.
+            nonlocal failed
+            if failed:
+                return []
+            try:
+                if chunk:  # b"" is mitmproxy's end of stream
+                    out = masker.feed(decoder.feed(chunk))
+                else:
+                    out = masker.feed(decoder.feed(b""), final=True)
+                return [out] if out else []
+            except Exception as exc:  # fail closed: end the stream, audit why
+                failed = True
+                message = _message(exc)
+                logger.error(f"hoop: mask: stream of {flow.request.pretty_url} ended: {message}")
+                hoop(flow)["decision"] = {
+                    "outcome": "deny", "stage": "mask", "reason": "unmaskable_response",
+                    "message": f"upstream stream ended: it could not be inspected: {message}",
+                }
+                return [b'event: error\ndata: {"error":"unmaskable_response","stage":"mask"}\n\n']
+
+        response.stream = stream
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or not hoop(flow).get("forwarded") or (route := route_of(flow)) is None:
+            return
+        if (masker := self.streams.pop(flow, None)) is not None:
+            hoop(flow).setdefault("masked", []).extend(masker.evidence.records("response"))
+            if masker.recorded is not None and masker.restored:
+                flow.response.content = bytes(masker.recorded)  # the recording keeps the tokens
+            return
+        rules = route.rules_for("response")
+        if not rules:
+            return
+        try:
+            self._mask(flow, flow.response, rules, "response")
+        except Exception as exc:
+            self._fail(flow, "response", exc)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Mask a WebSocket text message (RFC 6455 §5.6) like a body: JSON if it looks
+        like JSON, else text; client messages under request rules, server messages
+        under response rules (tokens are not restored: the flow keeps its messages,
+        and a recording must not get values back). A message that cannot be masked
+        is dropped and the connection closed."""
+        if flow.websocket is None or (route := route_of(flow)) is None or not allowed(flow):
+            return
+        message = flow.websocket.messages[-1]
+        part: Direction = "request" if message.from_client else "response"
+        if not message.is_text or not (rules := route.rules_for(part)):
+            return
+        try:
+            content = message.content
+            kind = "application/json" if content.lstrip()[:1] in (b"{", b"[") else "text/plain"
+            new, records = mask_body(content, kind, rules, part, MaskContext(self.secret, self.sessions.get(flow)))
+            hoop(flow).setdefault("masked", []).extend(records)
+            if new is not None:
+                message.content = new
+        except Exception as exc:
+            logger.error(f"hoop: mask: WebSocket message on {flow.request.pretty_url} dropped, connection closed: {_message(exc)}")
+            message.drop()
+            flow.kill()
+
+    def _mask(self, flow: http.HTTPFlow, message: http.Message, rules: tuple[MaskRule, ...], part: Direction) -> None:
+        context = MaskContext(self.secret, self.sessions.get(flow))
+        evidence = Evidence()
+        if isinstance(message, http.Request):
+            _mask_query(message, rules, context, evidence)
+            _mask_named(message.cookies, "cookies", rules, context, evidence)
+        _mask_named(message.headers, "headers", rules, context, evidence)
+        records = evidence.records(part)
+        raw = message.raw_content
+        if raw and any(r.body for r in rules):
+            body = decode(raw, message.headers.get("Content-Encoding", ""), self.max_body)
+            new, body_records = mask_body(body, message.headers.get("Content-Type", ""), rules, part, context)
+            if new is not None:
+                message.content = new  # re-encoded with the message's Content-Encoding
+            records = _merge(records, body_records)
+        hoop(flow).setdefault("masked", []).extend(records)
+
+    def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception) -> None:
+        message = _message(exc)
+        logger.error(f"hoop: mask: {part} of {flow.request.pretty_url} refused: {message}")
+        if part == "request":
+            refuse(flow, 422, "mask", "unmaskable_request", f"request could not be inspected: {message}")
+        else:
+            refuse(flow, 502, "mask", "unmaskable_response", f"upstream response withheld: it could not be inspected: {message}")
+
+
+class Restore(Stage):
+    """After the recording and the audit line: puts the session's `tokenize` tokens
+    back into a buffered response for the client (streams are restored as they pass),
+    so that the recording keeps the tokens and the client gets its own values."""
+
+    def __init__(self, mask: Mask) -> None:
+        self.mask = mask
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        session = self.mask.sessions.get(flow)
+        response = flow.response
+        if not session or response is None or not hoop(flow).get("forwarded") or not allowed(flow):
+            return
+        if not response.raw_content or flow.response.stream or not _mime(response).endswith(_TEXTUAL):
+            return
+        try:
+            text = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body).decode()
+        except (MaskError, UnicodeDecodeError):
+            return  # nothing restorable; the masked body stands
+        restored, count = session.restore(text, escape="json" in _mime(response))
+        if count:
+            response.content = restored.encode()
+
+
+def _mime(message: http.Message) -> str:
+    return message.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def _message(exc: Exception) -> str:
+    """What to tell the client: a `MaskError`'s message (never body content), or only
+    the kind of an unexpected error."""
+    return str(exc) if isinstance(exc, MaskError) else f"masking failed ({type(exc).__name__})"
+
+
+def _merge(a: list[dict], b: list[dict]) -> list[dict]:
+    """Evidence records of the same rule merged (headers and body of one message)."""
+    merged = {r["rule"]: r for r in a}
+    for r in b:
+        if (m := merged.get(r["rule"])) is None:
+            merged[r["rule"]] = r
+            continue
+        m["count"] += r["count"]
+        for name, n in r["detectors"].items():
+            m["detectors"][name] = m["detectors"].get(name, 0) + n
+        m["where"] += [w for w in r["where"] if w not in m["where"]]
+    return list(merged.values())
+
+
+def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+    """Mask the values of the headers or cookies (`names`: the rule attribute) a rule
+    names, in `fields` (mitmproxy `Headers` or a cookies view: `get_all`/`set_all`)."""
+    for rule in rules:
+        for name in getattr(rule, names):
+            if values := fields.get_all(name):
+                where = f"{names[:-1]}:{name}"
+                fields.set_all(name, [mask_text(v, [rule], context, evidence, where) for v in values])
+
+
+def _mask_query(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+    chosen = [r for r in rules if r.query]
+    if not chosen or not request.query:
+        return
+    items = list(request.query.items(multi=True))
+    masked = [(k, mask_text(v, chosen, context, evidence, "query")) for k, v in items]
+    if masked != items:
+        request.query = masked

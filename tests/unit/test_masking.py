@@ -4,6 +4,9 @@ records, the bodies it refuses, and properties over generated JSON documents."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,9 +16,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mitmproxy import http, websocket
+from mitmproxy.http import Headers
+from mitmproxy.net import encoding as encoding_module
+from mitmproxy.test import taddons, tflow
+from wsproto.frame_protocol import Opcode
+
 from hoop_addon.detectors import BUILTIN
-from hoop_addon.masking import MaskError, mask_body
-from hoop_addon.policy.model import MaskRule
+from hoop_addon.masking import MaskContext, MaskError, Scanner, Vault, mask_body
+from hoop_addon.masking.codec import Decoder, decode
+from hoop_addon.policy import PolicyError, load_policy
+from hoop_addon.policy.model import MaskRule, Route
+from hoop_addon.stages import admit, hoop
+from hoop_addon.stages.mask import Mask
 
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -274,7 +287,7 @@ class TestEventStream:
 
         out = masked(body, "text/event-stream", [rule(DELTA)])
 
-        assert out.count(b"\n") == out.count(b"\r\n") == body.count(b"\r\n")
+        assert out.count(b"\n") == out.count(b"\r\n")  # a held tail's extra event keeps CRLF too
         assert streamed_text(out.replace(b"\r", b"")) == "mail [REDACTED:EMAIL]"
 
     def test_text_data_under_a_rule_with_paths_is_refused(self) -> None:
@@ -343,3 +356,289 @@ def test_planted_secret_never_survives(doc: Any, extra: str) -> None:
     out = masked(orjson.dumps([doc, extra]))
 
     assert not [secret for secret in SECRETS if secret.encode() in out]
+
+
+# --- Operators, shapes and limits -------------------------------------------------------
+
+def op_rule(operator: str, *paths: str, **extra: Any) -> MaskRule:
+    return dataclasses.replace(rule(*paths), operator=operator, **extra)
+
+
+class TestOperators:
+    def test_partial_keeps_the_last_characters(self) -> None:
+        assert masked(f"card {CARD}".encode(), "text/plain", [op_rule("partial", keep=4)]) == b"card " + b"*" * 15 + b"1111"
+
+    def test_hash_is_a_keyed_stable_pseudonym(self) -> None:
+        def hashed(secret: bytes, text: str) -> str:
+            new, _ = mask_body(text.encode(), "text/plain", [op_rule("hash")], "request", MaskContext(secret=secret))
+            assert new is not None
+            return new.decode()
+
+        one, again, other_key = hashed(b"k1", f"a {EMAIL}"), hashed(b"k1", f"b {EMAIL}"), hashed(b"k2", f"a {EMAIL}")
+        assert one.startswith("a [EMAIL:") and one[2:] == again[2:] and one != other_key
+        assert EMAIL not in one
+
+    def test_hash_without_a_secret_is_refused(self) -> None:
+        with pytest.raises(MaskError, match="no masking secret"):
+            mask_body(EMAIL.encode(), "text/plain", [op_rule("hash")], "request")
+
+    def test_tokenize_gives_session_tokens_and_restores_them(self) -> None:
+        session = Vault().session("s")
+        assert session is not None
+        context = MaskContext(tokens=session)
+        body = orjson.dumps({"a": f"{EMAIL} {CARD}", "b": EMAIL})
+
+        new, records = mask_body(body, "application/json", [op_rule("tokenize")], "request", context)
+
+        assert orjson.loads(new or b"") == {"a": "<EMAIL_1> <CARD_1>", "b": "<EMAIL_1>"}
+        assert records[0]["operator"] == "tokenize"
+        assert session.restore('{"x":"<EMAIL_1> and <EMAIL_9>"}', escape=True) == (f'{{"x":"{EMAIL} and <EMAIL_9>"}}', 1)
+        assert EMAIL not in repr(session) + repr(context)
+
+    def test_vault_is_bounded(self) -> None:
+        vault = Vault(max_sessions=2, max_tokens=2)
+        first = vault.session("a")
+        assert first is not None
+        tokens = [first.token("EMAIL", f"u{i}@example.com") for i in range(3)]
+        assert first.value(tokens[0]) is None and first.value(tokens[2]) == "u2@example.com"
+        vault.session("b"), vault.session("c")
+        assert vault.session("a", create=False) is None
+
+
+class TestShapes:
+    def test_form_fields_are_selected_by_name(self) -> None:
+        body = f"email={EMAIL}&note=card+{CARD.replace(' ', '+')}&x=1".encode()
+
+        out = masked(body, "application/x-www-form-urlencoded", [rule("$.email")])
+
+        assert out == b"email=%5BREDACTED%3AEMAIL%5D&note=card+4111+1111+1111+1111&x=1"
+
+    def test_ndjson_is_masked_line_by_line(self) -> None:
+        body = b'{"a": "jane.doe@example.com"}\n{"b": 1}\n\n{"c": "078-05-1120"}\n'
+
+        out = masked(body, "application/x-ndjson")
+
+        assert out.split(b"\n") == [b'{"a":"[REDACTED:EMAIL]"}', b'{"b": 1}', b"", b'{"c":"[REDACTED:SSN]"}', b""]
+
+    def test_invalid_json_falls_back_to_text_when_the_rule_says_so(self) -> None:
+        body = b'{"input": "jane.doe@example.com"'
+
+        assert masked(body, "application/json", [op_rule("redact", "$.input", on_invalid_json="text")]) == b'{"input": "[REDACTED:EMAIL]"'
+        with pytest.raises(MaskError, match="not valid JSON"):
+            mask_body(body, "application/json", [rule("$.input")], "request")
+
+    def test_json_inside_a_string_is_masked_as_json(self) -> None:
+        args = orjson.dumps({"to": "jane.doe\\u0040example.com".encode().decode("unicode_escape"), "n": 1}).decode()
+        body = orjson.dumps({"tool_calls": [{"function": {"arguments": args}}]})
+
+        out = orjson.loads(masked(body, rules=[rule("$.tool_calls[*].function.arguments")]))
+
+        assert orjson.loads(out["tool_calls"][0]["function"]["arguments"]) == {"to": "[REDACTED:EMAIL]", "n": 1}
+
+    def test_nesting_deeper_than_the_limit_is_refused(self) -> None:
+        with pytest.raises(MaskError, match="nested deeper"):
+            mask_body(b"[" * 200 + b"]" * 200, "application/json", [PII], "request")
+
+    def test_decompression_bomb_is_refused(self) -> None:
+        bomb = gzip.compress(b" " * 20_000_000)
+        with pytest.raises(MaskError, match="exceeds 1000000 bytes"):
+            decode(bomb, "gzip", 1_000_000)
+
+    @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+    def test_encoded_bodies_decode_in_any_chunks(self, encoding: str) -> None:
+        body = orjson.dumps({"a": EMAIL}) * 100
+        data = encoding_module.encode(body, encoding)
+        decoder = Decoder(encoding, 10**6)
+
+        assert b"".join(decoder.feed(data[i : i + 5]) for i in range(0, len(data), 5)) + decoder.feed(b"") == body
+
+
+# --- SSE through the Mask stage's real stream callable ----------------------------------
+
+REPLY = f"Sure. Write to {EMAIL} or pay with {CARD}; ref 078-05-1120 ok."
+COMPLETIONS = rule("$.choices[*].delta.content", name="completions")
+
+
+def sse_events(reply: str, piece: int = 8) -> list[bytes]:
+    """An OpenAI-style streamed completion of `reply`, `piece` characters per event."""
+
+    def event(delta: dict, finish: str | None = None) -> bytes:
+        doc = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    pieces = [reply[i : i + piece] for i in range(0, len(reply), piece)]
+    return [event({"role": "assistant", "content": ""}), *(event({"content": p}) for p in pieces), event({}, "stop"), b"data: [DONE]\n\n"]
+
+
+def gzip_stream(events: list[bytes]) -> bytes:
+    z = zlib.compressobj(wbits=31)
+    return b"".join(z.compress(e) + z.flush(zlib.Z_SYNC_FLUSH) for e in events) + z.flush()
+
+
+class Through:
+    """A response streamed through `Mask.responseheaders`' callable, as mitmproxy does
+    (a context manager: the addon context is set up once for many streams)."""
+
+    def __init__(self, rules: Sequence[MaskRule], encoding: str = "", tokens: dict[str, str] | None = None) -> None:
+        self.mask = Mask()
+        self.route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), tuple(rules))
+        self.tokens = tokens or {}
+        self.encoding = encoding
+        self.context = taddons.context(self.mask)
+
+    def __enter__(self) -> Through:
+        self.context.__enter__().options.add_option("store_streamed_bodies", bool, True, "a core proxy option")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.context.__exit__(*exc)
+
+    def __call__(self, chunks: Sequence[bytes]) -> tuple[bytes, http.HTTPFlow]:
+        flow = tflow.tflow()
+        flow.request.headers["Content-Type"] = "application/json"
+        flow.request.content = orjson.dumps({"v": list(self.tokens.values())})
+        admit(flow, self.route)
+        hoop(flow)["identity"] = {"subject": "agent"}
+        self.mask.request(flow)
+        hoop(flow)["forwarded"] = True
+        flow.response = tflow.tresp()
+        flow.response.headers = Headers(content_type="text/event-stream", **({"content_encoding": self.encoding} if self.encoding else {}))
+        self.mask.responseheaders(flow)
+        stream = flow.response.stream
+        assert callable(stream), "the response must be streamed"
+        out = b"".join(b"".join(stream(c)) for c in chunks if c) + b"".join(stream(b""))  # b"": the end
+        flow.response.content = out  # store_streamed_bodies: what mitmproxy keeps
+        self.mask.response(flow)
+        return out, flow
+
+
+def client_text(out: bytes) -> str:
+    """What an SSE client reassembles from the delta contents."""
+    text = []
+    for block in out.decode().split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: {"):
+                choices = orjson.loads(line[6:])["choices"]
+                text.append(choices[0]["delta"].get("content") or "" if choices else "")
+    return "".join(text)
+
+
+EXPECTED = "Sure. Write to [REDACTED:EMAIL] or pay with [REDACTED:CARD]; ref [REDACTED:SSN] ok."
+
+
+@pytest.mark.parametrize("encoding", ["", "gzip"])
+def test_sse_split_at_every_byte_boundary_through_the_stream_callable(encoding: str) -> None:
+    body = b"".join(sse_events(REPLY))
+    data = gzip_stream(sse_events(REPLY)) if encoding else body
+    with Through([COMPLETIONS], encoding) as through:
+        for cut in range(len(data) + 1):
+            out, flow = through([data[:cut], data[cut:]])
+
+            assert client_text(out) == EXPECTED, f"cut at {cut}"
+            assert not [s for s in (EMAIL, CARD, SSN) if s.encode() in out], f"cut at {cut}"
+            assert "content-encoding" not in flow.response.headers
+    assert hoop(flow)["masked"] == [
+        {"rule": "completions", "part": "response", "operator": "redact", "count": 3,
+         "detectors": {"email": 1, "payment_card": 1, "us_ssn": 1}, "where": ["$['choices'][0]['delta']['content']"]}
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(planted(), st.integers(1, 12), st.lists(st.integers(0, 10_000), max_size=8), st.booleans())
+def test_planted_value_never_survives_a_stream_cut_anywhere(text: str, piece: int, cuts: list[int], gzipped: bool) -> None:
+    events = sse_events(text, piece)
+    data = gzip_stream(events) if gzipped else b"".join(events)
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+
+    with Through([COMPLETIONS], "gzip" if gzipped else "") as through:
+        out, _ = through([data[a:b] for a, b in zip(bounds, bounds[1:])])
+
+    assert not [s for s in SECRETS if s.encode() in out]
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_tokens_are_restored_across_every_chunk_boundary_and_recorded_as_tokens() -> None:
+    data = b"".join(sse_events("Noted: <EMAIL_1> and <EMAIL_7>.", 5))
+    with Through([op_rule("tokenize", "$.v[*]", name="tok")], tokens={"e": EMAIL}) as through:
+        for cut in range(len(data) + 1):
+            out, flow = through([data[:cut], data[cut:]])
+
+            assert client_text(out) == f"Noted: {EMAIL} and <EMAIL_7>.", f"cut at {cut}"
+            assert EMAIL.encode() not in flow.response.content and b"<EMAIL_1>" in flow.response.content
+
+
+def test_a_masking_failure_ends_the_stream_and_is_recorded_as_a_denial(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Scanner, text: str) -> list:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Scanner, "spans", broken)
+    events = sse_events(REPLY)
+
+    with Through([COMPLETIONS]) as through:
+        out, flow = through(events)
+
+    assert out == b'event: error\ndata: {"error":"unmaskable_response","stage":"mask"}\n\n'  # and nothing after it
+    assert hoop(flow)["decision"]["reason"] == "unmaskable_response"
+
+
+# --- Query string, headers, cookies; the policy keys ------------------------------------
+
+def test_query_named_headers_and_cookies_are_masked_in_the_request() -> None:
+    fields = dataclasses.replace(rule(), body=False, query=True, headers=("x-user",), cookies=("uid",))
+    mask = Mask()
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (fields,))
+    with taddons.context(mask):
+        flow = tflow.tflow()
+        flow.request.url = f"https://api.example/v1?q=mail+{EMAIL}&n=1"
+        flow.request.headers["X-User"] = EMAIL
+        flow.request.headers["X-Other"] = EMAIL
+        flow.request.headers["Cookie"] = f"uid={EMAIL}; theme=dark"
+        flow.request.content = EMAIL.encode()
+        admit(flow, route)
+        hoop(flow)["identity"] = {"subject": "agent"}
+        mask.request(flow)
+
+    assert flow.request.query["q"] == "mail [REDACTED:EMAIL]" and flow.request.query["n"] == "1"
+    assert flow.request.headers["X-User"] == "[REDACTED:EMAIL]" and flow.request.headers["X-Other"] == EMAIL
+    assert flow.request.cookies["uid"] == "[REDACTED:EMAIL]" and flow.request.cookies["theme"] == "dark"
+    assert flow.request.content == EMAIL.encode()  # body: false
+    assert hoop(flow)["masked"][0]["where"] == ["query", "cookie:uid", "header:x-user"]
+
+
+def test_policy_masking_keys(tmp_path: Any) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\n"
+        "detectors:\n"
+        "  - {name: badge, pattern: 'B-[0-9]{4}', keywords: [Badge], window: 10}\n"
+        "masking:\n"
+        "  - name: r\n"
+        "    detectors: [badge, email]\n"
+        "    operator: partial\n"
+        "    keep: 2\n"
+        "    on_invalid_json: text\n"
+        "    body: false\n"
+        "    query: true\n"
+        "    headers: [X-User]\n"
+        "    cookies: [uid]\n"
+        "  - {name: bad, detectors: [email], operator: scramble}\n"
+    )
+    with pytest.raises(PolicyError, match=r"p.yaml:14: masking\[1\].operator: .*scramble"):
+        load_policy(tmp_path)
+    text = (tmp_path / "p.yaml").read_text().replace("  - {name: bad, detectors: [email], operator: scramble}\n", "")
+    (tmp_path / "p.yaml").write_text(text)
+    assert load_policy(tmp_path).routes == ()
+
+
+def test_websocket_text_messages_are_masked_and_an_unmaskable_one_is_dropped() -> None:
+    mask = Mask()
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (rule("$.text"),))
+    with taddons.context(mask):
+        flow = tflow.twebsocketflow()
+        admit(flow, route)
+        flow.websocket.messages = [websocket.WebSocketMessage(Opcode.TEXT, True, orjson.dumps({"text": f"hi {EMAIL}"}))]
+        mask.websocket_message(flow)
+        assert orjson.loads(flow.websocket.messages[-1].content) == {"text": "hi [REDACTED:EMAIL]"}
+
+        flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, False, f"not json {EMAIL}".encode()))
+        mask.websocket_message(flow)
+        assert flow.websocket.messages[-1].dropped and flow.error is not None

@@ -1,0 +1,353 @@
+"""Masking a server-sent event stream (WHATWG HTML §9.2) as it passes, chunk by chunk.
+
+LLM APIs stream a reply as many events, each carrying a piece of text at the same
+place (`$.choices[0].delta.content`, Anthropic's `$.delta.text`, tool-call
+`arguments`...). A value can be split across events and an event across network
+chunks, so `EventStreamMasker.feed` takes arbitrary byte chunks, keeps the incomplete
+event, and for each "streamed" location (a rule's JSONPath selection, or one of the
+known delta fields) keeps only the tail of the text that could still be the beginning
+of a value: the trailing run of characters that can occur inside one (for digit
+groups, the whole group run; for a PEM key, from its BEGIN line). Everything before it
+is masked and sent at once; the tail goes out, masked, with the next piece. If the
+next event has no piece there, the tail is sent first in an extra event built from the
+last one that had it. So time to first token is not held back by a window, and
+nothing is buffered beyond the current word.
+
+Tokens of the `tokenize` operator (`<EMAIL_1>`) in the stream are restored for the
+session, split or not; `recorded` then keeps the masked, unrestored bytes, which is
+what the recording must hold.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, Replace, jsonpath, leaves, scanner_for
+from hoop_addon.masking.vault import TokenSession
+from hoop_addon.policy.model import MaskRule
+
+MAX_HOLD = 64 * 1024
+"""Most characters held back at one location; beyond, the older part is sent."""
+MAX_EVENT = 8 * 1024 * 1024
+"""Largest single event accepted (an event is only parsed once complete)."""
+
+# Fixed, linear patterns of our own (RE2 is for policy-written ones): stdlib `re` is
+# faster on short Python strings.
+_TERMINATOR = re.compile(r"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+# Characters that never occur inside a detected value: a held tail starts after them.
+_SEPARATORS = frozenset(" \t\r\n\"',;[]{}\\|")
+# Digit groups (cards, phones, IBANs) span spaces and punctuation.
+_GROUPED = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ +().-/")
+_PEM = "-----BEGIN "
+
+Location = tuple[str | int, ...]
+
+
+def is_delta(location: Location) -> bool:
+    """True for the text fields LLM APIs stream in pieces: OpenAI chat
+    `choices[i].delta.content` / `.refusal` / `.tool_calls[j].function.arguments`,
+    OpenAI Responses `delta`, Anthropic `delta.text` / `delta.partial_json` /
+    `delta.thinking`."""
+    n = len(location)
+    return (
+        location == ("delta",)
+        or (n == 2 and location[0] == "delta" and location[1] in ("text", "partial_json", "thinking"))
+        or (n == 4 and location[0] == "choices" and location[2] == "delta" and location[3] in ("content", "refusal"))
+        or (
+            n == 7
+            and location[0] == "choices"
+            and location[2:4] == ("delta", "tool_calls")
+            and location[5:] == ("function", "arguments")
+        )
+    )
+
+
+def safe_cut(text: str) -> int:
+    """Where `text` (a stream's pending text) may be cut: everything before the
+    offset cannot be part of a value that continues in the next piece."""
+    i = len(text)
+    while i > 0 and text[i - 1] not in _SEPARATORS:
+        i -= 1
+    j = i
+    while j > 0 and text[j - 1] in _GROUPED:
+        j -= 1
+    if any(c.isalnum() for c in text[j:i]):
+        i = j
+    if (pem := text.rfind(_PEM)) >= 0 and text.find("-----END ", pem) < 0:
+        i = min(i, pem)
+    return max(i, len(text) - MAX_HOLD)
+
+
+@dataclass
+class _Stream:
+    """One streamed location: the text held back and the last event that carried it."""
+
+    held: str = ""
+    rules: list[MaskRule] = field(default_factory=list)
+    template: tuple[list[str], str, bytes] | None = None  # (other lines, line ending, data)
+
+
+@dataclass
+class _Event:
+    lines: list[str]  # non-data lines, with their endings
+    eol: str
+    doc: Any = None  # parsed JSON data, or None for text data
+    text: str | None = None
+    streamed: dict[Location, list[MaskRule]] = field(default_factory=dict)
+
+
+class EventStreamMasker:
+    """Masks a `text/event-stream` body fed in arbitrary chunks.
+
+    `rules` apply with `context` (operators); `evidence` collects what was masked;
+    `restore` is the session whose tokens are put back (None: no restoring); with
+    `record`, `recorded` accumulates the masked, unrestored output. `feed(chunk)`
+    returns the bytes to send now (UTF-8, identity-encoded); `feed(chunk, final=True)`
+    ends the stream and returns the rest. Raises `MaskError` when an event cannot be inspected
+    (not UTF-8, JSON expected but not found, an event over `MAX_EVENT`).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[MaskRule],
+        context: MaskContext,
+        evidence: Evidence,
+        restore: TokenSession | None = None,
+        record: bool = False,
+    ) -> None:
+        self.rules = [r for r in rules if r.body]
+        self.context, self.evidence, self.restore = context, evidence, restore
+        self.replacers: dict[str, Replace] = {r.name: context.replacer(r) for r in self.rules}
+        self.recorded: bytearray | None = bytearray() if record else None
+        self.restored = 0
+        self.masked = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._buffer = ""
+        self._streams: dict[Location, _Stream] = {}
+
+    def feed(self, chunk: bytes, final: bool = False) -> bytes:
+        try:
+            self._buffer += self._decoder.decode(chunk, final)
+        except UnicodeDecodeError:
+            raise MaskError("body is not UTF-8 text") from None
+        out: list[str] = []
+        recorded: list[str] = []
+        pos = 0
+        while m := _TERMINATOR.search(self._buffer, pos):
+            if m.end() == len(self._buffer) and self._buffer[-1] == "\r" and not final:
+                break  # a CR that a LF may follow in the next chunk
+            self._event(self._buffer[pos : m.end()], out, recorded)
+            pos = m.end()
+        self._buffer = self._buffer[pos:]
+        if final:
+            if self._buffer:
+                self._event(self._buffer, out, recorded)
+                self._buffer = ""
+            self._flush(set(), out, recorded)
+        elif len(self._buffer) > MAX_EVENT:
+            raise MaskError(f"an event exceeds {MAX_EVENT} bytes")
+        if self.recorded is not None:
+            self.recorded += "".join(recorded).encode()
+        return "".join(out).encode()
+
+    def _event(self, raw: str, out: list[str], recorded: list[str]) -> None:
+        lines = _LINE.findall(raw)
+        data = [ln for ln in lines if ln.startswith("data:") or ln.rstrip("\r\n") == "data"]
+        if not data:
+            out.append(raw)
+            recorded.append(raw)
+            return
+        value = "\n".join(_field(ln) for ln in data)
+        eol = data[0][len(data[0].rstrip("\r\n")) :] or "\n"
+        event = _Event([ln for ln in lines if ln not in data], eol)
+        if not value.strip() or value == "[DONE]":
+            self._flush(set(), out, recorded)
+            out.append(raw)
+            recorded.append(raw)
+            return
+        if value.lstrip()[:1] in ("{", "["):
+            try:
+                event.doc = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                raise MaskError("an event's data is not valid JSON") from None
+        else:
+            for rule in self.rules:
+                if rule.paths:
+                    raise MaskError(f"rule '{rule.name}' selects JSON paths but an event's data is not JSON")
+            event.text = value
+        changed = self._mask_event(event, out, recorded)
+        if not changed:
+            out.append(raw)
+            recorded.append(raw)
+
+    def _mask_event(self, event: _Event, out: list[str], recorded: list[str]) -> bool:
+        """Mask one event's data; append it (and any flushed tails) to the outputs.
+        Returns False when the event is unchanged and the caller sends it as is."""
+        changed = False
+        box = [event.doc if event.text is None else event.text]
+        # Which strings are streamed (pieces of one text) and which rules look at them.
+        if event.text is not None:
+            event.streamed[("data",)] = list(self.rules)
+            parents = {("data",): (box, 0)}
+        else:
+            parents = {}
+            for rule in self.rules:
+                for location, parent, key in leaves(box[0], rule):
+                    if isinstance(parent[key], str) and (rule.paths or is_delta(location)):
+                        event.streamed.setdefault(location, []).append(rule)
+                        parents[location] = (parent, key)
+                    else:
+                        counts: dict[str, int] = {}
+                        value = parent[key]
+                        new = scanner_for(rule).redact(value if isinstance(value, str) else str(value), counts, self.replacers[rule.name])
+                        if counts:
+                            parent[key] = new
+                            self.evidence.add(rule, counts, jsonpath(location))
+                            self.masked += sum(counts.values())
+                            changed = True
+            if self.restore is not None and len(self.restore):
+                for location, parent, key in leaves(box[0], _ALL, numbers=False):
+                    if location not in parents and is_delta(location):
+                        event.streamed[location] = []
+                        parents[location] = (parent, key)
+        # Tails held at locations this event does not continue go out first.
+        self._flush(set(event.streamed), out, recorded)
+        for location, rules in event.streamed.items():
+            parent, key = parents[location]
+            piece = parent[key]
+            stream = self._streams.setdefault(location, _Stream())
+            stream.rules = rules
+            emitted = self._advance(stream, location, piece, final=False)
+            if emitted != piece:
+                changed = True
+            parent[key] = emitted
+        if not changed and not self._restorable(box[0]):
+            self._remember(event, box[0])
+            return False
+        data_recorded = self._serialize(event, box[0])
+        self._remember(event, box[0])
+        restored = self._restore_doc(box[0])
+        recorded.append(data_recorded)
+        out.append(self._serialize(event, restored) if restored is not None else data_recorded)
+        return True
+
+    def _advance(self, stream: _Stream, location: Location, piece: str, final: bool) -> str:
+        """Append `piece` to the location's held text; return the masked part that
+        may go out now, keep the rest held."""
+        pending = stream.held + piece
+        spans = []
+        for rule in stream.rules:
+            spans += [(s, e, d, rule) for s, e, d in scanner_for(rule).spans(pending)]
+        spans.sort(key=lambda x: (x[0], -x[1]))
+        kept, last = [], 0
+        for span in spans:
+            if span[0] >= last:
+                kept.append(span)
+                last = span[1]
+        cut = len(pending) if final else safe_cut(pending)
+        for s, e, _, _ in kept:
+            if s < cut < e:
+                cut = s
+                break
+        parts, pos = [], 0
+        for s, e, detector, rule in kept:
+            if e > cut:
+                break
+            parts += (pending[pos:s], self.replacers[rule.name](pending[s:e], detector))
+            pos = e
+            self.evidence.add(rule, {detector.name: 1}, jsonpath(location) if location != ("data",) else "data")
+            self.masked += 1
+        parts.append(pending[pos:cut])
+        stream.held = pending[cut:]
+        return "".join(parts)
+
+    def _flush(self, continuing: set[Location], out: list[str], recorded: list[str]) -> None:
+        """Send, in an extra event copied from the last one that had it, the held
+        tail of every location not in `continuing`."""
+        for location, stream in self._streams.items():
+            if location in continuing or not stream.held or stream.template is None:
+                continue
+            lines, eol, data = stream.template
+            text = self._advance(stream, location, "", final=True)
+            if location == ("data",):
+                doc: Any = text
+            else:
+                doc = orjson.loads(data)
+                _blank(doc, set(self._streams))
+                _set(doc, location, text)
+            event = _Event(lines, eol)
+            recorded.append(self._serialize(event, doc))
+            restored = self._restore_doc(doc)
+            out.append(self._serialize(event, restored) if restored is not None else recorded[-1])
+
+    def _remember(self, event: _Event, doc: Any) -> None:
+        """Keep this event as the template of its streamed locations' extra events."""
+        if not event.streamed:
+            return
+        lines = [ln for ln in event.lines if not ln.startswith("id:") and ln.strip()]
+        data = doc.encode() if isinstance(doc, str) else orjson.dumps(doc)
+        for location in event.streamed:
+            self._streams[location].template = (lines, event.eol, data)
+
+    def _restorable(self, doc: Any) -> bool:
+        return self.restore is not None and len(self.restore) > 0 and "<" in (doc if isinstance(doc, str) else orjson.dumps(doc).decode())
+
+    def _restore_doc(self, doc: Any) -> Any:
+        """A copy of `doc` with the session's tokens restored, or None if none were."""
+        if self.restore is None or not len(self.restore):
+            return None
+        if isinstance(doc, str):
+            text, n = self.restore.restore(doc)
+            self.restored += n
+            return text if n else None
+        copy = orjson.loads(orjson.dumps(doc))
+        total = 0
+        for _, parent, key in leaves(copy, _ALL, numbers=False):
+            parent[key], n = self.restore.restore(parent[key])
+            total += n
+        self.restored += total
+        return copy if total else None
+
+    def _serialize(self, event: _Event, doc: Any) -> str:
+        eol = event.eol
+        if isinstance(doc, str):
+            data = "".join(f"data: {line}{eol}" for line in doc.split("\n"))
+        else:
+            data = f"data: {orjson.dumps(doc).decode()}{eol}"
+        lines = [ln for ln in event.lines if ln.strip()]
+        return "".join(lines) + data + eol
+
+
+_ALL = MaskRule("(restore)", frozenset({"response"}), (), ())
+
+
+def _field(line: str) -> str:
+    value = line.rstrip("\r\n")[5:]
+    return value[1:] if value.startswith(" ") else value
+
+
+def _set(doc: Any, location: Location, value: str) -> None:
+    node = doc
+    for step in location[:-1]:
+        node = node[step]
+    node[location[-1]] = value
+
+
+def _blank(doc: Any, locations: set[Location]) -> None:
+    """Empty the streamed strings of a template, so an extra event repeats no text."""
+    for location in locations:
+        node = doc
+        try:
+            for step in location[:-1]:
+                node = node[step]
+            if isinstance(node[location[-1]], str):
+                node[location[-1]] = ""
+        except (KeyError, IndexError, TypeError):
+            continue
