@@ -63,6 +63,7 @@ class Approve(Stage):
         self.finished = asyncio.Event()
         self.webhook_url = ""
         self.notifications: set[asyncio.Task[bool]] = set()
+        self.sweeper: asyncio.Task[None] | None = None
         for pattern, handler, kwargs in approval_handlers(self):
             control.server.add(pattern, handler, kwargs)
 
@@ -259,12 +260,37 @@ class Approve(Stage):
         except ApprovalError as exc:
             raise exceptions.CommandError(str(exc)) from None
 
+    def running(self) -> None:
+        super().running()
+        self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Time out tickets nobody decided (held flows time out on their own timers)."""
+        while True:
+            await asyncio.sleep(1)
+            self._audit_tickets(self.queue.expire())
+
+    def _audit_tickets(self, items: list[PendingApproval]) -> None:
+        """Audit tickets closed without a person (timeout, shutdown): no flow is waiting
+        to carry their outcome into its own audit entry."""
+        for item in items:
+            if item.rule.mode != "ticket":
+                continue
+            try:
+                self.audit.event("approval_decided", identity=item.requester, route=item.request["route"],
+                                 approver=None, approve=False, reason=item.outcome, approval=_audit_view(item))
+            except OSError as exc:
+                logger.error(f"hoop: approval {item.id}: {item.outcome} not audited: {exc}")
+
     async def done(self) -> None:
         """Deny every pending approval (outcome `shutdown`) and give held flows a moment
         to be answered and audited before the later stages close their files."""
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         denied = self.queue.shutdown()
         if denied:
             logger.warning(f"hoop: shutting down: {len(denied)} pending approval(s) denied")
+        self._audit_tickets(denied)
         if self.held:
             self.finished.clear()
             for wakeup in self.wakeups.values():

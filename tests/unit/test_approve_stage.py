@@ -5,6 +5,7 @@ held flow resumed without a decision."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -129,3 +130,26 @@ async def _shutdown_denies_held_flows(stage: Approve) -> None:
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
         assert [f.response.status_code for f in flows] == [403] * 3
         assert {hoop(f)["decision"]["reason"] for f in flows} == {"gateway_shutdown"}
+
+
+def test_tickets_nobody_decided_are_audited_when_they_time_out(stage: Approve) -> None:
+    asyncio.run(_tickets_nobody_decided_are_audited_when_they_time_out(stage))
+
+
+async def _tickets_nobody_decided_are_audited_when_they_time_out(stage: Approve) -> None:
+    ticket_rule = ApprovalRule("tickets", Conditions(methods=frozenset({"POST"})), frozenset({"sre"}), frozenset(), "why",
+                               timeout=60, mode="ticket")
+    stage.policy.active = Enforcement(replace(stage.policy.active.policy, approval_rules=(ticket_rule,)), stage.policy.active.verifier)
+    with taddons.context(stage):
+        flow = held_flow()
+        hoop(flow)["approval"]["rule"] = "tickets"
+        await stage.request(flow)
+        assert flow.response.status_code == 202
+        now = stage.queue.clock()
+        stage.queue.clock = lambda: now + 60
+        stage.running()
+        await asyncio.sleep(1.1)  # one sweep
+        stage.sweeper.cancel()
+        (name, fields), = [e for e in stage.audit.events if e[0] == "approval_decided"]
+        assert fields["reason"] == "timeout" and fields["approval"]["status"] == "timeout"
+        assert fields["identity"]["subject"] == "agent-1" and fields["approver"] is None
