@@ -182,12 +182,17 @@ def spread(pieces: Sequence[str], spans: Sequence[Span], replace: Replace = _red
 _SCANNERS: dict[tuple[Detector, ...], Scanner] = {}
 
 
+def scanner_of(detectors: tuple[Detector, ...]) -> Scanner:
+    """The (cached) combined scanner of `detectors`."""
+    scanner = _SCANNERS.get(detectors)
+    if scanner is None:
+        scanner = _SCANNERS[detectors] = Scanner(detectors)
+    return scanner
+
+
 def scanner_for(rule: MaskRule) -> Scanner:
     """The (cached) combined scanner of a rule's detectors."""
-    scanner = _SCANNERS.get(rule.detectors)
-    if scanner is None:
-        scanner = _SCANNERS[rule.detectors] = Scanner(rule.detectors)
-    return scanner
+    return scanner_of(rule.detectors)
 
 
 class Evidence:

@@ -28,11 +28,14 @@ from typing import Any
 
 import orjson
 
-from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, Replace, jsonpath, leaves, scanner_for
+from hoop_addon.detectors import Detector
+from hoop_addon.masking.engine import (
+    Evidence, Leaf, MaskContext, MaskError, Replace, Scanner, jsonpath, leaves, scanner_for, scanner_of,
+)
 from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
-MAX_HOLD = 64 * 1024
+MAX_HOLD = 8 * 1024
 """Most characters held back at one location; beyond, the older part is sent."""
 MAX_EVENT = 8 * 1024 * 1024
 """Largest single event accepted (an event is only parsed once complete)."""
@@ -91,7 +94,7 @@ class _Stream:
 
     held: str = ""
     rules: list[MaskRule] = field(default_factory=list)
-    template: tuple[list[str], str, bytes] | None = None  # (other lines, line ending, data)
+    template: tuple[list[str], str, Any] | None = None  # (other lines, line ending, masked data)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class EventStreamMasker:
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._buffer = ""
         self._streams: dict[Location, _Stream] = {}
+        self._scanners: dict[tuple[str, ...], tuple[Scanner | None, dict[Detector, MaskRule]]] = {}
 
     def feed(self, chunk: bytes, final: bool = False) -> bytes:
         try:
@@ -198,8 +202,12 @@ class EventStreamMasker:
             parents = {("data",): (box, 0)}
         else:
             parents = {}
+            selections: dict[tuple[str, ...], list[Leaf]] = {}  # rules often share their paths
             for rule in self.rules:
-                for location, parent, key in leaves(box[0], rule):
+                selection = tuple(p for p, _ in rule.paths)
+                if (found := selections.get(selection)) is None:
+                    found = selections[selection] = leaves(box[0], rule)
+                for location, parent, key in found:
                     if isinstance(parent[key], str) and (rule.paths or is_delta(location)):
                         event.streamed.setdefault(location, []).append(rule)
                         parents[location] = (parent, key)
@@ -242,24 +250,18 @@ class EventStreamMasker:
         """Append `piece` to the location's held text; return the masked part that
         may go out now, keep the rest held."""
         pending = stream.held + piece
-        spans = []
-        for rule in stream.rules:
-            spans += [(s, e, d, rule) for s, e, d in scanner_for(rule).spans(pending)]
-        spans.sort(key=lambda x: (x[0], -x[1]))
-        kept, last = [], 0
-        for span in spans:
-            if span[0] >= last:
-                kept.append(span)
-                last = span[1]
+        scanner, owner = self._scanner(stream.rules)
+        spans = scanner.spans(pending) if scanner else []
         cut = len(pending) if final else safe_cut(pending)
-        for s, e, _, _ in kept:
+        for s, e, _ in spans:
             if s < cut < e:
                 cut = s
                 break
         parts, pos = [], 0
-        for s, e, detector, rule in kept:
+        for s, e, detector in spans:
             if e > cut:
                 break
+            rule = owner[detector]
             parts += (pending[pos:s], self.replacers[rule.name](pending[s:e], detector))
             pos = e
             self.evidence.add(rule, {detector.name: 1}, jsonpath(location) if location != ("data",) else "data")
@@ -267,6 +269,18 @@ class EventStreamMasker:
         parts.append(pending[pos:cut])
         stream.held = pending[cut:]
         return "".join(parts)
+
+    def _scanner(self, rules: list[MaskRule]) -> tuple[Scanner | None, dict[Detector, MaskRule]]:
+        """One combined scan for all the rules of a location (each detector belongs to
+        the first rule naming it: that rule's operator replaces, its evidence counts)."""
+        key = tuple(r.name for r in rules)
+        if (found := self._scanners.get(key)) is None:
+            owner: dict[Detector, MaskRule] = {}
+            for rule in rules:
+                for detector in rule.detectors:
+                    owner.setdefault(detector, rule)
+            found = self._scanners[key] = (scanner_of(tuple(owner)) if owner else None, owner)
+        return found
 
     def _flush(self, continuing: set[Location], out: list[str], recorded: list[str]) -> None:
         """Send, in an extra event copied from the last one that had it, the held
@@ -279,7 +293,7 @@ class EventStreamMasker:
             if location == ("data",):
                 doc: Any = text
             else:
-                doc = orjson.loads(data)
+                doc = orjson.loads(orjson.dumps(data))  # a copy: the template may serve again
                 _blank(doc, set(self._streams))
                 _set(doc, location, text)
             event = _Event(lines, eol)
@@ -292,9 +306,8 @@ class EventStreamMasker:
         if not event.streamed:
             return
         lines = [ln for ln in event.lines if not ln.startswith("id:") and ln.strip()]
-        data = doc.encode() if isinstance(doc, str) else orjson.dumps(doc)
-        for location in event.streamed:
-            self._streams[location].template = (lines, event.eol, data)
+        for location in event.streamed:  # the document is not changed after this
+            self._streams[location].template = (lines, event.eol, doc)
 
     def _restorable(self, doc: Any) -> bool:
         return self.restore is not None and len(self.restore) > 0 and "<" in (doc if isinstance(doc, str) else orjson.dumps(doc).decode())

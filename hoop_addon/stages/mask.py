@@ -58,6 +58,10 @@ class Mask(Stage):
         loader.add_option("hoop_mask_max_body", str, "16m", "Most bytes a body may decode to before it is refused.")
 
     def configure(self, updated: set[str]) -> None:
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            # mitmproxy would stream a large body past the masker unread (fail closed)
+            self.config_error("hoop: stream_large_bodies is not supported: bodies must be masked; use body_size_limit")
+            return
         if "hoop_mask_max_body" in updated:
             try:
                 size = human.parse_size(ctx.options.hoop_mask_max_body)

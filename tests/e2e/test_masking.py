@@ -270,3 +270,11 @@ def test_injected_masking_failure_refuses_the_request(tmp_path: Path, upstream: 
     }
     assert entry["decision"]["outcome"] == "deny" and entry["decision"]["reason"] == "unmaskable_request"
     assert_absent(orjson.dumps(entry), (EMAIL,))
+
+
+def test_gateway_refuses_to_stream_large_bodies_past_the_masker(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
+    gw = Gateway(write_policy(tmp_path / "rules", idp, POLICY), tmp_path, pki[0].cert_path, options={"stream_large_bodies": "1m"})
+
+    status, output = gw.run_to_exit()
+
+    assert status == 1 and "stream_large_bodies is not supported" in output

@@ -9,6 +9,7 @@ import gzip
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import quote_plus, urlencode
 
 import jsonpath_rfc9535
 import orjson
@@ -642,3 +643,52 @@ def test_websocket_text_messages_are_masked_and_an_unmaskable_one_is_dropped() -
         flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, False, f"not json {EMAIL}".encode()))
         mask.websocket_message(flow)
         assert flow.websocket.messages[-1].dropped and flow.error is not None
+
+
+@settings(max_examples=100, deadline=None)
+@given(mixed_docs, st.sampled_from(["partial", "hash", "tokenize"]))
+def test_every_operator_is_idempotent(doc: Any, operator: str) -> None:
+    context = MaskContext(secret=b"k", tokens=Vault().session("s"))
+
+    def once(body: bytes) -> bytes:
+        new, _ = mask_body(body, "application/json", [op_rule(operator)], "request", context)
+        return body if new is None else new
+
+    first = once(orjson.dumps(doc))
+    assert once(first) == first
+
+
+def shaped(shape: str, secret_text: str) -> tuple[bytes, str]:
+    """A request body of `shape` carrying `secret_text`, and its Content-Type."""
+    if shape == "json":
+        return orjson.dumps({"messages": [{"content": secret_text}]}), "application/json"
+    if shape == "json-in-string":
+        return orjson.dumps({"arguments": orjson.dumps({"to": secret_text}).decode()}), "application/json"
+    if shape == "form":
+        return urlencode({"note": secret_text}).encode(), "application/x-www-form-urlencoded"
+    if shape == "ndjson":
+        return b'{"a": 1}\n' + orjson.dumps({"b": secret_text}) + b"\n", "application/x-ndjson"
+    return secret_text.encode(), "text/plain; charset=utf-8"
+
+
+@settings(max_examples=150, deadline=None)
+@given(planted(), st.sampled_from(["json", "json-in-string", "form", "ndjson", "text"]), st.sampled_from(["", "gzip", "deflate", "br", "zstd"]))
+def test_planted_value_never_survives_any_shape_or_encoding_through_the_stage(text: str, shape: str, encoding: str) -> None:
+    body, content_type = shaped(shape, text)
+    mask = Mask()
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (PII,))
+    with taddons.context(mask):
+        flow = tflow.tflow()
+        flow.request.headers["Content-Type"] = content_type
+        if encoding:
+            flow.request.headers["Content-Encoding"] = encoding
+        flow.request.content = body  # encoded per Content-Encoding
+        admit(flow, route)
+        hoop(flow)["identity"] = {"subject": "agent"}
+        mask.request(flow)
+
+    assert flow.response is None, "refused"
+    sent = flow.request.raw_content or b""
+    plain = encoding_module.decode(sent, encoding) if encoding else sent
+    assert not [s for s in SECRETS if s.encode() in plain or quote_plus(s).encode() in plain]
+    assert flow.request.headers.get("Content-Encoding", "") == encoding
