@@ -15,13 +15,16 @@ A recording is two files in the recordings directory:
        "recording": file name of the flow file, "identity": {subject, issuer, groups, ...},
        "client_session": X-Hoop-Session value or null, "policy_hash": sha256 hex,
        "started": RFC 3339 UTC, "updated": RFC 3339 UTC, "retention": seconds or null,
-       "flows": [{"offset": int, "length": int, "sha256": hex}, ...],
+       "flows": [{"offset": int, "length": int, "sha256": hex}, ...], "flow_count": int,
        "chain": hex, "sealed": bool, "key_id": hex or null, "signature": base64 or null}
 
   `chain` is the running hash: `c0 = 64 zeros`, `c_i = SHA-256(c_{i-1} || sha256_i)`
   over the raw 32-byte digests. `sealed` is true only when the recording was closed
-  cleanly; `signature` is Ed25519 over the canonical form of every other field. Flows
-  after the last checkpoint are the unsealed tail (see `hoop_addon.verify`).
+  cleanly. `signature` is Ed25519 over the canonical form of every field but `flows`
+  and `signature`: the signed `chain` and `flow_count` bind every flow's hash and
+  order, and offsets and lengths must tile the file from 0, so a checkpoint costs one
+  small signature however long the session. Flows after the last checkpoint are the
+  unsealed tail (see `hoop_addon.verify`).
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ class SessionRecording:
 
     def manifest(self, sealed: bool) -> dict[str, Any]:
         """The manifest as it stands, signed (a JSON-safe dict)."""
-        body = {
+        signed = {
             "format": FORMAT,
             "session": self.session_id,
             "part": self.part,
@@ -183,12 +186,12 @@ class SessionRecording:
             "started": utc(self.started),
             "updated": utc(time.time()),
             "retention": self.retention,
-            "flows": self.flows,
+            "flow_count": len(self.flows),
             "chain": self.chain,
             "sealed": sealed,
             "key_id": self.signer.key_id if self.signer else None,
         }
-        return {**body, "signature": self.signer.sign(body) if self.signer else None}
+        return {**signed, "flows": self.flows, "signature": self.signer.sign(signed) if self.signer else None}
 
     def checkpoint(self, sealed: bool = False) -> bytes:
         """Sign and atomically replace the manifest; returns its bytes."""

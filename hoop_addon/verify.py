@@ -95,9 +95,11 @@ def verify_recording(path: Path, keys: TrustedKeys) -> Item:
         return item
     item.info.update(session=manifest.get("session"), flows=len(flows), sealed=sealed,
                      key_id=manifest.get("key_id"), manifest_sha256=sha256(raw))
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    if problem := keys.check(body, manifest.get("key_id"), manifest.get("signature")):
+    signed = {k: v for k, v in manifest.items() if k not in ("signature", "flows")}
+    if problem := keys.check(signed, manifest.get("key_id"), manifest.get("signature")):
         item.invalid(f"manifest: {problem}")
+    if manifest.get("flow_count") != len(flows):
+        item.invalid(f"flow count mismatch: {len(flows)} listed, {manifest.get('flow_count')} signed")
     if manifest.get("recording") != path.name:
         item.invalid(f"manifest is for {manifest.get('recording')!r}, not this file")
     offset, running = 0, GENESIS

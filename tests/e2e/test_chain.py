@@ -50,7 +50,9 @@ def header(received, name: str) -> str | None:
 
 
 def recorded_bytes(gateway: Gateway) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(gateway.recordings.iterdir()))
+    """Every recording, manifest and the audit log (not a manifest's `.tmp` being
+    written: it is renamed over the manifest a moment later)."""
+    return b"".join(p.read_bytes() for p in sorted(gateway.recordings.iterdir()) if p.suffix != ".tmp")
 
 
 def assert_absent(haystack: bytes | str, needles: tuple[str, ...]) -> None:

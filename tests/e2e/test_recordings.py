@@ -23,6 +23,7 @@ from hoop_addon.dev.gateway import MITMDUMP, ROOT, Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
+from tests.e2e.test_chain import recorded_bytes
 from tests.support.idp import LocalIdP
 
 PROMPT_PII = ("jane.doe@example.com", "4242 4242 4242 4242")
@@ -253,7 +254,7 @@ def test_no_secret_or_unmasked_value_is_recorded_or_audited(gw: Gateway, upstrea
     gw.wait_audit(3)
     gw.stop()
     assert verify(gw)[0] == 0
-    data = b"".join(p.read_bytes() for p in sorted(gw.recordings.iterdir()))
+    data = recorded_bytes(gw)
     assert b"[SCRUBBED]" in data and b"theme=dark" in data  # scrubbed, not dropped: what is kept is still there
     for secret in (*tokens, UPSTREAM_KEY, COOKIE_SECRET, QUERY_SECRET, TENANT_SECRET, *PROMPT_PII, *REPLY_PII):
         assert secret.encode() not in data, f"{secret!r} leaked"
@@ -268,7 +269,7 @@ def test_shared_gateway_recorded_nothing_secret_and_verifies(gateway: Gateway, u
     with client(gateway, idp.mint(groups=["agents"])) as c:  # at least this session, whatever ran before
         assert c.post(f"{upstream.url}/v1/chat/completions", json=chat(PROMPT_PII[0])).status_code == 200
     gateway.wait_audit(before + 1)
-    data = b"".join(p.read_bytes() for p in sorted(gateway.recordings.iterdir()) if p.is_file())
+    data = recorded_bytes(gateway)
     for secret in (UPSTREAM_KEY, *PROMPT_PII, *REPLY_PII):
         assert secret.encode() not in data, f"{secret!r} leaked"
     assert not JWT.search(data)

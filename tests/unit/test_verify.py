@@ -83,6 +83,16 @@ def flip_byte(tree: Path) -> None:
     alice(tree).write_bytes(bytes(data))
 
 
+def rewrite_flow_and_its_manifest_entry(tree: Path) -> None:
+    """The flow and its listed hash both changed: only the signed chain betrays it."""
+    f1, f2, f3 = flows(alice(tree))
+    forged = f2.replace(b"second", b"SECOND")
+    alice(tree).write_bytes(f1 + forged + f3)
+    manifest = orjson.loads(manifest_path(alice(tree)).read_bytes())
+    manifest["flows"][1]["sha256"] = keys.sha256(forged)
+    manifest_path(alice(tree)).write_bytes(keys.canonical(manifest))
+
+
 def delete_flow(tree: Path) -> None:
     f1, _, f3 = flows(alice(tree))
     alice(tree).write_bytes(f1 + f3)
@@ -153,6 +163,7 @@ def sign_with_unknown_key(tree: Path) -> None:
 
 TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
     "modify one byte of a flow": (flip_byte, "alice-p1.mitm: hash mismatch (flow 2 of 3)"),
+    "rewrite a flow and its manifest entry": (rewrite_flow_and_its_manifest_entry, "alice-p1.mitm: chain mismatch"),
     "delete a flow": (delete_flow, "alice-p1.mitm: hash mismatch (flow 2 of 3)"),
     "truncate the file": (truncate, "alice-p1.mitm: hash mismatch (flow 3 of 3); the file ends inside it (truncated)"),
     "reorder two flows": (reorder_flows, "alice-p1.mitm: hash mismatch (flow 1 of 3)"),
