@@ -113,8 +113,8 @@ class EventStreamMasker:
     `restore` is the session whose tokens are put back (None: no restoring); with
     `record`, `recorded` accumulates the masked, unrestored output. `feed(chunk)`
     returns the bytes to send now (UTF-8, identity-encoded); `feed(chunk, final=True)`
-    ends the stream and returns the rest. Raises `MaskError` when an event cannot be inspected
-    (not UTF-8, JSON expected but not found, an event over `MAX_EVENT`).
+    ends the stream and returns the rest. Raises `MaskError` when an event cannot be
+    inspected (not UTF-8, JSON expected but not found, an event over `MAX_EVENT`).
     """
 
     def __init__(
