@@ -18,7 +18,7 @@ from hoop_addon.policy.model import Direction, MaskRule
 from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
 
 SESSION_HEADER = "X-Hoop-Session"
-_TEXTUAL = ("text/", "application/json", "application/x-ndjson", "application/x-www-form-urlencoded", "+json")
+_TEXT_TYPES = ("application/json", "application/x-ndjson", "application/x-www-form-urlencoded")
 
 
 class Mask(Stage):
@@ -234,7 +234,7 @@ class Restore(Stage):
         response = flow.response
         if not session or response is None or not hoop(flow).get("forwarded") or not allowed(flow):
             return
-        if not response.raw_content or flow.response.stream or not _mime(response).endswith(_TEXTUAL):
+        if not response.raw_content or flow.response.stream or not _textual(_mime(response)):
             return
         try:
             text = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body).decode()
@@ -247,6 +247,11 @@ class Restore(Stage):
 
 def _mime(message: http.Message) -> str:
     return message.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def _textual(mime: str) -> bool:
+    """Whether a body of this media type is text that may carry tokens."""
+    return mime.startswith("text/") or mime.endswith("+json") or mime in _TEXT_TYPES
 
 
 def _message(exc: Exception) -> str:

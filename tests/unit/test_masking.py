@@ -29,7 +29,7 @@ from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy import PolicyError, load_policy
 from hoop_addon.policy.model import MaskRule, Route
 from hoop_addon.stages import admit, hoop
-from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.mask import Mask, Restore
 
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -692,3 +692,32 @@ def test_planted_value_never_survives_any_shape_or_encoding_through_the_stage(te
     plain = encoding_module.decode(sent, encoding) if encoding else sent
     assert not [s for s in SECRETS if s.encode() in plain or quote_plus(s).encode() in plain]
     assert flow.request.headers.get("Content-Encoding", "") == encoding
+
+
+@pytest.mark.parametrize(("content_type", "reply", "expected"), [
+    ("text/plain; charset=utf-8", "hi <EMAIL_1>", f"hi {EMAIL}"),
+    ("application/json", '{"m": "hi <EMAIL_1>"}', f'{{"m": "hi {EMAIL}"}}'),
+    ("image/png", "hi <EMAIL_1>", "hi <EMAIL_1>"),
+])
+def test_restore_puts_the_session_values_back_in_a_buffered_response(content_type: str, reply: str, expected: str) -> None:
+    mask = Mask()
+    tokenize = op_rule("tokenize", "$.v", directions=frozenset({"request"}))
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (tokenize,))
+    with taddons.context(mask):
+        flow = tflow.tflow()
+        flow.request.headers["Content-Type"] = "application/json"
+        flow.request.content = orjson.dumps({"v": EMAIL})
+        admit(flow, route)
+        hoop(flow)["identity"] = {"subject": "agent"}
+        mask.request(flow)
+        hoop(flow)["forwarded"] = True
+        flow.response = tflow.tresp(content=reply.encode())
+        flow.response.headers["Content-Type"] = content_type
+        mask.responseheaders(flow)
+        mask.response(flow)
+        recorded = flow.response.content
+        Restore(mask).response(flow)
+
+    assert orjson.loads(flow.request.content) == {"v": "<EMAIL_1>"}
+    assert recorded == reply.encode()  # what Record, before Restore, keeps
+    assert flow.response.content == expected.encode()
