@@ -128,7 +128,8 @@ class Mask(Stage):
             record=bool(session) and ctx.options.store_streamed_bodies,
         )
         response.headers.pop("Content-Encoding", None)
-        response.headers.pop("Content-Length", None)
+        if response.headers.pop("Content-Length", None) is not None and flow.request.http_version == "HTTP/1.1":
+            response.headers["Transfer-Encoding"] = "chunked"  # the masked length is not known yet
         self.streams[flow] = masker
         failed = False
 

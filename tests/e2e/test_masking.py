@@ -65,7 +65,7 @@ routes:
   - name: redacting
     match:
       hosts: [localhost]
-      paths: [/v1/*]
+      paths: [/v1/*, /length/v1/*]
     allow:
       groups: [agents]
     masking: [prompts, completions]
@@ -96,7 +96,8 @@ def _tool_call_stream() -> list[bytes]:
 
 class ScriptedUpstream:
     """An HTTPS upstream that answers every POST with `_tool_call_stream()`, gzip
-    encoded (flushed per event) and sent in 7-byte HTTP chunks."""
+    encoded (flushed per event) and sent in 7-byte HTTP chunks; under `/length/`,
+    in one piece with a Content-Length instead."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -115,6 +116,11 @@ class ScriptedUpstream:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Content-Encoding", "gzip")
+                if self.path.startswith("/length/"):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 for i in range(0, len(body), 7):
@@ -220,8 +226,9 @@ def test_sdk_streamed_completion_masked_and_recorded_masked(masking_gateway: Gat
     assert_absent(data, (EMAIL, *PLANTED, *ARGS_PII))
 
 
-def test_streamed_tool_call_arguments_masked_across_gzip_chunks(masking_gateway: Gateway, scripted: ScriptedUpstream, idp: LocalIdP) -> None:
-    client = sdk(masking_gateway, idp, f"{scripted.url}/v1", "mask-tools")
+@pytest.mark.parametrize("framing", ["", "/length"], ids=["chunked", "content-length"])
+def test_streamed_tool_call_arguments_masked_across_gzip_chunks(masking_gateway: Gateway, scripted: ScriptedUpstream, idp: LocalIdP, framing: str) -> None:
+    client = sdk(masking_gateway, idp, f"{scripted.url}{framing}/v1", "mask-tools")
 
     chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}], stream=True))
 
