@@ -721,3 +721,32 @@ def test_restore_puts_the_session_values_back_in_a_buffered_response(content_typ
     assert orjson.loads(flow.request.content) == {"v": "<EMAIL_1>"}
     assert recorded == reply.encode()  # what Record, before Restore, keeps
     assert flow.response.content == expected.encode()
+
+
+def test_a_session_is_the_connection_or_the_x_hoop_session_header() -> None:
+    mask = Mask()
+    tokenize = op_rule("tokenize", "$.v", directions=frozenset({"request"}))
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (tokenize,))
+
+    def send(value: str, label: str | None, subject: str = "agent") -> http.HTTPFlow:
+        flow = tflow.tflow()  # a new client connection each time
+        flow.request.headers["Content-Type"] = "application/json"
+        if label:
+            flow.request.headers["X-Hoop-Session"] = label
+        flow.request.content = orjson.dumps({"v": value})
+        admit(flow, route)
+        hoop(flow)["identity"] = {"subject": subject}
+        mask.request(flow)
+        return flow
+
+    with taddons.context(mask):
+        first = send(EMAIL, "s1")
+        again = send("other@example.org", "s1")
+        elsewhere = send(EMAIL, None)
+        impostor = send("x@example.org", "s1", subject="someone-else")
+
+    assert "X-Hoop-Session" not in first.request.headers  # never forwarded
+    assert orjson.loads(again.request.content) == {"v": "<EMAIL_2>"}  # same session: numbering continues
+    assert orjson.loads(elsewhere.request.content) == {"v": "<EMAIL_1>"}  # another connection: another session
+    assert mask.sessions[again].value("<EMAIL_1>") == EMAIL
+    assert mask.sessions[impostor].value("<EMAIL_1>") == "x@example.org"  # the label is per identity
