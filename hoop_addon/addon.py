@@ -2,8 +2,8 @@
 
 The chain, in hook order: identify -> admit (route) -> guard (block rules; approval
 needed?) -> mask request -> approve (hold or ticket) -> inject credential -> upstream
--> mask response -> record -> audit -> restore (tokenized values, for the client
-only).
+-> mask response -> record -> audit -> telemetry (metrics, decision log) -> restore
+(tokenized values, for the client only).
 """
 
 from hoop_addon.stages.admit import Admit
@@ -16,6 +16,7 @@ from hoop_addon.stages.identify import Identify
 from hoop_addon.stages.mask import Mask, Restore
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
+from hoop_addon.stages.telemetry import Telemetry
 
 policy = PolicyStage()
 audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
@@ -25,5 +26,5 @@ mask = Mask()  # Restore, last, puts tokenized values back after recording and a
 
 addons = [
     policy, Identify(policy), Admit(policy), Guard(policy), mask, Approve(policy, control, audit),
-    InjectCredential(), Record(policy, audit), audit, control, Restore(mask),
+    InjectCredential(), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
 ]

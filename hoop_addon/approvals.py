@@ -120,12 +120,18 @@ def _iso(t: float) -> str:
 class ApprovalQueue:
     """Pending approvals by id, and decided tickets until their window ends.
 
-    `clock` returns Unix seconds. Not thread-safe: used from one event loop.
+    `clock` returns Unix seconds; `on_close` is called with each approval once its
+    outcome is set (for metrics). Not thread-safe: used from one event loop.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        on_close: Callable[[PendingApproval], None] | None = None,
+    ) -> None:
         self.items: dict[str, PendingApproval] = {}
         self.clock = clock
+        self.on_close = on_close
 
     def open(
         self, rule: ApprovalRule, requester: dict[str, Any], request: dict[str, Any], key: str, max_pending: int
@@ -235,3 +241,5 @@ class ApprovalQueue:
     def close(self, item: PendingApproval, outcome: Outcome, now: float | None = None) -> None:
         """Set the outcome of an approval (e.g. `timeout` when its holder's timer fires)."""
         item.outcome, item.decided_at = outcome, self.clock() if now is None else now
+        if self.on_close is not None:
+            self.on_close(item)

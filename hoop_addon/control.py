@@ -1,8 +1,12 @@
 """The control HTTP API: one tornado application on a loopback port, beside the proxy.
 
-Stages add their handlers with `ControlServer.add` before it starts (approvals now;
-metrics and health can be added the same way). Every answer is JSON; errors are
+Stages add their handlers with `ControlServer.add` before it starts. Every answer is
+JSON (but `/metrics`, in the Prometheus text format); errors are
 `{"error": code, "message": sentence}`.
+
+    GET  /metrics                    Prometheus exposition (text format 0.0.4)
+    GET  /healthz                    200 {"status": "ok"}, or 503 {"status": "failing",
+                                     "problems": [...]} when enforcement cannot work
 
 Approvals API (approvers authenticate with `Authorization: Bearer <JWT>` from an
 issuer the policy trusts, RFC 6750):
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -151,6 +156,29 @@ def approval_handlers(service: ApprovalService) -> list[tuple[str, type[JSONHand
     ]
 
 
+class MetricsHandler(tornado.web.RequestHandler):
+    """GET /metrics: `exposition()` as Prometheus text (no authentication: metrics hold
+    no identities' secrets or values, and the port is loopback only)."""
+
+    def initialize(self, exposition: Callable[[], bytes]) -> None:
+        self.exposition = exposition
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.exposition())
+
+
+class HealthHandler(JSONHandler):
+    """GET /healthz: 200 when `problems()` is empty, else 503 listing them."""
+
+    def initialize(self, problems: Callable[[], list[str]]) -> None:
+        self.problems = problems
+
+    def get(self) -> None:
+        problems = self.problems()
+        self.send(503 if problems else 200, {"status": "failing", "problems": problems} if problems else {"status": "ok"})
+
+
 class _NotFound(JSONHandler):
     def prepare(self) -> None:
         self.fail(404, "not_found", "no such endpoint")
@@ -162,10 +190,10 @@ class ControlServer:
     `stop()` closes the listening socket."""
 
     def __init__(self) -> None:
-        self.handlers: list[tuple[str, type[JSONHandler], dict[str, Any]]] = []
+        self.handlers: list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]] = []
         self.server: tornado.httpserver.HTTPServer | None = None
 
-    def add(self, pattern: str, handler: type[JSONHandler], kwargs: dict[str, Any] | None = None) -> None:
+    def add(self, pattern: str, handler: type[tornado.web.RequestHandler], kwargs: dict[str, Any] | None = None) -> None:
         self.handlers.append((pattern, handler, kwargs or {}))
 
     def start(self, host: str, port: int) -> None:

@@ -7,13 +7,18 @@ flow was admitted under, a weak side table (a `Route` is not JSON).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from mitmproxy import exceptions, http
 
+from hoop_addon.metrics import STAGE_SECONDS
 from hoop_addon.policy.model import Route
 
 logger = logging.getLogger("hoop")
@@ -63,11 +68,47 @@ def refuse(
     hoop(flow)["decision"] = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
 
 
+_TIMED_HOOKS = ("http_connect", "requestheaders", "request", "responseheaders", "response", "error")
+
+
+def _timed(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` observing its duration into `hoop_stage_seconds{stage, hook}`."""
+    histogram = STAGE_SECONDS.labels(stage, hook)
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def timed_async(self: Any, flow: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await fn(self, flow)
+            finally:
+                histogram.observe(time.perf_counter() - start)
+
+        return timed_async
+
+    @functools.wraps(fn)
+    def timed(self: Any, flow: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(self, flow)
+        finally:
+            histogram.observe(time.perf_counter() - start)
+
+    return timed
+
+
 class Stage:
     """Base of every stage: knows whether the proxy is running, so that a
-    configuration error stops start-up but, later, only rejects the change."""
+    configuration error stops start-up but, later, only rejects the change; and times
+    every flow hook its subclasses define (metric `hoop_stage_seconds`)."""
 
     started = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook in _TIMED_HOOKS:
+            if hook in cls.__dict__:
+                setattr(cls, hook, _timed(cls.__name__, hook, cls.__dict__[hook]))
 
     def running(self) -> None:
         self.started = True

@@ -16,6 +16,7 @@ from hoop_addon import webhook
 from hoop_addon.approvals import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
 from hoop_addon.control import approval_handlers
 from hoop_addon.identity import TokenError
+from hoop_addon.metrics import APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
 from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
@@ -57,7 +58,8 @@ class Approve(Stage):
 
     def __init__(self, policy: PolicyStage, control: Control, audit: Audit) -> None:
         self.policy, self.control, self.audit = policy, control, audit
-        self.queue = ApprovalQueue()
+        self.queue = ApprovalQueue(on_close=_observe)
+        APPROVALS_PENDING.set_function(lambda: len(self.queue.pending()))
         self.wakeups: dict[str, asyncio.Event] = {}
         self.held: dict[str, http.HTTPFlow] = {}
         self.finished = asyncio.Event()
@@ -300,6 +302,13 @@ class Approve(Stage):
                 await asyncio.sleep(0.2)  # let their response hooks (record, audit) run
             except TimeoutError:
                 logger.error(f"hoop: {len(self.held)} held flow(s) did not finish before shutdown")
+
+
+def _observe(item: PendingApproval) -> None:
+    """Count a decided approval and how long it waited (metrics)."""
+    APPROVALS_DECIDED.labels(item.outcome).inc()
+    if item.decided_at is not None:
+        APPROVAL_WAIT.observe(item.decided_at - item.created)
 
 
 def _connected(flow: http.HTTPFlow) -> bool:

@@ -13,6 +13,7 @@ import orjson
 from mitmproxy import connection, ctx, http
 
 from hoop_addon.keys import sha256
+from hoop_addon.metrics import RECORDING_BYTES, SEAL_FAILURES
 from hoop_addon.recording import SECRET_QUERY, Limits, SessionRecording, manifest_path, new_session_id
 from hoop_addon.stages import Stage, hoop, logger, refuse, route_of
 from hoop_addon.stages.audit import Audit
@@ -120,6 +121,7 @@ class Record(Stage):
                 recording=session.path.name, manifest_sha256=digest, flows=len(session.flows),
             )
         except OSError as exc:
+            SEAL_FAILURES.inc()
             logger.error(f"hoop: sealing {session.path} failed: {exc}")
         return session
 
@@ -173,7 +175,9 @@ class Record(Stage):
                 session = self._open(key, identity, record, None)
             record["session"] = session.session_id
             record["recording"] = str(session.path)
+            size = session.size
             session.add(flow, retention, **scrub)
+            RECORDING_BYTES.inc(session.size - size)
             self.used[key] = time.time()
         except OSError as exc:
             logger.error(f"hoop: recording failed, response withheld: {exc}")

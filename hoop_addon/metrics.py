@@ -1,0 +1,48 @@
+"""Prometheus metrics of the gateway (prometheus-client), in a registry of their own.
+
+Exposed in the Prometheus text format (`exposition()`) on the control port's
+`/metrics`. No label ever holds a token, a credential or a body value: labels are
+route and rule names from the policy, reason codes, stage and hook names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()  # `*_created` samples double the exposition and say nothing useful here
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "hoop_requests", "Flows finished, by route and decision.", ["route", "outcome"], registry=REGISTRY
+)
+JWT_FAILURES = Counter(
+    "hoop_jwt_failures", "Refused tokens, by reason (expired, bad_signature, ...).", ["reason"], registry=REGISTRY
+)
+MASKED_VALUES = Counter(
+    "hoop_masked_values", "Values masked, by masking rule and part (request/response).", ["rule", "part"], registry=REGISTRY
+)
+BLOCKS = Counter("hoop_blocks", "Requests blocked, by rule.", ["rule"], registry=REGISTRY)
+APPROVALS_PENDING = Gauge("hoop_approvals_pending", "Flows held for approval now.", registry=REGISTRY)
+APPROVALS_DECIDED = Counter(
+    "hoop_approvals_decided", "Approval decisions, by outcome (approved/denied/timeout).", ["outcome"], registry=REGISTRY
+)
+APPROVAL_WAIT = Histogram(
+    "hoop_approval_wait_seconds",
+    "Time a held flow waited for its decision, in seconds.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
+    registry=REGISTRY,
+)
+RECORDING_BYTES = Counter("hoop_recording_bytes", "Bytes written to session recordings.", registry=REGISTRY)
+SEAL_FAILURES = Counter("hoop_recording_seal_failures", "Recordings that could not be sealed (signed).", registry=REGISTRY)
+STAGE_SECONDS = Histogram(
+    "hoop_stage_seconds",
+    "Time spent in a stage's hook, in seconds (async hooks include their awaits).",
+    ["stage", "hook"],
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0),
+    registry=REGISTRY,
+)
+
+
+def exposition() -> bytes:
+    """All metrics in the Prometheus text exposition format (version 0.0.4)."""
+    return generate_latest(REGISTRY)

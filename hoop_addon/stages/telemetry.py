@@ -1,0 +1,71 @@
+"""Metrics, health, and one structured log line per decision."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from hoop_addon.control import HealthHandler, MetricsHandler
+from hoop_addon.metrics import BLOCKS, JWT_FAILURES, MASKED_VALUES, REQUESTS, exposition
+from hoop_addon.stages import Stage, hoop, logger
+from hoop_addon.stages.audit import Audit
+from hoop_addon.stages.control import Control
+from hoop_addon.stages.policy import PolicyStage
+
+
+class Telemetry(Stage):
+    """Counts each finished flow from its hoop record (`hoop_requests`,
+    `hoop_jwt_failures`, `hoop_masked_values`, `hoop_blocks`) and logs it as one
+    `key=value` line: flow id, subject, route, outcome, stage, reason, status and the
+    number of masked values. Never a token, a credential or a body value.
+
+    Serves `/metrics` and `/healthz` on the control API; health fails (503) while
+    enforcement cannot work: no policy loaded, an issuer whose JWKS was never fetched,
+    no signing key where the policy requires one, no audit log open.
+    """
+
+    def __init__(self, policy: PolicyStage, audit: Audit, control: Control) -> None:
+        self.policy, self.audit = policy, audit
+        control.server.add(r"/metrics", MetricsHandler, {"exposition": exposition})
+        control.server.add(r"/healthz", HealthHandler, {"problems": self.problems})
+
+    def problems(self) -> list[str]:
+        """Why enforcement cannot work now; empty when it can."""
+        if (active := self.policy.active) is None:
+            return ["no policy loaded"]
+        found = [
+            f"issuer {issuer}: JWKS never fetched" for issuer, keyset in active.verifier.keysets.items() if not keyset.keys
+        ]
+        if self.audit.signer is None and active.policy.recording.signing == "required":
+            found.append("no signing key")
+        if self.audit.log is None:
+            found.append("no audit log open")
+        return found
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._observe(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._observe(flow)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._observe(flow)
+
+    def _observe(self, flow: http.HTTPFlow) -> None:
+        record = hoop(flow)
+        decision = record.get("decision", {})
+        outcome = decision.get("outcome", "deny")
+        REQUESTS.labels(record.get("route") or "-", outcome).inc()
+        if reason := record.get("auth_failure"):
+            JWT_FAILURES.labels(reason).inc()
+        masked = 0
+        for evidence in record.get("masked", []):
+            MASKED_VALUES.labels(evidence["rule"], evidence["part"]).inc(evidence["count"])
+            masked += evidence["count"]
+        if decision.get("stage") == "guard" and decision.get("rule") and outcome != "allow":
+            BLOCKS.labels(decision["rule"]).inc()
+        identity = record.get("identity") or {}
+        logger.info(
+            f"hoop decision flow={flow.id} subject={identity.get('subject', '-')} route={record.get('route') or '-'} "
+            f"outcome={outcome} stage={decision.get('stage', '-')} reason={decision.get('reason', '-')} "
+            f"status={flow.response.status_code if flow.response else '-'} masked={masked}"
+        )
