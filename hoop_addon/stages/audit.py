@@ -82,6 +82,7 @@ class Audit(Stage):
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(1)
+            self._policy_loaded()  # a hot reload is audited within a second, not at the next flow
             if self.log is not None and self.log.due(time.time()):
                 try:
                     self.log.checkpoint()

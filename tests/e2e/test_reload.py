@@ -51,6 +51,8 @@ def test_policy_change_applies_and_broken_policy_is_refused(reloading_gateway: G
     policy_file.write_text(text.replace("      groups: [agents]", "      groups: [admins]"))
     assert eventually(lambda: status() == 403), gateway.output
     forwarded = len(upstream.received)
+    loaded = [e["policy_hash"] for e in gateway.audit(events=("policy_loaded",))]
+    assert len(loaded) == 2 and loaded[0] != loaded[1]  # start-up, then the reload
 
     # A typo is refused with file:line:key; the policy in force (admins only) stays.
     broken = policy_file.read_text().replace("      paths: [/v1/*]", "      pathz: [/v1/*]")
