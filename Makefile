@@ -26,7 +26,7 @@ help:
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
 	@echo "make bench  the gateway against bare mitmdump and direct calls (ratios; QUICK=1 for a smoke run)"
 	@echo "make bench-engine   the masking engine alone: MB/s on 8 KB, 64 KB, 1 MB bodies"
-	@echo "make policy-check   validate rules/"
+	@echo "make policy-check   validate rules/ and run its policy tests (policy-tests/)"
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.12 found; install one (e.g. pyenv install 3.12) or pass PYTHON=/path/to/python3.12" >&2; exit 2; fi
@@ -70,6 +70,7 @@ bench-engine: venv
 
 policy-check: venv
 	$(PY) -m hoop_addon policy check rules
+	$(PY) -m hoop_addon policy test policy-tests --rules rules
 
 clean:
 	rm -rf $(VENV) $(HOME_DIR) recordings/*.mitm recordings/*.jsonl .pytest_cache

@@ -1,6 +1,8 @@
 """The `hoop` command line (also `python -m hoop_addon`): everything but the proxy.
 
     hoop policy check PATH...           validate policy files; exit 0 valid, 1 invalid
+    hoop policy test | replay           policy unit tests; recorded flows under a new
+                                        policy: see `hoop_addon.policy.commands`
     hoop init [--home DIR]              create the mitmproxy CA and the dev issuer
     hoop dev-token --subject S --groups a,b [--ttl SECONDS]
                                         mint a development token (printed alone)
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from hoop_addon import approvals_cli, records
 from hoop_addon.policy import PolicyError, load_policy
+from hoop_addon.policy import commands as policy_commands
 
 
 def _home(value: str | None) -> Path:
@@ -79,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     check = policy.add_parser("check", help="validate policy files or directories")
     check.add_argument("paths", nargs="+", metavar="PATH")
     check.set_defaults(run=policy_check)
+    policy_commands.register(policy)
 
     init_p = sub.add_parser("init", help="create the mitmproxy CA and the development issuer")
     init_p.add_argument("--home", help="state directory (default $HOOP_HOME or .hoop)")
