@@ -56,26 +56,35 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def scrubbed(
     flow: http.HTTPFlow, headers: Iterable[str] = (), cookies: Iterable[str] = (), query: Iterable[str] = SECRET_QUERY
-) -> http.HTTPFlow:
-    """A copy of `flow` with secrets replaced by `[SCRUBBED]`: the request headers named
-    here or in `ALWAYS_SCRUBBED`, the cookies named in `cookies` (in `Cookie` and in the
-    response's `Set-Cookie`), and the query parameters named in `query` (case-insensitive).
+) -> dict[str, Any]:
+    """The flow's state, as a mitmproxy flow file holds it (`flow.get_state()`), with
+    secrets replaced by `[SCRUBBED]`: the request headers named here or in
+    `ALWAYS_SCRUBBED`, the cookies named in `cookies` (in `Cookie` and in the response's
+    `Set-Cookie`), and the query parameters named in `query` (case-insensitive). The
+    live flow is untouched; only the request (and the response, for cookies) is rebuilt
+    to scrub it, never the whole flow with its connections and certificates.
     """
-    copy = flow.copy()
-    request = copy.request
+    state = flow.get_state()
+    request = http.Request.from_state(state["request"])
     for name in (*ALWAYS_SCRUBBED, *headers):
         if name in request.headers:
             request.headers[name] = SCRUBBED
+    cookies = tuple(cookies)
     for name in cookies:
         if name in request.cookies:
             request.cookies[name] = SCRUBBED
-        if copy.response is not None and name in copy.response.cookies:
-            _, attrs = copy.response.cookies[name]
-            copy.response.cookies[name] = (SCRUBBED, attrs)
     secret = {q.lower() for q in query}
     if any(k.lower() in secret for k in request.query):
         request.query = [(k, SCRUBBED if k.lower() in secret else v) for k, v in request.query.items(multi=True)]
-    return copy
+    state["request"] = request.get_state()
+    if cookies and state.get("response") is not None:
+        response = http.Response.from_state(state["response"])
+        for name in cookies:
+            if name in response.cookies:
+                _, attrs = response.cookies[name]
+                response.cookies[name] = (SCRUBBED, attrs)
+        state["response"] = response.get_state()
+    return state
 
 
 def chain_next(chain: str, digest: str) -> str:
@@ -148,7 +157,7 @@ class SessionRecording:
         """Append a scrubbed copy of `flow` (keyword arguments go to `scrubbed`);
         `retention` is its route's retention in seconds (None: forever). Checkpoints
         when the limits say so."""
-        data = tnetstring.dumps(scrubbed(flow, **scrub).get_state())
+        data = tnetstring.dumps(scrubbed(flow, **scrub))
         self._file.write(data)
         self._file.flush()
         self.flows.append({"offset": self.size, "length": len(data), "sha256": sha256(data)})
@@ -191,7 +200,12 @@ class SessionRecording:
             "sealed": sealed,
             "key_id": self.signer.key_id if self.signer else None,
         }
-        return {**signed, "flows": self.flows, "signature": self.signer.sign(signed) if self.signer else None}
+        # An open part's checkpoint lists no flows: its signed `flow_count` and `chain`
+        # bind every flow's bytes and order (verify derives the entries from the file),
+        # so a checkpoint costs the same at flow 10 as at flow 10,000. The sealed
+        # manifest lists every flow's offset, length and SHA-256.
+        flows = self.flows if sealed else None
+        return {**signed, "flows": flows, "signature": self.signer.sign(signed) if self.signer else None}
 
     def checkpoint(self, sealed: bool = False) -> bytes:
         """Sign and atomically replace the manifest; returns its bytes."""

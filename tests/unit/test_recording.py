@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from mitmproxy import http
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
@@ -30,8 +31,9 @@ def test_secrets_are_scrubbed_from_a_copy() -> None:
     flow.request.headers["Cookie"] = "sid=secret-sid; theme=dark"
     flow.request.query = [("api_key", "secret-q"), ("page", "2"), ("Tenant", "secret-t")]
     flow.response.headers["Set-Cookie"] = "sid=secret-new; Path=/"
-    copy = scrubbed(flow, headers=("x-api-key",), cookies=("sid",), query=("api_key", "tenant"))
-    state = repr(copy.get_state())
+    scrubbed_state = scrubbed(flow, headers=("x-api-key",), cookies=("sid",), query=("api_key", "tenant"))
+    copy = http.HTTPFlow.from_state(scrubbed_state)
+    state = repr(scrubbed_state)
     for secret in ("agent-jwt", "upstream-key", "secret-sid", "secret-q", "secret-t", "secret-new"):
         assert secret not in state
     assert copy.request.cookies["theme"] == "dark" and copy.request.query["page"] == "2"

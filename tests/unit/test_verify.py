@@ -294,3 +294,31 @@ def test_evidence_window_ending_before_a_session_is_sealed(tmp_path: Path, capsy
         sliced = archive.extractfile("evidence/audit.jsonl").read().splitlines()
     assert "evidence/alice-p1.mitm" in names and "evidence/bob-p1.mitm" not in names
     assert [orjson.loads(line)["event"] for line in sliced] == ["request", "request", "checkpoint", "request", "recording_sealed", "checkpoint"]
+
+
+@pytest.mark.parametrize("tamper", ["flip", "reorder", "truncate"])
+def test_tampering_under_an_open_checkpoint_is_detected(tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str) -> None:
+    """An open part's checkpoint lists no flows (its signed count and chain stand for
+    them): a changed, reordered or cut flow is still INVALID, not merely unsealed."""
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    log = AuditLog(directory / "audit.jsonl", signer, checkpoint_entries=100)
+    rec = record(directory, log, signer, "alice", ["first flow", "second flow", "third flow"], seal=False)
+    rec.abandon()
+    assert orjson.loads(manifest_path(rec.path).read_bytes())["flows"] is None
+    data, parts = memoryview(rec.path.read_bytes()), []
+    while data:
+        _, rest = tnetstring.pop(data)
+        parts.append(bytes(data[: len(data) - len(rest)]))
+        data = rest
+    f1, f2, f3 = parts
+    rec.path.write_bytes({
+        "flip": f1 + f2.replace(b"second", b"sEcond") + f3,
+        "reorder": f2 + f1 + f3,
+        "truncate": f1 + f2,
+    }[tamper])
+    code, out = verify(directory, capsys, "--allow-unsealed-tail")
+    assert code == 1
+    assert f"INVALID {rec.path}: " in out
