@@ -48,7 +48,8 @@ class Detector:
     `pattern` RE2 syntax without capturing groups, `validator` an optional
     `str -> bool` run on each candidate match only. With `keywords` (lower-case), a
     candidate counts only if one of them occurs, in any case, within `window`
-    characters before it.
+    characters before it. `max_length` (characters) bounds a value that may contain
+    spaces or quotes, so that a stream holds enough of its tail to catch one split there.
     """
 
     name: str
@@ -57,6 +58,7 @@ class Detector:
     validator: Callable[[str], bool] | None = field(default=None, compare=False)
     keywords: tuple[str, ...] = ()
     window: int = 40
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -72,10 +72,12 @@ def is_delta(location: Location) -> bool:
     )
 
 
-def safe_cut(text: str) -> int:
+def safe_cut(text: str, hold: int = 0) -> int:
     """Where `text` (a stream's pending text) may be cut: everything before the
-    offset cannot be part of a value that continues in the next piece."""
-    i = len(text)
+    offset cannot be part of a value that continues in the next piece. `hold` is the
+    longest value (`Detector.max_length`) that may span separators: its length minus
+    one is always held."""
+    i = max(len(text) - max(hold - 1, 0), 0)
     while i > 0 and text[i - 1] not in _SEPARATORS:
         i -= 1
     j = i
@@ -94,6 +96,7 @@ class _Stream:
 
     held: str = ""
     rules: list[MaskRule] = field(default_factory=list)
+    hold: int = 0  # the longest max_length of the rules' detectors
     template: tuple[list[str], str, Any] | None = None  # (other lines, line ending, masked data)
 
 
@@ -231,7 +234,9 @@ class EventStreamMasker:
             parent, key = parents[location]
             piece = parent[key]
             stream = self._streams.setdefault(location, _Stream())
-            stream.rules = rules
+            if stream.rules != rules:
+                stream.rules = rules
+                stream.hold = max((d.max_length or 0 for r in rules for d in r.detectors), default=0)
             emitted = self._advance(stream, location, piece, final=False)
             if emitted != piece:
                 changed = True
@@ -252,7 +257,7 @@ class EventStreamMasker:
         pending = stream.held + piece
         scanner, owner = self._scanner(stream.rules)
         spans = scanner.spans(pending) if scanner else []
-        cut = len(pending) if final else safe_cut(pending)
+        cut = len(pending) if final else safe_cut(pending, stream.hold)
         for s, e, _ in spans:
             if s < cut < e:
                 cut = s

@@ -347,8 +347,11 @@ def _detector(m: _Map, names: dict[str, str]) -> Detector:
     window = m.integer("window", 40)
     if not 1 <= window <= 1000:
         raise m.loc.at("window").error(m.node("window"), "must be 1..1000 characters")
+    max_length = m.integer("max_length", 0) or None
+    if max_length is not None and not 1 <= max_length <= 4096:
+        raise m.loc.at("max_length").error(m.node("max_length"), "must be 1..4096 characters")
     try:
-        detector = Detector(name, m.text("label", name.upper()), m.text("pattern"), validator, keywords, window)
+        detector = Detector(name, m.text("label", name.upper()), m.text("pattern"), validator, keywords, window, max_length)
     except DetectorError as exc:
         raise m.loc.at("pattern").error(m.node("pattern"), str(exc)) from None
     m.finish()

@@ -23,7 +23,7 @@ from mitmproxy.net import encoding as encoding_module
 from mitmproxy.test import taddons, tflow
 from wsproto.frame_protocol import Opcode
 
-from hoop_addon.detectors import BUILTIN
+from hoop_addon.detectors import BUILTIN, Detector
 from hoop_addon.masking import MaskContext, MaskError, Scanner, Vault, mask_body
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy import PolicyError, load_policy
@@ -610,7 +610,7 @@ def test_policy_masking_keys(tmp_path: Any) -> None:
     (tmp_path / "p.yaml").write_text(
         "version: 1\n"
         "detectors:\n"
-        "  - {name: badge, pattern: 'B-[0-9]{4}', keywords: [Badge], window: 10}\n"
+        "  - {name: badge, pattern: 'B-[0-9]{4}', keywords: [Badge], window: 10, max_length: 6}\n"
         "masking:\n"
         "  - name: r\n"
         "    detectors: [badge, email]\n"
@@ -750,3 +750,13 @@ def test_a_session_is_the_connection_or_the_x_hoop_session_header() -> None:
     assert orjson.loads(elsewhere.request.content) == {"v": "<EMAIL_1>"}  # another connection: another session
     assert mask.sessions[again].value("<EMAIL_1>") == EMAIL
     assert mask.sessions[impostor].value("<EMAIL_1>") == "x@example.org"  # the label is per identity
+
+
+def test_a_custom_value_with_spaces_split_anywhere_in_a_stream_is_caught_with_max_length() -> None:
+    project = Detector("project", "PROJECT", r"Project Blue Falcon", max_length=19)
+    rules = [MaskRule("p", frozenset({"response"}), (("$.choices[*].delta.content", jsonpath_rfc9535.compile("$.choices[*].delta.content")),), (project,))]
+    text = "the plan for Project Blue Falcon is ready"
+    for piece in range(1, 12):
+        out, _ = mask_body(b"".join(sse_events(text, piece)), "text/event-stream", rules, "response")
+
+        assert out is not None and client_text(out) == "the plan for [REDACTED:PROJECT] is ready", f"pieces of {piece}"
