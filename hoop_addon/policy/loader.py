@@ -483,58 +483,6 @@ def _secret(m: _Map, key: str, resolve: bool) -> str:
     return _SECRET_REF.sub(value, template) if resolve else template
 
 
-def _bounded(m: _Map, key: str, default: int, low: int, high: int) -> int:
-    value = m.integer(key, default)
-    if not low <= value <= high:
-        raise m.loc.at(key).error(m.where(key), f"must be {low}..{high}")
-    return value
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(m: _Map, key: str) -> int:
-    """Seconds from an integer or `<n>s|m|h|d` (e.g. `90d`); must be positive."""
-    node, loc = m.node(key), m.loc.at(key)
-    text = _scalar(node, loc, str)
-    found = re.fullmatch(r"([0-9]+)([smhd]?)", text)
-    if not found or int(found[1]) == 0:
-        raise loc.error(node, "expected a positive duration such as 3600, 90s, 30m, 12h or 90d")
-    return int(found[1]) * _UNITS[found[2] or "s"]
-
-
-def _recording(rec: _Map | None, audit: _Map | None) -> RecordingPolicy:
-    """The `recording:` and `audit:` sections (both optional)."""
-    settings: dict[str, Any] = {}
-    if rec is not None:
-        settings["signing"] = _choice(rec.text("signing", "required"), ("required", "unsigned"), rec.loc.at("signing"), rec.where("signing"))
-        if rec.has("checkpoint"):
-            cp = rec.sub("checkpoint")
-            settings["checkpoint_flows"] = _bounded(cp, "flows", 1, 1, 1_000_000)
-            settings["checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
-            cp.finish()
-        if rec.has("rotate"):
-            rot = rec.sub("rotate")
-            settings["rotate_bytes"] = _bounded(rot, "bytes", 0, 0, 1 << 40)
-            settings["rotate_seconds"] = _bounded(rot, "seconds", 0, 0, 366 * 86_400)
-            rot.finish()
-        if rec.has("scrub"):
-            scrub = rec.sub("scrub")
-            settings["scrub_cookies"] = scrub.texts("cookies", ())
-            settings["scrub_query"] = scrub.texts("query", ())
-            scrub.finish()
-        if rec.has("retention"):
-            settings["retention"] = _duration(rec, "retention")
-        rec.finish(("signing", "checkpoint", "rotate", "scrub", "retention"))
-    if audit is not None:
-        if audit.has("checkpoint"):
-            cp = audit.sub("checkpoint")
-            settings["audit_checkpoint_entries"] = _bounded(cp, "entries", 100, 1, 1_000_000)
-            settings["audit_checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
-            cp.finish()
-        audit.finish(("checkpoint",))
-    return RecordingPolicy(**settings)
-
-
 def _jsonpath(text: str, loc: _Loc, node: Node) -> jsonpath_rfc9535.JSONPathQuery:
     """Compile an RFC 9535 JSONPath query, or a `PolicyError`."""
     try:
@@ -550,6 +498,13 @@ def _re2(text: str, loc: _Loc, node: Node) -> Any:
     except re2.error as exc:
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
         raise loc.error(node, f"invalid RE2 pattern: {reason}") from None
+
+
+def _bounded(m: _Map, key: str, default: int, low: int, high: int) -> int:
+    value = m.integer(key, default)
+    if not low <= value <= high:
+        raise m.loc.at(key).error(m.where(key), f"must be {low}..{high}")
+    return value
 
 
 def _conditions(m: _Map, route_names: set[str]) -> Conditions:
@@ -624,3 +579,49 @@ def _approval_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> App
     )
     m.finish()
     return rule
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(m: _Map, key: str) -> int:
+    """Seconds from an integer or `<n>s|m|h|d` (e.g. `90d`); must be positive."""
+    node, loc = m.node(key), m.loc.at(key)
+    text = _scalar(node, loc, str)
+    found = re.fullmatch(r"([0-9]+)([smhd]?)", text)
+    if not found or int(found[1]) == 0:
+        raise loc.error(node, "expected a positive duration such as 3600, 90s, 30m, 12h or 90d")
+    return int(found[1]) * _UNITS[found[2] or "s"]
+
+
+def _recording(rec: _Map | None, audit: _Map | None) -> RecordingPolicy:
+    """The `recording:` and `audit:` sections (both optional)."""
+    settings: dict[str, Any] = {}
+    if rec is not None:
+        settings["signing"] = _choice(rec.text("signing", "required"), ("required", "unsigned"), rec.loc.at("signing"), rec.where("signing"))
+        if rec.has("checkpoint"):
+            cp = rec.sub("checkpoint")
+            settings["checkpoint_flows"] = _bounded(cp, "flows", 1, 1, 1_000_000)
+            settings["checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
+            cp.finish()
+        if rec.has("rotate"):
+            rot = rec.sub("rotate")
+            settings["rotate_bytes"] = _bounded(rot, "bytes", 0, 0, 1 << 40)
+            settings["rotate_seconds"] = _bounded(rot, "seconds", 0, 0, 366 * 86_400)
+            rot.finish()
+        if rec.has("scrub"):
+            scrub = rec.sub("scrub")
+            settings["scrub_cookies"] = scrub.texts("cookies", ())
+            settings["scrub_query"] = scrub.texts("query", ())
+            scrub.finish()
+        if rec.has("retention"):
+            settings["retention"] = _duration(rec, "retention")
+        rec.finish(("signing", "checkpoint", "rotate", "scrub", "retention"))
+    if audit is not None:
+        if audit.has("checkpoint"):
+            cp = audit.sub("checkpoint")
+            settings["audit_checkpoint_entries"] = _bounded(cp, "entries", 100, 1, 1_000_000)
+            settings["audit_checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
+            cp.finish()
+        audit.finish(("checkpoint",))
+    return RecordingPolicy(**settings)

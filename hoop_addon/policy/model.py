@@ -143,6 +143,62 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Conditions:
+    """When a block or approval rule applies: every condition given must hold (an
+    empty set or None is "any"); within one list, any item may match.
+
+    `routes` are route names; `groups` match if the identity has any of them;
+    `headers` pairs a lower-case header name with a compiled RE2 pattern searched in
+    its value (a missing header does not match); `body_over` is a body size in bytes
+    and `tokens_over` an estimated token count (see `hoop_addon.rules.estimate_tokens`),
+    both exclusive; `body` holds RE2 patterns searched in the body as text; `json`
+    holds (JSONPath source, compiled RFC 9535 query, RE2 pattern) triples: a match is a
+    selected string value the pattern is found in.
+    """
+
+    routes: frozenset[str] = frozenset()
+    methods: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    subjects: frozenset[str] = frozenset()
+    headers: tuple[tuple[str, Any], ...] = ()
+    body_over: int | None = None
+    tokens_over: int | None = None
+    body: tuple[Any, ...] = ()
+    json: tuple[tuple[str, JSONPathQuery, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRule:
+    """Refuse matching requests (`action` "block": 403 naming the rule and `reason`)
+    or only audit that they would have been (`action` "log": shadow mode)."""
+
+    name: str
+    when: Conditions
+    action: Literal["block", "log"]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRule:
+    """Matching requests wait for `min_approvals` approvals from people in
+    `approver_groups` or `approver_subjects` (never the requester). `timeout` (seconds)
+    denies a request nobody decided. `mode` "hold" keeps the request open until the
+    decision; "ticket" answers at once with an approval id, and an approved ticket lets
+    the same identity's identical request through once within `ticket_window` seconds.
+    """
+
+    name: str
+    when: Conditions
+    approver_groups: frozenset[str]
+    approver_subjects: frozenset[str]
+    reason: str
+    min_approvals: int = 1
+    timeout: int = 300
+    mode: Literal["hold", "ticket"] = "hold"
+    ticket_window: int = 900
+
+
+@dataclass(frozen=True, slots=True)
 class RecordingPolicy:
     """How sessions are recorded and the audit log kept (`recording:` and `audit:`).
 
@@ -169,65 +225,6 @@ class RecordingPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class Conditions:
-    """When a block or approval rule applies: every condition given must hold (an
-    empty set or None is "any"); within one list, any item may match.
-
-    `routes` are route names; `groups` match if the identity has any of them;
-    `headers` pairs a lower-case header name with a compiled RE2 pattern searched in
-    its value (a missing header does not match); `body_over` is a body size in bytes
-    and `tokens_over` an estimated token count (see `hoop_addon.rules.estimate_tokens`),
-    both exclusive; `body` holds RE2 patterns searched in the body as text; `json`
-    holds (JSONPath source, compiled RFC 9535 query, RE2 pattern) triples: a match is a
-    selected string value the pattern is found in.
-    """
-
-    routes: frozenset[str] = frozenset()
-    methods: frozenset[str] = frozenset()
-    groups: frozenset[str] = frozenset()
-    subjects: frozenset[str] = frozenset()
-    headers: tuple[tuple[str, Any], ...] = ()
-    body_over: int | None = None
-    tokens_over: int | None = None
-    body: tuple[Any, ...] = ()
-    json: tuple[tuple[str, JSONPathQuery, Any], ...] = ()
-
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRule:
-    """Refuse matching requests (`action` "block": 403 naming the rule and `reason`)
-    or only audit that they would have been (`action` "log": shadow mode)."""
-
-    name: str
-    when: Conditions
-    action: Literal["block", "log"]
-    reason: str
-
-
-
-@dataclass(frozen=True, slots=True)
-class ApprovalRule:
-    """Matching requests wait for `min_approvals` approvals from people in
-    `approver_groups` or `approver_subjects` (never the requester). `timeout` (seconds)
-    denies a request nobody decided. `mode` "hold" keeps the request open until the
-    decision; "ticket" answers at once with an approval id, and an approved ticket lets
-    the same identity's identical request through once within `ticket_window` seconds.
-    """
-
-    name: str
-    when: Conditions
-    approver_groups: frozenset[str]
-    approver_subjects: frozenset[str]
-    reason: str
-    min_approvals: int = 1
-    timeout: int = 300
-    mode: Literal["hold", "ticket"] = "hold"
-    ticket_window: int = 900
-
-
-
-@dataclass(frozen=True, slots=True)
 class Policy:
     """A complete, validated rule set.
 
@@ -235,8 +232,8 @@ class Policy:
     the policy hash written into every audit line. `token_sources` names where identity
     tokens are accepted from. `unmatched` says what happens to traffic no route matches.
     `block_rules` and `approval_rules` apply in file order (first match);
-    `max_pending` caps the approvals waiting at once. `recording` holds the recording and audit settings; a route's `retention`
-    (seconds) overrides its default.
+    `max_pending` caps the approvals waiting at once. `recording` holds the recording
+    and audit settings; a route's `retention` (seconds) overrides its default.
     """
 
     files: tuple[str, ...]
