@@ -26,7 +26,7 @@ import pytest
 from hoop_addon.dev.gateway import Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
-from tests.conftest import UPSTREAM_KEY
+from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
 from tests.e2e.test_chain import agent_client, assert_absent, chat, header, proxy_env, recorded_bytes  # noqa: F401 (fixture)
 from tests.unit.test_identity import hand_made, hs256_with_rsa_public_key
 from tests.support.idp import LocalIdP
@@ -382,3 +382,25 @@ def test_flood_of_unknown_kids_does_not_refetch_within_the_cooldown(
     assert statuses == [401] * 40
     assert agents.jwks_fetches == fetches
     assert upstream.received == []
+
+
+def test_proxy_only_policy_challenges_a_connect_without_credentials(
+    tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With only proxy credentials accepted, a CONNECT without them is answered 407
+    at once (not let through to fail inside the tunnel), and a bearer token inside is
+    never consulted."""
+    rules = write_policy(tmp_path / "rules", idp, POLICY.replace("[authorization, proxy_password]", "[proxy_password]"))
+    gateway = Gateway(rules, tmp_path, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}).start()
+    try:
+        with agent_client(gateway, monkeypatch) as client:
+            with pytest.raises(httpx.ProxyError, match="407"):
+                client.post(f"{upstream.url}/v1/chat/completions", json=chat("hi"),
+                            headers={"Authorization": f"Bearer {idp.mint(groups=['agents'])}"})
+        entry = gateway.wait_audit(1)[-1]
+        assert (entry["event"], entry["status"], entry["decision"]["reason"]) == ("connect", 407, "missing")
+        with agent_client(gateway, monkeypatch, proxy_token=idp.mint(groups=["agents"])) as client:
+            assert client.post(f"{upstream.url}/v1/chat/completions", json=chat("hi")).status_code == 200
+    finally:
+        gateway.stop()
+    assert len(upstream.received) == 1
