@@ -26,6 +26,7 @@ help:
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
 	@echo "make bench  the gateway against bare mitmdump and direct calls (ratios; QUICK=1 for a smoke run)"
 	@echo "make bench-engine   the masking engine alone: MB/s on 8 KB, 64 KB, 1 MB bodies"
+	@echo "make soak   200 agents for 60 s with upstream and JWKS restarts; then verify (HOOP_SOAK_SECONDS=...)"
 	@echo "make policy-check   validate rules/ and run its policy tests (policy-tests/)"
 
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +62,9 @@ test: venv
 
 demo: init
 	$(PY) -m hoop_addon.dev.demo --home $(HOME_DIR)
+
+soak: venv
+	$(PY) -m pytest -m soak tests/soak -s --timeout 600
 
 bench: venv
 	$(PY) bench/chain.py $(if $(QUICK),--quick)
