@@ -18,7 +18,7 @@ PYTHON := $(shell for c in python3.14 python3.13 python3.12 python3 \
 	&& { echo $$p; break; }; done)
 endif
 
-.PHONY: help venv init run test demo bench bench-engine policy-check clean
+.PHONY: help venv init run test demo bench bench-engine soak policy-check clean
 
 help:
 	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options"
