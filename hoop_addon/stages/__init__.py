@@ -68,47 +68,73 @@ def refuse(
     hoop(flow)["decision"] = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
 
 
-_TIMED_HOOKS = ("http_connect", "requestheaders", "request", "responseheaders", "response", "error")
+_FLOW_HOOKS = (
+    "http_connect", "requestheaders", "request", "responseheaders", "response", "error",
+    "http_connect_error", "websocket_message",
+)
+_BEFORE_UPSTREAM = ("http_connect", "requestheaders", "request")
 
 
-def _timed(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` observing its duration into `hoop_stage_seconds{stage, hook}`."""
+def _fail_closed(stage: str, hook: str, flow: Any) -> None:
+    """A stage's hook raised unexpectedly. mitmproxy would log it and run the next
+    addons, i.e. forward the flow half-enforced: refuse it instead. Before the upstream,
+    the client gets a 500 and nothing is forwarded; after it, the connection is killed
+    so that no body the stage did not finish with reaches the client."""
+    logger.exception(f"hoop: {stage}.{hook} failed; the flow is refused")
+    if not isinstance(flow, http.HTTPFlow):
+        return
+    if hook in _BEFORE_UPSTREAM and flow.live:
+        refuse(flow, 500, stage.lower(), "internal_error", "the gateway could not process this request; it was not forwarded")
+    elif hook in ("responseheaders", "response", "websocket_message") and flow.killable:
+        hoop(flow)["decision"] = {"outcome": "deny", "stage": stage.lower(), "reason": "internal_error",
+                                  "message": "the gateway could not process the response; it was withheld"}
+        flow.kill()
+
+
+def _guarded(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, timed into `hoop_stage_seconds{stage, hook}`, failing closed on any
+    exception it does not handle itself."""
     histogram = STAGE_SECONDS.labels(stage, hook)
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
-        async def timed_async(self: Any, flow: Any) -> Any:
+        async def guarded_async(self: Any, flow: Any) -> Any:
             start = time.perf_counter()
             try:
                 return await fn(self, flow)
+            except Exception:
+                _fail_closed(stage, hook, flow)
             finally:
                 histogram.observe(time.perf_counter() - start)
 
-        return timed_async
+        return guarded_async
 
     @functools.wraps(fn)
-    def timed(self: Any, flow: Any) -> Any:
+    def guarded(self: Any, flow: Any) -> Any:
         start = time.perf_counter()
         try:
             return fn(self, flow)
+        except Exception:
+            _fail_closed(stage, hook, flow)
         finally:
             histogram.observe(time.perf_counter() - start)
 
-    return timed
+    return guarded
 
 
 class Stage:
     """Base of every stage: knows whether the proxy is running, so that a
-    configuration error stops start-up but, later, only rejects the change; and times
-    every flow hook its subclasses define (metric `hoop_stage_seconds`)."""
+    configuration error stops start-up but, later, only rejects the change; and wraps
+    every flow hook its subclasses define, to time it (metric `hoop_stage_seconds`) and
+    to fail closed when it raises (mitmproxy itself would carry on with the flow)."""
 
     started = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for hook in _TIMED_HOOKS:
+        for hook in _FLOW_HOOKS:
             if hook in cls.__dict__:
-                setattr(cls, hook, _timed(cls.__name__, hook, cls.__dict__[hook]))
+                setattr(cls, hook, _guarded(cls.__name__, hook, cls.__dict__[hook]))
 
     def running(self) -> None:
         self.started = True
