@@ -288,16 +288,29 @@ def cross_check(directory: Path, facts: AuditFacts, recordings: dict[str, Item])
 
 
 def _bundle_start(directory: Path) -> tuple[int, str] | None:
+    """Where an evidence bundle's audit excerpt starts, from its `bundle.json`. Only
+    called for a bundle archive that verify extracted itself (see `_tree`)."""
     info = directory / BUNDLE_INFO
     if not info.exists():
         return None
-    doc = orjson.loads(info.read_bytes())
-    return int(doc["audit_start"]["seq"]), str(doc["audit_start"]["prev"])
+    try:
+        doc = orjson.loads(info.read_bytes())
+        return int(doc["audit_start"]["seq"]), str(doc["audit_start"]["prev"])
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise VerifyError(f"{info}: not a valid evidence bundle description ({type(exc).__name__})") from None
 
 
-def _tree(directory: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick: Any) -> Iterator[Item]:
-    """Verify one directory: its audit logs, its recordings, and both against each other."""
-    start = _bundle_start(directory)
+def _tree(
+    directory: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick: Any, bundle: bool = False
+) -> Iterator[Item]:
+    """Verify one directory: its audit logs, its recordings, and both against each other.
+
+    `bundle` is True only for a directory extracted from an evidence bundle archive
+    (`hoop evidence`). Only then is `bundle.json` honoured: it is unsigned, so in a
+    plain directory anyone who deletes the head of the audit log could drop one there
+    to make the gap look like an excerpt's start. There it is ignored, and a missing
+    head stays a sequence gap."""
+    start = _bundle_start(directory) if bundle else None
     recordings = {p.name: p for p in sorted(directory.glob("*.mitm"))}
     orphan_manifests = {p.name.removesuffix(".manifest.json") + ".mitm" for p in directory.glob("*.manifest.json")}
     logs = sorted(directory.glob("*.jsonl"))
@@ -379,7 +392,7 @@ def _bundle(path: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick:
         except (OSError, tarfile.TarError) as exc:
             raise VerifyError(f"{path}: not a readable evidence bundle: {exc}") from None
         for directory in _directories([Path(tmp)]):
-            for item in _tree(directory, keys, trusted, tick):
+            for item in _tree(directory, keys, trusted, tick, bundle=True):
                 item.path = f"{path}:{Path(item.path).relative_to(tmp)}"
                 yield item
 

@@ -322,3 +322,17 @@ def test_tampering_under_an_open_checkpoint_is_detected(tmp_path: Path, capsys: 
     code, out = verify(directory, capsys, "--allow-unsealed-tail")
     assert code == 1
     assert f"INVALID {rec.path}: " in out
+
+
+def test_planted_bundle_json_does_not_hide_a_deleted_audit_head(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bundle.json` is unsigned: in a plain directory it must not turn a deleted head of
+    the audit log into an evidence excerpt's start."""
+    lines = audit_lines(tree)
+    head = orjson.loads(lines[4])
+    assert head["seq"] == 5
+    set_audit(tree, lines[4:])  # seq 1..4 deleted
+    (tree / "bundle.json").write_bytes(orjson.dumps({"audit_start": {"seq": head["seq"], "prev": head["prev"]}}))
+    code, out = verify(tree, capsys)
+    assert code == 1, out
+    assert "sequence gap at seq 1 (deleted entries: 1..4)" in out, out
+    assert out.splitlines()[-1].startswith("INVALID: ")
