@@ -11,6 +11,8 @@ from __future__ import annotations
 import zlib
 
 import brotli
+from mitmproxy import ctx
+from mitmproxy.utils import human
 
 try:
     from compression import zstd  # Python 3.14
@@ -21,6 +23,22 @@ from hoop_addon.masking.engine import MaskError
 
 ENCODINGS = ("gzip", "x-gzip", "deflate", "br", "zstd")
 _STEP = 64 * 1024
+DEFAULT_MAX_BODY = 16 * 1024 * 1024  # the `hoop_mask_max_body` option's default, 16m
+
+
+class BodyTooLarge(MaskError):
+    """The body decodes to more than the limit (a decompression bomb, or just too big)."""
+
+
+def max_body() -> int:
+    """The `hoop_mask_max_body` option (most bytes a body may decode to) in bytes, so
+    every stage that decodes a body (Guard before masking, Mask) uses one limit. The
+    Mask stage owns and validates the option; where it is not loaded or not a size,
+    the default applies."""
+    try:
+        return human.parse_size(ctx.options.hoop_mask_max_body) or DEFAULT_MAX_BODY
+    except (AttributeError, KeyError, ValueError):
+        return DEFAULT_MAX_BODY
 
 
 class Decoder:
@@ -60,7 +78,7 @@ class Decoder:
     def _grow(self, out: bytes) -> bytes:
         self.total += len(out)
         if self.total > self.limit:
-            raise MaskError(f"decoded body exceeds {self.limit} bytes")
+            raise BodyTooLarge(f"decoded body exceeds {self.limit} bytes")
         return out
 
     def _identity(self, chunk: bytes) -> bytes:

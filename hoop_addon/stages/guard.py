@@ -6,6 +6,8 @@ import secrets
 
 from mitmproxy import http
 
+from hoop_addon.masking.codec import BodyTooLarge, decode, max_body
+from hoop_addon.masking.engine import MaskError
 from hoop_addon.rules import RequestFacts, UninspectableBody, evaluate, request_key
 from hoop_addon.stages import Stage, allowed, hoop, refuse
 from hoop_addon.stages.policy import PolicyStage
@@ -23,6 +25,9 @@ class Guard(Stage):
       the Approve stage (after masking) to hold the flow or answer with a ticket.
 
     A body a rule must parse and cannot (not JSON, undecodable) is refused with 422.
+    The body is decoded with the Mask stage's bounded decoder and limit
+    (`hoop_mask_max_body`), never mitmproxy's unbounded one: a few KB of gzip can
+    decode to gigabytes. A body decoding past the limit is refused with 413.
     """
 
     def __init__(self, policy: PolicyStage) -> None:
@@ -38,13 +43,17 @@ class Guard(Stage):
         record, request = hoop(flow), flow.request
         identity = record["identity"]
         try:
-            body = request.get_content(strict=True) or b""
+            # bounded: a decompression bomb is refused before it is held in memory
+            body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), max_body())
             facts = RequestFacts(
                 record.get("route"), request.method, identity["subject"], identity["groups"],
                 list(request.headers.items(multi=True)), body,
             )
             block, shadow, approval = evaluate(policy.block_rules, policy.approval_rules, facts)
-        except (UninspectableBody, ValueError) as exc:
+        except BodyTooLarge as exc:
+            refuse(flow, 413, "guard", "request_too_large", f"request body could not be inspected: {exc}")
+            return
+        except (UninspectableBody, MaskError, ValueError) as exc:
             refuse(flow, 422, "guard", "uninspectable_request", f"request body could not be inspected: {exc}")
             return
         if shadow:

@@ -171,3 +171,59 @@ def test_request_key_covers_identity_request_and_body() -> None:
     ):
         assert changed != key
     assert request_key(b"s", "agent", "llm", "post", "https://a/v1", b"{}") == key
+
+
+class TestGuardStage:
+    """The Guard stage decodes bodies with the Mask stage's bounded decoder and limit."""
+
+    def guarded(self, tmp_path: Path, body: bytes, encoding: str) -> tuple[object, int]:
+        """The flow after the Guard (with `hoop_mask_max_body=1m`), and the peak memory
+        traced while it ran."""
+        import tracemalloc
+
+        from mitmproxy.test import taddons, tflow
+
+        from hoop_addon.identity import Verifier
+        from hoop_addon.stages import admit, hoop
+        from hoop_addon.stages.guard import Guard
+        from hoop_addon.stages.mask import Mask
+        from hoop_addon.stages.policy import Enforcement, PolicyStage
+
+        policy = PolicyStage()
+        policy.active = Enforcement(load(tmp_path), Verifier((), {}))
+        guard = Guard(policy)
+        with taddons.context(guard, Mask()) as tctx:
+            tctx.configure(tctx.master.addons.get("mask"), hoop_mask_max_body="1m")
+            flow = tflow.tflow()
+            flow.request.method = "POST"
+            flow.request.headers["Content-Encoding"] = encoding
+            flow.request.raw_content = body
+            admit(flow, None)
+            hoop(flow)["identity"] = {"subject": "agent-1", "issuer": "i", "groups": ["agents"], "token_id": None}
+            tracemalloc.start()
+            try:
+                guard.request(flow)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        return flow, peak
+
+    def test_gzip_bomb_is_refused_without_decoding_it(self, tmp_path: Path) -> None:
+        import gzip
+        import json
+
+        bomb = gzip.compress(b"\0" * (40 * 1024 * 1024), 9)  # ~40 KB decoding to 40 MB
+        assert len(bomb) < 100 * 1024
+        flow, peak = self.guarded(tmp_path, bomb, "gzip")
+        assert flow.response is not None and flow.response.status_code == 413
+        doc = json.loads(flow.response.content)
+        assert doc["stage"] == "guard" and doc["error"] == "request_too_large"
+        assert "exceeds 1048576 bytes" in doc["message"]
+        assert peak < 8 * 1024 * 1024, peak  # never held the 40 MB
+
+    def test_small_gzip_body_is_still_inspected(self, tmp_path: Path) -> None:
+        import gzip
+
+        flow, _ = self.guarded(tmp_path, gzip.compress(b"this is TOP SECRET"), "gzip")
+        assert flow.response is not None and flow.response.status_code == 403
+        assert b"secret-word" in flow.response.content
