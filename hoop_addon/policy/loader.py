@@ -151,7 +151,14 @@ _CONSTRUCTOR = yaml.SafeLoader("")
 def _scalar[T](node: Node, loc: _Loc, kind: type[T]) -> T:
     if not isinstance(node, ScalarNode):
         raise loc.error(node, f"expected {kind.__name__}, got {_kind(node)}")
-    value = _CONSTRUCTOR.construct_object(node)
+    try:
+        value = _CONSTRUCTOR.construct_object(node)
+    except (ValueError, TypeError, AttributeError, OverflowError, yaml.YAMLError) as exc:
+        # an explicit tag the value does not fit (`!!int abc`, `!!timestamp x`) or an
+        # unknown one: a policy error with file:line:key, never a raw exception that
+        # would end `policy check` in a traceback or the hot-reload watcher
+        detail = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else str(exc) or type(exc).__name__
+        raise loc.error(node, f"invalid {node.tag.removeprefix('tag:yaml.org,2002:')} value {node.value!r}: {detail}") from None
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = node.value  # a bare 443 is a fine host/path/name string
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -199,7 +206,7 @@ def _compose(path: Path) -> Node | None:
     try:
         return yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except OSError as exc:
-        raise PolicyError(str(path), 0, "(file)", f"cannot read: {exc.strerror}") from None
+        raise PolicyError(str(path), 0, "(file)", f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise PolicyError(str(path), 0, "(file)", "not UTF-8 text") from None
     except yaml.MarkedYAMLError as exc:
@@ -223,7 +230,11 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
     digest = hashlib.sha256()
     docs: list[_Map] = []
     for file in files:
-        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        try:
+            data = file.read_bytes()
+        except OSError as exc:  # e.g. deleted or replaced between listing and reading
+            raise PolicyError(str(file), 0, "(file)", f"cannot read: {exc.strerror or exc}") from None
+        digest.update(file.name.encode() + b"\0" + data + b"\0")
         node = _compose(file)
         if node is None:
             continue  # an empty file contributes nothing

@@ -65,10 +65,14 @@ class PolicyStage(Stage):
         if "hoop_reload" in updated:
             try:
                 interval = float(ctx.options.hoop_reload)
-                if not 0 <= interval <= 3600:
+                # 0 turns hot reload off; otherwise at least 0.1 s (1e-9 would make the
+                # watcher a busy loop re-reading the policy files) and at most an hour
+                if not (interval == 0 or 0.1 <= interval <= 3600):
                     raise ValueError
             except ValueError:
-                self.config_error(f"hoop: hoop_reload: '{ctx.options.hoop_reload}' is not a number of seconds in 0..3600")
+                self.config_error(
+                    f"hoop: hoop_reload: '{ctx.options.hoop_reload}' is not a number of seconds: 0 (off) or 0.1..3600"
+                )
                 return
             self.reload_interval = interval
         if "hoop_rules" in updated:
@@ -104,10 +108,18 @@ class PolicyStage(Stage):
             try:
                 active = await asyncio.to_thread(_load, path)
             except (PolicyError, JwksError) as exc:
-                kept = self.active.policy.digest[:12] if self.active else "none"
-                logger.error(f"hoop: policy reload refused, policy {kept} keeps enforcing: {exc}")
+                self._refused(str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - an unexpected error must not end the watcher
+                # Were this task to die, later valid changes would never apply; the
+                # policy in force keeps enforcing either way (fail closed).
+                self._refused(f"unexpected {type(exc).__name__}: {exc}")
                 continue
             self._swap(active, seen)
+
+    def _refused(self, reason: str) -> None:
+        kept = self.active.policy.digest[:12] if self.active else "none"
+        logger.error(f"hoop: policy reload refused, policy {kept} keeps enforcing: {reason}")
 
     def _swap(self, active: Enforcement, seen: tuple[tuple[str, int, int], ...]) -> None:
         self.active, self._seen = active, seen

@@ -62,3 +62,44 @@ def test_policy_change_applies_and_broken_policy_is_refused(reloading_gateway: G
     assert f"policy.yaml:{line}: routes[1].match.pathz: unknown key (did you mean 'paths'?)" in gateway.output
     assert status() == 403
     assert len(upstream.received) == forwarded  # nothing passed once agents were refused
+
+
+def test_value_not_fitting_its_tag_is_refused_and_a_later_save_still_applies(reloading_gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """`!!int abc` made the YAML constructor raise ValueError, which used to end the
+    watcher: this save is refused with file:line:key, and the next valid one applies."""
+    gateway = reloading_gateway
+    policy_file = gateway.rules / "policy.yaml"
+    token = idp.mint(groups=["agents"])
+
+    def status() -> int:
+        ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
+        with httpx.Client(proxy=gateway.proxy(token), verify=ca, trust_env=False) as client:
+            return client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+
+    assert status() == 200
+    text = policy_file.read_text()
+    broken = text + "defaults:\n  max_pending: !!int abc\n"
+    line = len(broken.splitlines())
+    policy_file.write_text(broken)
+    assert eventually(lambda: "policy reload refused" in gateway.output), gateway.output
+    assert f"policy.yaml:{line}: defaults.max_pending: invalid int value 'abc'" in gateway.output
+    assert "Traceback" not in gateway.output
+    assert status() == 200  # the policy in force keeps enforcing
+
+    policy_file.write_text(text.replace("      groups: [agents]", "      groups: [admins]"))
+    assert eventually(lambda: status() == 403), gateway.output
+
+
+def test_open_tunnel_is_verified_again_under_a_new_policy(reloading_gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """A CONNECT tunnel's identity is not grandfathered: when a reload stops trusting
+    its token (here: another audience), the next request in the same tunnel is refused."""
+    gateway = reloading_gateway
+    ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
+    with httpx.Client(proxy=gateway.proxy(idp.mint(groups=["agents"])), verify=ca, trust_env=False) as client:
+        def status() -> int:
+            return client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+
+        assert status() == 200
+        policy_file = gateway.rules / "policy.yaml"
+        policy_file.write_text(policy_file.read_text().replace("audience: hoop-gateway", "audience: another-gateway"))
+        assert eventually(lambda: status() == 407), gateway.output

@@ -60,6 +60,12 @@ def test_bad_reload_interval_stops_startup(tmp_path: Path, idp: LocalIdP, pki: t
     assert_clean_failure(code, output, "hoop_reload: 'soon' is not a number of seconds")
 
 
+def test_tiny_reload_interval_stops_startup(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
+    """1e-9 s would make the policy watcher a busy loop: 0 (off) or 0.1..3600 only."""
+    code, output = start(tmp_path, idp, pki, POLICY, options={"hoop_reload": "1e-9"})
+    assert_clean_failure(code, output, "hoop_reload: '1e-9' is not a number of seconds: 0 (off) or 0.1..3600")
+
+
 @pytest.mark.parametrize("policy", [POLICY, TYPO], ids=["valid", "typo"])
 def test_policy_check_command(tmp_path: Path, idp: LocalIdP, policy: str) -> None:
     rules = write_policy(tmp_path / "rules", idp, policy)

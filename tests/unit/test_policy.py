@@ -420,3 +420,84 @@ class TestRouteMatching:
 )
 def test_unmatched_traffic_default(tmp_path: Path, defaults: str, expected: str) -> None:
     assert load_policy(write(tmp_path, ISSUER + defaults)).unmatched == expected
+
+
+def test_value_not_fitting_its_explicit_tag_names_file_line_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`!!int abc` makes the YAML constructor raise ValueError: it must be a PolicyError
+    (file:line:key), and `hoop policy check` must print it without a traceback."""
+    from hoop_addon.cli import main
+
+    path = write(tmp_path, ISSUER + "defaults:\n  max_pending: !!int abc\n")
+
+    error = load_error(path)
+
+    assert (error.file, error.line, error.key) == (str(path), 7, "defaults.max_pending")
+    assert "invalid int value 'abc'" in error.message
+    assert main(["policy", "check", str(path)]) != 0
+    captured = capsys.readouterr()
+    assert f"{path}:7: defaults.max_pending: invalid int value 'abc'" in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_file_unreadable_while_loading_is_a_policy_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that disappears between listing and reading (a hot reload mid-save)."""
+    path = write(tmp_path, ISSUER)
+
+    def vanished(self: Path) -> bytes:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(Path, "read_bytes", vanished)
+    error = load_error(path)
+
+    assert (error.file, error.line, error.key) == (str(path), 0, "(file)")
+    assert error.message == "cannot read: No such file or directory"
+
+
+def test_watcher_survives_an_unexpected_error_and_applies_a_later_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any exception from a reload is a refused reload; the watcher task stays alive,
+    the old policy keeps enforcing, and a later valid change still applies."""
+    import asyncio
+
+    from mitmproxy.test import taddons
+
+    from hoop_addon.stages import policy as stage_module
+
+    route = "routes:\n  - name: r\n    match: {hosts: [a.example]}\n    allow: {groups: [agents]}\n"
+    path = write(tmp_path / "rules", ISSUER + route)
+    real_load, calls = stage_module._load, []
+
+    def flaky_load(where: str) -> stage_module.Enforcement:
+        calls.append(where)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return real_load(where)
+
+    async def run() -> None:
+        stage = stage_module.PolicyStage()
+        with taddons.context(stage) as tctx:
+            tctx.configure(stage, hoop_rules=str(path.parent), hoop_reload="0")
+            first = stage.active.policy.digest
+            monkeypatch.setattr(stage_module, "_load", flaky_load)
+            stage.reload_interval = 0.01
+            watcher = asyncio.get_running_loop().create_task(stage._watch())
+
+            async def until(check) -> None:
+                for _ in range(500):
+                    if check():
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"timed out; watcher done={watcher.done()}")
+
+            path.write_text(path.read_text() + "# change 1\n")
+            await until(lambda: calls)
+            await asyncio.sleep(0.05)
+            assert not watcher.done() and stage.active.policy.digest == first
+            path.write_text(path.read_text() + "# change 2, a bit longer\n")
+            await until(lambda: stage.active.policy.digest != first)
+            watcher.cancel()
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(run())
+    assert "policy reload refused" in caplog.text and "unexpected RuntimeError: disk on fire" in caplog.text
