@@ -256,6 +256,16 @@ class Verifier:
         """True when the last JWKS refresh of `issuer` failed and older keys are in use."""
         return (keyset := self.keysets.get(issuer)) is not None and keyset.stale
 
+    def names_trusted_issuer(self, token: str) -> bool:
+        """True when `token` is shaped like a JWT whose (unverified) `iss` is an issuer
+        this policy trusts: a gateway token, which must never travel upstream."""
+        if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+            return False
+        try:
+            return jwt.get_unverified_claims(token).get("iss") in self.issuers
+        except (JWTError, AttributeError):
+            return False
+
     async def verify(self, token: str) -> Identity:
         """Verify `token` (compact JWS) and return who it identifies.
 

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
 from mitmproxy import http
 
 from hoop_addon.stages import Stage, admit, hoop, refuse
 from hoop_addon.stages.policy import PolicyStage
+
+
+# `%` + an unreserved character (RFC 3986 §2.3), `/` or `\\`: upstreams decode these,
+# so `/v1/%63hat` or `/v1%2Fchat` would be served as a path no route glob was matched against.
+_NEEDLESS_ESCAPE = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DdEeFf]|5[CcFf]|7[Ee])")
+
+
+def canonical_path(path: str) -> bool:
+    """True for a path an upstream cannot normalise into another one: it starts with
+    `/` (or is `*`), has no empty, `.` or `..` segments (RFC 3986 §5.2.4) and no
+    percent-encoded unreserved characters, slashes or backslashes."""
+    if path == "*":
+        return True
+    segments = path.split("/")
+    return (
+        path.startswith("/")
+        and not any(s in ("", ".", "..") for s in segments[1:-1])
+        and segments[-1] not in (".", "..")
+        and not _NEEDLESS_ESCAPE.search(path)
+    )
 
 
 class Admit(Stage):
@@ -14,7 +36,9 @@ class Admit(Stage):
     `allow`: deny by default. Refusals are 403 with a JSON reason naming the route and
     nothing else of the policy, decided on the request headers, before any body is read
     into the chain. Admitted requests are never streamed. The host matched is the one
-    the gateway connects to, never the client-supplied `Host` header."""
+    the gateway connects to, never the client-supplied `Host` header, and the path is
+    matched only in canonical form (see `canonical_path`), so the route a request is
+    judged under is the one the upstream will serve it as."""
 
     def __init__(self, policy: PolicyStage) -> None:
         self.policy = policy
@@ -24,7 +48,12 @@ class Admit(Stage):
             return
         record = hoop(flow)
         request = flow.request
-        route = active.policy.route_for(request.host, request.port, request.path.split("?", 1)[0], request.method)
+        path = request.path.split("?", 1)[0]
+        if not canonical_path(path):
+            refuse(flow, 400, "route", "non_canonical_path",
+                   "the request path is not in canonical form (dot or empty segments, or needless percent-encoding)")
+            return
+        route = active.policy.route_for(request.host, request.port, path, request.method)
         if route is None:
             if active.policy.unmatched == "allow":
                 admit(flow, None)

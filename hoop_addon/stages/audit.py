@@ -142,7 +142,8 @@ class Audit(Stage):
                 method=request.method,
                 host=request.host,
                 port=request.port,
-                path=request.path.split("?", 1)[0],
+                # From the raw bytes: a request refused for not being UTF-8 is audited too.
+                path=request.data.path.split(b"?", 1)[0].decode("utf-8", "replace"),
                 decision=record.get("decision", {"outcome": "deny", "reason": "not_decided"}),
                 status=flow.response.status_code if flow.response else None,
                 masked=record.get("masked", []),

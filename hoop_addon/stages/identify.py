@@ -12,7 +12,7 @@ from mitmproxy import connection, http
 
 from hoop_addon.identity import Identity, TokenError, Verifier
 from hoop_addon.stages import Stage, hoop, refuse
-from hoop_addon.stages.policy import PolicyStage
+from hoop_addon.stages.policy import Enforcement, PolicyStage
 
 REALM = "hoop"
 # A query parameter that carries a token: RFC 6750 §2.3's name, or any JWS-shaped value.
@@ -34,14 +34,21 @@ class Identify(Stage):
     forwarding. A token in the query string (RFC 6750 §2.3) is always refused (401,
     `token_in_query`) and removed from the flow, so it is neither logged nor audited.
     Failure: 407 with `Proxy-Authenticate` for proxy credentials, else 401 with
-    `WWW-Authenticate: Bearer` (RFC 6750 §3); the upstream receives nothing.
+    `WWW-Authenticate: Bearer` (RFC 6750 §3); the upstream receives nothing, and the
+    refused flow keeps no token. A tunnel's token is verified again when the policy in
+    force changes (an issuer or key removed by a reload ends the tunnel's access). When
+    the identity came from proxy credentials, an `Authorization: Bearer` holding a JWT of
+    a trusted issuer is removed too: a gateway token never travels upstream. A request
+    whose target or headers are not valid UTF-8 is refused (400) before anything reads
+    them, so every later stage, the recording and the audit log can represent it.
     `hoop.identity.jwks_stale` is true when the issuer's JWKS could not be refreshed
     and the last good keys were used.
     """
 
     def __init__(self, policy: PolicyStage) -> None:
         self.policy = policy
-        self.tunnels: weakref.WeakKeyDictionary[connection.Client, Identity] = weakref.WeakKeyDictionary()
+        # client connection -> (its token, the identity, the policy hash it was verified under)
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, tuple[str, Identity, str]] = weakref.WeakKeyDictionary()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if (active := self.policy.active) is None:
@@ -55,16 +62,21 @@ class Identify(Stage):
                 if "authorization" in sources:
                     return  # requests inside the tunnel must then authenticate themselves
                 raise TokenError("missing", "proxy credentials are required")
-            identity = await _verify_proxy(active.verifier, header, sources)
+            token = _proxy_token(header, sources)
+            identity = await active.verifier.verify(token)
         except TokenError as exc:
             self._refuse(flow, True, exc, sources)
             return
-        self.tunnels[flow.client_conn] = identity
+        self.tunnels[flow.client_conn] = (token, identity, active.policy.digest)
         hoop(flow)["identity"] = _record(identity, active.verifier)
         del flow.request.headers["Proxy-Authorization"]
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
+            return
+        if not _utf8(flow.request):
+            _drop_tokens(flow.request)
+            refuse(flow, 400, "identity", "malformed_request", "the request target or a header is not valid UTF-8")
             return
         if (active := self.policy.active) is None:
             refuse(flow, 503, "identity", "policy_not_loaded", "the gateway has no policy loaded")
@@ -78,13 +90,11 @@ class Identify(Stage):
         # Challenge for proxy credentials when they were sent or are the only ones accepted.
         proxy = "Proxy-Authorization" in headers or "authorization" not in sources
         try:
-            if (identity := self.tunnels.get(flow.client_conn)) is not None:
-                if identity.expires_at <= time.time():
-                    del self.tunnels[flow.client_conn]
-                    raise TokenError("expired", "token has expired; reconnect with a fresh one")
+            if (tunnel := self.tunnels.get(flow.client_conn)) is not None:
                 proxy = True
+                identity = await self._tunnel_identity(flow.client_conn, tunnel, active)
             elif "Proxy-Authorization" in headers:
-                identity = await _verify_proxy(active.verifier, headers["Proxy-Authorization"], sources)
+                identity = await active.verifier.verify(_proxy_token(headers["Proxy-Authorization"], sources))
             elif "authorization" in sources:
                 identity = await active.verifier.verify(_bearer(headers.get("Authorization")))
                 del headers["Authorization"]
@@ -94,9 +104,26 @@ class Identify(Stage):
             self._refuse(flow, proxy, exc, sources)
             return
         headers.pop("Proxy-Authorization", None)
+        if proxy and active.verifier.names_trusted_issuer(_bearer_value(headers.get("Authorization", ""))):
+            del headers["Authorization"]
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
+    async def _tunnel_identity(self, client: connection.Client, tunnel: tuple[str, Identity, str], active: Enforcement) -> Identity:
+        """The tunnel's identity, verified again under a policy that changed since."""
+        token, identity, digest = tunnel
+        try:
+            if identity.expires_at <= time.time():
+                raise TokenError("expired", "token has expired; reconnect with a fresh one")
+            if digest != active.policy.digest:
+                identity = await active.verifier.verify(token)
+                self.tunnels[client] = (token, identity, active.policy.digest)
+        except TokenError:
+            del self.tunnels[client]
+            raise
+        return identity
+
     def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError, sources: frozenset[str]) -> None:
+        _drop_tokens(flow.request)
         hoop(flow)["auth_failure"] = exc.reason
         if proxy:
             schemes = [s for s, source in _PROXY_SCHEMES.items() if source in sources] or ["basic"]
@@ -116,8 +143,8 @@ def _record(identity: Identity, verifier: Verifier) -> dict[str, object]:
     return record
 
 
-async def _verify_proxy(verifier: Verifier, header: str, sources: frozenset[str]) -> Identity:
-    """The identity in a `Proxy-Authorization` header (Basic with the token as password,
+def _proxy_token(header: str, sources: frozenset[str]) -> str:
+    """The token in a `Proxy-Authorization` header (Basic with the token as password,
     or Bearer), if the policy accepts that scheme. Raises `TokenError`."""
     scheme, _, value = header.strip().partition(" ")
     source = _PROXY_SCHEMES.get(scheme.lower())
@@ -128,7 +155,32 @@ async def _verify_proxy(verifier: Verifier, header: str, sources: frozenset[str]
     token = _basic_password(value) if source == "proxy_password" else value.strip()
     if not token:
         raise TokenError("missing", "the proxy credentials hold no token")
-    return await verifier.verify(token)
+    return token
+
+
+def _bearer_value(header: str) -> str:
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _drop_tokens(request: http.Request) -> None:
+    """Remove what may carry a token from a flow that is not forwarded: it is still
+    shown in mitmproxy's UIs and output, and may be saved by them."""
+    for name in ("Authorization", "Proxy-Authorization"):
+        request.headers.pop(name, None)
+
+
+def _utf8(request: http.Request) -> bool:
+    """True when the request target and every header name and value are UTF-8."""
+    try:
+        request.data.path.decode("utf-8")
+        request.data.host.encode("utf-8")
+        for name, value in request.headers.fields:
+            name.decode("utf-8")
+            value.decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _scrub_query_tokens(request: http.Request) -> bool:

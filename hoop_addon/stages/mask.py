@@ -147,7 +147,7 @@ class Mask(Stage):
             except Exception as exc:  # fail closed: end the stream, audit why
                 failed = True
                 message = _message(exc)
-                logger.error(f"hoop: mask: stream of {flow.request.pretty_url} ended: {message}")
+                logger.error(f"hoop: mask: stream of {_where(flow)} ended: {message}")
                 hoop(flow)["decision"] = {
                     "outcome": "deny", "stage": "mask", "reason": "unmaskable_response",
                     "message": f"upstream stream ended: it could not be inspected: {message}",
@@ -192,7 +192,7 @@ class Mask(Stage):
             if new is not None:
                 message.content = new
         except Exception as exc:
-            logger.error(f"hoop: mask: WebSocket message on {flow.request.pretty_url} dropped, connection closed: {_message(exc)}")
+            logger.error(f"hoop: mask: WebSocket message on {_where(flow)} dropped, connection closed: {_message(exc)}")
             message.drop()
             flow.kill()
 
@@ -215,7 +215,7 @@ class Mask(Stage):
 
     def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception) -> None:
         message = _message(exc)
-        logger.error(f"hoop: mask: {part} of {flow.request.pretty_url} refused: {message}")
+        logger.error(f"hoop: mask: {part} of {_where(flow)} refused: {message}")
         if part == "request":
             refuse(flow, 422, "mask", "unmaskable_request", f"request could not be inspected: {message}")
         else:
@@ -293,3 +293,10 @@ def _mask_query(request: http.Request, rules: tuple[MaskRule, ...], context: Mas
     masked = [(k, mask_text(v, chosen, context, evidence, "query")) for k, v in items]
     if masked != items:
         request.query = masked
+
+
+def _where(flow: http.HTTPFlow) -> str:
+    """The flow's target for a log line: scheme, host, port and path, never the query
+    (it may hold values a `query` rule masks, and this is logged before masking)."""
+    request = flow.request
+    return f"{request.scheme}://{request.host}:{request.port}{request.path.split('?', 1)[0]}"

@@ -7,6 +7,7 @@ recorded and what was audited.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -213,3 +214,22 @@ def test_recording_opens_with_stock_mitmdump(gateway: Gateway, upstream: FakeOpe
     assert done.returncode == 0, done.stderr
     assert f"POST {upstream.url}/v1/chat/completions" in done.stdout
     assert "200 OK" in done.stdout
+
+
+def test_non_canonical_path_is_refused_before_route_matching(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """`/v1/admin/../chat/completions` must not be judged as one route and served as
+    another: refused with 400, the upstream receives nothing."""
+    import socket
+    import ssl
+
+    token = base64.b64encode(f"agent:{idp.mint(groups=['admins'])}".encode())
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+        raw.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nHost: localhost\r\nProxy-Authorization: Basic %s\r\n\r\n" % (upstream.port, token))
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        with ssl.create_default_context(cafile=str(gateway.ca_cert)).wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /v1/admin/../chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400") and b'"non_canonical_path"' in reply, reply[:300]
+    assert upstream.received == []

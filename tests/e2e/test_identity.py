@@ -404,3 +404,42 @@ def test_proxy_only_policy_challenges_a_connect_without_credentials(
     finally:
         gateway.stop()
     assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize("target", [b"/v1/chat/\xff", b"/v1/chat/completions"], ids=["path", "header"])
+def test_request_that_is_not_utf8_is_refused(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, target: bytes) -> None:
+    """Raw bytes in an origin-form request inside the TLS tunnel: refused 400 before any
+    stage reads them (a surrogate would otherwise break the audit line or the recording
+    of a request already forwarded)."""
+    import socket
+    import ssl
+
+    token = base64.b64encode(f"agent:{idp.mint(groups=['agents'])}".encode())
+    extra = b"X-Trace: caf\xe9\r\n" if target.endswith(b"completions") else b""
+    before = len(gateway.audit())
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+        raw.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nHost: localhost\r\nProxy-Authorization: Basic %s\r\n\r\n" % (upstream.port, token))
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        with ssl.create_default_context(cafile=str(gateway.ca_cert)).wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + extra
+                        + b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert b'"malformed_request"' in reply
+    assert upstream.received == []
+    assert gateway.wait_audit(before + 1)[-1]["decision"]["reason"] == "malformed_request"
+
+
+def test_gateway_token_in_authorization_never_travels_upstream(
+    gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Identity from the proxy password, and a gateway JWT also in Authorization, on a
+    route that injects no credential: the JWT is removed, not forwarded."""
+    other = idp.mint(subject="someone-else", groups=["agents"])
+    with agent_client(gateway, monkeypatch, proxy_token=idp.mint(groups=["admins"])) as client:
+        client.get(f"{upstream.url}/v1/admin/users", headers={"Authorization": f"Bearer {other}"})
+    (received,) = upstream.received
+    assert header(received, "Authorization") is None
+    assert_absent(repr(received.headers), (other,))
