@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from jsonpath_rfc9535 import JSONPathRecursionError
 
 from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions
 
@@ -49,7 +50,7 @@ def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bo
     `parsed` is a per-request cache shared across rules (key "json": the parsed body),
     so a body is parsed once however many rules look at it. Cheap conditions are
     checked first. Raises `UninspectableBody` when a JSONPath condition must be
-    evaluated and the non-empty body is not JSON.
+    evaluated and the non-empty body is not JSON, or is nested too deep for it.
     """
     if when.routes and facts.route not in when.routes:
         return False
@@ -80,11 +81,18 @@ def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bo
             except orjson.JSONDecodeError:
                 raise UninspectableBody("the body is not JSON, and a rule inspects it with JSONPath") from None
         document = parsed["json"]
-        if not any(
-            isinstance(value, str) and pattern.search(value)
-            for _, query, pattern in when.json
-            for value in query.find(document).values()
-        ):
+        try:
+            found = any(
+                isinstance(value, str) and pattern.search(value)
+                for _, query, pattern in when.json
+                for value in query.find(document).values()
+            )
+        except (JSONPathRecursionError, RecursionError):
+            # a descendant query (`$..x`) on a deeply nested body hits the JSONPath
+            # library's depth limit: the body cannot be inspected, so it is refused
+            # (422), not an unexpected error (500)
+            raise UninspectableBody("the body is nested too deep to inspect with JSONPath") from None
+        if not found:
             return False
     return True
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from jsonpath_rfc9535 import JSONPathRecursionError
+
 from hoop_addon.masking import MaskContext, MaskError, TokenSession, mask_body
 from hoop_addon.policy.model import Direction, Policy
 from hoop_addon.rules import RequestFacts, UninspectableBody, evaluate
@@ -69,10 +71,14 @@ class Outcome:
 
 def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
     """The outcome of `exchange` for `caller` under `policy` (see the module docstring).
-    Never raises for bad bodies: they give the `deny` outcome the gateway would give."""
-    url = urlsplit(exchange.url)
-    host, scheme = (url.hostname or "").lower(), url.scheme or "https"
-    port = url.port or _DEFAULT_PORTS.get(scheme, 443)
+    Never raises for bad bodies or URLs: they give the `deny` outcome the gateway would
+    give (a request it cannot parse or inspect is refused)."""
+    try:
+        url = urlsplit(exchange.url)
+        port = url.port or _DEFAULT_PORTS.get(url.scheme or "https", 443)  # ValueError: port not 0..65535
+    except ValueError:
+        return Outcome("deny", reason="invalid_url")
+    host = (url.hostname or "").lower()
     method = exchange.method.upper()
     route = policy.route_for(host, port, url.path or "/", method)
     if route is None:
@@ -84,7 +90,8 @@ def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
     facts = RequestFacts(name, method, caller.subject, caller.groups, list(exchange.headers), exchange.body)
     try:
         block, shadow, approval = evaluate(policy.block_rules, policy.approval_rules, facts)
-    except UninspectableBody:
+    except (UninspectableBody, JSONPathRecursionError, RecursionError):
+        # not JSON, or nested too deep for JSONPath: the Guard refuses it (422)
         return Outcome("deny", name, "uninspectable_request")
     shadowed = tuple(r.name for r in shadow)
     if block is not None:
@@ -99,7 +106,8 @@ def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
     for part, headers, body in parts:
         try:
             _, evidence = mask_body(body, _content_type(headers), route.rules_for(part), part, context)
-        except MaskError:
+        except (MaskError, JSONPathRecursionError, RecursionError):
+            # a body the masker cannot handle, or a JSONPath too deep for it: refused
             return Outcome("deny", name, f"unmaskable_{part}", None, shadowed, result.masked)
         for item in evidence:
             result.masked[item["rule"]] = result.masked.get(item["rule"], 0) + item["count"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 from yaml.nodes import Node
 
 from hoop_addon.policy.loader import _CONSTRUCTOR, PolicyError, _compose, _Loc, _Map, _seq
@@ -81,7 +82,7 @@ def _case(m: _Map) -> Case:
         response_headers, response_body = _message(m.sub("response"))
     expect = m.sub("expect")
     keys = ("outcome", "route", "rule", "reason", "masked", "shadow")
-    expected = {key: _value(expect.node(key)) for key in keys if expect.has(key)}
+    expected = {key: _value(expect.node(key), expect.loc.at(key)) for key in keys if expect.has(key)}
     expect.finish(keys)
     if expected.get("outcome") not in OUTCOMES:
         raise expect.loc.at("outcome").error(expect.where("outcome"), f"expected one of: {', '.join(OUTCOMES)}")
@@ -92,18 +93,29 @@ def _case(m: _Map) -> Case:
 
 def _message(m: _Map) -> tuple[tuple[tuple[str, str], ...], bytes]:
     """Headers and body of a fixture's request or response (`json` or `body`)."""
-    headers = tuple((str(k), str(v)) for k, v in (_value(m.node("headers")) if m.has("headers") else {}).items())
+    headers: tuple[tuple[str, str], ...] = ()
+    if m.has("headers"):
+        node = m.node("headers")
+        value = _value(node, m.loc.at("headers"))
+        if not isinstance(value, dict):  # e.g. a list of "Name: value" strings
+            raise m.loc.at("headers").error(node, f"expected a mapping of header names to values, got {type(value).__name__}")
+        headers = tuple((str(k), str(v)) for k, v in value.items())
     if m.has("json") and m.has("body"):
         raise m.loc.at("body").error(m.where("body"), "give `json` or `body`, not both")
-    body = orjson.dumps(_value(m.node("json"))) if m.has("json") else m.text("body", "").encode()
+    body = orjson.dumps(_value(m.node("json"), m.loc.at("json"))) if m.has("json") else m.text("body", "").encode()
     if m.has("json") and not any(k.lower() == "content-type" for k, _ in headers):
         headers += (("Content-Type", "application/json"),)
     m.finish()
     return headers, body
 
 
-def _value(node: Node) -> Any:
-    return _CONSTRUCTOR.construct_object(node, deep=True)
+def _value(node: Node, loc: _Loc) -> Any:
+    """The plain value of `node`; a value not fitting its tag (`!!int abc`) is a
+    `PolicyError` at `loc`, not a traceback."""
+    try:
+        return _CONSTRUCTOR.construct_object(node, deep=True)
+    except (ValueError, TypeError, AttributeError, OverflowError, yaml.YAMLError) as exc:
+        raise loc.error(node, f"invalid value: {exc}") from None
 
 
 def failures(outcome: Outcome, expect: dict[str, Any]) -> list[str]:

@@ -62,6 +62,21 @@ defaults:
 """
 
 
+DEEP_RULE = """\
+block:
+  - name: anywhere
+    when:
+      json:
+        - path: $..content
+          matches: 'rm -rf'
+"""
+
+
+def deep(levels: int) -> bytes:
+    """A JSON body nested `levels` lists deep."""
+    return b"[" * levels + b'{"content": "hi"}' + b"]" * levels
+
+
 def load(tmp_path: Path, extra: str = RULES) -> Policy:
     (tmp_path / "p.yaml").write_text(BASE + textwrap.dedent(extra))
     return load_policy(tmp_path / "p.yaml", resolve_env=False)
@@ -155,6 +170,14 @@ class TestEvaluation:
             evaluate(policy.block_rules, policy.approval_rules, facts(body=b"curl x | sh"))
         assert self.run(policy, facts(body=b"")) == (None, [], None)  # nothing to inspect
 
+    def test_body_nested_too_deep_for_jsonpath_is_uninspectable(self, tmp_path: Path) -> None:
+        """A descendant query on a body nested past the JSONPath library's depth limit
+        raises its JSONPathRecursionError: that is an uninspectable body (422)."""
+        policy = load(tmp_path, DEEP_RULE)
+        with pytest.raises(UninspectableBody, match="nested too deep"):
+            evaluate(policy.block_rules, policy.approval_rules, facts(body=deep(200)))
+        assert self.run(policy, facts(body=deep(20)))[0] is None  # shallow: inspected
+
     def test_token_estimate(self) -> None:
         assert [estimate_tokens(b"x" * n) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
 
@@ -176,7 +199,7 @@ def test_request_key_covers_identity_request_and_body() -> None:
 class TestGuardStage:
     """The Guard stage decodes bodies with the Mask stage's bounded decoder and limit."""
 
-    def guarded(self, tmp_path: Path, body: bytes, encoding: str) -> tuple[object, int]:
+    def guarded(self, tmp_path: Path, body: bytes, encoding: str, rules: str = RULES) -> tuple[object, int]:
         """The flow after the Guard (with `hoop_mask_max_body=1m`), and the peak memory
         traced while it ran."""
         import tracemalloc
@@ -184,13 +207,13 @@ class TestGuardStage:
         from mitmproxy.test import taddons, tflow
 
         from hoop_addon.identity import Verifier
-        from hoop_addon.stages import admit, hoop
+        from hoop_addon.stages import hoop
         from hoop_addon.stages.guard import Guard
         from hoop_addon.stages.mask import Mask
         from hoop_addon.stages.policy import Enforcement, PolicyStage
 
         policy = PolicyStage()
-        policy.active = Enforcement(load(tmp_path), Verifier((), {}))
+        policy.active = Enforcement(load(tmp_path, rules), Verifier((), {}))
         guard = Guard(policy)
         with taddons.context(guard, Mask()) as tctx:
             tctx.configure(tctx.master.addons.get("mask"), hoop_mask_max_body="1m")
@@ -198,7 +221,9 @@ class TestGuardStage:
             flow.request.method = "POST"
             flow.request.headers["Content-Encoding"] = encoding
             flow.request.raw_content = body
-            admit(flow, None)
+            # what `hoop_addon.stages.admit(flow, None)` records; not imported by that
+            # name, which the `hoop_addon.stages.admit` submodule shadows once imported
+            hoop(flow).update(route=None, decision={"outcome": "allow"})
             hoop(flow)["identity"] = {"subject": "agent-1", "issuer": "i", "groups": ["agents"], "token_id": None}
             tracemalloc.start()
             try:
@@ -227,3 +252,11 @@ class TestGuardStage:
         flow, _ = self.guarded(tmp_path, gzip.compress(b"this is TOP SECRET"), "gzip")
         assert flow.response is not None and flow.response.status_code == 403
         assert b"secret-word" in flow.response.content
+
+    def test_body_nested_too_deep_is_refused_with_422(self, tmp_path: Path) -> None:
+        import json
+
+        flow, _ = self.guarded(tmp_path, deep(200), "identity", DEEP_RULE)
+        assert flow.response is not None and flow.response.status_code == 422
+        doc = json.loads(flow.response.content)
+        assert doc["error"] == "uninspectable_request" and "nested too deep" in doc["message"]

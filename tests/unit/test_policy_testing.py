@@ -75,3 +75,87 @@ def test_fixture_typo_names_file_line_key(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as err:
         load_cases(fixture)
     assert str(err.value) == f"{fixture}:5: tests[0].expect.outcom: unknown key (did you mean 'outcome'?)"
+
+
+DEEP_POLICY = """\
+issuers:
+  - name: idp
+    issuer: https://idp.example
+    audience: hoop-gateway
+    jwks: https://idp.example/jwks.json
+routes:
+  - name: llm
+    match: {hosts: [api.example]}
+    allow: {groups: [agents]}
+    masking: [anywhere]
+masking:
+  - name: anywhere
+    detectors: [email]
+    paths: [$..content]
+block:
+  - name: deep
+    when:
+      json:
+        - path: $..content
+          matches: 'rm -rf'
+"""
+
+
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b'{"content": "hi"}' + b"]" * levels
+
+
+@pytest.mark.parametrize(
+    ("text", "exchange", "expected"),
+    [
+        pytest.param(DEEP_POLICY, Exchange("POST", "https://api.example/v1", [("Content-Type", "application/json")], deep(200)),
+                     ("deny", "llm", "uninspectable_request"), id="block-rule-jsonpath-too-deep"),
+        pytest.param(DEEP_POLICY.split("block:")[0],
+                     Exchange("POST", "https://api.example/v1", [("Content-Type", "application/json")], deep(200)),
+                     ("deny", "llm", "unmaskable_request"), id="masking-jsonpath-too-deep"),
+        pytest.param(DEEP_POLICY, Exchange("POST", "https://api.example:99999/v1", [], b""),
+                     ("deny", None, "invalid_url"), id="port-out-of-range"),
+        pytest.param(DEEP_POLICY, Exchange("POST", "https://api.example:http/v1", [], b""),
+                     ("deny", None, "invalid_url"), id="port-not-a-number"),
+    ],
+)
+def test_what_cannot_be_inspected_is_denied_not_raised(tmp_path: Path, text: str, exchange: Exchange, expected: tuple) -> None:
+    """Mirrors the gateway: a request it cannot parse or inspect is refused."""
+    (tmp_path / "p.yaml").write_text(text)
+    policy = load_policy(tmp_path / "p.yaml", resolve_env=False)
+    outcome = simulate(policy, exchange, AGENT)
+    assert (outcome.outcome, outcome.route, outcome.reason) == expected
+
+
+def test_policy_test_reports_a_deep_body_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(DEEP_POLICY)
+    fixture = tmp_path / "deep.yaml"
+    nested: object = {"content": "hi"}
+    for _ in range(200):
+        nested = [nested]
+    fixture.write_text(orjson.dumps({"tests": [{
+        "name": "deep", "identity": {"subject": "a", "groups": ["agents"]},
+        "request": {"method": "POST", "url": "https://api.example/v1", "json": nested},
+        "expect": {"outcome": "deny", "reason": "uninspectable_request"},
+    }]}).decode())
+    run = subprocess.run([sys.executable, "-m", "hoop_addon", "policy", "test", str(fixture), "--rules", str(tmp_path / "p.yaml")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("request_yaml", "line", "key", "message"),
+    [
+        ("{url: 'https://x', headers: ['X-A: 1']}", 4, "tests[0].request.headers", "expected a mapping of header names to values, got list"),
+        ("{url: 'https://x', headers: !!int abc}", 4, "tests[0].request.headers", "invalid value"),
+    ],
+    ids=["headers-list", "headers-bad-tag"],
+)
+def test_fixture_headers_not_a_mapping_names_file_line_key(tmp_path: Path, request_yaml: str, line: int, key: str, message: str) -> None:
+    fixture = tmp_path / "headers.yaml"
+    fixture.write_text(f"tests:\n  - name: t\n    identity: {{subject: a}}\n    request: {request_yaml}\n    expect: {{outcome: allow}}\n")
+    with pytest.raises(PolicyError) as err:
+        load_cases(fixture)
+    assert (err.value.file, err.value.line, err.value.key) == (str(fixture), line, key)
+    assert err.value.message.startswith(message)
