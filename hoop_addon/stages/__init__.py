@@ -31,7 +31,7 @@ def hoop(flow: http.HTTPFlow) -> dict[str, Any]:
     return flow.metadata.setdefault("hoop", {})
 
 
-def admit(flow: http.HTTPFlow, route: Route | None) -> None:
+def mark_admitted(flow: http.HTTPFlow, route: Route | None) -> None:
     """Mark the flow allowed under `route` (None: no route matched, policy allows it)."""
     if route is not None:
         _routes[flow] = route

@@ -6,7 +6,7 @@ import re
 
 from mitmproxy import http
 
-from hoop_addon.stages import Stage, admit, hoop, refuse
+from hoop_addon.stages import Stage, hoop, mark_admitted, refuse
 from hoop_addon.stages.policy import PolicyStage
 
 
@@ -56,7 +56,7 @@ class Admit(Stage):
         route = active.policy.route_for(request.host, request.port, path, request.method)
         if route is None:
             if active.policy.unmatched == "allow":
-                admit(flow, None)
+                mark_admitted(flow, None)
             else:
                 refuse(flow, 403, "route", "no_route", "no route of the policy matches this request")
             return
@@ -65,7 +65,7 @@ class Admit(Stage):
             record["route"] = route.name
             refuse(flow, 403, "route", "not_admitted", f"this identity is not admitted to route '{route.name}'")
             return
-        admit(flow, route)
+        mark_admitted(flow, route)
         # A streamed request body would be sent upstream before the `request` hook runs,
         # i.e. before masking and credential injection: the chain inspects whole requests
         # (mitmproxy's body_size_limit bounds them).

@@ -14,7 +14,7 @@ from mitmproxy.test import taddons, tflow
 
 from hoop_addon.identity import Verifier
 from hoop_addon.policy.model import ApprovalRule, Conditions, Policy
-from hoop_addon.stages import admit, hoop
+from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.approve import Approve
 from hoop_addon.stages.control import Control
 from hoop_addon.stages.policy import Enforcement, PolicyStage
@@ -47,7 +47,7 @@ def stage() -> Approve:
 def held_flow() -> Any:
     flow = tflow.tflow()
     flow.request.method = "POST"
-    admit(flow, None)
+    mark_admitted(flow, None)
     hoop(flow)["identity"] = {"subject": "agent-1", "issuer": "i", "groups": ["agents"], "token_id": None}
     hoop(flow)["approval"] = {"rule": "risky", "status": "required", "key": "k"}
     return flow

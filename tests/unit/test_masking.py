@@ -28,7 +28,7 @@ from hoop_addon.masking import MaskContext, MaskError, Scanner, Vault, mask_body
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy import PolicyError, load_policy
 from hoop_addon.policy.model import MaskRule, Route
-from hoop_addon.stages import admit, hoop
+from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.mask import Mask, Restore
 
 EMAIL = "jane.doe@example.com"
@@ -498,7 +498,7 @@ class Through:
         flow = tflow.tflow()
         flow.request.headers["Content-Type"] = "application/json"
         flow.request.content = orjson.dumps({"v": list(self.tokens.values())})
-        admit(flow, self.route)
+        mark_admitted(flow, self.route)
         hoop(flow)["identity"] = {"subject": "agent"}
         self.mask.request(flow)
         hoop(flow)["forwarded"] = True
@@ -595,7 +595,7 @@ def test_query_named_headers_and_cookies_are_masked_in_the_request() -> None:
         flow.request.headers["X-Other"] = EMAIL
         flow.request.headers["Cookie"] = f"uid={EMAIL}; theme=dark"
         flow.request.content = EMAIL.encode()
-        admit(flow, route)
+        mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
         mask.request(flow)
 
@@ -635,7 +635,7 @@ def test_websocket_text_messages_are_masked_and_an_unmaskable_one_is_dropped() -
     route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (rule("$.text"),))
     with taddons.context(mask):
         flow = tflow.twebsocketflow()
-        admit(flow, route)
+        mark_admitted(flow, route)
         flow.websocket.messages = [websocket.WebSocketMessage(Opcode.TEXT, True, orjson.dumps({"text": f"hi {EMAIL}"}))]
         mask.websocket_message(flow)
         assert orjson.loads(flow.websocket.messages[-1].content) == {"text": "hi [REDACTED:EMAIL]"}
@@ -683,7 +683,7 @@ def test_planted_value_never_survives_any_shape_or_encoding_through_the_stage(te
         if encoding:
             flow.request.headers["Content-Encoding"] = encoding
         flow.request.content = body  # encoded per Content-Encoding
-        admit(flow, route)
+        mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
         mask.request(flow)
 
@@ -707,7 +707,7 @@ def test_restore_puts_the_session_values_back_in_a_buffered_response(content_typ
         flow = tflow.tflow()
         flow.request.headers["Content-Type"] = "application/json"
         flow.request.content = orjson.dumps({"v": EMAIL})
-        admit(flow, route)
+        mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
         mask.request(flow)
         hoop(flow)["forwarded"] = True
@@ -734,7 +734,7 @@ def test_a_session_is_the_connection_or_the_x_hoop_session_header() -> None:
         if label:
             flow.request.headers["X-Hoop-Session"] = label
         flow.request.content = orjson.dumps({"v": value})
-        admit(flow, route)
+        mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": subject}
         mask.request(flow)
         return flow
