@@ -35,15 +35,23 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def client(gateway: Gateway, token: str) -> httpx.Client:
+    """An agent's client with `token` as its proxy password."""
+    return httpx.Client(proxy=gateway.proxy(token), verify=ssl.create_default_context(cafile=str(gateway.ca_cert)), trust_env=False)
+
+
+def chat_status(c: httpx.Client, upstream: FakeOpenAI) -> int:
+    return c.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+
+
 def test_policy_change_applies_and_broken_policy_is_refused(reloading_gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
     gateway = reloading_gateway
     policy_file = gateway.rules / "policy.yaml"
     token = idp.mint(groups=["agents"])
 
     def status() -> int:
-        ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
-        with httpx.Client(proxy=gateway.proxy(token), verify=ca, trust_env=False) as client:
-            return client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+        with client(gateway, token) as c:
+            return chat_status(c, upstream)
 
     assert status() == 200
     # Admit only `admins` on the llm route: agents are now refused, without a restart.
@@ -72,9 +80,8 @@ def test_value_not_fitting_its_tag_is_refused_and_a_later_save_still_applies(rel
     token = idp.mint(groups=["agents"])
 
     def status() -> int:
-        ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
-        with httpx.Client(proxy=gateway.proxy(token), verify=ca, trust_env=False) as client:
-            return client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+        with client(gateway, token) as c:
+            return chat_status(c, upstream)
 
     assert status() == 200
     text = policy_file.read_text()
@@ -94,10 +101,9 @@ def test_open_tunnel_is_verified_again_under_a_new_policy(reloading_gateway: Gat
     """A CONNECT tunnel's identity is not grandfathered: when a reload stops trusting
     its token (here: another audience), the next request in the same tunnel is refused."""
     gateway = reloading_gateway
-    ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
-    with httpx.Client(proxy=gateway.proxy(idp.mint(groups=["agents"])), verify=ca, trust_env=False) as client:
+    with client(gateway, idp.mint(groups=["agents"])) as c:
         def status() -> int:
-            return client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
+            return chat_status(c, upstream)
 
         assert status() == 200
         policy_file = gateway.rules / "policy.yaml"

@@ -313,22 +313,17 @@ class LocalIdP:
             key, subject, groups, audience, issuer, expires_in, extra_claims, headers, omit
         )
 
-    def mint_with_foreign_key(
-        self,
-        subject: str = "agent-1",
-        groups: Sequence[str] = ("agents",),
-        *,
-        kid: str = "rsa-1",
-        audience: str | None = None,
-        issuer: str | None = None,
-        expires_in: int = 300,
-        extra_claims: dict[str, Any] | None = None,
-        headers: dict[str, Any] | None = None,
-        omit: Sequence[str] = (),
-    ) -> str:
-        """Like :meth:`mint`, but signed by a fresh unpublished key of the same
-        kind as ``kid``, so the header names a published kid and the signature
-        does not verify.
+    def _mint_with(self, key: _SigningKey, subject: str, groups: Sequence[str], **claims: Any) -> str:
+        """`mint`'s keyword arguments applied with `key`."""
+        return self._sign(
+            key, subject, groups, claims.get("audience"), claims.get("issuer"), claims.get("expires_in", 300),
+            claims.get("extra_claims"), claims.get("headers"), claims.get("omit", ()),
+        )
+
+    def mint_with_foreign_key(self, subject: str = "agent-1", groups: Sequence[str] = ("agents",), *, kid: str = "rsa-1", **claims: Any) -> str:
+        """Like :meth:`mint` (same keyword arguments), but signed by a fresh unpublished
+        key of the same kind as ``kid``, so the header names a published kid and the
+        signature does not verify.
 
         Raises:
             KeyError: ``kid`` is not a published key.
@@ -336,17 +331,7 @@ class LocalIdP:
         """
         with self._lock:
             kind = self._keys[kid].kind
-        return self._sign(
-            _SigningKey.generate(kind, kid),
-            subject,
-            groups,
-            audience,
-            issuer,
-            expires_in,
-            extra_claims,
-            headers,
-            omit,
-        )
+        return self._mint_with(_SigningKey.generate(kind, kid), subject, groups, **claims)
 
     def _sign(
         self,
