@@ -173,19 +173,23 @@ class Mask(Stage):
             self._fail(flow, "response", exc)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """Mask a WebSocket text message (RFC 6455 §5.6) like a body: JSON if it looks
-        like JSON, else text; client messages under request rules, server messages
-        under response rules (tokens are not restored: the flow keeps its messages,
-        and a recording must not get values back). A message that cannot be masked
-        is dropped and the connection closed."""
+        """Mask a WebSocket message (RFC 6455 §5.6) like a body: JSON if it looks like
+        JSON, else text; client messages under request rules, server messages under
+        response rules (tokens are not restored: the flow keeps its messages, and a
+        recording must not get values back). A binary message is masked the same way
+        when it is UTF-8. A message that cannot be masked (a binary one that is not
+        UTF-8 included) is dropped and the connection closed."""
         if flow.websocket is None or (route := route_of(flow)) is None or not allowed(flow):
             return
         message = flow.websocket.messages[-1]
         part: Direction = "request" if message.from_client else "response"
-        if not message.is_text or not (rules := route.rules_for(part)):
+        if not (rules := route.rules_for(part)):
             return
         try:
             content = message.content
+            if not message.is_text:
+                # Binary frames often carry JSON too; what is not UTF-8 cannot be inspected.
+                content.decode("utf-8")
             kind = "application/json" if content.lstrip()[:1] in (b"{", b"[") else "text/plain"
             new, records = mask_body(content, kind, rules, part, MaskContext(self.secret, self.sessions.get(flow)))
             hoop(flow).setdefault("masked", []).extend(records)

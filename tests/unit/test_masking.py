@@ -645,6 +645,28 @@ def test_websocket_text_messages_are_masked_and_an_unmaskable_one_is_dropped() -
         assert flow.websocket.messages[-1].dropped and flow.error is not None
 
 
+@pytest.mark.parametrize(
+    ("content", "masked"),
+    [(orjson.dumps({"text": f"hi {EMAIL}"}), True), (b"\xff\xfe" + EMAIL.encode(), False)],
+    ids=["utf8-json", "not-utf8"],
+)
+def test_binary_websocket_messages_are_masked_or_dropped(content: bytes, masked: bool) -> None:
+    """Binary frames are not a way around the masker: UTF-8 ones are masked like text,
+    others cannot be inspected and are dropped with the connection."""
+    mask = Mask()
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (rule("$.text"),))
+    with taddons.context(mask):
+        flow = tflow.twebsocketflow()
+        mark_admitted(flow, route)
+        flow.websocket.messages = [websocket.WebSocketMessage(Opcode.BINARY, True, content)]
+        mask.websocket_message(flow)
+        message = flow.websocket.messages[-1]
+        if masked:
+            assert orjson.loads(message.content) == {"text": "hi [REDACTED:EMAIL]"} and not message.dropped
+        else:
+            assert message.dropped and flow.error is not None
+
+
 @settings(max_examples=100, deadline=None)
 @given(mixed_docs, st.sampled_from(["partial", "hash", "tokenize"]))
 def test_every_operator_is_idempotent(doc: Any, operator: str) -> None:
