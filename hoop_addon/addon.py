@@ -25,6 +25,6 @@ control = Control()  # the control API; stages add their handlers to it
 mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
 
 addons = [
-    policy, Identify(policy), Admit(policy), Guard(policy), mask, Approve(policy, control, audit),
+    policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, Approve(policy, control, audit),
     InjectCredential(), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
 ]

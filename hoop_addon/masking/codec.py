@@ -11,8 +11,6 @@ from __future__ import annotations
 import zlib
 
 import brotli
-from mitmproxy import ctx
-from mitmproxy.utils import human
 
 try:
     from compression import zstd  # Python 3.14
@@ -21,29 +19,16 @@ except ImportError:  # pragma: no cover - the backport mitmproxy depends on
 
 from hoop_addon.masking.engine import MaskError
 
-ENCODINGS = ("gzip", "x-gzip", "deflate", "br", "zstd")
 _STEP = 64 * 1024
-DEFAULT_MAX_BODY = 16 * 1024 * 1024  # the `hoop_mask_max_body` option's default, 16m
 
 
 class BodyTooLarge(MaskError):
     """The body decodes to more than the limit (a decompression bomb, or just too big)."""
 
 
-def max_body() -> int:
-    """The `hoop_mask_max_body` option (most bytes a body may decode to) in bytes, so
-    every stage that decodes a body (Guard before masking, Mask) uses one limit. The
-    Mask stage owns and validates the option; where it is not loaded or not a size,
-    the default applies."""
-    try:
-        return human.parse_size(ctx.options.hoop_mask_max_body) or DEFAULT_MAX_BODY
-    except (AttributeError, KeyError, ValueError):
-        return DEFAULT_MAX_BODY
-
-
 class Decoder:
     """Decodes one body fed in chunks. `encoding` is the Content-Encoding value
-    (`identity` or empty for none; one of `ENCODINGS`, else `MaskError`); `limit`
+    (`identity` or empty for none; gzip, x-gzip, deflate, br or zstd, else `MaskError`); `limit`
     is the most decoded bytes accepted (`MaskError` past it: a decompression bomb).
     `feed(chunk)` returns the decoded bytes so far; `feed(b"")` ends the body and
     raises `MaskError` if it was truncated or corrupt."""

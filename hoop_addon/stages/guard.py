@@ -6,10 +6,11 @@ import secrets
 
 from mitmproxy import http
 
-from hoop_addon.masking.codec import BodyTooLarge, decode, max_body
+from hoop_addon.masking.codec import BodyTooLarge, decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.rules import RequestFacts, UninspectableBody, evaluate, request_key
 from hoop_addon.stages import Stage, allowed, hoop, refuse
+from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.policy import PolicyStage
 
 
@@ -30,8 +31,8 @@ class Guard(Stage):
     decode to gigabytes. A body decoding past the limit is refused with 413.
     """
 
-    def __init__(self, policy: PolicyStage) -> None:
-        self.policy = policy
+    def __init__(self, policy: PolicyStage, mask: Mask) -> None:
+        self.policy, self.mask = policy, mask  # the Mask stage owns the decoded-size limit
         self.secret = secrets.token_bytes(32)  # ticket keys: per process, never written down
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -44,7 +45,7 @@ class Guard(Stage):
         identity = record["identity"]
         try:
             # bounded: a decompression bomb is refused before it is held in memory
-            body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), max_body())
+            body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
             facts = RequestFacts(
                 record.get("route"), request.method, identity["subject"], identity["groups"],
                 list(request.headers.items(multi=True)), body,

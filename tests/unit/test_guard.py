@@ -207,23 +207,22 @@ class TestGuardStage:
         from mitmproxy.test import taddons, tflow
 
         from hoop_addon.identity import Verifier
-        from hoop_addon.stages import hoop
+        from hoop_addon.stages import hoop, mark_admitted
         from hoop_addon.stages.guard import Guard
         from hoop_addon.stages.mask import Mask
         from hoop_addon.stages.policy import Enforcement, PolicyStage
 
         policy = PolicyStage()
         policy.active = Enforcement(load(tmp_path, rules), Verifier((), {}))
-        guard = Guard(policy)
-        with taddons.context(guard, Mask()) as tctx:
+        mask = Mask()
+        guard = Guard(policy, mask)
+        with taddons.context(guard, mask) as tctx:
             tctx.configure(tctx.master.addons.get("mask"), hoop_mask_max_body="1m")
             flow = tflow.tflow()
             flow.request.method = "POST"
             flow.request.headers["Content-Encoding"] = encoding
             flow.request.raw_content = body
-            # what `hoop_addon.stages.admit(flow, None)` records; not imported by that
-            # name, which the `hoop_addon.stages.admit` submodule shadows once imported
-            hoop(flow).update(route=None, decision={"outcome": "allow"})
+            mark_admitted(flow, None)
             hoop(flow)["identity"] = {"subject": "agent-1", "issuer": "i", "groups": ["agents"], "token_id": None}
             tracemalloc.start()
             try:
