@@ -44,14 +44,19 @@ def chat_status(c: httpx.Client, upstream: FakeOpenAI) -> int:
     return c.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code
 
 
+def fresh_status(gateway: Gateway, token: str, upstream: FakeOpenAI) -> int:
+    """The status of one chat request on a new connection (a new tunnel)."""
+    with client(gateway, token) as c:
+        return chat_status(c, upstream)
+
+
 def test_policy_change_applies_and_broken_policy_is_refused(reloading_gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
     gateway = reloading_gateway
     policy_file = gateway.rules / "policy.yaml"
     token = idp.mint(groups=["agents"])
 
     def status() -> int:
-        with client(gateway, token) as c:
-            return chat_status(c, upstream)
+        return fresh_status(gateway, token, upstream)
 
     assert status() == 200
     # Admit only `admins` on the llm route: agents are now refused, without a restart.
@@ -80,8 +85,7 @@ def test_value_not_fitting_its_tag_is_refused_and_a_later_save_still_applies(rel
     token = idp.mint(groups=["agents"])
 
     def status() -> int:
-        with client(gateway, token) as c:
-            return chat_status(c, upstream)
+        return fresh_status(gateway, token, upstream)
 
     assert status() == 200
     text = policy_file.read_text()
