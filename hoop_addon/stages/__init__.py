@@ -85,6 +85,8 @@ def _fail_closed(stage: str, hook: str, flow: Any) -> None:
         return
     if hook in _BEFORE_UPSTREAM and flow.live:
         refuse(flow, 500, stage.lower(), "internal_error", "the gateway could not process this request; it was not forwarded")
+        if flow.intercepted:  # e.g. held for approval: a refused flow left intercepted would hang
+            flow.resume()
     elif hook in ("responseheaders", "response", "websocket_message") and flow.killable:
         hoop(flow)["decision"] = {"outcome": "deny", "stage": stage.lower(), "reason": "internal_error",
                                   "message": "the gateway could not process the response; it was withheld"}
