@@ -23,12 +23,24 @@ from hoop_addon.policy.model import Route
 
 logger = logging.getLogger("hoop")
 
+SESSION_HEADER = "X-Hoop-Session"
+
 _routes: weakref.WeakKeyDictionary[http.HTTPFlow, Route] = weakref.WeakKeyDictionary()
 
 
 def hoop(flow: http.HTTPFlow) -> dict[str, Any]:
     """The flow's hoop record, `flow.metadata["hoop"]`, created on first use."""
     return flow.metadata.setdefault("hoop", {})
+
+
+def client_session(flow: http.HTTPFlow) -> str | None:
+    """The client-chosen session label of the `X-Hoop-Session` request header, noted in
+    `hoop.client_session` on first use so that it outlives the header (the Mask stage
+    removes it before forwarding). None when the client sent none."""
+    record = hoop(flow)
+    if "client_session" not in record:
+        record["client_session"] = flow.request.headers.get(SESSION_HEADER)
+    return record["client_session"]
 
 
 def mark_admitted(flow: http.HTTPFlow, route: Route | None) -> None:

@@ -15,9 +15,8 @@ from mitmproxy.utils import human
 from hoop_addon.masking import EventStreamMasker, Evidence, MaskContext, MaskError, TokenSession, Vault, mask_body, mask_text
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy.model import Direction, MaskRule
-from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
+from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse, route_of
 
-SESSION_HEADER = "X-Hoop-Session"
 _TEXT_TYPES = ("application/json", "application/x-ndjson", "application/x-www-form-urlencoded")
 
 
@@ -91,7 +90,8 @@ class Mask(Stage):
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not allowed(flow) or (route := route_of(flow)) is None:
             return
-        label = flow.request.headers.pop(SESSION_HEADER, None)
+        label = client_session(flow)
+        flow.request.headers.pop(SESSION_HEADER, None)
         rules = route.rules_for("request")
         tokenizes = any(r.operator == "tokenize" for r in route.masking)
         if not rules and not tokenizes:

@@ -15,11 +15,10 @@ from mitmproxy import connection, ctx, http
 from hoop_addon.keys import sha256
 from hoop_addon.metrics import RECORDING_BYTES, SEAL_FAILURES
 from hoop_addon.recording import SECRET_QUERY, Limits, SessionRecording, manifest_path, new_session_id
-from hoop_addon.stages import Stage, hoop, logger, refuse, route_of
+from hoop_addon.stages import Stage, client_session, hoop, logger, refuse, route_of
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.policy import PolicyStage
 
-SESSION_HEADER = "X-Hoop-Session"
 IDLE_SECONDS = 600  # a session named by X-Hoop-Session is sealed after this long unused
 SWEEP_SECONDS = 60  # how often expired recordings are looked for (and at start-up)
 
@@ -88,9 +87,8 @@ class Record(Stage):
             await asyncio.sleep(1)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # Noted before any `request` hook: the Mask stage removes the header before forwarding.
-        if named := flow.request.headers.get(SESSION_HEADER):
-            hoop(flow)["client_session"] = named
+        if flow.response is None:  # not refused (e.g. for a header that is not UTF-8)
+            client_session(flow)  # noted before the Mask stage removes the header
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
