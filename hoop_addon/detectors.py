@@ -59,8 +59,13 @@ class Detector:
     keywords: tuple[str, ...] = ()
     window: int = 40
     max_length: int | None = None
+    _hash: int = field(default=0, init=False, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        return self._hash  # computed once: detectors key the scanners' lookups of every match
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.name, self.label, self.pattern, self.keywords, self.window, self.max_length)))
         try:
             compiled = re2.compile(self.pattern)
         except re2.error as exc:

@@ -1,15 +1,18 @@
 """The masking engine: find what detectors match and replace it, in any body shape.
 
-Pure functions over bytes and parsed JSON; no mitmproxy. All detectors of a rule are
-compiled into one RE2 alternation, so a text is scanned once whatever the number of
-detectors, in linear time; validators (Luhn, ...) run only on candidate matches.
+Pure functions over bytes and parsed JSON; no mitmproxy. The detectors of all the rules
+that look at a value are compiled into one RE2 alternation, so each value is scanned
+once whatever the number of rules and detectors, in linear time; validators (Luhn, ...)
+run only on candidate matches. A match belongs to the first rule, in policy order, that
+names its detector: that rule's operator replaces it and its evidence counts it.
 
 JSON bodies are parsed with orjson; rules with RFC 9535 JSONPath `paths` mask the
 strings (and numbers) under the selected nodes, rules without paths mask every string;
-a selected string that is itself a JSON document (tool-call `arguments`) is masked as
-JSON. Form bodies (`application/x-www-form-urlencoded`) are masked as an object of
-field name -> list of values, NDJSON line by line, `text/event-stream` event by event
-(see `hoop_addon.masking.sse`), anything else as text. Anything a rule cannot inspect
+each distinct set of paths is evaluated once per document. A selected string that is
+itself a JSON document (tool-call `arguments`) is masked as JSON. Form bodies
+(`application/x-www-form-urlencoded`) are masked as an object of field name -> list of
+values, NDJSON line by line, `text/event-stream` event by event (see
+`hoop_addon.masking.sse`), anything else as text. Anything a rule cannot inspect
 raises `MaskError`, and the caller refuses the flow: nothing is forwarded unmasked.
 """
 
@@ -40,6 +43,9 @@ Replace = Callable[[str, Detector], str]
 _OPTIONS = re2.Options()
 _OPTIONS.max_mem = 64 << 20  # room for the combined DFA of many detectors (default 8 MiB)
 Span = tuple[int, int, Detector]
+Location = tuple[str | int, ...]
+"""Where a value is in a JSON document: member names and array indexes from the root."""
+Leaf = tuple[Location, Any, str | int]
 
 
 class MaskError(Exception):
@@ -54,10 +60,16 @@ class MaskContext:
 
     secret: bytes | None = None
     tokens: TokenSession | None = None
+    _replacers: dict[str, Replace] = dataclasses.field(default_factory=dict, repr=False)
 
     def replacer(self, rule: MaskRule) -> Replace:
         """The function giving a match's replacement under `rule.operator`. Raises
         `MaskError` if the operator lacks what it needs (no secret, no session)."""
+        if (found := self._replacers.get(rule.name)) is None:
+            found = self._replacers[rule.name] = self._replacer(rule)
+        return found
+
+    def _replacer(self, rule: MaskRule) -> Replace:
         if rule.operator == "partial":
             keep = rule.keep
             return lambda v, d: "*" * len(v) if len(v) <= keep else "*" * (len(v) - keep) + v[len(v) - keep :]
@@ -138,23 +150,10 @@ class Scanner:
                     return i, j, detector
         return None
 
-    def redact(self, text: str, counts: dict[str, int], replace: Replace = _redacted) -> str:
-        """`text` with every validated match replaced by `replace(value, detector)`
-        (default `[REDACTED:LABEL]`); adds the number of replacements per detector
-        name to `counts`."""
-        spans = self.spans(text)
-        _count(spans, counts)
-        return spread([text], spans, replace)[0] if spans else text
-
 
 def _wordchar(c: str) -> bool:
     """RE2's `\\w` (ASCII), which its `\\b` is defined by."""
     return c.isascii() and (c.isalnum() or c == "_")
-
-
-def _count(spans: Iterable[Span], counts: dict[str, int]) -> None:
-    for _, _, detector in spans:
-        counts[detector.name] = counts.get(detector.name, 0) + 1
 
 
 def spread(pieces: Sequence[str], spans: Sequence[Span], replace: Replace = _redacted) -> list[str]:
@@ -180,6 +179,8 @@ def spread(pieces: Sequence[str], spans: Sequence[Span], replace: Replace = _red
 
 
 _SCANNERS: dict[tuple[Detector, ...], Scanner] = {}
+_COMBINED: dict[tuple[int, ...], tuple[tuple[MaskRule, ...], Scanner | None, dict[Detector, MaskRule]]] = {}
+_MAX_COMBINED = 4096
 
 
 def scanner_of(detectors: tuple[Detector, ...]) -> Scanner:
@@ -190,9 +191,21 @@ def scanner_of(detectors: tuple[Detector, ...]) -> Scanner:
     return scanner
 
 
-def scanner_for(rule: MaskRule) -> Scanner:
-    """The (cached) combined scanner of a rule's detectors."""
-    return scanner_of(rule.detectors)
+def combined(rules: Sequence[MaskRule]) -> tuple[Scanner | None, dict[Detector, MaskRule]]:
+    """One scan for all `rules` (the rules that look at one value): the scanner of
+    their detectors (None if they have none) and each detector's owner, the first rule
+    naming it, whose operator replaces its matches and whose evidence counts them."""
+    key = tuple(map(id, rules))  # cheap to hash; the entry keeps its rules, so ids stay theirs
+    found = _COMBINED.get(key)
+    if found is None or any(a is not b for a, b in zip(found[0], rules)):
+        owner: dict[Detector, MaskRule] = {}
+        for rule in rules:
+            for detector in rule.detectors:
+                owner.setdefault(detector, rule)
+        if len(_COMBINED) >= _MAX_COMBINED:  # policy reloads leave old rule sets behind
+            _COMBINED.clear()
+        found = _COMBINED[key] = (tuple(rules), scanner_of(tuple(owner)) if owner else None, owner)
+    return found[1], found[2]
 
 
 class Evidence:
@@ -274,44 +287,69 @@ def _mask_plain(body: bytes, rules: Sequence[MaskRule], context: MaskContext, ev
     return masked.encode() if masked != text else None
 
 
-def mask_text(text: str, rules: Iterable[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> str:
-    """`text` masked by every rule in turn (whole text, paths ignored); evidence is
+def mask_text(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> str:
+    """`text` masked by `rules` in one scan (whole text, paths ignored); evidence is
     located at `where` (a part name such as `request`, `query`, `header:x-user`)."""
-    for rule in rules:
-        counts: dict[str, int] = {}
-        text = scanner_for(rule).redact(text, counts, context.replacer(rule))
-        evidence.add(rule, counts, where)
-    return text
+    return _redact(text, rules, context, evidence, lambda: where)
+
+
+def _redact(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: Callable[[], str]) -> str:
+    """`text` with the matches of `rules` replaced (the same object when nothing
+    matched); `where()` locates the evidence."""
+    scanner, owner = combined(rules)
+    spans = scanner.spans(text) if scanner else None
+    if not spans:
+        return text
+    counts: dict[str, tuple[MaskRule, dict[str, int]]] = {}
+    for _, _, detector in spans:
+        rule = owner[detector]
+        rule_counts = counts.setdefault(rule.name, (rule, {}))[1]
+        rule_counts[detector.name] = rule_counts.get(detector.name, 0) + 1
+    located = where()
+    for rule, rule_counts in counts.values():
+        evidence.add(rule, rule_counts, located)
+    return spread([text], spans, lambda value, detector: context.replacer(owner[detector])(value, detector))[0]
 
 
 def mask_json(
     doc: Any, rules: Iterable[MaskRule], evidence: Evidence, context: MaskContext | None = None
 ) -> tuple[Any, bool]:
-    """Mask a parsed JSON document (in place where it is a container).
+    """Mask a parsed JSON document (in place where it is a container): each string
+    (and number) once, by all the rules selecting it; then member names.
 
     Returns (the masked document, whether anything changed): a scalar root is
     replaced, not mutated. Raises `MaskError` on nesting deeper than `MAX_DEPTH`.
     """
     context = context or MaskContext()
     box = [doc]
-    changed = False
+    values: dict[Location, tuple[Any, str | int, list[MaskRule]]] = {}
+    objects: dict[Location, tuple[dict[str, Any], list[MaskRule]]] = {}
+    selections: dict[tuple[str, ...], _Selection] = {}  # rules often share their paths
     for rule in rules:
-        scanner, replace = scanner_for(rule), context.replacer(rule)
-        for location, parent, key in _leaves(box, rule):
-            value = parent[key]
-            if isinstance(value, str) and (inner := _json_in_string(value)) is not None:
-                new_inner, inner_changed = mask_json(inner, [_whole(rule)], _Relocated(evidence, jsonpath(location)), context)
-                if inner_changed:
-                    parent[key] = orjson.dumps(new_inner).decode()
-                    changed = True
-                continue
-            counts: dict[str, int] = {}
-            masked = scanner.redact(value if isinstance(value, str) else str(value), counts, replace)
-            if counts:
-                parent[key] = masked
-                evidence.add(rule, counts, jsonpath(location))
+        paths = tuple(p for p, _ in rule.paths)
+        if (selection := selections.get(paths)) is None:
+            selection = selections[paths] = _select(box, rule)
+        for location, parent, key in selection.leaves:
+            values.setdefault(location, (parent, key, []))[2].append(rule)
+        for location, node in selection.objects:
+            objects.setdefault(location, (node, []))[1].append(rule)
+    changed = False
+    for location, (parent, key, covering) in values.items():
+        value = parent[key]
+        if isinstance(value, str) and (inner := _json_in_string(value)) is not None:
+            relocated = _Relocated(evidence, jsonpath(location))
+            new_inner, inner_changed = mask_json(inner, [_whole(r) for r in covering], relocated, context)
+            if inner_changed:
+                parent[key] = orjson.dumps(new_inner).decode()
                 changed = True
-        changed |= _mask_keys(box, rule, scanner, replace, evidence)
+            continue
+        text = value if isinstance(value, str) else str(value)
+        masked = _redact(text, covering, context, evidence, lambda: jsonpath(location))
+        if masked is not text:
+            parent[key] = masked
+            changed = True
+    for location, (node, covering) in objects.items():
+        changed |= _mask_members(node, location, covering, context, evidence)
     return box[0], changed
 
 
@@ -340,46 +378,34 @@ def _json_in_string(value: str) -> Any:
     return doc if isinstance(doc, (dict, list)) else None
 
 
-def _mask_keys(box: list[Any], rule: MaskRule, scanner: Scanner, replace: Replace, evidence: Evidence) -> bool:
-    """Mask object member names at or under the rule's selected nodes, keeping member
-    order; names that would collide after masking get a `#2`, `#3`... suffix."""
-    roots = [n.location for _, q in rule.paths for n in q.finditer(box[0])] if rule.paths else [()]
-    changed = False
-
-    def walk(value: Any, location: tuple[str | int, ...]) -> None:
-        nonlocal changed
-        if len(location) > MAX_DEPTH:
-            raise MaskError(f"JSON is nested deeper than {MAX_DEPTH} levels")
-        if isinstance(value, list):
-            for index, item in enumerate(value):
-                walk(item, (*location, index))
-        elif isinstance(value, dict):
-            renamed: dict[str, Any] = {}
-            for key, item in value.items():
-                walk(item, (*location, key))
-                counts: dict[str, int] = {}
-                new = scanner.redact(key, counts, replace)
-                if counts:
-                    evidence.add(rule, counts, jsonpath(location) + " (member name)")
-                    base, n = new, 1
-                    while new in renamed or (new in value and new != key):
-                        n += 1
-                        new = f"{base}#{n}"
-                renamed[new] = item
-            if list(renamed) != list(value):
-                value.clear()
-                value.update(renamed)
-                changed = True
-
-    for root in roots:
-        node = box[0]
-        for step in root:
-            node = node[step]
-        walk(node, tuple(root))
-    return changed
+def _mask_members(
+    node: dict[str, Any], location: Location, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence
+) -> bool:
+    """Mask the member names of one object, keeping member order; names that would
+    collide after masking get a `#2`, `#3`... suffix. Returns whether any changed."""
+    renamed: dict[str, Any] = {}
+    for key, item in node.items():
+        new = _redact(key, rules, context, evidence, lambda: jsonpath(location) + " (member name)")
+        if new is not key:
+            base, n = new, 1
+            while new in renamed or (new in node and new != key):
+                n += 1
+                new = f"{base}#{n}"
+        renamed[new] = item
+    if list(renamed) == list(node):
+        return False
+    node.clear()
+    node.update(renamed)
+    return True
 
 
-Leaf = tuple[tuple[str | int, ...], Any, str | int]
+@dataclass(slots=True)
+class _Selection:
+    """What a rule's paths select in a document: the strings and numbers (`leaves`)
+    and the objects whose member names it masks (`objects`), each once."""
+
+    leaves: list[Leaf]
+    objects: list[tuple[Location, dict[str, Any]]]
 
 
 def leaves(doc: Any, rule: MaskRule, numbers: bool = True) -> list[Leaf]:
@@ -387,18 +413,20 @@ def leaves(doc: Any, rule: MaskRule, numbers: bool = True) -> list[Leaf]:
     in `doc` (all of them when it has no paths), once each, as (location in the
     document, parent container, key); a scalar root's parent is a one-item list.
     Raises `MaskError` beyond `MAX_DEPTH`."""
-    return _leaves([doc], rule, numbers)
+    return _select([doc], rule, numbers).leaves
 
 
-def _leaves(box: list[Any], rule: MaskRule, numbers: bool = True) -> list[Leaf]:
+def _select(box: list[Any], rule: MaskRule, numbers: bool = True) -> _Selection:
     roots = [n.location for _, q in rule.paths for n in q.finditer(box[0])] if rule.paths else [()]
-    found: dict[tuple[str | int, ...], Leaf] = {}
+    found: dict[Location, Leaf] = {}
+    objects: dict[Location, dict[str, Any]] = {}
 
-    def walk(parent: Any, key: str | int, location: tuple[str | int, ...]) -> None:
+    def walk(parent: Any, key: str | int, location: Location) -> None:
         if len(location) > MAX_DEPTH:
             raise MaskError(f"JSON is nested deeper than {MAX_DEPTH} levels")
         value = parent[key]
         if isinstance(value, dict):
+            objects[location] = value
             for child in list(value):
                 walk(value, child, (*location, child))
         elif isinstance(value, list):
@@ -412,7 +440,7 @@ def _leaves(box: list[Any], rule: MaskRule, numbers: bool = True) -> list[Leaf]:
         for step in (0, *root)[:-1]:
             parent = parent[step]
         walk(parent, (0, *root)[-1], tuple(root))
-    return list(found.values())
+    return _Selection(list(found.values()), list(objects.items()))
 
 
 def jsonpath(location: Sequence[str | int]) -> str:

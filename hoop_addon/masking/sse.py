@@ -28,10 +28,7 @@ from typing import Any
 
 import orjson
 
-from hoop_addon.detectors import Detector
-from hoop_addon.masking.engine import (
-    Evidence, Leaf, MaskContext, MaskError, Replace, Scanner, jsonpath, leaves, scanner_for, scanner_of,
-)
+from hoop_addon.masking.engine import Evidence, Leaf, Location, MaskContext, MaskError, combined, jsonpath, leaves, mask_text
 from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
@@ -49,8 +46,6 @@ _SEPARATORS = frozenset(" \t\r\n\"',;[]{}\\|")
 # Digit groups (cards, phones, IBANs) span spaces and punctuation.
 _GROUPED = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ +().-/")
 _PEM = "-----BEGIN "
-
-Location = tuple[str | int, ...]
 
 
 def is_delta(location: Location) -> bool:
@@ -130,14 +125,12 @@ class EventStreamMasker:
     ) -> None:
         self.rules = [r for r in rules if r.body]
         self.context, self.evidence, self.restore = context, evidence, restore
-        self.replacers: dict[str, Replace] = {r.name: context.replacer(r) for r in self.rules}
         self.recorded: bytearray | None = bytearray() if record else None
         self.restored = 0
         self.masked = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._buffer = ""
         self._streams: dict[Location, _Stream] = {}
-        self._scanners: dict[tuple[str, ...], tuple[Scanner | None, dict[Detector, MaskRule]]] = {}
 
     def feed(self, chunk: bytes, final: bool = False) -> bytes:
         try:
@@ -206,6 +199,7 @@ class EventStreamMasker:
         else:
             parents = {}
             selections: dict[tuple[str, ...], list[Leaf]] = {}  # rules often share their paths
+            whole: dict[Location, tuple[Any, str | int, list[MaskRule]]] = {}  # masked at once, not streamed
             for rule in self.rules:
                 selection = tuple(p for p, _ in rule.paths)
                 if (found := selections.get(selection)) is None:
@@ -215,14 +209,15 @@ class EventStreamMasker:
                         event.streamed.setdefault(location, []).append(rule)
                         parents[location] = (parent, key)
                     else:
-                        counts: dict[str, int] = {}
-                        value = parent[key]
-                        new = scanner_for(rule).redact(value if isinstance(value, str) else str(value), counts, self.replacers[rule.name])
-                        if counts:
-                            parent[key] = new
-                            self.evidence.add(rule, counts, jsonpath(location))
-                            self.masked += sum(counts.values())
-                            changed = True
+                        whole.setdefault(location, (parent, key, []))[2].append(rule)
+            for location, (parent, key, rules) in whole.items():
+                value = parent[key]
+                text = value if isinstance(value, str) else str(value)
+                masked = mask_text(text, rules, self.context, self.evidence, jsonpath(location))
+                if masked is not text:
+                    parent[key] = masked
+                    self.masked += 1
+                    changed = True
             if self.restore is not None and len(self.restore):
                 for location, parent, key in leaves(box[0], _ALL, numbers=False):
                     if location not in parents and is_delta(location):
@@ -255,7 +250,7 @@ class EventStreamMasker:
         """Append `piece` to the location's held text; return the masked part that
         may go out now, keep the rest held."""
         pending = stream.held + piece
-        scanner, owner = self._scanner(stream.rules)
+        scanner, owner = combined(stream.rules)
         spans = scanner.spans(pending) if scanner else []
         cut = len(pending) if final else safe_cut(pending, stream.hold)
         for s, e, _ in spans:
@@ -267,25 +262,13 @@ class EventStreamMasker:
             if e > cut:
                 break
             rule = owner[detector]
-            parts += (pending[pos:s], self.replacers[rule.name](pending[s:e], detector))
+            parts += (pending[pos:s], self.context.replacer(rule)(pending[s:e], detector))
             pos = e
             self.evidence.add(rule, {detector.name: 1}, jsonpath(location) if location != ("data",) else "data")
             self.masked += 1
         parts.append(pending[pos:cut])
         stream.held = pending[cut:]
         return "".join(parts)
-
-    def _scanner(self, rules: list[MaskRule]) -> tuple[Scanner | None, dict[Detector, MaskRule]]:
-        """One combined scan for all the rules of a location (each detector belongs to
-        the first rule naming it: that rule's operator replaces, its evidence counts)."""
-        key = tuple(r.name for r in rules)
-        if (found := self._scanners.get(key)) is None:
-            owner: dict[Detector, MaskRule] = {}
-            for rule in rules:
-                for detector in rule.detectors:
-                    owner.setdefault(detector, rule)
-            found = self._scanners[key] = (scanner_of(tuple(owner)) if owner else None, owner)
-        return found
 
     def _flush(self, continuing: set[Location], out: list[str], recorded: list[str]) -> None:
         """Send, in an extra event copied from the last one that had it, the held

@@ -184,6 +184,23 @@ class TestEvidence:
             ("cards", {"payment_card": 1}, ["$['b']"]),
         ]
 
+    def test_a_value_several_rules_select_belongs_per_detector_to_the_first_rule_naming_it(self) -> None:
+        first = dataclasses.replace(rule("$.a", name="first", detectors=["email"]), operator="partial", keep=3)
+        second = rule("$.a", "$.b", name="second", detectors=["email", "payment_card"])
+        body = orjson.dumps({"a": f"{EMAIL} {CARD}", "b": EMAIL, "n": 4111111111111111})
+
+        new, records = mask_body(body, "application/json", [first, second], "request")
+
+        assert orjson.loads(new or b"") == {
+            "a": "*" * (len(EMAIL) - 3) + "com [REDACTED:CARD]",
+            "b": "[REDACTED:EMAIL]",
+            "n": 4111111111111111,  # selected by neither rule
+        }
+        assert [(r["rule"], r["detectors"], r["where"]) for r in records] == [
+            ("first", {"email": 1}, ["$['a']"]),
+            ("second", {"payment_card": 1, "email": 1}, ["$['a']", "$['b']"]),
+        ]
+
     @pytest.mark.parametrize(
         ("key", "expected"),
         [
