@@ -50,6 +50,7 @@ ALWAYS_SCRUBBED = ("Authorization", "Proxy-Authorization")
 SECRET_QUERY = ("access_token", "id_token", "refresh_token", "token", "api_key", "apikey", "key", "code",
                 "password", "secret", "client_secret", "sig", "signature", "x-amz-signature", "x-amz-credential")
 SCRUBBED = "[SCRUBBED]"
+_SCRUBBED = SCRUBBED.encode()
 GENESIS = "0" * 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -61,23 +62,26 @@ def scrubbed(
     secrets replaced by `[SCRUBBED]`: the request headers named here or in
     `ALWAYS_SCRUBBED`, the cookies named in `cookies` (in `Cookie` and in the response's
     `Set-Cookie`), and the query parameters named in `query` (case-insensitive). The
-    live flow is untouched; only the request (and the response, for cookies) is rebuilt
-    to scrub it, never the whole flow with its connections and certificates.
+    live flow is untouched. Headers are scrubbed in the state itself; the request (or
+    the response) is rebuilt only when it has a query string or a cookie header to
+    scrub, as most recorded requests have neither.
     """
     state = flow.get_state()
-    request = http.Request.from_state(state["request"])
-    for name in (*ALWAYS_SCRUBBED, *headers):
-        if name in request.headers:
-            request.headers[name] = SCRUBBED
+    named = {name.lower().encode() for name in (*ALWAYS_SCRUBBED, *headers)}
+    fields = state["request"]["headers"]
+    if any(name.lower() in named for name, _ in fields):
+        state["request"]["headers"] = tuple((k, _SCRUBBED if k.lower() in named else v) for k, v in fields)
     cookies = tuple(cookies)
-    for name in cookies:
-        if name in request.cookies:
-            request.cookies[name] = SCRUBBED
-    secret = {q.lower() for q in query}
-    if any(k.lower() in secret for k in request.query):
-        request.query = [(k, SCRUBBED if k.lower() in secret else v) for k, v in request.query.items(multi=True)]
-    state["request"] = request.get_state()
-    if cookies and state.get("response") is not None:
+    if b"?" in state["request"]["path"] or (cookies and "Cookie" in flow.request.headers):
+        request = http.Request.from_state(state["request"])
+        for name in cookies:
+            if name in request.cookies:
+                request.cookies[name] = SCRUBBED
+        secret = {q.lower() for q in query}
+        if any(k.lower() in secret for k in request.query):
+            request.query = [(k, SCRUBBED if k.lower() in secret else v) for k, v in request.query.items(multi=True)]
+        state["request"] = request.get_state()
+    if cookies and state.get("response") is not None and "Set-Cookie" in flow.response.headers:
         response = http.Response.from_state(state["response"])
         for name in cookies:
             if name in response.cookies:

@@ -40,6 +40,18 @@ def test_secrets_are_scrubbed_from_a_copy() -> None:
     assert flow.request.headers["Authorization"] == "Bearer agent-jwt"  # the live flow is untouched
 
 
+def test_headers_are_scrubbed_in_every_occurrence_without_a_query_or_cookies() -> None:
+    flow = tflow.tflow(resp=True)
+    flow.request.headers.set_all("x-api-key", ["key-one", "key-two"])
+    flow.request.headers["Proxy-Authorization"] = "Basic c2VjcmV0"
+    flow.request.headers["X-Trace"] = "kept"
+    state = scrubbed(flow, headers=("X-API-Key",))
+    copy = http.HTTPFlow.from_state(state)
+    assert copy.request.headers.get_all("X-Api-Key") == ["[SCRUBBED]", "[SCRUBBED]"]
+    assert copy.request.headers["Proxy-Authorization"] == "[SCRUBBED]" and copy.request.headers["X-Trace"] == "kept"
+    assert flow.request.headers.get_all("x-api-key") == ["key-one", "key-two"]  # the live flow is untouched
+
+
 def test_manifest_lists_every_flow_with_offsets_hashes_and_chain(tmp_path: Path, signer: keys.Signer) -> None:
     rec = SessionRecording(tmp_path, "s1", {"subject": "alice"}, "ph", signer)
     for _ in range(3):
