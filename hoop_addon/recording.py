@@ -119,8 +119,8 @@ class Limits:
     when to rotate to a new part (`rotate_bytes` of flow file, `rotate_seconds` of age;
     0 for never)."""
 
-    checkpoint_flows: int = 1
-    checkpoint_seconds: int = 30
+    checkpoint_flows: int = 100
+    checkpoint_seconds: int = 1
     rotate_bytes: int = 0
     rotate_seconds: int = 0
 

@@ -612,8 +612,8 @@ def _recording(rec: _Map | None, audit: _Map | None) -> RecordingPolicy:
         settings["signing"] = _choice(rec.text("signing", "required"), ("required", "unsigned"), rec.loc.at("signing"), rec.where("signing"))
         if rec.has("checkpoint"):
             cp = rec.sub("checkpoint")
-            settings["checkpoint_flows"] = _bounded(cp, "flows", 1, 1, 1_000_000)
-            settings["checkpoint_seconds"] = _bounded(cp, "seconds", 30, 1, 86_400)
+            settings["checkpoint_flows"] = _bounded(cp, "flows", 100, 1, 1_000_000)
+            settings["checkpoint_seconds"] = _bounded(cp, "seconds", 1, 1, 86_400)
             cp.finish()
         if rec.has("rotate"):
             rot = rec.sub("rotate")

@@ -204,7 +204,8 @@ class RecordingPolicy:
 
     `signing` "required" refuses to start without a signing key; "unsigned" is the
     development mode (manifests and checkpoints unsigned: verify reports them so).
-    A recording is checkpointed every `checkpoint_flows` flows or `checkpoint_seconds`,
+    A recording is checkpointed every `checkpoint_flows` flows or `checkpoint_seconds`
+    (signing is per checkpoint, not per flow: under load one signature covers many),
     and rotated to a new part at `rotate_bytes` or `rotate_seconds` (0: never).
     `scrub_cookies` and `scrub_query` name cookies and query parameters recorded as
     `[SCRUBBED]` (beside the built-in list of secret query parameters). `retention`
@@ -213,8 +214,8 @@ class RecordingPolicy:
     """
 
     signing: Literal["required", "unsigned"] = "required"
-    checkpoint_flows: int = 1
-    checkpoint_seconds: int = 30
+    checkpoint_flows: int = 100
+    checkpoint_seconds: int = 1
     rotate_bytes: int = 0
     rotate_seconds: int = 0
     scrub_cookies: tuple[str, ...] = ()

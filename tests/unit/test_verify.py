@@ -18,7 +18,7 @@ from hoop_addon import audit as audit_module
 from hoop_addon import keys
 from hoop_addon.audit import AuditLog
 from hoop_addon.cli import main
-from hoop_addon.recording import SessionRecording, manifest_path
+from hoop_addon.recording import Limits, SessionRecording, manifest_path
 
 
 def flow(text: str):
@@ -28,8 +28,9 @@ def flow(text: str):
 
 
 def record(directory: Path, log: AuditLog, signer: keys.Signer, session: str, texts: list[str], seal: bool = True) -> SessionRecording:
-    """A recording of flows with bodies `texts`, each audited; sealed and audited."""
-    rec = SessionRecording(directory, session, {"subject": session}, "policy-hash", signer)
+    """A recording of flows with bodies `texts`, each audited and checkpointed (so an
+    unsealed one is signed up to its last flow); sealed and audited."""
+    rec = SessionRecording(directory, session, {"subject": session}, "policy-hash", signer, Limits(checkpoint_flows=1))
     for text in texts:
         rec.add(flow(text), 3600)
         log.append("request", recording=str(rec.path), identity={"subject": session})
