@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import http, version
 from mitmproxy.io import tnetstring
 
 from hoop_addon.keys import Signer, canonical, sha256
@@ -62,16 +62,22 @@ def scrubbed(
     secrets replaced by `[SCRUBBED]`: the request headers named here or in
     `ALWAYS_SCRUBBED`, the cookies named in `cookies` (in `Cookie` and in the response's
     `Set-Cookie`), and the query parameters named in `query` (case-insensitive). The
-    live flow is untouched. Headers are scrubbed in the state itself; the request (or
-    the response) is rebuilt only when it has a query string or a cookie header to
-    scrub, as most recorded requests have neither.
+    live flow is untouched.
     """
     state = flow.get_state()
+    _scrub(state, flow, headers, tuple(cookies), query)
+    return state
+
+
+def _scrub(state: dict[str, Any], flow: http.HTTPFlow, headers: Iterable[str], cookies: tuple[str, ...], query: Iterable[str]) -> None:
+    """Scrub `state` (the flow's, or one holding its request and response states) in
+    place, as `scrubbed` describes. Headers are scrubbed in the state itself; the
+    request (or the response) is rebuilt only when it has a query string or a cookie
+    header to scrub, as most recorded requests have neither."""
     named = {name.lower().encode() for name in (*ALWAYS_SCRUBBED, *headers)}
     fields = state["request"]["headers"]
     if any(name.lower() in named for name, _ in fields):
         state["request"]["headers"] = tuple((k, _SCRUBBED if k.lower() in named else v) for k, v in fields)
-    cookies = tuple(cookies)
     if b"?" in state["request"]["path"] or (cookies and "Cookie" in flow.request.headers):
         request = http.Request.from_state(state["request"])
         for name in cookies:
@@ -81,14 +87,75 @@ def scrubbed(
         if any(k.lower() in secret for k in request.query):
             request.query = [(k, SCRUBBED if k.lower() in secret else v) for k, v in request.query.items(multi=True)]
         state["request"] = request.get_state()
-    if cookies and state.get("response") is not None and "Set-Cookie" in flow.response.headers:
+    if cookies and state["response"] is not None and "Set-Cookie" in flow.response.headers:
         response = http.Response.from_state(state["response"])
         for name in cookies:
             if name in response.cookies:
                 _, attrs = response.cookies[name]
                 response.cookies[name] = (SCRUBBED, attrs)
         state["response"] = response.get_state()
-    return state
+
+
+class FlowEncoder:
+    """Encodes the flows of one session as a mitmproxy flow file holds them: the
+    tnetstring (mitmproxy's `io.tnetstring`) of `scrubbed(flow, ...)`, byte for byte.
+
+    mitmproxy's generic serialiser spends over half of a flow's encoding on the client
+    and server connections (their certificates, cipher lists, ...), which do not change
+    between the flows of a session: the last encoded state of each is kept and reused
+    while every attribute of the connection is as it was. A flow that holds a backup
+    (edited or replayed in mitmproxy: `flow.modified()`) is encoded the generic way.
+    The field list is `mitmproxy.flow.Flow.get_state`'s and `HTTPFlow`'s: a unit test
+    compares the bytes with mitmproxy's own, so a mitmproxy upgrade cannot skew it.
+    """
+
+    def __init__(self) -> None:
+        self._connections: dict[str, tuple[str, tuple[Any, ...], bytes]] = {}
+
+    def encode(self, flow: http.HTTPFlow, headers: Iterable[str] = (), cookies: Iterable[str] = (),
+               query: Iterable[str] = SECRET_QUERY) -> bytes:
+        """The flow file record of `flow`, scrubbed (see `scrubbed` for the arguments)."""
+        if flow.modified():
+            return tnetstring.dumps(scrubbed(flow, headers, cookies, query))
+        state = {
+            "version": version.FLOW_FORMAT_VERSION,
+            "type": flow.type,
+            "id": flow.id,
+            "error": flow.error.get_state() if flow.error else None,
+            "client_conn": None,  # encoded by `_connection`
+            "server_conn": None,
+            "intercepted": flow.intercepted,
+            "is_replay": flow.is_replay,
+            "marked": flow.marked,
+            "metadata": flow.metadata,  # encoded at once: no copy needed
+            "comment": flow.comment,
+            "timestamp_created": flow.timestamp_created,
+            "backup": None,  # not modified
+            "request": flow.request.get_state(),
+            "response": flow.response.get_state() if flow.response else None,
+            "websocket": flow.websocket.get_state() if flow.websocket else None,
+        }
+        _scrub(state, flow, headers, tuple(cookies), query)
+        state["client_conn"] = self._connection("client_conn", flow.client_conn)
+        state["server_conn"] = self._connection("server_conn", flow.server_conn)
+        # A tnetstring dictionary: its items' encodings, concatenated, length-prefixed
+        # (mitmproxy writes them last item first).
+        payload = b"".join(
+            tnetstring.dumps(key) + (value if key in _CONNECTIONS else tnetstring.dumps(value))
+            for key, value in reversed(state.items())
+        )
+        return b"%d:%b}" % (len(payload), payload)
+
+    def _connection(self, role: str, connection: Any) -> bytes:
+        """The encoded state of a flow's connection, reused while unchanged."""
+        attributes = tuple(tuple(v) if isinstance(v, list) else v for v in vars(connection).values())
+        known = self._connections.get(role)
+        if known is None or known[0] != connection.id or known[1] != attributes:
+            known = self._connections[role] = (connection.id, attributes, tnetstring.dumps(connection.get_state()))
+        return known[2]
+
+
+_CONNECTIONS = ("client_conn", "server_conn")
 
 
 def chain_next(chain: str, digest: str) -> str:
@@ -154,6 +221,7 @@ class SessionRecording:
         self.retention: int | None = 0  # seconds, the longest of its flows' routes; None: forever
         self._unsigned_flows = 0
         self._checkpointed = self.started
+        self._encoder = FlowEncoder()
         self._file = open(self.path, "xb")
         self.checkpoint()
 
@@ -161,7 +229,7 @@ class SessionRecording:
         """Append a scrubbed copy of `flow` (keyword arguments go to `scrubbed`);
         `retention` is its route's retention in seconds (None: forever). Checkpoints
         when the limits say so."""
-        data = tnetstring.dumps(scrubbed(flow, **scrub))
+        data = self._encoder.encode(flow, **scrub)
         self._file.write(data)
         self._file.flush()
         self.flows.append({"offset": self.size, "length": len(data), "sha256": sha256(data)})

@@ -14,7 +14,7 @@ from mitmproxy.test import tflow
 
 from hoop_addon import keys
 from hoop_addon.policy import PolicyError, load_policy
-from hoop_addon.recording import GENESIS, Limits, SessionRecording, chain_next, manifest_path, scrubbed
+from hoop_addon.recording import GENESIS, FlowEncoder, Limits, SessionRecording, chain_next, manifest_path, scrubbed
 from hoop_addon.verify import verify_recording
 
 
@@ -50,6 +50,40 @@ def test_headers_are_scrubbed_in_every_occurrence_without_a_query_or_cookies() -
     assert copy.request.headers.get_all("X-Api-Key") == ["[SCRUBBED]", "[SCRUBBED]"]
     assert copy.request.headers["Proxy-Authorization"] == "[SCRUBBED]" and copy.request.headers["X-Trace"] == "kept"
     assert flow.request.headers.get_all("x-api-key") == ["key-one", "key-two"]  # the live flow is untouched
+
+
+def flows_to_encode() -> list[http.HTTPFlow]:
+    """Flows of every shape a recording holds: with a response, an error, a WebSocket,
+    metadata, secrets to scrub, and one edited in mitmproxy (it holds a backup)."""
+    plain = tflow.tflow(resp=True)
+    plain.metadata["hoop"] = {"identity": {"subject": "alice", "groups": ["a"]}, "masked": [{"rule": "r", "count": 2}]}
+    failed = tflow.tflow(err=True)
+    secrets = tflow.tflow(resp=True)
+    secrets.request.headers["Cookie"] = "sid=secret-sid; theme=dark"
+    secrets.request.query = [("api_key", "secret-q"), ("page", "2")]
+    secrets.response.headers["Set-Cookie"] = "sid=secret-new; Path=/"
+    edited = tflow.tflow(resp=True)
+    edited.backup()
+    edited.request.content = b"edited"
+    return [plain, failed, tflow.twebsocketflow(), secrets, edited]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_the_encoder_writes_what_mitmproxy_would(index: int) -> None:
+    flow = flows_to_encode()[index]
+    scrub = {"headers": ("x-api-key",), "cookies": ("sid",), "query": ("api_key",)}
+    encoder = FlowEncoder()
+    for _ in range(2):  # the second time from its remembered connection states
+        assert encoder.encode(flow, **scrub) == tnetstring.dumps(scrubbed(flow, **scrub))
+    assert http.HTTPFlow.from_state(tnetstring.loads(encoder.encode(flow, **scrub))).id == flow.id
+
+
+def test_the_encoder_sees_a_connection_change() -> None:
+    encoder, flow = FlowEncoder(), tflow.tflow(resp=True)
+    encoder.encode(flow)
+    flow.server_conn.timestamp_end = flow.server_conn.timestamp_start + 5  # the upstream closed
+    flow.client_conn.alpn_offers.append(b"h2")  # a list attribute mutated in place
+    assert encoder.encode(flow) == tnetstring.dumps(scrubbed(flow))
 
 
 def test_manifest_lists_every_flow_with_offsets_hashes_and_chain(tmp_path: Path, signer: keys.Signer) -> None:
