@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import ssl
+import time
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,23 @@ def test_metrics_count_decisions_and_never_hold_secrets(gateway: Gateway, upstre
     assert metric(after, "hoop_stage_seconds_count", stage="Identify", hook="requestheaders") >= 1
     for secret in (token, UPSTREAM_KEY, "me@example.com"):
         assert secret not in after
+
+
+def test_one_log_line_per_decision_without_secrets(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    token = idp.mint(subject="logged-agent", groups=["agents"])
+    ca = ssl.create_default_context(cafile=str(gateway.ca_cert))
+    with httpx.Client(proxy=gateway.proxy(token), verify=ca, trust_env=False) as client:
+        assert client.post(f"{upstream.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "me@example.com"}]}).status_code == 200
+        assert client.get(f"{upstream.url}/v2/unrouted").status_code == 403
+    gateway.wait_audit(0)
+    deadline = time.monotonic() + 5
+    while len(lines := [line for line in gateway.output.splitlines() if "subject=logged-agent" in line]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    allowed, refused = (line.split("hoop decision ", 1)[1] for line in lines)
+    assert re.fullmatch(r"flow=\S+ subject=logged-agent route=llm outcome=allow stage=- reason=- status=200 masked=[1-9][0-9]*", allowed), allowed
+    assert re.fullmatch(r"flow=\S+ subject=logged-agent route=- outcome=deny stage=route reason=no_route status=403 masked=0", refused), refused
+    for secret in (token, UPSTREAM_KEY, "me@example.com"):
+        assert secret not in gateway.output
 
 
 def test_health_ok_when_enforcing(gateway: Gateway) -> None:
