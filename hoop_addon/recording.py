@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 import re
 import time
 import uuid
@@ -215,7 +216,10 @@ class SessionRecording:
     def __post_init__(self) -> None:
         self.path = self.directory / f"{self.session_id}-p{self.part}.mitm"
         self.started = time.time()
-        self.flows: list[dict[str, Any]] = []
+        # Per flow, its length and raw SHA-256 (40 bytes, not a dict per flow: an open
+        # session may hold many thousands); the sealed manifest lists them.
+        self._lengths = array("Q")
+        self._digests = bytearray()
         self.chain = GENESIS
         self.size = 0
         self.retention: int | None = 0  # seconds, the longest of its flows' routes; None: forever
@@ -232,14 +236,29 @@ class SessionRecording:
         data = self._encoder.encode(flow, **scrub)
         self._file.write(data)
         self._file.flush()
-        self.flows.append({"offset": self.size, "length": len(data), "sha256": sha256(data)})
-        self.chain = chain_next(self.chain, self.flows[-1]["sha256"])
+        digest = hashlib.sha256(data).digest()
+        self._lengths.append(len(data))
+        self._digests += digest
+        self.chain = chain_next(self.chain, digest.hex())
         self.size += len(data)
         if self.retention is not None:
             self.retention = None if retention is None else max(self.retention, retention)
         self._unsigned_flows += 1
         if self._unsigned_flows >= self.limits.checkpoint_flows:
             self.checkpoint()
+
+    @property
+    def flow_count(self) -> int:
+        """How many flows this part holds."""
+        return len(self._lengths)
+
+    def flows(self) -> list[dict[str, Any]]:
+        """Every flow's `{"offset", "length", "sha256"}` (bytes, bytes, hex), in order."""
+        entries, offset = [], 0
+        for i, length in enumerate(self._lengths):
+            entries.append({"offset": offset, "length": length, "sha256": self._digests[32 * i : 32 * i + 32].hex()})
+            offset += length
+        return entries
 
     def due(self, now: float) -> bool:
         """True when unsigned flows have waited `checkpoint_seconds`."""
@@ -248,7 +267,7 @@ class SessionRecording:
     def full(self, now: float) -> bool:
         """True when this part should be sealed and the session continue in a new part."""
         lim = self.limits
-        return bool(self.flows) and (
+        return self.flow_count > 0 and (
             (lim.rotate_bytes > 0 and self.size >= lim.rotate_bytes)
             or (lim.rotate_seconds > 0 and now - self.started >= lim.rotate_seconds)
         )
@@ -267,7 +286,7 @@ class SessionRecording:
             "started": utc(self.started),
             "updated": utc(time.time()),
             "retention": self.retention,
-            "flow_count": len(self.flows),
+            "flow_count": self.flow_count,
             "chain": self.chain,
             "sealed": sealed,
             "key_id": self.signer.key_id if self.signer else None,
@@ -276,7 +295,7 @@ class SessionRecording:
         # bind every flow's bytes and order (verify derives the entries from the file),
         # so a checkpoint costs the same at flow 10 as at flow 10,000. The sealed
         # manifest lists every flow's offset, length and SHA-256.
-        flows = self.flows if sealed else None
+        flows = self.flows() if sealed else None
         return {**signed, "flows": flows, "signature": self.signer.sign(signed) if self.signer else None}
 
     def checkpoint(self, sealed: bool = False) -> bytes:

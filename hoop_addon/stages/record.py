@@ -116,7 +116,7 @@ class Record(Stage):
             digest = session.seal()
             self.audit.event(
                 "recording_sealed", identity=session.identity, session=session.session_id, part=session.part,
-                recording=session.path.name, manifest_sha256=digest, flows=len(session.flows),
+                recording=session.path.name, manifest_sha256=digest, flows=session.flow_count,
             )
         except OSError as exc:
             SEAL_FAILURES.inc()
