@@ -185,6 +185,8 @@ def _utf8(request: http.Request) -> bool:
 
 def _scrub_query_tokens(request: http.Request) -> bool:
     """Remove query parameters that carry a token; True if there were any."""
+    if b"?" not in request.data.path:
+        return False  # most requests: no query to parse
     query = request.query
     found = {k for k, v in query.items(multi=True) if k.lower() in QUERY_TOKEN_NAMES or _JWS_SHAPED.match(v)}
     for name in found:

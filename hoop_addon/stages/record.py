@@ -86,10 +86,6 @@ class Record(Stage):
                 logger.error(f"hoop: recording maintenance failed: {exc}")
             await asyncio.sleep(1)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None:  # not refused (e.g. for a header that is not UTF-8)
-            client_session(flow)  # noted before the Mask stage removes the header
-
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 
@@ -145,7 +141,7 @@ class Record(Stage):
             manifest.unlink()
 
     def _key(self, flow: http.HTTPFlow, subject: str) -> tuple[str, ...]:
-        if named := hoop(flow).get("client_session"):
+        if named := client_session(flow):  # the Mask stage noted it before removing the header
             return ("header", subject, named)
         return ("client", flow.client_conn.id, subject)
 
