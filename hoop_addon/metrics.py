@@ -22,6 +22,11 @@ MASKED_VALUES = Counter(
     "hoop_masked_values", "Values masked, by masking rule and part (request/response).", ["rule", "part"], registry=REGISTRY
 )
 BLOCKS = Counter("hoop_blocks", "Requests blocked, by rule.", ["rule"], registry=REGISTRY)
+SHADOW_MATCHES = Counter(
+    "hoop_shadow_matches",
+    "What shadow-mode (`action: log`) rules would have done, by rule and kind (block, approval: requests; masking: values).",
+    ["rule", "kind"], registry=REGISTRY,
+)
 APPROVALS_PENDING = Gauge("hoop_approvals_pending", "Flows held for approval now.", registry=REGISTRY)
 APPROVALS_DECIDED = Counter(
     "hoop_approvals_decided", "Approval decisions, by outcome (approved/denied/timeout).", ["outcome"], registry=REGISTRY

@@ -99,22 +99,26 @@ def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bo
 
 def evaluate(
     block_rules: Sequence[BlockRule], approval_rules: Sequence[ApprovalRule], facts: RequestFacts
-) -> tuple[BlockRule | None, list[BlockRule], ApprovalRule | None]:
+) -> tuple[BlockRule | None, list[BlockRule | ApprovalRule], ApprovalRule | None]:
     """Apply a policy's rules, in order, to one request.
 
-    Returns (the first matching `block` rule or None, every matching `log` rule before
-    it, the first matching approval rule or None: approval is only looked for when
-    nothing blocks). Raises `UninspectableBody`.
+    Returns (the first matching `block` rule or None; the matching `log` (shadow) rules
+    before the rule that decides; the first matching enforced approval rule or None:
+    approval is only looked for when nothing blocks). Raises `UninspectableBody`.
     """
     parsed: dict[str, Any] = {}
-    shadow: list[BlockRule] = []
+    shadow: list[BlockRule | ApprovalRule] = []
     for rule in block_rules:
         if matches(rule.when, facts, parsed):
             if rule.action == "block":
                 return rule, shadow, None
             shadow.append(rule)
-    approval = next((r for r in approval_rules if matches(r.when, facts, parsed)), None)
-    return None, shadow, approval
+    for approval in approval_rules:
+        if matches(approval.when, facts, parsed):
+            if approval.action == "require":
+                return None, shadow, approval
+            shadow.append(approval)
+    return None, shadow, None
 
 
 def request_key(secret: bytes, subject: str, route: str | None, method: str, url: str, body: bytes) -> str:

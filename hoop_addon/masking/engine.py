@@ -4,7 +4,9 @@ Pure functions over bytes and parsed JSON; no mitmproxy. The detectors of all th
 that look at a value are compiled into one RE2 alternation, so each value is scanned
 once whatever the number of rules and detectors, in linear time; validators (Luhn, ...)
 run only on candidate matches. A match belongs to the first rule, in policy order, that
-names its detector: that rule's operator replaces it and its evidence counts it.
+names its detector (an enforcing rule before any `action: log` one): that rule's
+operator replaces it and its evidence counts it; a shadow rule's matches are counted,
+marked `shadow`, and left as they are.
 
 JSON bodies are parsed with orjson; rules with RFC 9535 JSONPath `paths` mask the
 strings (and numbers) under the selected nodes, rules without paths mask every string;
@@ -63,13 +65,16 @@ class MaskContext:
     _replacers: dict[str, Replace] = dataclasses.field(default_factory=dict, repr=False)
 
     def replacer(self, rule: MaskRule) -> Replace:
-        """The function giving a match's replacement under `rule.operator`. Raises
-        `MaskError` if the operator lacks what it needs (no secret, no session)."""
+        """The function giving a match's replacement under `rule.operator` (the value
+        itself for a shadow rule). Raises `MaskError` if the operator lacks what it
+        needs (no secret, no session)."""
         if (found := self._replacers.get(rule.name)) is None:
             found = self._replacers[rule.name] = self._replacer(rule)
         return found
 
     def _replacer(self, rule: MaskRule) -> Replace:
+        if rule.action == "log":
+            return _unchanged
         if rule.operator == "partial":
             keep = rule.keep
             return lambda v, d: "*" * len(v) if len(v) <= keep else "*" * (len(v) - keep) + v[len(v) - keep :]
@@ -88,6 +93,10 @@ class MaskContext:
 
 def _redacted(value: str, detector: Detector) -> str:
     return f"[REDACTED:{detector.label}]"
+
+
+def _unchanged(value: str, detector: Detector) -> str:
+    return value
 
 
 class Scanner:
@@ -194,12 +203,13 @@ def scanner_of(detectors: tuple[Detector, ...]) -> Scanner:
 def combined(rules: Sequence[MaskRule]) -> tuple[Scanner | None, dict[Detector, MaskRule]]:
     """One scan for all `rules` (the rules that look at one value): the scanner of
     their detectors (None if they have none) and each detector's owner, the first rule
-    naming it, whose operator replaces its matches and whose evidence counts them."""
+    naming it, enforcing rules first, whose operator replaces its matches and whose
+    evidence counts them."""
     key = tuple(map(id, rules))  # cheap to hash; the entry keeps its rules, so ids stay theirs
     found = _COMBINED.get(key)
     if found is None or any(a is not b for a, b in zip(found[0], rules)):
         owner: dict[Detector, MaskRule] = {}
-        for rule in rules:
+        for rule in sorted(rules, key=lambda r: r.action == "log"):  # stable: policy order within each
             for detector in rule.detectors:
                 owner.setdefault(detector, rule)
         if len(_COMBINED) >= _MAX_COMBINED:  # policy reloads leave old rule sets behind
@@ -209,16 +219,17 @@ def combined(rules: Sequence[MaskRule]) -> tuple[Scanner | None, dict[Detector, 
 
 
 class Evidence:
-    """What was masked, per rule: counts per detector and where (JSONPath or part),
-    never the values. `records()` gives the JSON-safe list for metadata and audit."""
+    """What was masked (or, by a shadow rule, would have been), per rule: counts per
+    detector and where (JSONPath or part), never the values. `records()` gives the
+    JSON-safe list for metadata and audit."""
 
     def __init__(self) -> None:
-        self._rules: dict[str, tuple[str, dict[str, int], list[str]]] = {}
+        self._rules: dict[str, tuple[MaskRule, dict[str, int], list[str]]] = {}
 
     def add(self, rule: MaskRule, counts: dict[str, int], where: str) -> None:
         if not counts:
             return
-        _, total, paths = self._rules.setdefault(rule.name, (rule.operator, {}, []))
+        _, total, paths = self._rules.setdefault(rule.name, (rule, {}, []))
         for name, n in counts.items():
             total[name] = total.get(name, 0) + n
         if where not in paths and len(paths) < MAX_EVIDENCE_PATHS:
@@ -226,10 +237,12 @@ class Evidence:
 
     def records(self, part: str) -> list[dict[str, Any]]:
         """One record per rule that masked something: `{"rule", "part", "operator",
-        "count", "detectors": {name: count}, "where": [JSONPath or part, ...]}`."""
+        "count", "detectors": {name: count}, "where": [JSONPath or part, ...]}`, plus
+        `"shadow": true` for a shadow (`action: log`) rule, which masked nothing."""
         return [
-            {"rule": name, "part": part, "operator": op, "count": sum(c.values()), "detectors": c, "where": w}
-            for name, (op, c, w) in self._rules.items()
+            {"rule": name, "part": part, "operator": rule.operator, "count": sum(c.values()), "detectors": c, "where": w,
+             **({"shadow": True} if rule.action == "log" else {})}
+            for name, (rule, c, w) in self._rules.items()
         ]
 
 
@@ -295,7 +308,7 @@ def mask_text(text: str, rules: Sequence[MaskRule], context: MaskContext, eviden
 
 def _redact(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: Callable[[], str]) -> str:
     """`text` with the matches of `rules` replaced (the same object when nothing
-    matched); `where()` locates the evidence."""
+    was replaced); `where()` locates the evidence."""
     scanner, owner = combined(rules)
     spans = scanner.spans(text) if scanner else None
     if not spans:
@@ -308,7 +321,9 @@ def _redact(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence
     located = where()
     for rule, rule_counts in counts.values():
         evidence.add(rule, rule_counts, located)
-    return spread([text], spans, lambda value, detector: context.replacer(owner[detector])(value, detector))[0]
+    if not (enforced := [s for s in spans if owner[s[2]].action != "log"]):
+        return text  # shadow rules' matches only: counted, not replaced
+    return spread([text], enforced, lambda value, detector: context.replacer(owner[detector])(value, detector))[0]
 
 
 def mask_json(

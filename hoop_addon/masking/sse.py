@@ -265,7 +265,8 @@ class EventStreamMasker:
             parts += (pending[pos:s], self.context.replacer(rule)(pending[s:e], detector))
             pos = e
             self.evidence.add(rule, {detector.name: 1}, jsonpath(location) if location != ("data",) else "data")
-            self.masked += 1
+            if rule.action != "log":  # a shadow rule's match is evidence, not a masked value
+                self.masked += 1
         parts.append(pending[pos:cut])
         stream.held = pending[cut:]
         return "".join(parts)

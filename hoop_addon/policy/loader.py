@@ -393,10 +393,11 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
     query = _flag(m, "query", False)
     headers = tuple(h.lower() for h in m.texts("headers", ()))
     cookies = m.texts("cookies", ())
+    action = _choice(m.text("action", "mask"), ("mask", "log"), m.loc.at("action"), m.where("action"))
     m.finish()
     directions = frozenset(("request", "response") if direction == "both" else (direction,))
     return MaskRule(
-        name, directions, tuple(paths), tuple(chosen), operator, keep, on_invalid, body, headers, cookies, query,  # type: ignore[arg-type]
+        name, directions, tuple(paths), tuple(chosen), operator, keep, on_invalid, body, headers, cookies, query, action,  # type: ignore[arg-type]
     )
 
 
@@ -587,6 +588,7 @@ def _approval_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> App
         timeout=_bounded(m, "timeout", 300, 1, 86_400),
         mode=_choice(m.text("mode", "hold"), ("hold", "ticket"), m.loc.at("mode"), m.where("mode")),  # type: ignore[arg-type]
         ticket_window=_bounded(m, "ticket_window", 900, 1, 86_400),
+        action=_choice(m.text("action", "require"), ("require", "log"), m.loc.at("action"), m.where("action")),  # type: ignore[arg-type]
     )
     m.finish()
     return rule

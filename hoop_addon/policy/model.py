@@ -59,7 +59,9 @@ class MaskRule:
     `<LABEL_n>` restored in responses. `on_invalid_json` says what a body that is not
     JSON under a rule with `paths` gets: `block` (refused) or `text` (scanned whole).
     `body` is False for a rule that only masks the named `headers` / `cookies`
-    (lower-case names) or the `query` string.
+    (lower-case names) or the `query` string. `action` "log" is shadow mode: the rule's
+    matches are found and counted as evidence (marked `shadow`) but not replaced, and
+    a value an enforcing rule masks is that rule's, never a shadow rule's.
     """
 
     name: str
@@ -73,6 +75,7 @@ class MaskRule:
     headers: tuple[str, ...] = ()
     cookies: tuple[str, ...] = ()
     query: bool = False
+    action: Literal["mask", "log"] = "mask"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +188,8 @@ class ApprovalRule:
     denies a request nobody decided. `mode` "hold" keeps the request open until the
     decision; "ticket" answers at once with an approval id, and an approved ticket lets
     the same identity's identical request through once within `ticket_window` seconds.
+    `action` "log" is shadow mode: a match is only audited as "would have needed
+    approval", and the request goes on.
     """
 
     name: str
@@ -196,6 +201,7 @@ class ApprovalRule:
     timeout: int = 300
     mode: Literal["hold", "ticket"] = "hold"
     ticket_window: int = 900
+    action: Literal["require", "log"] = "require"
 
 
 @dataclass(frozen=True, slots=True)

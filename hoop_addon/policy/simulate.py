@@ -53,8 +53,9 @@ class Outcome:
     """What the chain would do. `outcome`: allow, approve (held for approval), block
     (a block rule), deny (no route, not admitted, or a body the rules cannot inspect).
     `reason` is the refusal code, `rule` the block or approval rule, `shadow` the
-    `log`-mode rules that matched, `masked` the number of values masked per masking
-    rule (request and response together)."""
+    `log`-mode (shadow) rules that matched: block, approval, and masking rules that
+    would have masked a value; `masked` the number of values masked per enforcing
+    masking rule (request and response together)."""
 
     outcome: str
     route: str | None = None
@@ -110,7 +111,10 @@ def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
             # a body the masker cannot handle, or a JSONPath too deep for it: refused
             return Outcome("deny", name, f"unmaskable_{part}", None, shadowed, result.masked)
         for item in evidence:
-            result.masked[item["rule"]] = result.masked.get(item["rule"], 0) + item["count"]
+            if item.get("shadow"):
+                result.shadow += (item["rule"],) if item["rule"] not in result.shadow else ()
+            else:
+                result.masked[item["rule"]] = result.masked.get(item["rule"], 0) + item["count"]
     return result
 
 

@@ -17,7 +17,7 @@ A fixture file is YAML:
           rule: null              # the block or approval rule
           reason: null            # the refusal code (no_route, not_admitted, ...)
           masked: {pii-in-prompts: 1}   # values masked per rule (only the rules listed)
-          shadow: []              # log-mode rules that matched
+          shadow: []              # log-mode (shadow) rules that matched: block, approval, masking
 
 Fixture errors name the file, line and key, like policy errors.
 """

@@ -8,6 +8,7 @@ from mitmproxy import http
 
 from hoop_addon.masking.codec import BodyTooLarge, decode
 from hoop_addon.masking.engine import MaskError
+from hoop_addon.policy.model import BlockRule
 from hoop_addon.rules import RequestFacts, UninspectableBody, evaluate, request_key
 from hoop_addon.stages import Stage, allowed, hoop, refuse
 from hoop_addon.stages.mask import Mask
@@ -20,8 +21,9 @@ class Guard(Stage):
 
     - a `block` rule answers 403 `{"error": "blocked", "message": "blocked by rule
       'NAME': REASON", "stage": "guard"}`;
-    - `log` rules (shadow mode) only add `{"rule", "action", "reason"}` items to
-      `hoop.shadow` and to the decision, so the audit line says what would have happened;
+    - `log` rules (shadow mode), block or approval, only add `{"rule", "action":
+      "block" | "approval", "reason"}` items to `hoop.shadow` and to the decision, so
+      the audit line says what would have happened;
     - an approval rule sets `hoop.approval = {"rule", "status": "required", "key"}` for
       the Approve stage (after masking) to hold the flow or answer with a ticket.
 
@@ -58,7 +60,10 @@ class Guard(Stage):
             refuse(flow, 422, "guard", "uninspectable_request", f"request body could not be inspected: {exc}")
             return
         if shadow:
-            record["shadow"] = [{"rule": r.name, "action": "block", "reason": r.reason} for r in shadow]
+            record["shadow"] = [
+                {"rule": r.name, "action": "block" if isinstance(r, BlockRule) else "approval", "reason": r.reason}
+                for r in shadow
+            ]
             record["decision"]["shadow"] = record["shadow"]
         if block is not None:
             refuse(flow, 403, "guard", "blocked", f"blocked by rule '{block.name}': {block.reason}")

@@ -93,7 +93,7 @@ class Mask(Stage):
         label = client_session(flow)
         flow.request.headers.pop(SESSION_HEADER, None)
         rules = route.rules_for("request")
-        tokenizes = any(r.operator == "tokenize" for r in route.masking)
+        tokenizes = any(r.operator == "tokenize" and r.action == "mask" for r in route.masking)
         if not rules and not tokenizes:
             return
         if tokenizes:

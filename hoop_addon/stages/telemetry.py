@@ -7,7 +7,7 @@ import logging
 from mitmproxy import http, log
 
 from hoop_addon.control import HealthHandler, MetricsHandler
-from hoop_addon.metrics import BLOCKS, JWT_FAILURES, MASKED_VALUES, REQUESTS, exposition
+from hoop_addon.metrics import BLOCKS, JWT_FAILURES, MASKED_VALUES, REQUESTS, SHADOW_MATCHES, exposition
 from hoop_addon.stages import Stage, hoop
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
@@ -23,7 +23,8 @@ def _not_a_decision(record: logging.LogRecord) -> bool:
 
 class Telemetry(Stage):
     """Counts each finished flow from its hoop record (`hoop_requests`,
-    `hoop_jwt_failures`, `hoop_masked_values`, `hoop_blocks`) and logs it as one
+    `hoop_jwt_failures`, `hoop_masked_values`, `hoop_blocks`, `hoop_shadow_matches`)
+    and logs it as one
     `key=value` line: flow id, subject, route, outcome, stage, reason, status and the
     number of masked values. Never a token, a credential or a body value. The line goes
     to the `hoop.decision` logger, i.e. to mitmproxy's log like any other, but not to
@@ -77,8 +78,13 @@ class Telemetry(Stage):
             JWT_FAILURES.labels(reason).inc()
         masked = 0
         for evidence in record.get("masked", []):
+            if evidence.get("shadow"):
+                SHADOW_MATCHES.labels(evidence["rule"], "masking").inc(evidence["count"])
+                continue
             MASKED_VALUES.labels(evidence["rule"], evidence["part"]).inc(evidence["count"])
             masked += evidence["count"]
+        for shadow in record.get("shadow", []):
+            SHADOW_MATCHES.labels(shadow["rule"], shadow["action"]).inc()
         if decision.get("stage") == "guard" and decision.get("rule") and outcome != "allow":
             BLOCKS.labels(decision["rule"]).inc()
         identity = record.get("identity") or {}

@@ -259,6 +259,41 @@ def test_tokenize_round_trip(masking_gateway: Gateway, upstream: FakeOpenAI, idp
     assert_absent(data, (EMAIL, CARD, *PLANTED))
 
 
+SHADOW_POLICY = POLICY.replace("""routes:
+""", """  - name: watch-emails
+    direction: both
+    action: log
+    paths:
+      - $.messages[*].content
+      - $.choices[*].message.content
+    detectors: [email, payment_card]
+routes:
+""").replace("masking: [prompts, completions]", "masking: [watch-emails]")
+
+
+def test_a_shadow_masking_rule_forwards_values_and_audits_what_it_would_mask(tmp_path: Path, upstream: FakeOpenAI, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
+    gw = Gateway(write_policy(tmp_path / "rules", idp, SHADOW_POLICY), tmp_path, pki[0].cert_path).start()
+    try:
+        client = sdk(gw, idp, f"{upstream.url}/v1", "mask-shadow")
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"mail {EMAIL}"}])
+        (entry,) = gw.wait_audit(1)
+        metrics = httpx.get(f"{gw.control_url}/metrics").text
+    finally:
+        gw.stop()
+
+    (received,) = upstream.received
+    assert orjson.loads(received.body)["messages"][0]["content"] == f"mail {EMAIL}"  # not masked: shadow mode
+    assert EMAIL in reply.choices[0].message.content
+    shadow = {(m["part"], m["rule"]): (m["detectors"], m["shadow"]) for m in entry["masked"]}
+    assert shadow == {
+        ("request", "watch-emails"): ({"email": 1}, True),
+        ("response", "watch-emails"): ({"email": 2, "payment_card": 1}, True),  # the echo and the planted reply
+    }
+    assert 'hoop_shadow_matches_total{kind="masking",rule="watch-emails"} 4.0' in metrics
+    assert "hoop_masked_values_total{" not in metrics  # nothing was masked
+    assert "subject=mask-shadow route=redacting outcome=allow stage=- reason=- status=200 masked=0" in gw.output
+
+
 def test_injected_masking_failure_refuses_the_request(tmp_path: Path, upstream: FakeOpenAI, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
     gw = Gateway(write_policy(tmp_path / "rules", idp, POLICY), tmp_path, pki[0].cert_path)
     gw.argv += ["-s", str(ROOT / "tests" / "e2e" / "mask_fault.py")]

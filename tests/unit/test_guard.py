@@ -121,6 +121,7 @@ class TestLoading:
             ("approvals:\n  - name: x\n    when: {methods: [GET]}\n    approvers: {}\n", "approvals[0].approvers: nobody can approve"),
             ("approvals:\n  - name: x\n    when: {methods: [GET]}\n    approvers: {groups: [a]}\n    timeout: 0\n", "approvals[0].timeout: must be 1..86400"),
             ("approvals:\n  - name: x\n    when: {methods: [GET]}\n    approvers: {groups: [a]}\n    mode: wait\n", "approvals[0].mode: 'wait' is not one of: hold, ticket"),
+            ("approvals:\n  - name: x\n    when: {methods: [GET]}\n    approvers: {groups: [a]}\n    action: block\n", "approvals[0].action: 'block' is not one of: require, log"),
             ("block:\n  - name: x\n    when: {methods: [GET]}\napprovals:\n  - name: x\n    when: {methods: [GET]}\n    approvers: {groups: [a]}\n", "approvals[0].name: duplicate block/approval rule name 'x'"),
             ("defaults: {max_pending: 0}\n", "defaults.max_pending: must be 1..100000"),
         ],
@@ -148,6 +149,20 @@ class TestEvaluation:
         body = chat("x" * 1200)
         assert self.run(policy, facts(body=body)) == (None, ["huge"], "big-prompts")
         assert self.run(policy, facts(body=chat("top SECRET " + "x" * 1200))) == ("secret-word", ["huge"], None)
+
+    def test_a_log_approval_rule_is_shadow_only(self, tmp_path: Path) -> None:
+        policy = load(tmp_path, """\
+approvals:
+  - name: watch-prompts
+    when: {routes: [llm], tokens_more_than: 10}
+    approvers: {groups: [reviewers]}
+    action: log
+  - name: big-prompts
+    when: {routes: [llm], tokens_more_than: 100}
+    approvers: {groups: [reviewers]}
+""")
+        assert self.run(policy, facts(body=b'"' + b"y" * 100 + b'"')) == (None, ["watch-prompts"], None)
+        assert self.run(policy, facts(body=b'"' + b"y" * 500 + b'"')) == (None, ["watch-prompts"], "big-prompts")
 
     def test_method_and_group(self, policy: Policy) -> None:
         assert self.run(policy, facts(route="store", method="DELETE", groups=("agents", "interns")))[0] == "interns-no-delete"

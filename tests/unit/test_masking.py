@@ -201,6 +201,20 @@ class TestEvidence:
             ("second", {"payment_card": 1, "email": 1}, ["$['a']", "$['b']"]),
         ]
 
+    def test_a_shadow_rule_counts_what_it_would_mask_and_never_weakens_an_enforcing_one(self) -> None:
+        watch = dataclasses.replace(rule(name="watch", detectors=["email", "payment_card"]), action="log")
+        cards = rule(name="cards", detectors=["payment_card"])
+        body = orjson.dumps({"a": f"{EMAIL} {CARD}"})
+
+        new, records = mask_body(body, "application/json", [watch, cards], "request")
+
+        assert orjson.loads(new or b"") == {"a": f"{EMAIL} [REDACTED:CARD]"}  # the card is the enforcing rule's
+        assert [(r["rule"], r["detectors"], r.get("shadow")) for r in records] == [
+            ("watch", {"email": 1}, True),
+            ("cards", {"payment_card": 1}, None),
+        ]
+        assert mask_body(body, "application/json", [watch], "request")[0] is None  # alone: the body goes as it is
+
     @pytest.mark.parametrize(
         ("key", "expected"),
         [
@@ -307,6 +321,15 @@ class TestEventStream:
 
         assert out.count(b"\n") == out.count(b"\r\n")  # a held tail's extra event keeps CRLF too
         assert streamed_text(out.replace(b"\r", b"")) == "mail [REDACTED:EMAIL]"
+
+    def test_a_shadow_rule_leaves_a_split_value_in_the_stream_and_counts_it(self) -> None:
+        watch = dataclasses.replace(rule(DELTA, name="watch"), action="log")
+        body = stream([SPLIT_TEXT[:12], SPLIT_TEXT[12:]])
+
+        new, records = mask_body(body, "text/event-stream", [watch], "response")
+
+        assert new is None  # the stream went out as the upstream sent it
+        assert [(r["rule"], r["detectors"], r["shadow"]) for r in records] == [("watch", {"email": 1}, True)]
 
     def test_text_data_under_a_rule_with_paths_is_refused(self) -> None:
         with pytest.raises(MaskError, match="selects JSON paths but an event's data is not JSON"):
@@ -642,7 +665,12 @@ def test_policy_masking_keys(tmp_path: Any) -> None:
     )
     with pytest.raises(PolicyError, match=r"p.yaml:14: masking\[1\].operator: .*scramble"):
         load_policy(tmp_path)
-    text = (tmp_path / "p.yaml").read_text().replace("  - {name: bad, detectors: [email], operator: scramble}\n", "")
+    (tmp_path / "p.yaml").write_text((tmp_path / "p.yaml").read_text().replace("operator: scramble", "action: enforce"))
+    with pytest.raises(PolicyError, match=r"p.yaml:14: masking\[1\].action: 'enforce' is not one of: mask, log"):
+        load_policy(tmp_path)
+    (tmp_path / "p.yaml").write_text((tmp_path / "p.yaml").read_text().replace("action: enforce", "action: log"))
+    load_policy(tmp_path)
+    text = (tmp_path / "p.yaml").read_text().replace("  - {name: bad, detectors: [email], action: log}\n", "")
     (tmp_path / "p.yaml").write_text(text)
     assert load_policy(tmp_path).routes == ()
 

@@ -159,3 +159,28 @@ def test_fixture_headers_not_a_mapping_names_file_line_key(tmp_path: Path, reque
         load_cases(fixture)
     assert (err.value.file, err.value.line, err.value.key) == (str(fixture), line, key)
     assert err.value.message.startswith(message)
+
+
+def test_shadow_rules_are_listed_not_counted_as_masking(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("""\
+issuers:
+  - {name: idp, issuer: https://idp.example, audience: hoop-gateway, jwks: https://idp.example/jwks.json}
+masking:
+  - {name: cards, detectors: [payment_card], paths: ['$.messages[*].content']}
+  - {name: watch-emails, detectors: [email], paths: ['$.messages[*].content'], action: log}
+approvals:
+  - name: watch-long
+    when: {tokens_more_than: 5}
+    approvers: {groups: [sre]}
+    action: log
+routes:
+  - name: llm
+    match: {hosts: [api.example]}
+    allow: {groups: [agents]}
+    masking: [cards, watch-emails]
+""")
+    exchange = Exchange("POST", "https://api.example/v1/chat", [("Content-Type", "application/json")],
+                        chat("mail jane@example.com or 4242 4242 4242 4242"))
+    outcome = simulate(load_policy(tmp_path), exchange, AGENT)
+    assert (outcome.outcome, outcome.rule, outcome.masked) == ("allow", None, {"cards": 1})
+    assert sorted(outcome.shadow) == ["watch-emails", "watch-long"]
