@@ -100,18 +100,26 @@ def _unchanged(value: str, detector: Detector) -> str:
 
 
 class Scanner:
-    """One combined RE2 scan over a fixed set of detectors.
+    """The validated matches of a fixed, ordered set of detectors in a text.
 
-    The scan runs over the UTF-8 bytes (RE2's native input: no per-match offset
-    translation) with an alternation without groups (the DFA alone finds matches);
-    which detectors match a found value is asked of an RE2 set (one DFA pass too)."""
+    One detector's match never hides another's: an RE2 set (one DFA pass over the
+    UTF-8 bytes, RE2's native input) tells which detectors occur at all, each of those
+    then scans the text on its own, and overlapping matches of different detectors are
+    merged into one span that belongs to the detector listed first (callers list the
+    enforcing rules' detectors before the shadow rules'). A text with no sensitive
+    value, the common case, costs the one set pass. Validators (Luhn, ...) run on
+    candidate matches only."""
 
     def __init__(self, detectors: Sequence[Detector]) -> None:
         self.detectors = tuple(detectors)
-        self.regex = re2.compile("|".join(f"(?:{d.pattern})" for d in self.detectors), _OPTIONS)
+        self.rank = {d: i for i, d in enumerate(self.detectors)}
+        self.regexes = tuple(re2.compile(d.pattern, _OPTIONS) for d in self.detectors)
+        self.present = re2.Set.SearchSet(_OPTIONS)
         self.which = re2.Set.FullMatchSet(_OPTIONS)
         for d in self.detectors:
+            self.present.Add(d.pattern)
             self.which.Add(d.pattern)
+        self.present.Compile()
         self.which.Compile()
 
     def _matching(self, value: str) -> list[Detector]:
@@ -121,28 +129,36 @@ class Scanner:
         return [self.detectors[i] for i in sorted(self.which.Match(value.encode()) or ())]
 
     def spans(self, text: str) -> list[Span]:
-        """The validated matches in `text`: (start, end, detector), in order, disjoint.
-        Offsets are in characters."""
+        """The validated matches in `text`: (start, end, detector), in order, disjoint
+        (overlapping ones merged, see the class). Offsets are in characters."""
         data = text.encode()
+        present = range(1) if len(self.detectors) == 1 else sorted(self.present.Match(data) or ())
         ascii_only = len(data) == len(text)
-        found = []
-        last_byte = last_char = 0
-        for m in self.regex.finditer(data):
-            start, end = m.span()
-            if not ascii_only:  # byte offsets to character offsets, in one pass over the text
-                start_char = last_char + len(data[last_byte:start].decode())
-                end_char = start_char + len(data[start:end].decode())
-                last_byte, last_char = end, end_char
-                start, end = start_char, end_char
-            value = text[start:end]
-            for detector in self._matching(value):
+        found: list[tuple[int, int, int]] = []  # (start, end, rank of the detector)
+        for rank in present:
+            detector = self.detectors[rank]
+            last_byte = last_char = 0
+            for m in self.regexes[rank].finditer(data):
+                start, end = m.span()
+                if not ascii_only:  # byte offsets to character offsets, in one pass over the text
+                    start_char = last_char + len(data[last_byte:start].decode())
+                    end_char = start_char + len(data[start:end].decode())
+                    last_byte, last_char = end, end_char
+                    start, end = start_char, end_char
+                value = text[start:end]
                 if (detector.validator is None or detector.validator(value)) and detector.in_context(text, start):
-                    found.append((start, end, detector))
-                    break
+                    found.append((start, end, rank))
+                elif inner := self._inner(text, start, end):
+                    found.append((inner[0], inner[1], self.rank[inner[2]]))
+        found.sort()
+        merged: list[tuple[int, int, int]] = []
+        for start, end, rank in found:
+            if merged and start < merged[-1][1]:
+                last = merged[-1]
+                merged[-1] = (last[0], max(last[1], end), min(last[2], rank))
             else:
-                if inner := self._inner(text, start, end):
-                    found.append(inner)
-        return found
+                merged.append((start, end, rank))
+        return [(start, end, self.detectors[rank]) for start, end, rank in merged]
 
     def _inner(self, text: str, start: int, end: int) -> Span | None:
         """The longest validated match of any detector inside a candidate that failed
@@ -258,16 +274,30 @@ def mask_body(
     `content_type` is the raw header value; `part` is "request" or "response" (for the
     evidence); `context` carries the `hash` secret and `tokenize` session. Returns (the
     new body, or None when nothing changed; the evidence records). Raises `MaskError`
-    when a rule cannot inspect the body: not UTF-8, not JSON although a rule selects
-    JSONPath (unless every such rule says `on_invalid_json: text`), nested deeper than
-    `MAX_DEPTH`.
+    when an enforcing rule cannot inspect the body: not UTF-8, not JSON although a rule
+    selects JSONPath (unless every such rule says `on_invalid_json: text`), nested
+    deeper than `MAX_DEPTH`. Shadow rules (`action: log`) do not decide what passes:
+    when one of them cannot inspect the body, the body is masked without them.
     """
     rules = [r for r in rules if r.body]
-    evidence = Evidence()
     if not body or not rules:
         return None, []
     context = context or MaskContext()
     mime = content_type.split(";", 1)[0].strip().lower()
+    try:
+        return _mask_body(body, mime, rules, part, context)
+    except MaskError:
+        enforcing = [r for r in rules if r.action != "log"]
+        if len(enforcing) == len(rules):
+            raise
+        return _mask_body(body, mime, enforcing, part, context) if enforcing else (None, [])
+
+
+def _mask_body(
+    body: bytes, mime: str, rules: Sequence[MaskRule], part: str, context: MaskContext
+) -> tuple[bytes | None, list[dict[str, Any]]]:
+    """`mask_body` for one media type (`mime`, lower case) and non-empty `rules`."""
+    evidence = Evidence()
     if mime == "text/event-stream":
         from hoop_addon.masking.sse import EventStreamMasker  # sse builds on this module
 

@@ -172,14 +172,19 @@ class EventStreamMasker:
             out.append(raw)
             recorded.append(raw)
             return
+        # Only enforcing rules decide what passes: what shadow rules cannot inspect goes on.
         if value.lstrip()[:1] in ("{", "["):
             try:
                 event.doc = orjson.loads(value)
             except orjson.JSONDecodeError:
+                if all(r.action == "log" for r in self.rules):
+                    out.append(raw)
+                    recorded.append(raw)
+                    return
                 raise MaskError("an event's data is not valid JSON") from None
         else:
             for rule in self.rules:
-                if rule.paths:
+                if rule.paths and rule.action != "log":
                     raise MaskError(f"rule '{rule.name}' selects JSON paths but an event's data is not JSON")
             event.text = value
         changed = self._mask_event(event, out, recorded)
@@ -194,7 +199,7 @@ class EventStreamMasker:
         box = [event.doc if event.text is None else event.text]
         # Which strings are streamed (pieces of one text) and which rules look at them.
         if event.text is not None:
-            event.streamed[("data",)] = list(self.rules)
+            event.streamed[("data",)] = [r for r in self.rules if not r.paths]  # shadow rules with paths: not JSON
             parents = {("data",): (box, 0)}
         else:
             parents = {}

@@ -178,7 +178,8 @@ class Mask(Stage):
         response rules (tokens are not restored: the flow keeps its messages, and a
         recording must not get values back). A binary message is masked the same way
         when it is UTF-8. A message that cannot be masked (a binary one that is not
-        UTF-8 included) is dropped and the connection closed."""
+        UTF-8 included) is dropped and the connection closed, unless only shadow rules
+        apply: they do not decide what passes."""
         if flow.websocket is None or (route := route_of(flow)) is None or not allowed(flow):
             return
         message = flow.websocket.messages[-1]
@@ -187,9 +188,11 @@ class Mask(Stage):
             return
         try:
             content = message.content
-            if not message.is_text:
+            if not message.is_text and not _utf8(content):
                 # Binary frames often carry JSON too; what is not UTF-8 cannot be inspected.
-                content.decode("utf-8")
+                if all(r.action == "log" for r in rules):
+                    return
+                raise MaskError("a binary message that is not UTF-8 cannot be inspected")
             kind = "application/json" if content.lstrip()[:1] in (b"{", b"[") else "text/plain"
             new, records = mask_body(content, kind, rules, part, MaskContext(self.secret, self.sessions.get(flow)))
             hoop(flow).setdefault("masked", []).extend(records)
@@ -248,6 +251,14 @@ class Restore(Stage):
         restored, count = session.restore(text, escape="json" in _mime(response))
         if count:
             response.content = restored.encode()
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _mime(message: http.Message) -> str:

@@ -56,8 +56,8 @@ def masked(body: bytes, content_type: str = "application/json", rules: Sequence[
     return body if new is None else new
 
 
-def masked_text(text: str) -> str:
-    return masked(text.encode(), "text/plain").decode()
+def masked_text(text: str, rules: Sequence[MaskRule] = (PII,)) -> str:
+    return masked(text.encode(), "text/plain", rules).decode()
 
 
 class TestDetection:
@@ -214,6 +214,35 @@ class TestEvidence:
             ("cards", {"payment_card": 1}, None),
         ]
         assert mask_body(body, "application/json", [watch], "request")[0] is None  # alone: the body goes as it is
+
+    @pytest.mark.parametrize("order", ["cards-first", "acct-first"])
+    def test_overlapping_values_of_two_rules_are_masked_whole_in_either_order(self, order: str) -> None:
+        cards = rule(name="cards", detectors=["payment_card"])
+        acct = dataclasses.replace(rule(name="acct"), detectors=(Detector("acct", "ACCT", "(?i)acct[: ]+[0-9]{4}"),))
+        rules = [cards, acct] if order == "cards-first" else [acct, cards]
+
+        out = masked_text(f"see acct: {CARD} now", rules)
+
+        assert out == "see [REDACTED:CARD] now" if order == "cards-first" else out == "see [REDACTED:ACCT] now"
+        assert "1111" not in out
+
+    @pytest.mark.parametrize("shape", ["text", "json", "stream"])
+    def test_a_shadow_match_covering_an_enforced_value_does_not_hide_it(self, shape: str) -> None:
+        ssn = rule(DELTA, "$.a", name="ssn", detectors=["us_ssn"])
+        trial = dataclasses.replace(rule(DELTA, "$.a", name="trial", detectors=["email"]), action="log")
+        value = f"ssn x.{SSN}@example.com ok"
+        body, kind = {
+            "text": (value.encode(), "text/plain"),
+            "json": (orjson.dumps({"a": value}), "application/json"),
+            "stream": (stream([value[:9], value[9:]]), "text/event-stream"),
+        }[shape]
+        if shape == "text":
+            ssn, trial = dataclasses.replace(ssn, paths=()), dataclasses.replace(trial, paths=())
+
+        new, records = mask_body(body, kind, [trial, ssn], "request")
+
+        assert new is not None and SSN.encode() not in new and b"[REDACTED:SSN]" in new
+        assert [(r["rule"], r.get("shadow")) for r in records] == [("ssn", None)]
 
     @pytest.mark.parametrize(
         ("key", "expected"),
@@ -710,6 +739,28 @@ def test_binary_websocket_messages_are_masked_or_dropped(content: bytes, masked:
             assert orjson.loads(message.content) == {"text": "hi [REDACTED:EMAIL]"} and not message.dropped
         else:
             assert message.dropped and flow.error is not None
+
+
+def test_what_only_shadow_rules_cannot_inspect_goes_on() -> None:
+    """Shadow rules do not decide what passes: a body, an event or a binary WebSocket
+    message they cannot inspect is not refused because of them."""
+    trial = dataclasses.replace(rule("$.messages[*].content", name="trial"), action="log")
+    text_rule = rule(name="text")
+    assert mask_body(b"not json " + EMAIL.encode(), "text/plain", [trial], "request") == (None, [])
+    new, records = mask_body(b"not json " + EMAIL.encode(), "text/plain", [trial, text_rule], "request")
+    assert new == b"not json [REDACTED:EMAIL]" and [r["rule"] for r in records] == ["text"]
+    with pytest.raises(MaskError):  # an enforcing rule that cannot inspect it still refuses it
+        mask_body(b"not json", "text/plain", [dataclasses.replace(trial, action="mask")], "request")
+    assert mask_body(stream(["plain", "text"], text_event), "text/event-stream", [trial], "response") == (None, [])
+
+    mask = Mask()
+    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (trial,))
+    with taddons.context(mask):
+        flow = tflow.twebsocketflow()
+        mark_admitted(flow, route)
+        flow.websocket.messages = [websocket.WebSocketMessage(Opcode.BINARY, True, b"\xff\xfe")]
+        mask.websocket_message(flow)
+        assert not flow.websocket.messages[-1].dropped and flow.error is None
 
 
 @settings(max_examples=100, deadline=None)
