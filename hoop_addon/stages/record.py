@@ -70,20 +70,28 @@ class Record(Stage):
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
+        """Each second: sign the sessions whose unsigned flows are due, seal header
+        sessions left idle, sweep expired recordings. A part past its rotation limit
+        is left to the next flow, which rotates it into the linked next part. One
+        session's failure is logged and never stops the others or later ticks: these
+        checkpoints are what signs an open session's flows."""
         swept = 0.0
         while True:
             now = time.time()
-            try:
-                for key, session in list(self.sessions.items()):
-                    if session.full(now) or (key[0] == "header" and now - self.used[key] >= IDLE_SECONDS):
+            for key, session in list(self.sessions.items()):
+                try:
+                    if key[0] == "header" and now - self.used.get(key, now) >= IDLE_SECONDS:
                         self._seal(key)
                     elif session.due(now):
                         session.checkpoint()
-                if now - swept >= SWEEP_SECONDS:
-                    swept = now
+                except Exception as exc:
+                    logger.error(f"hoop: recording maintenance of {session.path.name} failed: {exc!r}")
+            if now - swept >= SWEEP_SECONDS:
+                swept = now
+                try:
                     self.sweep(now)
-            except OSError as exc:
-                logger.error(f"hoop: recording maintenance failed: {exc}")
+                except Exception as exc:
+                    logger.error(f"hoop: sweeping expired recordings failed: {exc!r}")
             await asyncio.sleep(1)
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -194,4 +202,5 @@ class Record(Stage):
             previous=sha256(manifest_path(previous.path).read_bytes()) if previous else None,
         )
         self.sessions[key] = session
+        self.used[key] = time.time()
         return session

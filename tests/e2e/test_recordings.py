@@ -7,6 +7,7 @@ what the shared gateway recorded for every test before it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import ssl
@@ -135,8 +136,8 @@ def manifest_flow_count(recording: Path) -> int:
 
 
 def test_kill_9_mid_session_keeps_every_flushed_flow_verifiable(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> None:
-    """Flows are flushed at once and signed at the next checkpoint (within about a
-    second by default): a kill -9 leaves the signed flows valid and the rest, still in
+    """Flows are flushed at once and signed at the next checkpoint (within two
+    seconds by default): a kill -9 leaves the signed flows valid and the rest, still in
     the file and the chain, as the unsealed tail."""
     gateway = own_gateway(tmp_path, idp, pki).start()
     try:
@@ -164,6 +165,25 @@ def test_kill_9_mid_session_keeps_every_flushed_flow_verifiable(tmp_path: Path, 
     assert "audit.jsonl: unsealed tail: " in out
     assert verify(gateway, "--allow-unsealed-tail")[0] == 0
     assert stock_mitmdump_flows(recording) == 4
+
+
+def test_a_part_past_its_rotation_age_continues_as_the_linked_next_part(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> None:
+    """Rotation by age while the agent is idle: the next flow starts part 2 of the same
+    session, linked to part 1's manifest, not a new session."""
+    gateway = own_gateway(tmp_path, idp, pki, POLICY + "recording:\n  rotate: {{seconds: 1}}\n").start()
+    try:
+        with client(gateway, idp.mint(subject="rotating", groups=["agents"])) as c:
+            assert c.post(f"{upstream.url}/v1/chat/completions", json=chat("first")).status_code == 200
+            time.sleep(2.5)  # past the limit, with the maintenance tick running meanwhile
+            assert c.post(f"{upstream.url}/v1/chat/completions", json=chat("second")).status_code == 200
+            first, second = gateway.wait_audit(2)
+    finally:
+        gateway.stop()
+    assert first["session"] == second["session"]
+    assert first["recording"].endswith("-p1.mitm") and second["recording"].endswith("-p2.mitm")
+    part1 = Path(first["recording"]).with_suffix(".manifest.json").read_bytes()
+    assert orjson.loads(Path(second["recording"]).with_suffix(".manifest.json").read_bytes())["previous"] == hashlib.sha256(part1).hexdigest()
+    assert verify(gateway)[0] == 0
 
 
 def test_retention_deletes_expired_recordings_and_audits_it(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream: FakeOpenAI) -> None:
