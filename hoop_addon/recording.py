@@ -62,24 +62,26 @@ def scrubbed(
     """The flow's state, as a mitmproxy flow file holds it (`flow.get_state()`), with
     secrets replaced by `[SCRUBBED]`: the request headers named here or in
     `ALWAYS_SCRUBBED`, the cookies named in `cookies` (in `Cookie` and in the response's
-    `Set-Cookie`), and the query parameters named in `query` (case-insensitive). The
+    `Set-Cookie`), and the query parameters named in `query` (case-insensitive); the
+    same in the flow's backup (its state before an edit in mitmproxy or a replay). The
     live flow is untouched.
     """
     state = flow.get_state()
-    _scrub(state, flow, headers, tuple(cookies), query)
+    _scrub(state, headers, tuple(cookies), query)
     return state
 
 
-def _scrub(state: dict[str, Any], flow: http.HTTPFlow, headers: Iterable[str], cookies: tuple[str, ...], query: Iterable[str]) -> None:
-    """Scrub `state` (the flow's, or one holding its request and response states) in
-    place, as `scrubbed` describes. Headers are scrubbed in the state itself; the
-    request (or the response) is rebuilt only when it has a query string or a cookie
-    header to scrub, as most recorded requests have neither."""
+def _scrub(state: dict[str, Any], headers: Iterable[str], cookies: tuple[str, ...], query: Iterable[str]) -> None:
+    """Scrub a flow state (or one holding its request and response states) in place,
+    as `scrubbed` describes, and the backup it holds (the flow before an edit or a
+    replay). Headers are scrubbed in the state itself; the request (or the response)
+    is rebuilt only when it has a query string or a cookie header to scrub, as most
+    recorded requests have neither."""
     named = {name.lower().encode() for name in (*ALWAYS_SCRUBBED, *headers)}
     fields = state["request"]["headers"]
     if any(name.lower() in named for name, _ in fields):
         state["request"]["headers"] = tuple((k, _SCRUBBED if k.lower() in named else v) for k, v in fields)
-    if b"?" in state["request"]["path"] or (cookies and "Cookie" in flow.request.headers):
+    if b"?" in state["request"]["path"] or (cookies and _has(state["request"]["headers"], b"cookie")):
         request = http.Request.from_state(state["request"])
         for name in cookies:
             if name in request.cookies:
@@ -88,13 +90,20 @@ def _scrub(state: dict[str, Any], flow: http.HTTPFlow, headers: Iterable[str], c
         if any(k.lower() in secret for k in request.query):
             request.query = [(k, SCRUBBED if k.lower() in secret else v) for k, v in request.query.items(multi=True)]
         state["request"] = request.get_state()
-    if cookies and state["response"] is not None and "Set-Cookie" in flow.response.headers:
+    if cookies and state["response"] is not None and _has(state["response"]["headers"], b"set-cookie"):
         response = http.Response.from_state(state["response"])
         for name in cookies:
             if name in response.cookies:
                 _, attrs = response.cookies[name]
                 response.cookies[name] = (SCRUBBED, attrs)
         state["response"] = response.get_state()
+    if isinstance(backup := state.get("backup"), dict) and "request" in backup:
+        _scrub(backup, headers, cookies, query)
+
+
+def _has(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    """Whether header `name` (lower case) is among a message state's `headers`."""
+    return any(k.lower() == name for k, _ in fields)
 
 
 class FlowEncoder:
@@ -136,7 +145,7 @@ class FlowEncoder:
             "response": flow.response.get_state() if flow.response else None,
             "websocket": flow.websocket.get_state() if flow.websocket else None,
         }
-        _scrub(state, flow, headers, tuple(cookies), query)
+        _scrub(state, headers, tuple(cookies), query)
         state["client_conn"] = self._connection("client_conn", flow.client_conn)
         state["server_conn"] = self._connection("server_conn", flow.server_conn)
         # A tnetstring dictionary: its items' encodings, concatenated, length-prefixed

@@ -382,14 +382,14 @@ def mask_json(
     for location, (parent, key, covering) in values.items():
         value = parent[key]
         if isinstance(value, str) and (inner := _json_in_string(value)) is not None:
-            relocated = _Relocated(evidence, jsonpath(location))
+            relocated = _Relocated(evidence, evidence_path(location, covering))
             new_inner, inner_changed = mask_json(inner, [_whole(r) for r in covering], relocated, context)
             if inner_changed:
                 parent[key] = orjson.dumps(new_inner).decode()
                 changed = True
             continue
         text = value if isinstance(value, str) else str(value)
-        masked = _redact(text, covering, context, evidence, lambda: jsonpath(location))
+        masked = _redact(text, covering, context, evidence, lambda: evidence_path(location, covering))
         if masked is not text:
             parent[key] = masked
             changed = True
@@ -430,7 +430,7 @@ def _mask_members(
     collide after masking get a `#2`, `#3`... suffix. Returns whether any changed."""
     renamed: dict[str, Any] = {}
     for key, item in node.items():
-        new = _redact(key, rules, context, evidence, lambda: jsonpath(location) + " (member name)")
+        new = _redact(key, rules, context, evidence, lambda: evidence_path(location, rules) + " (member name)")
         if new is not key:
             base, n = new, 1
             while new in renamed or (new in node and new != key):
@@ -486,6 +486,18 @@ def _select(box: list[Any], rule: MaskRule, numbers: bool = True) -> _Selection:
             parent = parent[step]
         walk(parent, (0, *root)[-1], tuple(root))
     return _Selection(list(found.values()), list(objects.items()))
+
+
+def evidence_path(location: Sequence[str | int], rules: Sequence[MaskRule]) -> str:
+    """`jsonpath(location)` for evidence, which is audited and recorded: a member name
+    on the way that holds a value the rules detect is shown redacted
+    (`$['[REDACTED:EMAIL]']`), never as it is."""
+    scanner, _ = combined(rules)
+    if scanner is None:
+        return jsonpath(location)
+    return jsonpath([
+        spread([step], spans)[0] if isinstance(step, str) and (spans := scanner.spans(step)) else step for step in location
+    ])
 
 
 def jsonpath(location: Sequence[str | int]) -> str:

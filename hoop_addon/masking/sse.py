@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from hoop_addon.masking.engine import Evidence, Leaf, Location, MaskContext, MaskError, combined, jsonpath, leaves, mask_text
+from hoop_addon.masking.engine import Evidence, Leaf, Location, MaskContext, MaskError, combined, evidence_path, leaves, mask_text
 from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
@@ -218,7 +218,7 @@ class EventStreamMasker:
             for location, (parent, key, rules) in whole.items():
                 value = parent[key]
                 text = value if isinstance(value, str) else str(value)
-                masked = mask_text(text, rules, self.context, self.evidence, jsonpath(location))
+                masked = mask_text(text, rules, self.context, self.evidence, evidence_path(location, rules))
                 if masked is not text:
                     parent[key] = masked
                     self.masked += 1
@@ -269,7 +269,7 @@ class EventStreamMasker:
             rule = owner[detector]
             parts += (pending[pos:s], self.context.replacer(rule)(pending[s:e], detector))
             pos = e
-            self.evidence.add(rule, {detector.name: 1}, jsonpath(location) if location != ("data",) else "data")
+            self.evidence.add(rule, {detector.name: 1}, evidence_path(location, stream.rules) if location != ("data",) else "data")
             if rule.action != "log":  # a shadow rule's match is evidence, not a masked value
                 self.masked += 1
         parts.append(pending[pos:cut])

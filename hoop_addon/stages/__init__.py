@@ -73,11 +73,15 @@ def refuse(
 
     `reason` is a short code (`expired`, `no_route`, ...); `message` is shown to the
     client and must not contain secrets or policy internals beyond the rule's name.
-    Body: `{"error": reason, "message": message, "stage": stage}`.
+    Body: `{"error": reason, "message": message, "stage": stage}`. The decision keeps
+    the shadow rules noted before (`decision.shadow`).
     """
     body = orjson.dumps({"error": reason, "message": message, "stage": stage})
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json", **(headers or {})})
-    hoop(flow)["decision"] = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
+    decision = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
+    if shadow := hoop(flow).get("decision", {}).get("shadow"):
+        decision["shadow"] = shadow  # what shadow rules saw stays in the audit line
+    hoop(flow)["decision"] = decision
 
 
 _FLOW_HOOKS = (

@@ -323,12 +323,8 @@ async def _client_gone(flow: http.HTTPFlow) -> None:
 
 
 def _refuse(flow: http.HTTPFlow, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
-    """`refuse` by this stage, keeping the shadow-mode rules the Guard stage matched in
-    the decision (the audit entry must still say what they would have done)."""
-    shadow = hoop(flow)["decision"].get("shadow")
+    """`refuse` by this stage."""
     refuse(flow, status, "approve", reason, message, headers)
-    if shadow:
-        hoop(flow)["decision"]["shadow"] = shadow
 
 
 def _audit_view(item: PendingApproval) -> dict[str, Any]:

@@ -292,12 +292,16 @@ def _merge(a: list[dict], b: list[dict]) -> list[dict]:
 
 def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
     """Mask the values of the headers or cookies (`names`: the rule attribute) a rule
-    names, in `fields` (mitmproxy `Headers` or a cookies view: `get_all`/`set_all`)."""
+    names, in `fields` (mitmproxy `Headers` or a cookies view: `get_all`/`set_all`):
+    each value once, by all the rules naming it."""
+    named: dict[str, list[MaskRule]] = {}
     for rule in rules:
         for name in getattr(rule, names):
-            if values := fields.get_all(name):
-                where = f"{names[:-1]}:{name}"
-                fields.set_all(name, [mask_text(v, [rule], context, evidence, where) for v in values])
+            named.setdefault(name, []).append(rule)
+    for name, covering in named.items():
+        if values := fields.get_all(name):
+            where = f"{names[:-1]}:{name}"
+            fields.set_all(name, [mask_text(v, covering, context, evidence, where) for v in values])
 
 
 def _mask_query(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:

@@ -57,7 +57,10 @@ class Telemetry(Stage):
     def running(self) -> None:
         super().running()
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, log.LegacyLogEvents):
+            # once: a reloaded script's function is a new object, but the old one does the same
+            if isinstance(handler, log.LegacyLogEvents) and not any(
+                getattr(f, "__qualname__", None) == _not_a_decision.__qualname__ for f in handler.filters
+            ):
                 handler.addFilter(_not_a_decision)
 
     def response(self, flow: http.HTTPFlow) -> None:

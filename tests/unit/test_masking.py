@@ -215,6 +215,19 @@ class TestEvidence:
         ]
         assert mask_body(body, "application/json", [watch], "request")[0] is None  # alone: the body goes as it is
 
+    def test_evidence_never_names_a_member_that_holds_a_detected_value(self) -> None:
+        body = orjson.dumps({EMAIL: {"card": CARD}, "note": f'{{"{EMAIL}": "{SSN}"}}'})
+
+        new, records = mask_body(body, "application/json", [PII], "request")
+
+        assert EMAIL.encode() not in new and EMAIL not in orjson.dumps(records).decode()
+        assert sorted(records[0]["where"]) == sorted([
+            "$['[REDACTED:EMAIL]']['card']",
+            "$['note'] (JSON in string: $['[REDACTED:EMAIL]'])",
+            "$['note'] (JSON in string: $ (member name))",
+            "$ (member name)",
+        ])
+
     @pytest.mark.parametrize("order", ["cards-first", "acct-first"])
     def test_overlapping_values_of_two_rules_are_masked_whole_in_either_order(self, order: str) -> None:
         cards = rule(name="cards", detectors=["payment_card"])

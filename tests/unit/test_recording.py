@@ -52,6 +52,17 @@ def test_headers_are_scrubbed_in_every_occurrence_without_a_query_or_cookies() -
     assert flow.request.headers.get_all("x-api-key") == ["key-one", "key-two"]  # the live flow is untouched
 
 
+def test_the_backup_of_an_edited_or_replayed_flow_is_scrubbed_too() -> None:
+    flow = tflow.tflow(resp=True)
+    flow.request.headers["Authorization"] = "Bearer agent-jwt"
+    flow.request.query = [("api_key", "secret-q")]
+    flow.backup()  # as mitmproxy does before an edit or a client replay
+    flow.request.content = b"edited"
+    data = tnetstring.dumps(scrubbed(flow))
+    assert b"agent-jwt" not in data and b"secret-q" not in data
+    assert http.HTTPFlow.from_state(tnetstring.loads(data)).modified()  # the backup is kept, scrubbed
+
+
 def flows_to_encode() -> list[http.HTTPFlow]:
     """Flows of every shape a recording holds: with a response, an error, a WebSocket,
     metadata, secrets to scrub, and one edited in mitmproxy (it holds a backup)."""
