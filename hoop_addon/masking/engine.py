@@ -1,12 +1,12 @@
 """The masking engine: find what detectors match and replace it, in any body shape.
 
-Pure functions over bytes and parsed JSON; no mitmproxy. The detectors of all the rules
-that look at a value are compiled into one RE2 alternation, so each value is scanned
-once whatever the number of rules and detectors, in linear time; validators (Luhn, ...)
-run only on candidate matches. A match belongs to the first rule, in policy order, that
-names its detector (an enforcing rule before any `action: log` one): that rule's
-operator replaces it and its evidence counts it; a shadow rule's matches are counted,
-marked `shadow`, and left as they are.
+Pure functions over bytes and parsed JSON; no mitmproxy. Each value is scanned once for
+all the rules that look at it (see `Scanner`: one RE2 set pass, then one linear-time
+pass per detector that occurs in it), and overlapping matches of different detectors
+are masked as one; validators (Luhn, ...) run only on candidate matches. A match
+belongs to the first rule, in policy order, that names its detector (an enforcing rule
+before any `action: log` one): that rule's operator replaces it and its evidence counts
+it; a shadow rule's matches are counted, marked `shadow`, and left as they are.
 
 JSON bodies are parsed with orjson; rules with RFC 9535 JSONPath `paths` mask the
 strings (and numbers) under the selected nodes, rules without paths mask every string;
@@ -331,7 +331,7 @@ def _mask_plain(body: bytes, rules: Sequence[MaskRule], context: MaskContext, ev
 
 
 def mask_text(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> str:
-    """`text` masked by `rules` in one scan (whole text, paths ignored); evidence is
+    """`text` masked by all `rules` at once (whole text, paths ignored); evidence is
     located at `where` (a part name such as `request`, `query`, `header:x-user`)."""
     return _redact(text, rules, context, evidence, lambda: where)
 
