@@ -21,6 +21,7 @@ raises `MaskError`, and the caller refuses the flow: nothing is forwarded unmask
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +44,7 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 Replace = Callable[[str, Detector], str]
 _OPTIONS = re2.Options()
-_OPTIONS.max_mem = 64 << 20  # room for the combined DFA of many detectors (default 8 MiB)
+_OPTIONS.max_mem = 64 << 20  # room for the DFA of a set of many detectors (default 8 MiB)
 Span = tuple[int, int, Detector]
 Location = tuple[str | int, ...]
 """Where a value is in a JSON document: member names and array indexes from the root."""
@@ -330,15 +331,13 @@ def _mask_plain(body: bytes, rules: Sequence[MaskRule], context: MaskContext, ev
     return masked.encode() if masked != text else None
 
 
-def mask_text(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> str:
-    """`text` masked by all `rules` at once (whole text, paths ignored); evidence is
-    located at `where` (a part name such as `request`, `query`, `header:x-user`)."""
-    return _redact(text, rules, context, evidence, lambda: where)
-
-
-def _redact(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: Callable[[], str]) -> str:
-    """`text` with the matches of `rules` replaced (the same object when nothing
-    was replaced); `where()` locates the evidence."""
+def mask_text(
+    text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str | Callable[[], str]
+) -> str:
+    """`text` masked by all `rules` at once (whole text, paths ignored): the same object
+    when nothing was replaced. Evidence is located at `where`, a part name such as
+    `request`, `query`, `header:x-user`, or a function giving it (a JSONPath), called
+    only when something matched."""
     scanner, owner = combined(rules)
     spans = scanner.spans(text) if scanner else None
     if not spans:
@@ -348,7 +347,7 @@ def _redact(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence
         rule = owner[detector]
         rule_counts = counts.setdefault(rule.name, (rule, {}))[1]
         rule_counts[detector.name] = rule_counts.get(detector.name, 0) + 1
-    located = where()
+    located = where() if callable(where) else where
     for rule, rule_counts in counts.values():
         evidence.add(rule, rule_counts, located)
     if not (enforced := [s for s in spans if owner[s[2]].action != "log"]):
@@ -389,7 +388,7 @@ def mask_json(
                 changed = True
             continue
         text = value if isinstance(value, str) else str(value)
-        masked = _redact(text, covering, context, evidence, lambda: evidence_path(location, covering))
+        masked = mask_text(text, covering, context, evidence, lambda: evidence_path(location, covering))
         if masked is not text:
             parent[key] = masked
             changed = True
@@ -408,7 +407,10 @@ class _Relocated(Evidence):
         self.outer.add(rule, counts, f"{self.where} (JSON in string: {where})")
 
 
+@functools.lru_cache(maxsize=1024)
 def _whole(rule: MaskRule) -> MaskRule:
+    """The rule over a whole document (JSON in a string): the same object each time,
+    so the scanner cache (`combined`, keyed by rule identity) keeps hitting."""
     return dataclasses.replace(rule, paths=()) if rule.paths else rule
 
 
@@ -430,7 +432,7 @@ def _mask_members(
     collide after masking get a `#2`, `#3`... suffix. Returns whether any changed."""
     renamed: dict[str, Any] = {}
     for key, item in node.items():
-        new = _redact(key, rules, context, evidence, lambda: evidence_path(location, rules) + " (member name)")
+        new = mask_text(key, rules, context, evidence, lambda: evidence_path(location, rules) + " (member name)")
         if new is not key:
             base, n = new, 1
             while new in renamed or (new in node and new != key):

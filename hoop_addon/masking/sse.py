@@ -218,7 +218,7 @@ class EventStreamMasker:
             for location, (parent, key, rules) in whole.items():
                 value = parent[key]
                 text = value if isinstance(value, str) else str(value)
-                masked = mask_text(text, rules, self.context, self.evidence, evidence_path(location, rules))
+                masked = mask_text(text, rules, self.context, self.evidence, lambda: evidence_path(location, rules))
                 if masked is not text:
                     parent[key] = masked
                     self.masked += 1
