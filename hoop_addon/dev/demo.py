@@ -4,7 +4,8 @@ Starts a local OpenAI-compatible HTTPS upstream, the gateway with the example po
 (`rules/`), and the example agent (`examples/agent.py`, official openai SDK) pointed at
 the gateway only through `HTTPS_PROXY` and `SSL_CERT_FILE`, once plain and once
 streamed; then prints what the agent got, what the upstream received, and where the
-session was recorded.
+session was recorded. It signs with the development key `make run` uses
+(`<home>/signing.key`), as both write to `recordings/`: one tree, one key to verify.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from hoop_addon.dev import issuer
-from hoop_addon.dev.gateway import ROOT, Gateway
+from hoop_addon.dev.gateway import ROOT, Gateway, ensure_signing_key
 from hoop_addon.dev.tls import issue_server_cert, make_ca
 from hoop_addon.dev.upstream import FakeOpenAI
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             ca.cert_path,
             env={"HOOP_LOCAL_LLM_KEY": "demo-upstream-key-held-by-the-gateway", "OPENAI_API_KEY": "unused-in-demo"},
             recordings=ROOT / "recordings",
+            options={"hoop_signing_key": str(ensure_signing_key(home / "signing.key"))},
         )
         gateway.start()
         try:
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = gateway.audit()[-1]
     print(f"\nlast audit line ({gateway.recordings / 'audit.jsonl'}):\n  {json.dumps(entry)}")
     print(f"\nrecording: {entry['recording']}\n  open it with: .venv/bin/mitmdump -nr {entry['recording']}")
+    print(f"  verify the tree: .venv/bin/python -m hoop_addon verify recordings --public-key {home / 'signing.pub'}")
     return status
 
 
