@@ -35,7 +35,7 @@ from array import array
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,55 @@ def _has(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
     return any(k.lower() == name for k, _ in fields)
 
 
+def _dict(value: dict[Any, Any]) -> bytes:
+    # mitmproxy's encoder writes a dictionary's items last item first
+    payload = b"".join([tnet(k) + tnet(v) for k, v in reversed(value.items())])
+    return b"%d:%b}" % (len(payload), payload)
+
+
+def _list(value: list[Any] | tuple[Any, ...]) -> bytes:
+    payload = b"".join([tnet(item) for item in value])
+    return b"%d:%b]" % (len(payload), payload)
+
+
+def _str(value: str) -> bytes:
+    data = value.encode()
+    return b"%d:%b;" % (len(data), data)
+
+
+def _int(value: int) -> bytes:
+    data = b"%d" % value
+    return b"%d:%b#" % (len(data), data)
+
+
+def _float(value: float) -> bytes:
+    data = repr(value).encode()
+    return b"%d:%b^" % (len(data), data)
+
+
+_TNET: dict[type, Callable[[Any], bytes]] = {
+    bytes: lambda value: b"%d:%b," % (len(value), value),
+    str: _str,
+    dict: _dict,
+    tuple: _list,
+    list: _list,
+    int: _int,
+    float: _float,
+    bool: lambda value: b"4:true!" if value else b"5:false!",
+    type(None): lambda value: b"0:~",
+}
+
+
+def tnet(value: Any) -> bytes:
+    """`value` as a tnetstring, byte for byte what mitmproxy's `io.tnetstring.dumps`
+    writes (a unit test compares them): the same format, dispatched on the value's
+    exact type instead of a chain of `isinstance` tests, about 3 times as fast on a
+    flow's state. A value of another type (a subclass) goes to mitmproxy's encoder.
+    Raises `ValueError` for a value tnetstrings cannot hold."""
+    encode = _TNET.get(type(value))
+    return encode(value) if encode is not None else tnetstring.dumps(value)
+
+
 class FlowEncoder:
     """Encodes the flows of one session as a mitmproxy flow file holds them: the
     tnetstring (mitmproxy's `io.tnetstring`) of `scrubbed(flow, ...)`, byte for byte.
@@ -126,7 +175,7 @@ class FlowEncoder:
                query: Iterable[str] = SECRET_QUERY) -> bytes:
         """The flow file record of `flow`, scrubbed (see `scrubbed` for the arguments)."""
         if flow.modified():
-            return tnetstring.dumps(scrubbed(flow, headers, cookies, query))
+            return tnet(scrubbed(flow, headers, cookies, query))
         state = {
             "version": version.FLOW_FORMAT_VERSION,
             "type": flow.type,
@@ -151,7 +200,7 @@ class FlowEncoder:
         # A tnetstring dictionary: its items' encodings, concatenated, length-prefixed
         # (mitmproxy writes them last item first).
         payload = b"".join(
-            tnetstring.dumps(key) + (value if key in _CONNECTIONS else tnetstring.dumps(value))
+            tnet(key) + (value if key in _CONNECTIONS else tnet(value))
             for key, value in reversed(state.items())
         )
         return b"%d:%b}" % (len(payload), payload)
@@ -161,7 +210,7 @@ class FlowEncoder:
         attributes = tuple(tuple(v) if isinstance(v, list) else v for v in vars(connection).values())
         known = self._connections.get(role)
         if known is None or known[0] != connection.id or known[1] != attributes:
-            known = self._connections[role] = (connection.id, attributes, tnetstring.dumps(connection.get_state()))
+            known = self._connections[role] = (connection.id, attributes, tnet(connection.get_state()))
         return known[2]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import enum
 import re
 import stat
 from pathlib import Path
@@ -14,7 +16,7 @@ from mitmproxy.test import tflow
 
 from hoop_addon import keys
 from hoop_addon.policy import PolicyError, load_policy
-from hoop_addon.recording import GENESIS, FlowEncoder, Limits, SessionRecording, chain_next, manifest_path, scrubbed
+from hoop_addon.recording import GENESIS, FlowEncoder, Limits, SessionRecording, chain_next, manifest_path, scrubbed, tnet
 from hoop_addon.verify import verify_recording
 
 
@@ -87,6 +89,20 @@ def test_the_encoder_writes_what_mitmproxy_would(index: int) -> None:
     for _ in range(2):  # the second time from its remembered connection states
         assert encoder.encode(flow, **scrub) == tnetstring.dumps(scrubbed(flow, **scrub))
     assert http.HTTPFlow.from_state(tnetstring.loads(encoder.encode(flow, **scrub))).id == flow.id
+
+
+@pytest.mark.parametrize("value", [
+    None, True, False, 0, -7, 2**70, 1.5, -0.0, float("inf"), b"", b"\x00:,", "", "h\u00e9llo \u2603", [], (), {},
+    {"a": [1, (2.5, None)], b"k": {"nested": True}, "z": ""},
+    collections.OrderedDict(b=1, a=2), enum.IntEnum("E", "X").X,  # subclasses: mitmproxy's encoder
+])
+def test_tnet_writes_what_mitmproxy_would(value: object) -> None:
+    assert tnet(value) == tnetstring.dumps(value)
+
+
+def test_tnet_refuses_what_tnetstrings_cannot_hold() -> None:
+    with pytest.raises(ValueError):
+        tnet({"a": object()})
 
 
 def test_the_encoder_sees_a_connection_change() -> None:
