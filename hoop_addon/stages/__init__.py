@@ -112,7 +112,7 @@ def _fail_closed(stage: str, hook: str, flow: Any) -> None:
 def _guarded(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn`, timed into `hoop_stage_seconds{stage, hook}`, failing closed on any
     exception it does not handle itself."""
-    histogram = STAGE_SECONDS.labels(stage, hook)
+    observe = STAGE_SECONDS.timer(stage, hook)
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
@@ -123,7 +123,7 @@ def _guarded(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any
             except Exception:
                 _fail_closed(stage, hook, flow)
             finally:
-                histogram.observe(time.perf_counter() - start)
+                observe(time.perf_counter() - start)
 
         return guarded_async
 
@@ -135,7 +135,7 @@ def _guarded(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any
         except Exception:
             _fail_closed(stage, hook, flow)
         finally:
-            histogram.observe(time.perf_counter() - start)
+            observe(time.perf_counter() - start)
 
     return guarded
 
