@@ -114,6 +114,12 @@ class Route:
     allow_client_ids: frozenset[str] = frozenset()
     allow_scopes: frozenset[str] = frozenset()
     retention: int | None = None
+    _rules: dict[str, tuple[MaskRule, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # once per route, not up to four times per flow
+        rules = {d: tuple(r for r in self.masking if d in r.directions) for d in ("request", "response")}
+        object.__setattr__(self, "_rules", rules)
 
     def matches(self, host: str, port: int, path: str, method: str) -> bool:
         """True when `host` (any case) and `port`, `path` (query excluded) and `method`
@@ -142,7 +148,7 @@ class Route:
 
     def rules_for(self, direction: Direction) -> tuple[MaskRule, ...]:
         """The masking rules that apply to `direction` ("request" or "response")."""
-        return tuple(r for r in self.masking if direction in r.directions)
+        return self._rules[direction]
 
 
 @dataclass(frozen=True, slots=True)
