@@ -14,11 +14,13 @@ throughput at 1, 8 and 32 concurrent clients with the proxy's CPU time per reque
 and the proxy's RSS growth over a long run.
 
 Client, proxy and upstream share this machine's cores, and a shared machine drifts
-over minutes: so the measurements are taken in rounds, the configurations taking turns
-(in a rotating order) within each round, and the gateway/bare ratio of a metric is the
-median of its per-round ratios; the values printed are per-metric medians. Absolute
-figures are machine-bound: the ratios are the result. Printed as a table, written as
-JSON.
+within seconds (bare mitmdump's p50 moved by 30 % between blocks of a run): so latency
+and SSE samples interleave the configurations request by request (each going first in
+turn), and every configuration is measured in the same moments. Throughput, a load, is
+measured one configuration after the other. All of it is repeated in rounds, and the
+gateway/bare ratio of a metric is the median of its per-round ratios; the values
+printed are per-metric medians. Absolute figures are machine-bound: the ratios are the
+result. Printed as a table, written as JSON.
 """
 
 from __future__ import annotations
@@ -113,35 +115,63 @@ def post(client: httpx.Client, url: str, body: bytes) -> None:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
 
 
-def latency(target: Target, size_kb: int, n: int) -> dict[str, float]:
-    body, url = chat(size_kb), f"{target.url}/v1/chat/completions"
-    with target.client() as client:
-        for _ in range(max(10, n // 10)):
-            post(client, url, body)
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            post(client, url, body)
-            samples.append(time.perf_counter() - t0)
-    samples.sort()
+def _rotated(items: list[Target], i: int) -> list[Target]:
+    return items[i % len(items):] + items[: i % len(items)]
+
+
+def latency(targets: list[Target], size_kb: int, n: int) -> dict[str, dict[str, float]]:
+    """p50/p99 of `n` sequential chat POSTs of `size_kb` KB per target, in ms. The
+    targets take turns request by request (each going first in turn), so that all of
+    them are measured in the same moments of a drifting machine."""
+    body, path = chat(size_kb), "/v1/chat/completions"
+    clients = {t.name: t.client() for t in targets}
+    try:
+        for t in targets:
+            for _ in range(max(10, n // 10)):
+                post(clients[t.name], t.url + path, body)
+        samples: dict[str, list[float]] = {t.name: [] for t in targets}
+        for i in range(n):
+            for t in _rotated(targets, i):
+                t0 = time.perf_counter()
+                post(clients[t.name], t.url + path, body)
+                samples[t.name].append(time.perf_counter() - t0)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {name: _percentiles(s) for name, s in samples.items()}
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    samples = sorted(samples)
     return {"p50_ms": statistics.median(samples) * 1e3, "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1e3}
 
 
-def sse(target: Target, n: int) -> dict[str, float]:
-    body, url = chat(1, stream=True), f"{target.url}/v1/chat/completions"
-    ttft, total = [], []
-    with target.client() as client:
+def sse(targets: list[Target], n: int) -> dict[str, dict[str, float]]:
+    """Median time to the first `data:` line and to the end of a streamed chat
+    completion per target, in ms; the targets take turns stream by stream."""
+    body, path = chat(1, stream=True), "/v1/chat/completions"
+    clients = {t.name: t.client() for t in targets}
+    ttft: dict[str, list[float]] = {t.name: [] for t in targets}
+    total: dict[str, list[float]] = {t.name: [] for t in targets}
+    try:
         for i in range(n + 5):
-            t0 = time.perf_counter()
-            first = None
-            with client.stream("POST", url, content=body, headers={"Content-Type": "application/json"}) as r:
-                for line in r.iter_lines():
-                    if first is None and line.startswith("data:"):
-                        first = time.perf_counter() - t0
-            if i >= 5:  # warm-up
-                ttft.append(first or 0.0)
-                total.append(time.perf_counter() - t0)
-    return {"ttft_p50_ms": statistics.median(ttft) * 1e3, "total_p50_ms": statistics.median(total) * 1e3}
+            for t in _rotated(targets, i):
+                t0 = time.perf_counter()
+                first = None
+                with clients[t.name].stream("POST", t.url + path, content=body, headers={"Content-Type": "application/json"}) as r:
+                    for line in r.iter_lines():
+                        if first is None and line.startswith("data:"):
+                            first = time.perf_counter() - t0
+                if i >= 5:  # warm-up
+                    ttft[t.name].append(first or 0.0)
+                    total[t.name].append(time.perf_counter() - t0)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {
+        name: {"ttft_p50_ms": statistics.median(ttft[name]) * 1e3, "total_p50_ms": statistics.median(total[name]) * 1e3}
+        for name in ttft
+    }
 
 
 def throughput(target: Target, clients: int, seconds: float) -> tuple[float, float | None]:
@@ -186,21 +216,24 @@ def rss_growth(target: Target, requests: int) -> dict[str, float | None]:
     return {"rss_before_mb": before and before / 1024, "rss_after_mb": after and after / 1024, "rss_growth_pct": growth}
 
 
-def measure_round(target: Target, quick: bool) -> dict[str, float | None]:
-    """One round of every metric but RSS for one configuration (of SSE only for a
-    `sse_only` one)."""
-    if target.sse_only:
-        return sse(target, 10 if quick else 40)
+def measure_round(targets: list[Target], quick: bool) -> dict[str, dict[str, float | None]]:
+    """One round of every metric but RSS, per configuration (SSE only for a
+    `sse_only` one). Latency and SSE interleave the configurations; throughput, a
+    load, measures them one after the other in the order given."""
     n = 60 if quick else 200
-    result: dict[str, float | None] = {}
+    full = [t for t in targets if not t.sse_only]
+    result: dict[str, dict[str, float | None]] = {t.name: {} for t in targets}
     for size in SIZES_KB:
-        for key, value in latency(target, size, n).items():
-            result[f"{key} {size}KB"] = value
-    result.update(sse(target, 10 if quick else 40))
-    for clients in CONCURRENCY:
-        rate, cpu_ms = throughput(target, clients, 1.5 if quick else 4.0)
-        result[f"req/s x{clients}"] = rate
-        result[f"cpu ms/req x{clients}"] = cpu_ms
+        for name, values in latency(full, size, n).items():
+            for key, value in values.items():
+                result[name][f"{key} {size}KB"] = value
+    for name, values in sse(targets, 10 if quick else 40).items():
+        result[name].update(values)
+    for target in full:
+        for clients in CONCURRENCY:
+            rate, cpu_ms = throughput(target, clients, 1.5 if quick else 4.0)
+            result[target.name][f"req/s x{clients}"] = rate
+            result[target.name][f"cpu ms/req x{clients}"] = cpu_ms
     return result
 
 
@@ -231,12 +264,19 @@ def print_table(results: dict[str, dict[str, float | None]], ratios: dict[str, f
               + (f"{ratio:>14.2f}" if ratio is not None else f"{'':>14}"))
 
 
-def verdicts(results: dict[str, dict[str, float | None]], ratios: dict[str, float | None]) -> list[tuple[str, str, bool]]:
-    """The issue's targets: (target, measured, met)."""
-    gateway, bare, streaming = results["gateway"], results["bare"], results["bare-stream"]
-    ttft = (gateway["ttft_p50_ms"] or 0) - (streaming["ttft_p50_ms"] or 0)
-    buffered = (gateway["ttft_p50_ms"] or 0) - (bare["ttft_p50_ms"] or 0)
-    growth = gateway["rss_growth_pct"]
+def paired_difference(gateway: list[dict[str, float | None]], other: list[dict[str, float | None]], metric: str) -> float:
+    """The median over the rounds of gateway minus `other` in the same round."""
+    return statistics.median((g[metric] or 0) - (o[metric] or 0) for g, o in zip(gateway, other))
+
+
+def verdicts(
+    results: dict[str, dict[str, float | None]], ratios: dict[str, float | None], measured: dict[str, list[dict[str, float | None]]]
+) -> list[tuple[str, str, bool]]:
+    """The issue's targets: (target, measured, met). Time to first event is compared
+    like the ratios: per round, then the median."""
+    ttft = paired_difference(measured["gateway"], measured["bare-stream"], "ttft_p50_ms")
+    buffered = paired_difference(measured["gateway"], measured["bare"], "ttft_p50_ms")
+    growth = results["gateway"]["rss_growth_pct"]
     checks = [
         ("p50 8 KB <= 1.3x bare", ratios["p50_ms 8KB"], lambda r: r <= 1.3),
         ("p50 64 KB <= 1.5x bare", ratios["p50_ms 64KB"], lambda r: r <= 1.5),
@@ -290,10 +330,9 @@ def main() -> int:
             rounds = 1 if args.quick else max(1, args.rounds)
             measured: dict[str, list[dict[str, float | None]]] = {t.name: [] for t in targets}
             for i in range(rounds):
-                order = targets[i % len(targets):] + targets[: i % len(targets)]  # each goes first in turn
-                for target in order:
-                    print(f"round {i + 1}/{rounds}: measuring {target.name} ...", file=sys.stderr)
-                    measured[target.name].append(measure_round(target, args.quick))
+                print(f"round {i + 1}/{rounds} ...", file=sys.stderr)
+                for name, values in measure_round(_rotated(targets, i), args.quick).items():  # each goes first in turn
+                    measured[name].append(values)
             results = {name: median_of(r) for name, r in measured.items()}
             ratios = paired_ratios(measured["gateway"], measured["bare"])
             for target in (t for t in targets if t.name in ("bare", "gateway")):  # RSS: one long run each
@@ -313,7 +352,7 @@ def main() -> int:
             upstream.wait(10)
     print_table(results, ratios)
     print()
-    for name, measured_value, met in verdicts(results, ratios):
+    for name, measured_value, met in verdicts(results, ratios, measured):
         print(f"{'met   ' if met else 'MISSED'} {name:<32} {measured_value}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(
