@@ -148,7 +148,7 @@ _TNET: dict[type, Callable[[Any], bytes]] = {
 def tnet(value: Any) -> bytes:
     """`value` as a tnetstring, byte for byte what mitmproxy's `io.tnetstring.dumps`
     writes (a unit test compares them): the same format, dispatched on the value's
-    exact type instead of a chain of `isinstance` tests, about 3 times as fast on a
+    exact type instead of a chain of `isinstance` tests, about twice as fast on a
     flow's state. A value of another type (a subclass) goes to mitmproxy's encoder.
     Raises `ValueError` for a value tnetstrings cannot hold."""
     encode = _TNET.get(type(value))
