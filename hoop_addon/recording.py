@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from array import array
 import re
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
