@@ -86,17 +86,14 @@ class Detector:
 def luhn_valid(number: str) -> bool:
     """True when the digits of `number` (separators ignored) pass the Luhn check
     (ISO/IEC 7812-1 Annex B)."""
-    digits = [int(c) for c in number if c.isdigit()]
+    digits = [int(c) for c in number if "0" <= c <= "9"]
     if len(digits) < 13:
         return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    # from the right: digits in odd places as they are, in even places doubled (digit sum)
+    return (sum(digits[-1::-2]) + sum(_DOUBLED[d] for d in digits[-2::-2])) % 10 == 0
+
+
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # the digit sum of 2 * d
 
 
 def card_valid(number: str) -> bool:

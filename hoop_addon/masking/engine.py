@@ -495,6 +495,13 @@ def evidence_path(location: Sequence[str | int], rules: Sequence[MaskRule]) -> s
     on the way that holds a value the rules detect is shown redacted
     (`$['[REDACTED:EMAIL]']`), never as it is."""
     scanner, _ = combined(rules)
+    location = tuple(location)
+    if sum(len(step) for step in location if isinstance(step, str)) <= _MAX_CACHED_NAMES:
+        return _cached_evidence_path(location, scanner)
+    return _evidence_path(location, scanner)
+
+
+def _evidence_path(location: Location, scanner: Scanner | None) -> str:
     if scanner is None:
         return jsonpath(location)
     return jsonpath([
@@ -502,17 +509,22 @@ def evidence_path(location: Sequence[str | int], rules: Sequence[MaskRule]) -> s
     ])
 
 
+# An API's requests carry values at the same few locations, and a path costs a scan of
+# each member name plus the quoting. Paths with long member names are not cached: the
+# cache must not keep large attacker-chosen names alive.
+_cached_evidence_path = functools.lru_cache(maxsize=4096)(_evidence_path)
+_MAX_CACHED_NAMES = 256  # characters, all member names of the location together
+
+
 def jsonpath(location: Sequence[str | int]) -> str:
     """RFC 9535 normalized path of a location (§2.7), e.g. `$['messages'][0]`."""
-    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f"['{_quote(s)}']" for s in location)
+    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f"['{s.translate(_ESCAPES)}']" for s in location)
 
 
-_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "'": "\\'", "\\": "\\\\"}
-
-
-def _quote(name: str) -> str:
-    """A member name escaped as RFC 9535 §2.7 requires in normalized paths."""
-    return "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 else c) for c in name)
+# What RFC 9535 §2.7 escapes in a normalized path's member names: the named escapes,
+# other control characters as \u00XX.
+_NAMED_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "'": "\\'", "\\": "\\\\"}
+_ESCAPES = str.maketrans({**{chr(c): f"\\u{c:04x}" for c in range(0x20)}, **_NAMED_ESCAPES})
 
 
 def _mask_form(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:

@@ -263,12 +263,26 @@ class TestEvidence:
             pytest.param("it's", "$['it\\'s']", id="quote"),
             pytest.param("back\\slash", "$['back\\\\slash']", id="backslash"),
             pytest.param("new\nline", "$['new\\nline']", id="control-character"),
+            pytest.param("bell\x07", "$['bell\\u0007']", id="unnamed-control-character"),
+            pytest.param("del\x7f", "$['del\x7f']", id="del-is-not-escaped"),
         ],
     )
     def test_where_is_an_rfc9535_normalized_path(self, key: str, expected: str) -> None:
         _, records = mask_body(orjson.dumps({key: EMAIL}), "application/json", [PII], "request")
 
         assert records[0]["where"] == [expected]
+
+    @pytest.mark.parametrize("length", [10, 300], ids=["cached", "too-long-to-cache"])
+    def test_a_detected_member_name_on_the_path_is_redacted_every_time(self, length: int) -> None:
+        # evidence paths are cached per location: a cached one must be as redacted as the first
+        prefix = "x" * length + " "
+        body = orjson.dumps({prefix + EMAIL: {"note": EMAIL}})
+
+        for _ in range(2):
+            _, records = mask_body(body, "application/json", [PII], "request")
+
+            assert {w for r in records for w in r["where"]} == {
+                f"$['{prefix}[REDACTED:EMAIL]']['note']", "$ (member name)"}
 
 
 class TestRefusals:
