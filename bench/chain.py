@@ -16,8 +16,10 @@ and the proxy's RSS growth over a long run.
 Client, proxy and upstream share this machine's cores, and a shared machine drifts
 within seconds (bare mitmdump's p50 moved by 30 % between blocks of a run): so latency
 and SSE samples interleave the configurations request by request (each going first in
-turn), and every configuration is measured in the same moments. Throughput, a load, is
-measured one configuration after the other. All of it is repeated in rounds, and the
+turn), and every configuration is measured in the same moments. Throughput, a load,
+cannot share its moments: the configurations take turns in one-second slices, keeping
+their clients and connections, so each one's slices spread over the same stretch of
+time. All of it is repeated in rounds, and the
 gateway/bare ratio of a metric is the median of its per-round ratios; the values
 printed are per-metric medians. Absolute figures are machine-bound: the ratios are the
 result. Printed as a table, written as JSON.
@@ -174,25 +176,46 @@ def sse(targets: list[Target], n: int) -> dict[str, dict[str, float]]:
     }
 
 
-def throughput(target: Target, clients: int, seconds: float) -> tuple[float, float | None]:
-    """Requests per second of 8 KB chat POSTs by `clients` concurrent keep-alive
-    clients, and the proxy's CPU milliseconds per request (None for direct calls)."""
-    body, url = chat(8), f"{target.url}/v1/chat/completions"
-    stop = time.perf_counter() + seconds
-    counts = [0] * clients
+def throughput(targets: list[Target], clients: int, seconds: float, slices: int) -> dict[str, tuple[float, float | None]]:
+    """Per target: requests per second of 8 KB chat POSTs by `clients` concurrent
+    keep-alive clients, and the proxy's CPU milliseconds per request (None for direct
+    calls). A load cannot share its moments with another, so the targets take turns in
+    `slices` slices of `seconds / slices` each (each going first in turn), keeping their
+    clients and connections between slices; a target's figures sum its slices, which
+    spread over the same stretch of time as every other target's."""
+    body, path = chat(8), "/v1/chat/completions"
+    pools = {t.name: [t.client() for _ in range(clients)] for t in targets}
+    served = {t.name: 0 for t in targets}
+    elapsed = {t.name: 0.0 for t in targets}
+    cpu: dict[str, float | None] = {t.name: 0.0 if t.pid is not None else None for t in targets}
 
-    def worker(i: int) -> None:
-        with target.client() as client:
-            while time.perf_counter() < stop:
-                post(client, url, body)
-                counts[i] += 1
+    def load(target: Target, client: httpx.Client, stop: float) -> int:
+        done = 0
+        while time.perf_counter() < stop:
+            post(client, target.url + path, body)
+            done += 1
+        return done
 
-    cpu, t0 = target.cpu_seconds(), time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
-    elapsed, done = time.perf_counter() - t0, sum(counts)
-    used = target.cpu_seconds()
-    return done / elapsed, (used - cpu) / done * 1e3 if cpu is not None and used is not None else None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            for t in targets:  # every client connects (proxy tunnel, TLS) before anything is timed
+                list(pool.map(lambda c, t=t: post(c, t.url + path, body), pools[t.name]))
+            for i in range(slices):
+                for t in _rotated(targets, i):
+                    used, t0 = t.cpu_seconds(), time.perf_counter()
+                    stop = t0 + seconds / slices
+                    served[t.name] += sum(pool.map(lambda c, t=t: load(t, c, stop), pools[t.name]))
+                    elapsed[t.name] += time.perf_counter() - t0
+                    if used is not None:
+                        cpu[t.name] += t.cpu_seconds() - used  # type: ignore[operator]
+    finally:
+        for pool_clients in pools.values():
+            for client in pool_clients:
+                client.close()
+    return {
+        name: (served[name] / elapsed[name], cpu[name] / served[name] * 1e3 if cpu[name] is not None else None)
+        for name in served
+    }
 
 
 def rss_growth(target: Target, requests: int) -> dict[str, float | None]:
@@ -218,8 +241,8 @@ def rss_growth(target: Target, requests: int) -> dict[str, float | None]:
 
 def measure_round(targets: list[Target], quick: bool) -> dict[str, dict[str, float | None]]:
     """One round of every metric but RSS, per configuration (SSE only for a
-    `sse_only` one). Latency and SSE interleave the configurations; throughput, a
-    load, measures them one after the other in the order given."""
+    `sse_only` one). Latency and SSE interleave the configurations request by request;
+    throughput, a load, in slices of a second."""
     n = 60 if quick else 200
     full = [t for t in targets if not t.sse_only]
     result: dict[str, dict[str, float | None]] = {t.name: {} for t in targets}
@@ -229,11 +252,10 @@ def measure_round(targets: list[Target], quick: bool) -> dict[str, dict[str, flo
                 result[name][f"{key} {size}KB"] = value
     for name, values in sse(targets, 10 if quick else 40).items():
         result[name].update(values)
-    for target in full:
-        for clients in CONCURRENCY:
-            rate, cpu_ms = throughput(target, clients, 1.5 if quick else 4.0)
-            result[target.name][f"req/s x{clients}"] = rate
-            result[target.name][f"cpu ms/req x{clients}"] = cpu_ms
+    for clients in CONCURRENCY:
+        for name, (rate, cpu_ms) in throughput(full, clients, 1.5 if quick else 4.0, 2 if quick else 4).items():
+            result[name][f"req/s x{clients}"] = rate
+            result[name][f"cpu ms/req x{clients}"] = cpu_ms
     return result
 
 
