@@ -100,7 +100,8 @@ class Route:
 
     `hosts` and `paths` are shell-style globs (`fnmatch`, case-insensitive for hosts,
     `*` also matches `/` in paths); a host glob with a `:` is matched against
-    `host:port`. `methods` is empty for any method.
+    `host:port`. `methods` is empty for any method. `tokenizes` (derived) is whether an
+    enforcing rule of the route tokenizes: its flows then need a vault session.
     """
 
     name: str
@@ -115,11 +116,13 @@ class Route:
     allow_scopes: frozenset[str] = frozenset()
     retention: int | None = None
     _rules: dict[str, tuple[MaskRule, ...]] = field(init=False, repr=False, compare=False)
+    tokenizes: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # once per route, not up to four times per flow
+        # once per route, not on every flow
         rules = {d: tuple(r for r in self.masking if d in r.directions) for d in ("request", "response")}
         object.__setattr__(self, "_rules", rules)
+        object.__setattr__(self, "tokenizes", any(r.operator == "tokenize" and r.action == "mask" for r in self.masking))
 
     def matches(self, host: str, port: int, path: str, method: str) -> bool:
         """True when `host` (any case) and `port`, `path` (query excluded) and `method`

@@ -93,10 +93,9 @@ class Mask(Stage):
         label = client_session(flow)
         flow.request.headers.pop(SESSION_HEADER, None)
         rules = route.rules_for("request")
-        tokenizes = any(r.operator == "tokenize" and r.action == "mask" for r in route.masking)
-        if not rules and not tokenizes:
+        if not rules and not route.tokenizes:
             return
-        if tokenizes:
+        if route.tokenizes:
             subject = (hoop(flow).get("identity") or {}).get("subject", "")
             key: Hashable = ("header", subject, label) if label else (flow.client_conn.id, subject)
             self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
