@@ -5,7 +5,8 @@ Starts a local OpenAI-compatible HTTPS upstream, the gateway with the example po
 the gateway only through `HTTPS_PROXY` and `SSL_CERT_FILE`, once plain and once
 streamed; then prints what the agent got, what the upstream received, and where the
 session was recorded. It signs with the development key `make run` uses
-(`<home>/signing.key`), as both write to `recordings/`: one tree, one key to verify.
+(`<home>/signing.key`), as both write to `recordings/` (the demo's `--recordings` moves
+its part elsewhere): one tree, one key to verify.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ PROMPT = "Summarise my account. I am jane.doe@example.com, card 4242 4242 4242 4
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 when the agent's calls succeeded, else 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", default=".hoop", help="state directory (default .hoop)")
-    home = Path(parser.parse_args(argv).home).resolve()
+    parser.add_argument("--home", default=".hoop", help="state directory (default .hoop, where the example policy finds the dev issuer)")
+    parser.add_argument("--recordings", type=Path, default=ROOT / "recordings", help="recordings and audit log (default recordings/)")
+    args = parser.parse_args(argv)
+    home = Path(args.home).resolve()
     pki = home / "demo-pki"
     ca = make_ca(pki)
     cert, key = issue_server_cert(ca, ["localhost", "127.0.0.1"], pki)
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             home / "demo-gateway",
             ca.cert_path,
             env={"HOOP_LOCAL_LLM_KEY": "demo-upstream-key-held-by-the-gateway", "OPENAI_API_KEY": "unused-in-demo"},
-            recordings=ROOT / "recordings",
+            recordings=args.recordings.resolve(),
             options={"hoop_signing_key": str(ensure_signing_key(home / "signing.key"))},
         )
         gateway.start()
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = gateway.audit()[-1]
     print(f"\nlast audit line ({gateway.recordings / 'audit.jsonl'}):\n  {json.dumps(entry)}")
     print(f"\nrecording: {entry['recording']}\n  open it with: .venv/bin/mitmdump -nr {entry['recording']}")
-    print(f"  verify the tree: .venv/bin/python -m hoop_addon verify recordings --public-key {home / 'signing.pub'}")
+    print(f"  verify the tree: .venv/bin/python -m hoop_addon verify {gateway.recordings} --public-key {home / 'signing.pub'}")
     return status
 
 
