@@ -86,7 +86,7 @@ class Detector:
 def luhn_valid(number: str) -> bool:
     """True when the digits of `number` (separators ignored) pass the Luhn check
     (ISO/IEC 7812-1 Annex B)."""
-    digits = [int(c) for c in number if "0" <= c <= "9"]
+    digits = [int(c) for c in number if c.isdecimal()]  # any script's digits: a user's pattern may match them
     if len(digits) < 13:
         return False
     # from the right: digits in odd places as they are, in even places doubled (digit sum)

@@ -496,24 +496,27 @@ def evidence_path(location: Sequence[str | int], rules: Sequence[MaskRule]) -> s
     (`$['[REDACTED:EMAIL]']`), never as it is."""
     scanner, _ = combined(rules)
     location = tuple(location)
-    if sum(len(step) for step in location if isinstance(step, str)) <= _MAX_CACHED_NAMES:
-        return _cached_evidence_path(location, scanner)
-    return _evidence_path(location, scanner)
+    key = (location, scanner)
+    if (found := _PATHS.get(key)) is not None:
+        return found
+    steps, redacted = list(location), False
+    for i, step in enumerate(steps):
+        if scanner is not None and isinstance(step, str) and (spans := scanner.spans(step)):
+            steps[i], redacted = spread([step], spans)[0], True
+    path = jsonpath(steps)
+    # An API's values sit at the same few locations, and a path costs a scan of each
+    # member name plus the quoting: kept, unless a name held a detected value (the
+    # cache must not hold sensitive names) or the names are long (nor large ones).
+    if not redacted and sum(len(step) for step in location if isinstance(step, str)) <= _MAX_CACHED_NAMES:
+        if len(_PATHS) >= _MAX_PATHS:
+            _PATHS.clear()
+        _PATHS[key] = path
+    return path
 
 
-def _evidence_path(location: Location, scanner: Scanner | None) -> str:
-    if scanner is None:
-        return jsonpath(location)
-    return jsonpath([
-        spread([step], spans)[0] if isinstance(step, str) and (spans := scanner.spans(step)) else step for step in location
-    ])
-
-
-# An API's requests carry values at the same few locations, and a path costs a scan of
-# each member name plus the quoting. Paths with long member names are not cached: the
-# cache must not keep large attacker-chosen names alive.
-_cached_evidence_path = functools.lru_cache(maxsize=4096)(_evidence_path)
-_MAX_CACHED_NAMES = 256  # characters, all member names of the location together
+_PATHS: dict[tuple[Location, Scanner | None], str] = {}
+_MAX_PATHS = 4096
+_MAX_CACHED_NAMES = 256  # characters, all member names of a location together
 
 
 def jsonpath(location: Sequence[str | int]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hoop_addon.detectors import BUILTIN, Detector
+from hoop_addon.detectors import BUILTIN, Detector, luhn_valid
 from hoop_addon.masking import Scanner
 
 ALL = Scanner(tuple(BUILTIN.values()))
@@ -88,3 +88,17 @@ def test_custom_detector_with_keyword_context() -> None:
     assert [d.name for _, _, d in scanner.spans("Employee #123456 joined")] == ["employee_id"]
     assert scanner.spans("order 123456 shipped") == []
     assert scanner.spans("employee records were updated long ago; order 123456") == []  # outside the window
+
+
+@pytest.mark.parametrize(
+    ("number", "valid"),
+    [
+        pytest.param("4242 4242 4242 4242", True, id="grouped"),
+        pytest.param("4242-4242-4242-4241", False, id="wrong-check-digit"),
+        pytest.param("424242424242", False, id="too-short"),
+        # a user's pattern may match other scripts' digits (`\p{Nd}`): they count too
+        pytest.param("\uff14\uff12\uff14\uff12" * 4, True, id="full-width-digits"),
+    ],
+)
+def test_luhn(number: str, valid: bool) -> None:
+    assert luhn_valid(number) is valid

@@ -24,7 +24,7 @@ from mitmproxy.test import taddons, tflow
 from wsproto.frame_protocol import Opcode
 
 from hoop_addon.detectors import BUILTIN, Detector
-from hoop_addon.masking import MaskContext, MaskError, Scanner, Vault, mask_body
+from hoop_addon.masking import MaskContext, MaskError, Scanner, Vault, engine, mask_body
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy import PolicyError, load_policy
 from hoop_addon.policy.model import MaskRule, Route
@@ -283,6 +283,7 @@ class TestEvidence:
 
             assert {w for r in records for w in r["where"]} == {
                 f"$['{prefix}[REDACTED:EMAIL]']['note']", "$ (member name)"}
+        assert not any(EMAIL in str(key) for key in engine._PATHS)  # nor kept in the path cache
 
 
 class TestRefusals:
