@@ -17,12 +17,12 @@ Client, proxy and upstream share this machine's cores, and a shared machine drif
 within seconds (bare mitmdump's p50 moved by 30 % between blocks of a run): so latency
 and SSE samples interleave the configurations request by request (each going first in
 turn), and every configuration is measured in the same moments. Throughput, a load,
-cannot share its moments: the configurations take turns in one-second slices, keeping
-their clients and connections, so each one's slices spread over the same stretch of
-time. All of it is repeated in rounds, and the
-gateway/bare ratio of a metric is the median of its per-round ratios; the values
-printed are per-metric medians. Absolute figures are machine-bound: the ratios are the
-result. Printed as a table, written as JSON.
+cannot share its moments: the configurations take turns in slices of about a second,
+keeping their clients and connections, so each one's slices spread over the same
+stretch of time. All of it is repeated in rounds, and the gateway/bare ratio of a
+metric is the median of its per-round ratios; the values printed are per-metric
+medians. Absolute figures are machine-bound: the ratios are the result. Printed as a
+table, written as JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from hoop_addon.dev.tls import issue_server_cert, make_ca
 UPSTREAM_KEY = "sk-bench-upstream-key"
 SIZES_KB = (1, 8, 64)
 CONCURRENCY = (1, 8, 32)
+SETTLE_SECONDS = 1.5  # after a load: the gateway's checkpoint ticker runs each second
 FILLER = "The agent reviewed the quarterly report and summarised the findings for the team. "
 PII = " Contact jane.doe@example.com or card 4242 4242 4242 4242."
 
@@ -181,13 +182,15 @@ def throughput(targets: list[Target], clients: int, seconds: float, slices: int)
     keep-alive clients, and the proxy's CPU milliseconds per request (None for direct
     calls). A load cannot share its moments with another, so the targets take turns in
     `slices` slices of `seconds / slices` each (each going first in turn), keeping their
-    clients and connections between slices; a target's figures sum its slices, which
-    spread over the same stretch of time as every other target's."""
+    clients and connections between slices; a target's rate sums its slices, which
+    spread over the same stretch of time as every other target's. A proxy's CPU is
+    counted from the first slice to `SETTLE_SECONDS` after the last, not per slice: the
+    gateway signs its sessions' checkpoints a second after their flows, and that work
+    is its own whichever target's slice it falls in."""
     body, path = chat(8), "/v1/chat/completions"
-    pools = {t.name: [t.client() for _ in range(clients)] for t in targets}
+    pools: dict[str, list[httpx.Client]] = {}
     served = {t.name: 0 for t in targets}
     elapsed = {t.name: 0.0 for t in targets}
-    cpu: dict[str, float | None] = {t.name: 0.0 if t.pid is not None else None for t in targets}
 
     def load(target: Target, client: httpx.Client, stop: float) -> int:
         done = 0
@@ -197,21 +200,29 @@ def throughput(targets: list[Target], clients: int, seconds: float, slices: int)
         return done
 
     try:
+        for t in targets:
+            pools[t.name] = [t.client() for _ in range(clients)]
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
             for t in targets:  # every client connects (proxy tunnel, TLS) before anything is timed
                 list(pool.map(lambda c, t=t: post(c, t.url + path, body), pools[t.name]))
+            used = {t.name: t.cpu_seconds() for t in targets}
             for i in range(slices):
                 for t in _rotated(targets, i):
-                    used, t0 = t.cpu_seconds(), time.perf_counter()
+                    t0 = time.perf_counter()
                     stop = t0 + seconds / slices
-                    served[t.name] += sum(pool.map(lambda c, t=t: load(t, c, stop), pools[t.name]))
+                    served[t.name] += sum(pool.map(lambda c, t=t, stop=stop: load(t, c, stop), pools[t.name]))
                     elapsed[t.name] += time.perf_counter() - t0
-                    if used is not None:
-                        cpu[t.name] += t.cpu_seconds() - used  # type: ignore[operator]
+        time.sleep(SETTLE_SECONDS)
+        cpu: dict[str, float | None] = {}
+        for t in targets:
+            now, before = t.cpu_seconds(), used[t.name]
+            cpu[t.name] = now - before if now is not None and before is not None else None
     finally:
         for pool_clients in pools.values():
             for client in pool_clients:
                 client.close()
+    if not all(served.values()):
+        raise RuntimeError(f"a target completed no request in its throughput slices: {served}")
     return {
         name: (served[name] / elapsed[name], cpu[name] / served[name] * 1e3 if cpu[name] is not None else None)
         for name in served
@@ -242,7 +253,7 @@ def rss_growth(target: Target, requests: int) -> dict[str, float | None]:
 def measure_round(targets: list[Target], quick: bool) -> dict[str, dict[str, float | None]]:
     """One round of every metric but RSS, per configuration (SSE only for a
     `sse_only` one). Latency and SSE interleave the configurations request by request;
-    throughput, a load, in slices of a second."""
+    throughput, a load, in slices of about a second."""
     n = 60 if quick else 200
     full = [t for t in targets if not t.sse_only]
     result: dict[str, dict[str, float | None]] = {t.name: {} for t in targets}

@@ -21,7 +21,7 @@ def _not_a_decision(record: logging.LogRecord) -> bool:
     return record.name != DECISIONS.name
 
 
-def read(logger: logging.Logger, level: int = logging.INFO) -> bool:
+def would_log(logger: logging.Logger, level: int = logging.INFO) -> bool:
     """Whether a record of `logger` at `level` would reach a handler that keeps it.
     mitmproxy sets the root logger to DEBUG and filters by level in its handlers (the
     terminal's by `termlog_verbosity`), so `isEnabledFor` is always true, and building
@@ -107,7 +107,7 @@ class Telemetry(Stage):
             labelled(SHADOW_MATCHES, shadow["rule"], shadow["action"]).inc()
         if decision.get("stage") == "guard" and decision.get("rule") and outcome != "allow":
             labelled(BLOCKS, decision["rule"]).inc()
-        if not read(DECISIONS):
+        if not would_log(DECISIONS):
             return
         identity = record.get("identity") or {}
         DECISIONS.info(

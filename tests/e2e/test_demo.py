@@ -4,6 +4,7 @@ gateway's key, and the session it records verifies."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from hoop_addon.dev.gateway import ROOT
 
 def test_demo_runs_end_to_end_and_its_recording_verifies(tmp_path: Path) -> None:
     # The default home, as `make demo` uses it: the example policy (rules/) reads the
-    # development issuer's JWKS from there. Only the recordings go elsewhere.
+    # development issuer's JWKS from there, so this test writes its demo state (dev
+    # issuer, demo CA, signing key) into the checkout's .hoop/, as `make demo` does.
+    # Only the recordings go elsewhere.
     home, recordings = ROOT / ".hoop", tmp_path / "recordings"
     demo = subprocess.run(
         [sys.executable, "-m", "hoop_addon.dev.demo", "--recordings", str(recordings)],
@@ -33,4 +36,4 @@ def test_demo_runs_end_to_end_and_its_recording_verifies(tmp_path: Path) -> None
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "VALID" in verify.stdout
+    assert re.search(r"^VALID: ", verify.stdout, re.MULTILINE), verify.stdout

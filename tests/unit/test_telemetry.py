@@ -7,7 +7,7 @@ import logging
 import pytest
 from mitmproxy import log
 
-from hoop_addon.stages.telemetry import read
+from hoop_addon.stages.telemetry import would_log
 
 
 class Kept(logging.Handler):
@@ -29,31 +29,31 @@ def test_a_handler_that_keeps_info_reads_it(logger: logging.Logger) -> None:
     logger.parent.addHandler(Kept(logging.ERROR))  # type: ignore[union-attr]
     logger.parent.addHandler(Kept(logging.INFO))  # type: ignore[union-attr]
 
-    assert read(logger)
+    assert would_log(logger)
 
 
 def test_only_stricter_handlers_do_not_read_it(logger: logging.Logger) -> None:
     logger.parent.addHandler(Kept(logging.WARNING))  # type: ignore[union-attr]
 
-    assert not read(logger)
+    assert not would_log(logger)
 
 
 def test_mitmproxys_add_log_handler_does_not_count(logger: logging.Logger) -> None:
     # it drops decision lines; at level NOTSET it would otherwise make every line "read"
     logger.parent.addHandler(log.LegacyLogEvents(master=None))  # type: ignore[union-attr, arg-type]
 
-    assert not read(logger)
+    assert not would_log(logger)
 
 
 def test_a_logger_level_above_info_silences_it(logger: logging.Logger) -> None:
     logger.addHandler(Kept(logging.DEBUG))
     logger.setLevel(logging.WARNING)
 
-    assert not read(logger)
+    assert not would_log(logger)
 
 
 def test_handlers_past_a_non_propagating_logger_are_not_reached(logger: logging.Logger) -> None:
     logger.parent.addHandler(Kept(logging.INFO))  # type: ignore[union-attr]
     logger.propagate = False
 
-    assert not read(logger)
+    assert not would_log(logger)
