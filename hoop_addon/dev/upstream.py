@@ -70,6 +70,10 @@ class _Server(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer that speaks TLS and tracks open connections."""
 
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of new connections (every
+    # client at once after a restart) overflowed it, and the kernel dropped SYNs that
+    # clients retry only after 1, 3, 7, 15, 31 s. A real API server's backlog is large.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext, owner: FakeOpenAI) -> None:
         self.context = context
