@@ -74,7 +74,7 @@ class MaskContext:
         return found
 
     def _replacer(self, rule: MaskRule) -> Replace:
-        if rule.action == "log":
+        if rule.shadow:
             return _unchanged
         if rule.operator == "partial":
             keep = rule.keep
@@ -226,7 +226,7 @@ def combined(rules: Sequence[MaskRule]) -> tuple[Scanner | None, dict[Detector, 
     found = _COMBINED.get(key)
     if found is None or any(a is not b for a, b in zip(found[0], rules)):
         owner: dict[Detector, MaskRule] = {}
-        for rule in sorted(rules, key=lambda r: r.action == "log"):  # stable: policy order within each
+        for rule in sorted(rules, key=lambda r: r.shadow):  # stable: policy order within each
             for detector in rule.detectors:
                 owner.setdefault(detector, rule)
         if len(_COMBINED) >= _MAX_COMBINED:  # policy reloads leave old rule sets behind
@@ -258,7 +258,7 @@ class Evidence:
         `"shadow": true` for a shadow (`action: log`) rule, which masked nothing."""
         return [
             {"rule": name, "part": part, "operator": rule.operator, "count": sum(c.values()), "detectors": c, "where": w,
-             **({"shadow": True} if rule.action == "log" else {})}
+             **({"shadow": True} if rule.shadow else {})}
             for name, (rule, c, w) in self._rules.items()
         ]
 
@@ -288,7 +288,7 @@ def mask_body(
     try:
         return _mask_body(body, mime, rules, part, context)
     except MaskError:
-        enforcing = [r for r in rules if r.action != "log"]
+        enforcing = [r for r in rules if not r.shadow]
         if len(enforcing) == len(rules):
             raise
         return _mask_body(body, mime, enforcing, part, context) if enforcing else (None, [])
@@ -350,7 +350,7 @@ def mask_text(
     located = where() if callable(where) else where
     for rule, rule_counts in counts.values():
         evidence.add(rule, rule_counts, located)
-    if not (enforced := [s for s in spans if owner[s[2]].action != "log"]):
+    if not (enforced := [s for s in spans if not owner[s[2]].shadow]):
         return text  # shadow rules' matches only: counted, not replaced
     return spread([text], enforced, lambda value, detector: context.replacer(owner[detector])(value, detector))[0]
 

@@ -177,14 +177,14 @@ class EventStreamMasker:
             try:
                 event.doc = orjson.loads(value)
             except orjson.JSONDecodeError:
-                if all(r.action == "log" for r in self.rules):
+                if all(r.shadow for r in self.rules):
                     out.append(raw)
                     recorded.append(raw)
                     return
                 raise MaskError("an event's data is not valid JSON") from None
         else:
             for rule in self.rules:
-                if rule.paths and rule.action != "log":
+                if rule.paths and not rule.shadow:
                     raise MaskError(f"rule '{rule.name}' selects JSON paths but an event's data is not JSON")
             event.text = value
         changed = self._mask_event(event, out, recorded)
@@ -270,7 +270,7 @@ class EventStreamMasker:
             parts += (pending[pos:s], self.context.replacer(rule)(pending[s:e], detector))
             pos = e
             self.evidence.add(rule, {detector.name: 1}, evidence_path(location, stream.rules) if location != ("data",) else "data")
-            if rule.action != "log":  # a shadow rule's match is evidence, not a masked value
+            if not rule.shadow:  # a shadow rule's match is evidence, not a masked value
                 self.masked += 1
         parts.append(pending[pos:cut])
         stream.held = pending[cut:]

@@ -77,6 +77,11 @@ class MaskRule:
     query: bool = False
     action: Literal["mask", "log"] = "mask"
 
+    @property
+    def shadow(self) -> bool:
+        """True for a shadow-mode rule (`action: log`): it finds and counts, never masks."""
+        return self.action == "log"
+
 
 @dataclass(frozen=True, slots=True)
 class Credential:
@@ -122,7 +127,7 @@ class Route:
         # once per route, not on every flow
         rules = {d: tuple(r for r in self.masking if d in r.directions) for d in ("request", "response")}
         object.__setattr__(self, "_rules", rules)
-        object.__setattr__(self, "tokenizes", any(r.operator == "tokenize" and r.action == "mask" for r in self.masking))
+        object.__setattr__(self, "tokenizes", any(r.operator == "tokenize" and not r.shadow for r in self.masking))
 
     def matches(self, host: str, port: int, path: str, method: str) -> bool:
         """True when `host` (any case) and `port`, `path` (query excluded) and `method`

@@ -189,7 +189,7 @@ class Mask(Stage):
             content = message.content
             if not message.is_text and not _utf8(content):
                 # Binary frames often carry JSON too; what is not UTF-8 cannot be inspected.
-                if all(r.action == "log" for r in rules):
+                if all(r.shadow for r in rules):
                     return
                 raise MaskError("a binary message that is not UTF-8 cannot be inspected")
             kind = "application/json" if content.lstrip()[:1] in (b"{", b"[") else "text/plain"

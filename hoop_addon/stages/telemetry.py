@@ -40,9 +40,8 @@ def would_log(logger: logging.Logger, level: int = logging.INFO) -> bool:
 class Telemetry(Stage):
     """Counts each finished flow from its hoop record (`hoop_requests`,
     `hoop_jwt_failures`, `hoop_masked_values`, `hoop_blocks`, `hoop_shadow_matches`)
-    and logs it as one
-    `key=value` line: flow id, subject, route, outcome, stage, reason, status and the
-    number of masked values. Never a token, a credential or a body value. The line goes
+    and logs it as one `key=value` line: flow id, subject, route, outcome, stage,
+    reason, status and the number of masked values. Never a token, a credential or a body value. The line goes
     to the `hoop.decision` logger, i.e. to mitmproxy's log like any other, but not to
     mitmproxy's deprecated `add_log` event: that re-dispatch of every log record to
     every addon cost more than the rest of this stage. It is built only when a handler
