@@ -57,6 +57,15 @@ routes:
     credential:
       header: Authorization
       value: Bearer ${{HOOP_TEST_UPSTREAM_KEY}}
+  - name: remote
+    match:
+      hosts: [llm.remote.test]
+      paths: [/v1/*]
+    allow:
+      groups: [agents]
+    credential:
+      header: Authorization
+      value: Bearer ${{HOOP_TEST_UPSTREAM_KEY}}
 """
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from mitmproxy import http
+from mitmproxy.net.http.url import parse_authority
 
 from hoop_addon.stages import Stage, hoop, mark_admitted, refuse
 from hoop_addon.stages.policy import PolicyStage
@@ -15,19 +17,67 @@ from hoop_addon.stages.policy import PolicyStage
 _NEEDLESS_ESCAPE = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DdEeFf]|5[CcFf]|7[Ee])")
 
 
+_NUMERIC_LABEL = re.compile(r"0[xX][0-9A-Fa-f]*|[0-9]+")
+
+
 def canonical_path(path: str) -> bool:
     """True for a path an upstream cannot normalise into another one: it starts with
-    `/` (or is `*`), has no empty, `.` or `..` segments (RFC 3986 §5.2.4) and no
-    percent-encoded unreserved characters, slashes or backslashes."""
+    `/` (or is `*`), has no empty, `.` or `..` segments (RFC 3986 §5.2.4), also before
+    a `;parameter` (Tomcat and Jetty read `/..;/` as `/../`), no backslash (read as `/`
+    by some servers) and no percent-encoded unreserved characters, slashes or
+    backslashes."""
     if path == "*":
         return True
-    segments = path.split("/")
+    segments = [s.split(";", 1)[0] for s in path.split("/")]
     return (
         path.startswith("/")
         and not any(s in ("", ".", "..") for s in segments[1:-1])
         and segments[-1] not in (".", "..")
+        and "\\" not in path
         and not _NEEDLESS_ESCAPE.search(path)
     )
+
+
+def canonical_host(host: str) -> bool:
+    """True for a host name spelled one way only: no trailing dot, and an IP address in
+    its canonical form (`127.0.0.1`, `::1`). A name whose last label is numeric is an
+    IPv4 address to resolvers and browsers (WHATWG URL), so `127.1`, `2130706433` or
+    `0x7f.0.0.1` reach 127.0.0.1 while matching no route written for it: refused."""
+    if host.endswith("."):
+        return False
+    if ":" in host or _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        try:
+            return ipaddress.ip_address(host).compressed == host.lower()
+        except ValueError:
+            return False
+    return True
+
+
+def misdirected(request: http.Request, sni: str | None) -> str | None:
+    """Why `request` names a server other than the one the gateway will send it to
+    (`request.host`, `request.port`), or None. The `Host` header (or HTTP/2
+    `:authority`, RFC 9110 §7.2) and the TLS server name the client sent (`sni`,
+    RFC 6066 §3), which mitmproxy passes on upstream, must name that host: a shared
+    front end (a CDN) routes by them, so a request admitted for one host could
+    otherwise be served, with the route's credential, by another."""
+    host = request.host.lower()
+    names = request.headers.get_all("Host")
+    if len(names) > 1:
+        return "more than one Host header"
+    if request.is_http2 or request.is_http3:
+        names = [request.authority, *names]
+    for name in names:
+        if not name:
+            continue
+        try:
+            named, port = parse_authority(name, check=True)
+        except ValueError:
+            return "the Host header is malformed"
+        if named.lower() != host or (port is not None and port != request.port):
+            return "the Host header names another server than the request's target"
+    if sni and request.scheme == "https" and sni.lower() != host:
+        return "the TLS server name (SNI) names another server than the tunnel's target"
+    return None
 
 
 class Admit(Stage):
@@ -36,9 +86,12 @@ class Admit(Stage):
     `allow`: deny by default. Refusals are 403 with a JSON reason naming the route and
     nothing else of the policy, decided on the request headers, before any body is read
     into the chain. Admitted requests are never streamed. The host matched is the one
-    the gateway connects to, never the client-supplied `Host` header, and the path is
-    matched only in canonical form (see `canonical_path`), so the route a request is
-    judged under is the one the upstream will serve it as."""
+    the gateway connects to, and the route a request is judged under is the one the
+    upstream will serve it as: the host must be spelled canonically
+    (`canonical_host`), the `Host` header and TLS server name must name it
+    (`misdirected`: 421), and the path must be canonical (`canonical_path`); otherwise
+    400. A route holding a credential sends it over HTTPS only, or in clear to a
+    loopback address (a local model server): otherwise 403 `cleartext_credential`."""
 
     def __init__(self, policy: PolicyStage) -> None:
         self.policy = policy
@@ -49,6 +102,13 @@ class Admit(Stage):
         record = hoop(flow)
         request = flow.request
         path = request.path.split("?", 1)[0]
+        if not canonical_host(request.host):
+            refuse(flow, 400, "route", "non_canonical_host",
+                   "the request's host is not in canonical form (a trailing dot, or an IP address spelled another way)")
+            return
+        if (why := misdirected(request, flow.client_conn.sni)) is not None:
+            refuse(flow, 421, "route", "misdirected_request", why)
+            return
         if not canonical_path(path):
             refuse(flow, 400, "route", "non_canonical_path",
                    "the request path is not in canonical form (dot or empty segments, or needless percent-encoding)")
@@ -65,8 +125,23 @@ class Admit(Stage):
             record["route"] = route.name
             refuse(flow, 403, "route", "not_admitted", f"this identity is not admitted to route '{route.name}'")
             return
+        if route.credential is not None and request.scheme != "https" and not _loopback(request.host):
+            record["route"] = route.name
+            refuse(flow, 403, "route", "cleartext_credential",
+                   f"route '{route.name}' holds a credential: it is sent over HTTPS only; use https://")
+            return
         mark_admitted(flow, route)
         # A streamed request body would be sent upstream before the `request` hook runs,
         # i.e. before masking and credential injection: the chain inspects whole requests
         # (mitmproxy's body_size_limit bounds them).
         request.stream = False
+
+
+def _loopback(host: str) -> bool:
+    """True for `localhost` or a loopback IP address: cleartext to it stays on this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -39,7 +39,8 @@ class Identify(Stage):
     force changes (an issuer or key removed by a reload ends the tunnel's access). When
     the identity came from proxy credentials, an `Authorization: Bearer` holding a JWT of
     a trusted issuer is removed too: a gateway token never travels upstream. A request
-    whose target or headers are not valid UTF-8 is refused (400) before anything reads
+    whose target or headers are not valid UTF-8, or that has more than one
+    `Authorization` or `Proxy-Authorization` header, is refused (400) before anything reads
     them, so every later stage, the recording and the audit log can represent it.
     `hoop.identity.jwks_stale` is true when the issuer's JWKS could not be refreshed
     and the last good keys were used.
@@ -77,6 +78,12 @@ class Identify(Stage):
         if not _utf8(flow.request):
             _drop_tokens(flow.request)
             refuse(flow, 400, "identity", "malformed_request", "the request target or a header is not valid UTF-8")
+            return
+        if any(len(flow.request.headers.get_all(name)) > 1 for name in ("Authorization", "Proxy-Authorization")):
+            # Only one would be checked (and removed), and another forwarded: a gateway
+            # token could travel upstream behind an innocuous first header.
+            _drop_tokens(flow.request)
+            refuse(flow, 400, "identity", "malformed_request", "more than one Authorization or Proxy-Authorization header")
             return
         if (active := self.policy.active) is None:
             refuse(flow, 503, "identity", "policy_not_loaded", "the gateway has no policy loaded")

@@ -91,6 +91,11 @@ class PolicyStage(Stage):
             # the tunnel is authenticated: unauthenticated callers could make us dial out.
             ctx.options.connection_strategy = "lazy"
             logger.info("hoop: connection_strategy set to lazy: no upstream connection before admission")
+        if ctx.options.rawtcp:
+            # A tunnel whose bytes are not HTTP would be relayed as raw TCP, past every
+            # stage: unauthenticated (the token may be due inside the tunnel), unaudited.
+            ctx.options.rawtcp = False
+            logger.info("hoop: rawtcp turned off: a tunnel carries HTTP through the chain, or nothing")
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="hoop policy watcher")
 

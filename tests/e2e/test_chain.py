@@ -216,20 +216,126 @@ def test_recording_opens_with_stock_mitmdump(gateway: Gateway, upstream: FakeOpe
     assert "200 OK" in done.stdout
 
 
-def test_non_canonical_path_is_refused_before_route_matching(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
-    """`/v1/admin/../chat/completions` must not be judged as one route and served as
-    another: refused with 400, the upstream receives nothing."""
+def raw_exchange(gateway: Gateway, request: bytes, connect: str | None = None, token: str | None = None,
+                 server_hostname: str | None = None) -> bytes:
+    """What the gateway answers to `request`, sent as bytes: through a `CONNECT connect`
+    tunnel (TLS with `server_hostname` as SNI, when given) or as plain-HTTP proxying,
+    with `token` as the proxy password."""
     import socket
     import ssl
 
-    token = base64.b64encode(f"agent:{idp.mint(groups=['admins'])}".encode())
+    auth = b"Proxy-Authorization: Basic %s\r\n" % base64.b64encode(f"agent:{token}".encode()) if token else b""
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
-        raw.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nHost: localhost\r\nProxy-Authorization: Basic %s\r\n\r\n" % (upstream.port, token))
-        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
-        with ssl.create_default_context(cafile=str(gateway.ca_cert)).wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET /v1/admin/../chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            reply = b""
-            while chunk := tls.recv(65536):
+        conn: socket.socket = raw
+        if connect is not None:
+            raw.sendall(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (connect.encode(), connect.encode(), auth))
+            assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+            if server_hostname is not None:
+                conn = ssl.create_default_context(cafile=str(gateway.ca_cert)).wrap_socket(raw, server_hostname=server_hostname)
+        else:
+            request = request.replace(b"\r\n", b"\r\n" + auth, 1)
+        conn.sendall(request)
+        reply = b""
+        try:
+            while chunk := conn.recv(65536):
                 reply += chunk
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    return reply
+
+
+def test_non_canonical_path_is_refused_before_route_matching(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """`/v1/admin/../chat/completions` must not be judged as one route and served as
+    another: refused with 400, the upstream receives nothing."""
+    reply = raw_exchange(
+        gateway, b"GET /v1/admin/../chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        connect=f"localhost:{upstream.port}", token=idp.mint(groups=["admins"]), server_hostname="localhost",
+    )
     assert reply.startswith(b"HTTP/1.1 400") and b'"non_canonical_path"' in reply, reply[:300]
     assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    ("connect", "sni", "host"),
+    [("127.0.0.1", "tenant-b.example", "127.0.0.1:{port}"), ("localhost", "localhost", "tenant-b.example")],
+    ids=["sni", "host-header"],
+)
+def test_a_request_naming_another_server_gets_no_credential(
+    gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, connect: str, sni: str, host: str
+) -> None:
+    """A tunnel to an admitted host whose TLS server name or Host header names another
+    server (a tenant of the same CDN): mitmproxy would pass both on, and the front end
+    would route the request, credential and all, to that server. Refused with 421."""
+    reply = raw_exchange(
+        gateway,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        % host.format(port=upstream.port).encode(),
+        connect=f"{connect}:{upstream.port}", token=idp.mint(groups=["agents"]), server_hostname=sni,
+    )
+    assert reply.startswith(b"HTTP/1.1 421") and b'"misdirected_request"' in reply, reply[:300]
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "reason"),
+    [
+        ("http://127.1:{port}/v1/chat/completions", 400, "non_canonical_host"),
+        ("http://2130706433:{port}/v1/chat/completions", 400, "non_canonical_host"),
+        ("http://llm.remote.test/v1/chat/completions", 403, "cleartext_credential"),
+    ],
+    ids=["short-ipv4", "integer-ipv4", "cleartext-credential"],
+)
+def test_plain_http_targets_refused_before_any_connection(
+    gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, target: str, status: int, reason: str
+) -> None:
+    """Another spelling of 127.0.0.1 matches no route written for it (a wildcard route
+    would admit it), and a credential is never sent in clear beyond this machine."""
+    url = target.format(port=upstream.port).encode()
+    host = url.split(b"/")[2]
+    reply = raw_exchange(
+        gateway, b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % (url, host),
+        token=idp.mint(groups=["agents"]),
+    )
+    assert reply.startswith(b"HTTP/1.1 %d" % status) and f'"{reason}"'.encode() in reply, reply[:300]
+    assert upstream.received == []
+
+
+def test_a_second_authorization_header_is_refused(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """Only one Authorization header would be checked and removed: a gateway token in a
+    second one would travel upstream."""
+    token = idp.mint(groups=["agents"])
+    reply = raw_exchange(
+        gateway,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:%d\r\nAuthorization: Basic eDp5\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % (upstream.port, token.encode()),
+        connect=f"localhost:{upstream.port}", token=token, server_hostname="localhost",
+    )
+    assert reply.startswith(b"HTTP/1.1 400") and b'"malformed_request"' in reply, reply[:300]
+    assert upstream.received == []
+
+
+def test_a_tunnel_carrying_no_http_reaches_nothing(gateway: Gateway, idp: LocalIdP) -> None:
+    """A CONNECT without credentials is let through when tokens may come inside the
+    tunnel; bytes that are not HTTP must not then be relayed as raw TCP, unauthenticated
+    and unaudited (mitmproxy's `rawtcp`, which the gateway turns off)."""
+    import socket
+    import threading
+
+    accepted: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as echo:
+        echo.settimeout(3)
+
+        def serve() -> None:
+            try:
+                conn, _ = echo.accept()
+            except OSError:
+                return
+            with conn:
+                accepted.append(conn.recv(65536))
+                conn.sendall(accepted[-1])
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        reply = raw_exchange(gateway, b"\x00\x01binary, not HTTP\r\n\r\n", connect=f"127.0.0.1:{echo.getsockname()[1]}")
+        server.join(5)
+    assert accepted == [] and reply.startswith(b"HTTP/1.1 400"), (accepted, reply[:300])  # mitmproxy: not HTTP
