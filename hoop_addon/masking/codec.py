@@ -31,7 +31,9 @@ class Decoder:
     (`identity` or empty for none; gzip, x-gzip, deflate, br or zstd, else `MaskError`); `limit`
     is the most decoded bytes accepted (`MaskError` past it: a decompression bomb).
     `feed(chunk)` returns the decoded bytes so far; `feed(b"")` ends the body and
-    raises `MaskError` if it was truncated or corrupt."""
+    raises `MaskError` if it was truncated or corrupt. Data after the end of the
+    compressed stream (a second gzip member, zstd frame or brotli stream) raises
+    `MaskError`: only a body decoded whole is inspected."""
 
     def __init__(self, encoding: str, limit: int) -> None:
         self.encoding = encoding.strip().lower()
@@ -78,6 +80,8 @@ class Decoder:
         data = chunk
         while True:
             parts.append(self._grow(self._z.decompress(data, _STEP)))
+            if self._z.unused_data:
+                raise _trailing(self.encoding)
             data = self._z.unconsumed_tail
             if not data:
                 break
@@ -96,6 +100,8 @@ class Decoder:
         return b"".join(parts)
 
     def _zstd(self, chunk: bytes) -> bytes:
+        if chunk and self._zs.eof:
+            raise _trailing("zstd")
         parts = []
         data = chunk
         while not self._zs.eof:
@@ -103,9 +109,17 @@ class Decoder:
             data = b""
             if self._zs.needs_input:
                 break
+        if self._zs.unused_data:
+            raise _trailing("zstd")
         if not chunk and not self._zs.eof:
             raise MaskError("zstd body is truncated")
         return b"".join(parts)
+
+
+def _trailing(encoding: str) -> MaskError:
+    # A second gzip member or zstd frame: recipients differ on whether they read it
+    # (Python's gzip and mitmproxy do), so what was inspected might not be what is read.
+    return MaskError(f"{encoding} body has data after its end (a second member or frame) and cannot be inspected")
 
 
 def decode(body: bytes, encoding: str, limit: int) -> bytes:

@@ -550,6 +550,18 @@ class TestShapes:
 
         assert b"".join(decoder.feed(data[i : i + 5]) for i in range(0, len(data), 5)) + decoder.feed(b"") == body
 
+    @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+    @pytest.mark.parametrize("chunk", [5, 10**6], ids=["chunked", "whole"])
+    def test_data_after_the_end_of_the_stream_is_refused(self, encoding: str, chunk: int) -> None:
+        """A second gzip member (or zstd frame) is read by Python's gzip and by
+        mitmproxy: a decoder stopping at the first would leave it uninspected."""
+        data = encoding_module.encode(b"hello ", encoding) + encoding_module.encode(f"mail {EMAIL}".encode(), encoding)
+        decoder = Decoder(encoding, 10**6)
+        with pytest.raises(MaskError):
+            for i in range(0, len(data), chunk):
+                decoder.feed(data[i : i + chunk])
+            decoder.feed(b"")
+
 
 # --- SSE through the Mask stage's real stream callable ----------------------------------
 
