@@ -41,6 +41,7 @@ MAX_DEPTH = 128
 """Deepest JSON nesting inspected; deeper documents are refused."""
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"})
 FORM_TYPE = "application/x-www-form-urlencoded"
+_BOM = b"\xef\xbb\xbf"
 
 Replace = Callable[[str, Detector], str]
 _OPTIONS = re2.Options()
@@ -274,9 +275,16 @@ def mask_body(
 
     `content_type` is the raw header value; `part` is "request" or "response" (for the
     evidence); `context` carries the `hash` secret and `tokenize` session. Returns (the
-    new body, or None when nothing changed; the evidence records). Raises `MaskError`
-    when an enforcing rule cannot inspect the body: not UTF-8, not JSON although a rule
-    selects JSONPath (unless every such rule says `on_invalid_json: text`), nested
+    body to forward, or None to forward `body` as it is; the evidence records).
+
+    How the body is read: `text/event-stream` responses event by event; NDJSON line by
+    line; JSON when declared so, when a rule selects JSONPath, or when the body looks
+    like JSON (`{` or `[` first) and parses, whatever its declared type; forms as
+    fields; anything else as UTF-8 text. Under an enforcing rule, a JSON document is
+    forwarded as inspected, re-encoded, never as the raw bytes (parsers differ on
+    duplicate member names). Raises `MaskError` when an enforcing rule cannot inspect the body: not
+    UTF-8 or holding NUL characters (UTF-16, binary), not JSON although declared JSON
+    or a rule selects JSONPath (unless every rule says `on_invalid_json: text`), nested
     deeper than `MAX_DEPTH`. Shadow rules (`action: log`) do not decide what passes:
     when one of them cannot inspect the body, the body is masked without them.
     """
@@ -299,27 +307,33 @@ def _mask_body(
 ) -> tuple[bytes | None, list[dict[str, Any]]]:
     """`mask_body` for one media type (`mime`, lower case) and non-empty `rules`."""
     evidence = Evidence()
-    if mime == "text/event-stream":
+    if mime == "text/event-stream" and part == "response":  # a request is not a stream of events
         from hoop_addon.masking.sse import EventStreamMasker  # sse builds on this module
 
         masker = EventStreamMasker(rules, context, evidence)
         new = masker.feed(body, final=True)
         # Only the pieces moved between events when nothing was masked: keep the original.
         return (new if masker.masked or masker.restored else None), evidence.records(part)
-    if mime == FORM_TYPE:
-        new = _mask_form(_text(body), rules, context, evidence)
-    elif mime in NDJSON_TYPES:
+    declared_json = mime == "application/json" or mime.endswith("+json") or (mime != FORM_TYPE and any(r.paths for r in rules))
+    if mime in NDJSON_TYPES:
         new = _mask_ndjson(body, rules, context, evidence)
-    elif mime == "application/json" or mime.endswith("+json") or any(r.paths for r in rules):
+    elif mime == FORM_TYPE and not _json_shaped(body):
+        new = _mask_form(_text(body), rules, context, evidence)
+    elif declared_json or _json_shaped(body):
+        # JSON whatever the declared type: read as text, an escaped `\u0040` would hide an
+        # `@` from a recipient that parses it. A UTF-8 BOM is skipped, as Python's json does.
         try:
-            doc = orjson.loads(body)
+            doc = orjson.loads(body[3:] if body.startswith(_BOM) else body)
         except orjson.JSONDecodeError as exc:
-            if not all(r.on_invalid_json == "text" for r in rules):
+            if declared_json and not all(r.on_invalid_json == "text" for r in rules):
                 raise MaskError(f"body is not valid JSON ({exc.args[0].split(':')[0]})") from None
-            new = _mask_plain(body, rules, context, evidence, part)
+            new = _mask_form(_text(body), rules, context, evidence) if mime == FORM_TYPE else _mask_plain(body, rules, context, evidence, part)
         else:
-            doc, changed = mask_json(doc, rules, evidence, context)
-            new = orjson.dumps(doc) if changed else None
+            doc, _ = mask_json(doc, rules, evidence, context)
+            # The document as inspected, re-encoded, whenever a rule enforces: of duplicate
+            # member names orjson keeps the last and other parsers the first, so the raw
+            # body could carry a value that was never inspected. (Shadow rules change nothing.)
+            new = orjson.dumps(doc) if not all(r.shadow for r in rules) else None
     else:
         new = _mask_plain(body, rules, context, evidence, part)
     return new, evidence.records(part)
@@ -382,9 +396,10 @@ def mask_json(
         value = parent[key]
         if isinstance(value, str) and (inner := _json_in_string(value)) is not None:
             relocated = _Relocated(evidence, evidence_path(location, covering))
-            new_inner, inner_changed = mask_json(inner, [_whole(r) for r in covering], relocated, context)
-            if inner_changed:
-                parent[key] = orjson.dumps(new_inner).decode()
+            new_inner, _ = mask_json(inner, [_whole(r) for r in covering], relocated, context)
+            # As inspected, like a body (see `_mask_body`): duplicate member names go.
+            if (inspected := orjson.dumps(new_inner).decode()) != value:
+                parent[key] = inspected
                 changed = True
             continue
         text = value if isinstance(value, str) else str(value)
@@ -540,10 +555,9 @@ def _mask_form(text: str, rules: Sequence[MaskRule], context: MaskContext, evide
     return urlencode([(k, v) for k, values in doc.items() for v in values]).encode() if changed else None
 
 
-def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:
+def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes:
     """Newline-delimited JSON: each non-empty line is a document."""
     lines = body.split(b"\n")
-    changed = False
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -551,15 +565,23 @@ def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, e
             doc = orjson.loads(line)
         except orjson.JSONDecodeError:
             raise MaskError(f"NDJSON line {i + 1} is not valid JSON") from None
-        doc, line_changed = mask_json(doc, rules, evidence, context)
-        if line_changed:
-            lines[i] = orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")
-            changed = True
-    return b"\n".join(lines) if changed else None
+        doc, _ = mask_json(doc, rules, evidence, context)
+        lines[i] = orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")  # as inspected (see `_mask_body`)
+    return b"\n".join(lines)
+
+
+def _json_shaped(body: bytes) -> bool:
+    """Whether `body` starts like a JSON object or array (after whitespace or a BOM)."""
+    return body.lstrip(b" \t\r\n")[:1] in (b"{", b"[") or body.startswith(_BOM)
 
 
 def _text(body: bytes) -> str:
+    """`body` as UTF-8 text. Raises `MaskError` if it is not UTF-8, or holds a NUL: valid
+    UTF-8, but the mark of UTF-16 or binary data, which no detector would match."""
     try:
-        return body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise MaskError("body is not UTF-8 text") from None
+    if "\x00" in text:
+        raise MaskError("body holds NUL characters (UTF-16 or binary) and cannot be inspected as text")
+    return text
