@@ -122,10 +122,13 @@ class Mask(Stage):
         except MaskError:
             response.stream = False  # `response` refuses it
             return
+        context = MaskContext(self.secret, session)
         masker = EventStreamMasker(
-            rules, MaskContext(self.secret, session), Evidence(), restore=session,
-            record=bool(session) and ctx.options.store_streamed_bodies,
+            rules, context, Evidence(), restore=session, record=bool(session) and ctx.options.store_streamed_bodies,
         )
+        # A streamed response's headers go now, before `response` would see them (if this
+        # raises, the stage guard kills the flow: nothing reaches the client).
+        _mask_named(response.headers, "headers", rules, context, masker.evidence)
         response.headers.pop("Content-Encoding", None)
         if response.headers.pop("Content-Length", None) is not None and flow.request.http_version == "HTTP/1.1":
             response.headers["Transfer-Encoding"] = "chunked"  # the masked length is not known yet

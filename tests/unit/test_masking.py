@@ -685,6 +685,22 @@ def client_text(out: bytes) -> str:
 EXPECTED = "Sure. Write to [REDACTED:EMAIL] or pay with [REDACTED:CARD]; ref [REDACTED:SSN] ok."
 
 
+def test_a_streamed_responses_headers_are_masked_before_they_go() -> None:
+    """A streamed response's headers reach the client before the `response` hook."""
+    named = dataclasses.replace(COMPLETIONS, name="user-header", headers=("x-user-email",))
+    mask = Mask()
+    with taddons.context(mask):
+        flow = tflow.tflow()
+        mark_admitted(flow, Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (named,)))
+        hoop(flow)["forwarded"] = True
+        flow.response = tflow.tresp()
+        flow.response.headers = Headers(content_type="text/event-stream", x_user_email=EMAIL)
+        mask.responseheaders(flow)
+        assert callable(flow.response.stream) and flow.response.headers["x-user-email"] == "[REDACTED:EMAIL]"
+        mask.response(flow)
+    assert [(m["rule"], m["where"]) for m in hoop(flow)["masked"]] == [("user-header", ["header:x-user-email"])]
+
+
 @pytest.mark.parametrize("encoding", ["", "gzip"])
 def test_sse_split_at_every_byte_boundary_through_the_stream_callable(encoding: str) -> None:
     body = b"".join(sse_events(REPLY))
