@@ -8,9 +8,11 @@ event, and for each "streamed" location (a rule's JSONPath selection, or one of 
 known delta fields) keeps only the tail of the text that could still be the beginning
 of a value: the trailing run of characters that can occur inside one (for digit
 groups, the whole group run; for a PEM key, from its BEGIN line). Everything before it
-is masked and sent at once; the tail goes out, masked, with the next piece. If the
-next event has no piece there, the tail is sent first in an extra event built from the
-last one that had it. So time to first token is not held back by a window, and
+is masked and sent at once; the tail goes out, masked, with the next piece. Events that
+carry no text (pings, usage or role-only chunks) pass while the tail stays held; if an
+event carries text elsewhere, or ends the text (`finish_reason`, `content_block_stop`,
+...), or the stream ends, the tail is sent first in an extra event built from the last
+one that had it. So time to first token is not held back by a window, and
 nothing is buffered beyond the current word.
 
 Tokens of the `tokenize` operator (`<EMAIL_1>`) in the stream are restored for the
@@ -51,13 +53,16 @@ _PEM = "-----BEGIN "
 def is_delta(location: Location) -> bool:
     """True for the text fields LLM APIs stream in pieces: OpenAI chat
     `choices[i].delta.content` / `.refusal` / `.tool_calls[j].function.arguments`,
-    OpenAI Responses `delta`, Anthropic `delta.text` / `delta.partial_json` /
-    `delta.thinking`."""
+    OpenAI completions `choices[i].text`, OpenAI Responses `delta`, Anthropic
+    `delta.text` / `delta.partial_json` / `delta.thinking`, Gemini
+    `candidates[i].content.parts[j].text`."""
     n = len(location)
     return (
         location == ("delta",)
         or (n == 2 and location[0] == "delta" and location[1] in ("text", "partial_json", "thinking"))
+        or (n == 3 and location[0] == "choices" and location[2] == "text")
         or (n == 4 and location[0] == "choices" and location[2] == "delta" and location[3] in ("content", "refusal"))
+        or (n == 6 and location[0] == "candidates" and location[2:4] == ("content", "parts") and location[5] == "text")
         or (
             n == 7
             and location[0] == "choices"
@@ -130,13 +135,18 @@ class EventStreamMasker:
         self.masked = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._buffer = ""
+        self._started = False
         self._streams: dict[Location, _Stream] = {}
 
     def feed(self, chunk: bytes, final: bool = False) -> bytes:
         try:
-            self._buffer += self._decoder.decode(chunk, final)
+            text = self._decoder.decode(chunk, final)
         except UnicodeDecodeError:
             raise MaskError("body is not UTF-8 text") from None
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")  # WHATWG: clients ignore it, so must the masker's line parser
+        self._buffer += text
         out: list[str] = []
         recorded: list[str] = []
         pos = 0
@@ -228,8 +238,11 @@ class EventStreamMasker:
                     if location not in parents and is_delta(location):
                         event.streamed[location] = []
                         parents[location] = (parent, key)
-        # Tails held at locations this event does not continue go out first.
-        self._flush(set(event.streamed), out, recorded)
+        # Tails held at locations this event does not continue go out first, if it carries
+        # text elsewhere or ends the text; across a ping, a usage or role-only chunk they
+        # stay held: the value they may begin can continue in the next piece.
+        if event.streamed or _ends_text(box[0]):
+            self._flush(set(event.streamed), out, recorded)
         for location, rules in event.streamed.items():
             parent, key = parents[location]
             piece = parent[key]
@@ -333,6 +346,25 @@ class EventStreamMasker:
 
 
 _ALL = MaskRule("(restore)", frozenset({"response"}), (), ())
+
+
+_END_TYPES = frozenset({"content_block_stop", "message_delta", "message_stop", "response.completed"})
+
+
+def _ends_text(doc: Any) -> bool:
+    """Whether an event ends the streamed text: a `finish_reason` (OpenAI) or
+    `finishReason` (Gemini) in a choice or candidate, or an end event type (Anthropic's
+    `content_block_stop`, `message_delta`, `message_stop`; OpenAI Responses' `*.done`,
+    `response.completed`)."""
+    if not isinstance(doc, dict):
+        return False
+    kind = doc.get("type")
+    if isinstance(kind, str) and (kind in _END_TYPES or kind.endswith(".done")):
+        return True
+    for key, finish in (("choices", "finish_reason"), ("candidates", "finishReason")):
+        if isinstance(items := doc.get(key), list) and any(isinstance(i, dict) and i.get(finish) for i in items):
+            return True
+    return False
 
 
 def _field(line: str) -> str:

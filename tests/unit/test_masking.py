@@ -375,6 +375,51 @@ class TestEventStream:
             assert streamed_text(out) == "contact [REDACTED:EMAIL] now", f"split at {cut}"
             assert out.endswith(b"\n\ndata: [DONE]\n\n"), f"split at {cut}"
 
+    @pytest.mark.parametrize(
+        ("events", "rules"),
+        [
+            pytest.param(
+                ['{"choices":[{"index":0,"delta":{"content":"card 4111 1111 "}}]}', '{"choices":[]}',
+                 '{"choices":[{"index":0,"delta":{}}]}', '{"choices":[{"index":0,"delta":{"content":"1111 1111 ok"}}]}',
+                 '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'],
+                [rule(DELTA)], id="openai-empty-chunks",
+            ),
+            pytest.param(
+                ['{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"mail jane.doe"}}',
+                 '{"type": "ping"}', '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"@example.com ok"}}',
+                 '{"type":"content_block_stop","index":0}'],
+                [PII], id="anthropic-ping",
+            ),
+            pytest.param(
+                ['{"choices":[{"index":0,"text":"mail jane.doe"}]}', '{"choices":[]}', '{"choices":[{"index":0,"text":"@example.com ok"}]}'],
+                [PII], id="completions-text",
+            ),
+            pytest.param(
+                ['{"candidates":[{"content":{"parts":[{"text":"card 4111 1111 "}]}}]}',
+                 '{"candidates":[{"content":{"parts":[{"text":"1111 1111 ok"}]},"finishReason":"STOP"}]}'],
+                [PII], id="gemini-parts",
+            ),
+        ],
+    )
+    def test_a_value_split_around_an_event_without_text_is_masked(self, events: list[str], rules: list[MaskRule]) -> None:
+        """Pings, usage and role-only chunks pass while the tail stays held; it goes out
+        before the event that ends the text, or at the end."""
+        body = "".join(f"data: {e}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+
+        out = masked(body, "text/event-stream", rules)
+
+        assert not [s for s in (CARD, "4111 1111", EMAIL, "@example.com") if s.encode() in out], out
+        assert b"[REDACTED:" in out and b"ok" in out and out.endswith(b"data: [DONE]\n\n")
+
+    def test_a_tail_goes_out_before_the_event_that_ends_the_text(self) -> None:
+        body = stream(["mail jane.doe@example.com and more"]).replace(b"data: [DONE]", b'data: {"type":"message_stop"}')
+        out = masked(body, "text/event-stream", [rule(DELTA)])
+        assert out.index(b"more") < out.index(b"message_stop")
+
+    def test_a_byte_order_mark_does_not_hide_the_first_event(self) -> None:
+        out = masked(b"\xef\xbb\xbf" + stream([f"mail {EMAIL}"]), "text/event-stream", [rule(DELTA)])
+        assert EMAIL.encode() not in out and b"[REDACTED:EMAIL]" in out
+
     def test_value_spread_over_many_events_is_masked_once(self) -> None:
         pieces = [SPLIT_TEXT[i : i + 3] for i in range(0, len(SPLIT_TEXT), 3)]
 
