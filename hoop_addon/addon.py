@@ -26,5 +26,5 @@ mask = Mask()  # Restore, last, puts tokenized values back after recording and a
 
 addons = [
     policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, Approve(policy, control, audit),
-    InjectCredential(), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
+    InjectCredential(mask), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
 ]

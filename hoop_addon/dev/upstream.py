@@ -5,6 +5,9 @@ Endpoints:
 * ``POST /v1/chat/completions``: echoes the last message back, with planted
   PII (an e-mail address and a card number) so response masking can be
   tested; ``"stream": true`` gives server-sent events over chunked encoding.
+  A last message of ``whoami`` is answered with the request's Authorization
+  header, in the reply and in an ``X-Echo-Authorization`` header, as a debug
+  endpoint or a careless error message would.
 * ``POST /v1/echo``: returns the request body with the same Content-Type.
 * ``GET /healthz``: ``ok``.
 * anything else: 404 with an OpenAI-style JSON error.
@@ -163,10 +166,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _BadRequest("invalid Content-Length")
         return self.rfile.read(length)
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(self, status: int, body: bytes, content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
         """Send a complete response with an exact Content-Length."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -184,7 +189,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         )
         route = (self.command, urlsplit(self.path).path)
         if route == ("POST", "/v1/chat/completions"):
-            self._chat(body)
+            self._chat(body, self.headers.get("Authorization", ""))
         elif route == ("POST", "/v1/echo"):
             self._send(200, body, self.headers.get("Content-Type", "application/octet-stream"))
         elif route == ("GET", "/healthz"):
@@ -194,7 +199,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
-    def _chat(self, body: bytes) -> None:
+    def _chat(self, body: bytes, authorization: str) -> None:
         """Answer a chat completion request, streamed or not."""
         try:
             request = orjson.loads(body)
@@ -213,6 +218,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             f"Echo: {content}. Reach support at help@upstream.example "
             "or card 4111 1111 1111 1111."
         )
+        echo = content == "whoami"
+        if echo:
+            reply = f"You sent Authorization: {authorization} ."
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -239,7 +247,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        self._send(200, orjson.dumps(completion))
+        self._send(200, orjson.dumps(completion), headers={"X-Echo-Authorization": authorization} if echo else None)
 
     def _stream(self, meta: dict[str, Any], reply: str) -> None:
         """Send ``reply`` as SSE ``chat.completion.chunk`` events, one HTTP chunk each."""

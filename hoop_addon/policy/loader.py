@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -446,27 +446,31 @@ def _credential(m: _Map, resolve_env: bool) -> Credential:
     if len(kinds) != 1:
         raise m.loc.error(m.mapping, f"name exactly one of: {', '.join(CREDENTIAL_KINDS)}")
     kind = kinds[0]
+    resolved: list[str] = []  # the secrets' values, which a response must never carry back
     if kind == "bearer":
-        credential = Credential("Authorization", "Bearer " + _secret(m, "bearer", resolve_env))
+        credential = Credential("Authorization", "Bearer " + _secret(m, "bearer", resolve_env, resolved))
     elif kind == "basic":
         basic = m.sub("basic")
-        username, password = basic.text("username"), _secret(basic, "password", resolve_env)
+        username, password = basic.text("username"), _secret(basic, "password", resolve_env, resolved)
         if ":" in username:
             raise basic.loc.at("username").error(basic.node("username"), "must not contain ':' (RFC 7617)")
         basic.finish()
         pair = f"{username}:{password}"
         credential = Credential("Authorization", "Basic " + (base64.b64encode(pair.encode()).decode() if resolve_env else pair))
+        if resolve_env:
+            resolved.append(credential.value.removeprefix("Basic "))
     elif kind == "query":
-        credential = Credential("Authorization", _secret(m, "value", resolve_env), param=m.text("query"))
+        credential = Credential("Authorization", _secret(m, "value", resolve_env, resolved), param=m.text("query"))
     else:
-        credential = Credential(m.text("header"), _secret(m, "value", resolve_env))
+        credential = Credential(m.text("header"), _secret(m, "value", resolve_env, resolved))
     m.finish()
-    return credential
+    return replace(credential, secrets=tuple(resolved))
 
 
-def _secret(m: _Map, key: str, resolve: bool) -> str:
+def _secret(m: _Map, key: str, resolve: bool, resolved: list[str] | None = None) -> str:
     """The text at `key` with its secret references resolved (left as written when not
-    `resolve`). Errors name the variable or file, never a secret's value."""
+    `resolve`); each resolved value is appended to `resolved`. Errors name the variable
+    or file, never a secret's value."""
     template, node, loc = m.text(key), m.node(key), m.loc.at(key)
     if not _SECRET_REF.search(template):
         raise loc.error(node, "write secrets as ${ENV_VAR} references, never literally (or as ${file:PATH})")
@@ -490,6 +494,8 @@ def _secret(m: _Map, key: str, resolve: bool) -> str:
         # Control characters (CR/LF) in a header or URL would let a secret inject requests.
         if not found or any(ord(c) < 0x20 or c == "\x7f" for c in found):
             raise loc.error(node, f"{where} must hold one line of text (at most {MAX_SECRET_FILE_BYTES} bytes)")
+        if resolved is not None:
+            resolved.append(found)
         return found
 
     return _SECRET_REF.sub(value, template) if resolve else template

@@ -92,11 +92,14 @@ class Credential:
     value is always removed. Without `param`, `header` is then set to `value` (a raw
     header value such as `Bearer sk-...` or `Basic dXNlcjpwdw==`); with `param`, the
     query parameter `param` is set to `value` instead (the agent's own one replaced).
+    `secrets` are the values its `${...}` references resolved to (and, for `basic`, the
+    encoded pair): what a response must not carry back to the agent.
     """
 
     header: str
     value: str = field(repr=False)
     param: str | None = None
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)

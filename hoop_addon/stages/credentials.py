@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mitmproxy import http
 
+from hoop_addon.masking import MaskError
+from hoop_addon.masking.codec import decode
+from hoop_addon.masking.literal import StreamScrubber, forms, scrub
 from hoop_addon.recording import SCRUBBED
-from hoop_addon.stages import Stage, allowed, hoop, route_of
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
+from hoop_addon.stages.mask import Mask
 
 
 class InjectCredential(Stage):
@@ -17,7 +23,16 @@ class InjectCredential(Stage):
     replaced by `[SCRUBBED]` in the flow itself, so that nothing later (recording,
     audit, mitmdump's own output, addons, metrics) can see it. Only where it was put
     is recorded in metadata (`hoop.credential`: the header name, or `query:NAME`).
+
+    An upstream may echo the credential back (a debug endpoint, an error message): the
+    credential's secrets are replaced by `[SCRUBBED]` in the response's headers and
+    body, decoded (buffered, or as it streams), before the client, the recording or
+    the audit see it; `hoop.credential_echoed` counts them. A body that cannot be
+    decoded to check is withheld (502).
     """
+
+    def __init__(self, mask: Mask) -> None:
+        self.mask = mask  # its `max_body` bounds decoding
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not allowed(flow):
@@ -36,6 +51,41 @@ class InjectCredential(Stage):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._withdraw(flow)
+        if (secret_forms := self._echo_forms(flow)) is None or flow.response is None:
+            return
+        response = flow.response
+        scrubbed = [(name, scrub(value, secret_forms)) for name, value in response.headers.fields]
+        if count := sum(n for _, (_, n) in scrubbed):
+            response.headers.fields = tuple((name, value) for name, (value, _) in scrubbed)
+            self._echoed(flow, count)
+        if callable(inner := response.stream):  # masked as it streams (Mask set it first)
+            scrubber = StreamScrubber(route_of(flow).credential.secrets)  # type: ignore[union-attr]
+
+            def stream(chunk: bytes) -> list[bytes]:
+                out = inner(chunk)
+                data = scrubber.feed(out if isinstance(out, bytes) else b"".join(out), final=not chunk)
+                if scrubber.count:
+                    self._echoed(flow, scrubber.count)
+                    scrubber.count = 0
+                return [data] if data else []
+
+            response.stream = stream
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if (secret_forms := self._echo_forms(flow)) is None or (response := flow.response) is None or response.stream:
+            return
+        if not response.raw_content:
+            return
+        try:
+            body = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body)
+        except MaskError as exc:
+            refuse(flow, 502, "credential", "unmaskable_response",
+                   f"upstream response withheld: it could not be checked for the gateway's credential: {exc}")
+            return
+        body, count = scrub(body, secret_forms)
+        if count:
+            response.content = body  # re-encoded with the response's Content-Encoding
+            self._echoed(flow, count)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._withdraw(flow)
@@ -47,3 +97,15 @@ class InjectCredential(Stage):
             flow.request.headers[credential.header] = SCRUBBED
         elif credential.param in flow.request.query:
             flow.request.query[credential.param] = SCRUBBED
+
+    def _echo_forms(self, flow: http.HTTPFlow) -> tuple[bytes, ...] | None:
+        """The byte forms of the credential this flow was sent with, or None."""
+        if "credential" not in hoop(flow) or (route := route_of(flow)) is None or route.credential is None:
+            return None
+        return forms(route.credential.secrets) or None
+
+    @staticmethod
+    def _echoed(flow: http.HTTPFlow, count: int) -> None:
+        record: Any = hoop(flow)
+        record["credential_echoed"] = record.get("credential_echoed", 0) + count
+        logger.warning(f"hoop: the upstream echoed the route's credential ({count}x); replaced by {SCRUBBED}")

@@ -216,6 +216,27 @@ def test_recording_opens_with_stock_mitmdump(gateway: Gateway, upstream: FakeOpe
     assert "200 OK" in done.stdout
 
 
+def test_a_credential_the_upstream_echoes_never_reaches_the_agent(
+    gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fake upstream answers `whoami` with the Authorization header it received, in
+    the reply and in a header, as a debug endpoint would: the agent, the recording and
+    the audit get `[SCRUBBED]`."""
+    before = len(gateway.audit())
+    with agent_client(gateway, monkeypatch, proxy_token=idp.mint(subject="agent-echo", groups=["agents"])) as client:
+        r = client.post(f"{upstream.url}/v1/chat/completions", json=chat("whoami"))
+    assert r.status_code == 200
+    (received,) = upstream.received
+    assert header(received, "Authorization") == f"Bearer {UPSTREAM_KEY}"  # the upstream did get it
+    assert r.json()["choices"][0]["message"]["content"] == "You sent Authorization: Bearer [SCRUBBED] ."
+    assert r.headers["X-Echo-Authorization"] == "Bearer [SCRUBBED]"
+    assert_absent(r.content + repr(r.headers).encode(), (UPSTREAM_KEY,))
+    entry = gateway.wait_audit(before + 1)[-1]
+    assert_absent(recorded_bytes(gateway), (UPSTREAM_KEY,))
+    (flow,) = list(io.FlowReader(Path(entry["recording"]).open("rb")).stream())
+    assert flow.metadata["hoop"]["credential_echoed"] == 2
+
+
 def raw_exchange(gateway: Gateway, request: bytes, connect: str | None = None, token: str | None = None,
                  server_hostname: str | None = None) -> bytes:
     """What the gateway answers to `request`, sent as bytes: through a `CONNECT connect`

@@ -533,25 +533,27 @@ class TestPolicySections:
         assert not route.admits("anyone", ("admins",), "svc", ())
 
     @pytest.mark.parametrize(
-        ("body", "header", "value", "param"),
+        ("body", "header", "value", "param", "secrets"),
         [
-            ("credential: {header: x-api-key, value: '${HOOP_UNIT_SECRET}'}\n", "x-api-key", "s3cr3t", None),
-            ("credential: {bearer: '${HOOP_UNIT_SECRET}'}\n", "Authorization", "Bearer s3cr3t", None),
-            ("credential: {basic: {username: svc, password: '${HOOP_UNIT_SECRET}'}}\n", "Authorization", "Basic c3ZjOnMzY3IzdA==", None),
-            ("credential: {query: key, value: '${HOOP_UNIT_SECRET}'}\n", "Authorization", "s3cr3t", "key"),
-            ("credential: {bearer: '${file:secret.txt}'}\n", "Authorization", "Bearer from-file", None),
+            ("credential: {header: x-api-key, value: '${HOOP_UNIT_SECRET}'}\n", "x-api-key", "s3cr3t", None, ("s3cr3t",)),
+            ("credential: {bearer: '${HOOP_UNIT_SECRET}'}\n", "Authorization", "Bearer s3cr3t", None, ("s3cr3t",)),
+            ("credential: {basic: {username: svc, password: '${HOOP_UNIT_SECRET}'}}\n", "Authorization", "Basic c3ZjOnMzY3IzdA==", None,
+             ("s3cr3t", "c3ZjOnMzY3IzdA==")),
+            ("credential: {query: key, value: '${HOOP_UNIT_SECRET}'}\n", "Authorization", "s3cr3t", "key", ("s3cr3t",)),
+            ("credential: {bearer: '${file:secret.txt}'}\n", "Authorization", "Bearer from-file", None, ("from-file",)),
         ],
         ids=["header", "bearer", "basic", "query", "file"],
     )
     def test_credential_kinds(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, header: str, value: str, param: str | None
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, header: str, value: str, param: str | None,
+        secrets: tuple[str, ...],
     ) -> None:
         monkeypatch.setenv("HOOP_UNIT_SECRET", "s3cr3t")
         (tmp_path / "secret.txt").write_text("from-file\n")
 
         credential = self.route(tmp_path, "allow: {groups: [agents]}\n" + body).credential
 
-        assert credential == Credential(header, value, param)
+        assert credential == Credential(header, value, param, secrets)  # secrets: what a response must not carry back
 
     @pytest.mark.parametrize(
         ("body", "message"),
