@@ -341,11 +341,15 @@ def _is_type(typ: Any, expected: str) -> bool:
     return typ.lower().removeprefix("application/") == expected.lower().removeprefix("application/")
 
 
-def _words(value: Any) -> tuple[str, ...]:
-    """A claim holding strings: a space-separated string (RFC 6749 §3.3 `scope`) or a
-    list (Okta `scp`, `groups`); anything else gives ()."""
+_SCOPE_CLAIMS = ("scope", "scp")  # space-separated by definition (RFC 6749 §3.3)
+
+
+def _words(value: Any, separated: bool = True) -> tuple[str, ...]:
+    """A claim holding strings: a list (Okta `scp`, `groups`), or a string: with
+    `separated`, space-separated names (RFC 6749 §3.3 `scope`), else one name (a group
+    called `Domain Admins` is not the group `Admins`); anything else gives ()."""
     if isinstance(value, str):
-        return tuple(value.split())
+        return tuple(value.split()) if separated else (value,)
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
@@ -355,7 +359,7 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         raise TokenError("invalid_claims", "token has no numeric exp (expiry is required)")
     aud = claims.get("aud")
-    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    audiences = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
     if not set(audiences) & set(issuer.audiences):
         raise TokenError("wrong_audience", "token audience is not this gateway")
     iat = claims.get("iat")
@@ -374,5 +378,5 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     scopes = _words(claims["scope"] if "scope" in claims else claims.get("scp"))
     jti = claims.get("jti")
     return Identity(
-        subject, issuer.issuer, _words(groups), jti if isinstance(jti, str) else None, int(exp), client_id, scopes
+        subject, issuer.issuer, _words(groups, separated=issuer.groups_claim in _SCOPE_CLAIMS), jti if isinstance(jti, str) else None, int(exp), client_id, scopes
     )

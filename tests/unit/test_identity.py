@@ -137,7 +137,8 @@ class TestAccepted:
             pytest.param(
                 "realm_access.roles", {"realm_access": {"roles": ["admins", 7, "agents"]}}, ("admins", "agents"), id="nested-list"
             ),
-            pytest.param("scope", {"scope": "read write"}, ("read", "write"), id="space-separated-string"),
+            pytest.param("scope", {"scope": "read write"}, ("read", "write"), id="space-separated-scope"),
+            pytest.param("roles", {"roles": "Domain Admins"}, ("Domain Admins",), id="a-string-is-one-group"),
             pytest.param("realm_access.roles", {"realm_access": ["not", "a", "mapping"]}, (), id="path-through-a-list"),
             pytest.param("missing.claim", {}, (), id="absent"),
         ],
@@ -165,6 +166,7 @@ class TestRefused:
             pytest.param(lambda idp: idp.mint(extra_claims={"iat": in_an_hour()}), "not_yet_valid", id="iat-in-future"),
             pytest.param(lambda idp: idp.mint(audience="another-service"), "wrong_audience", id="wrong-audience"),
             pytest.param(lambda idp: idp.mint(omit=["aud"]), "wrong_audience", id="missing-audience"),
+            pytest.param(lambda idp: idp.mint(extra_claims={"aud": [{"x": 1}, ["y"]]}), "wrong_audience", id="audience-not-strings"),
             pytest.param(lambda idp: idp.mint(omit=["sub"]), "invalid_claims", id="missing-subject"),
             pytest.param(lambda idp: idp.mint(extra_claims={"exp": "soon"}), "invalid_claims", id="exp-not-a-number"),
             pytest.param(lambda idp: idp.mint(omit=["exp"]), "invalid_claims", id="missing-exp"),
