@@ -129,6 +129,7 @@ class EventStreamMasker:
         record: bool = False,
     ) -> None:
         self.rules = [r for r in rules if r.body]
+        self._whole = [r for r in self.rules if not r.paths]
         self.context, self.evidence, self.restore = context, evidence, restore
         self.recorded: bytearray | None = bytearray() if record else None
         self.restored = 0
@@ -170,6 +171,9 @@ class EventStreamMasker:
     def _event(self, raw: str, out: list[str], recorded: list[str]) -> None:
         lines = _LINE.findall(raw)
         data = [ln for ln in lines if ln.startswith("data:") or ln.rstrip("\r\n") == "data"]
+        if self._whole and len(data) < len(lines):  # comments, `event:`, `id:` lines: text too
+            lines = [ln if ln in data else self._mask_line(ln) for ln in lines]
+            raw = "".join(lines)
         if not data:
             out.append(raw)
             recorded.append(raw)
@@ -201,6 +205,16 @@ class EventStreamMasker:
         if not changed:
             out.append(raw)
             recorded.append(raw)
+
+    def _mask_line(self, line: str) -> str:
+        """A line other than `data:` (a comment, `event:`, `id:`), masked by the rules
+        without paths: clients hand `event` and `id` to the application."""
+        text = line.rstrip("\r\n")
+        masked = mask_text(text, self._whole, self.context, self.evidence, "event field")
+        if masked is text:
+            return line
+        self.masked += 1
+        return masked + line[len(text) :]
 
     def _mask_event(self, event: _Event, out: list[str], recorded: list[str]) -> bool:
         """Mask one event's data; append it (and any flushed tails) to the outputs.

@@ -416,6 +416,15 @@ class TestEventStream:
         out = masked(body, "text/event-stream", [rule(DELTA)])
         assert out.index(b"more") < out.index(b"message_stop")
 
+    def test_comment_event_and_id_lines_are_masked_by_rules_without_paths(self) -> None:
+        body = f": debug {EMAIL}\n\nevent: to {EMAIL}\nid: {CARD}\ndata: hello\n\n".encode()
+
+        new, records = mask_body(body, "text/event-stream", [PII], "response")
+
+        assert new is not None and new.startswith(b": debug [REDACTED:EMAIL]\n\nevent: to [REDACTED:EMAIL]\nid: [REDACTED:CARD]\n")
+        assert EMAIL.encode() not in new and CARD.encode() not in new
+        assert records[0]["where"] == ["event field"]
+
     def test_a_byte_order_mark_does_not_hide_the_first_event(self) -> None:
         out = masked(b"\xef\xbb\xbf" + stream([f"mail {EMAIL}"]), "text/event-stream", [rule(DELTA)])
         assert EMAIL.encode() not in out and b"[REDACTED:EMAIL]" in out
