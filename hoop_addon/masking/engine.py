@@ -138,27 +138,20 @@ class Scanner:
         ascii_only = len(data) == len(text)
         found: list[tuple[int, int, int]] = []  # (start, end, rank of the detector)
         for rank in present:
-            detector, regex = self.detectors[rank], self.regexes[rank]
-            pos = last_byte = last_char = 0
-            while pos <= len(data) and (m := regex.search(data, pos)) is not None:
-                byte_start, byte_end = m.span()
-                start, end = byte_start, byte_end
+            detector = self.detectors[rank]
+            last_byte = last_char = 0
+            for m in self.regexes[rank].finditer(data):
+                start, end = m.span()
                 if not ascii_only:  # byte offsets to character offsets, in one pass over the text
-                    start = last_char + len(data[last_byte:byte_start].decode())
-                    end = start + len(data[byte_start:byte_end].decode())
-                    last_byte, last_char = byte_start, start  # the next search may start inside this match
+                    start_char = last_char + len(data[last_byte:start].decode())
+                    end_char = start_char + len(data[start:end].decode())
+                    last_byte, last_char = end, end_char
+                    start, end = start_char, end_char
                 value = text[start:end]
                 if (detector.validator is None or detector.validator(value)) and detector.in_context(text, start):
                     found.append((start, end, rank))
-                    pos = byte_end if byte_end > byte_start else byte_start + len(text[start : start + 1].encode() or b"x")
-                    continue
-                if inner := self._inner(text, start, end):
+                elif inner := self._inner(text, start, end):
                     found.append((inner[0], inner[1], self.rank[inner[2]]))
-                # A greedy candidate that failed validation may have swallowed the start of
-                # a valid value running past its end (`1234 5678 4111 1111 1111 1111`):
-                # search again from its next word (short candidates only: linear time).
-                word = _next_word(text, start, end) if end - start <= 256 else None
-                pos = byte_end if word is None else byte_start + len(text[start:word].encode())
         found.sort()
         merged: list[tuple[int, int, int]] = []
         for start, end, rank in found:
@@ -183,14 +176,6 @@ class Scanner:
                 if (detector.validator is None or detector.validator(value)) and detector.in_context(text, i):
                     return i, j, detector
         return None
-
-
-def _next_word(text: str, start: int, end: int) -> int | None:
-    """Where the first word after the one at `start` begins, before `end`; None if none."""
-    for k in range(start + 1, end):
-        if _wordchar(text[k]) and not _wordchar(text[k - 1]):
-            return k
-    return None
 
 
 def _wordchar(c: str) -> bool:

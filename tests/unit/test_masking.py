@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -93,21 +92,6 @@ class TestDetection:
     )
     def test_lookalikes_are_not_masked(self, text: str) -> None:
         assert mask_body(text.encode(), "text/plain", [PII], "request") == (None, [])
-
-    @pytest.mark.parametrize(
-        "text",
-        [
-            pytest.param(f"ids 1234 5678 {CARD}", id="digits-before"),
-            pytest.param(f"{SSN} {CARD}", id="ssn-before"),
-            pytest.param(f"call 555 123 4567 {CARD}", id="phone-before"),
-            pytest.param(f"é 1234 5678 {CARD} ü", id="non-ascii"),
-        ],
-    )
-    def test_a_failed_candidate_does_not_hide_a_card_running_past_its_end(self, text: str) -> None:
-        """The card pattern is greedy: a candidate that fails Luhn may have swallowed the
-        start of a valid card; the search starts again from its next word."""
-        out = masked_text(text)
-        assert "[REDACTED:CARD]" in out and not re.search(r"\d{4} \d{4} \d{4}", out), out
 
     @pytest.mark.parametrize(
         ("text", "secret"),
