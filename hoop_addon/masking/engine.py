@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -280,13 +281,16 @@ def mask_body(
     How the body is read: `text/event-stream` responses event by event; NDJSON line by
     line; JSON when declared so, when a rule selects JSONPath, or when the body looks
     like JSON (`{` or `[` first) and parses, whatever its declared type; forms as
-    fields; anything else as UTF-8 text. Under an enforcing rule, a JSON document is
-    forwarded as inspected, re-encoded, never as the raw bytes (parsers differ on
-    duplicate member names). Raises `MaskError` when an enforcing rule cannot inspect the body: not
-    UTF-8 or holding NUL characters (UTF-16, binary), not JSON although declared JSON
-    or a rule selects JSONPath (unless every rule says `on_invalid_json: text`), nested
-    deeper than `MAX_DEPTH`. Shadow rules (`action: log`) do not decide what passes:
-    when one of them cannot inspect the body, the body is masked without them.
+    fields (and, if unchanged but JSON, as JSON too); anything else as UTF-8 text. A
+    JSON document is re-encoded only when masked; one forwarded as it is must not
+    repeat a member name (parsers differ on which value counts).
+
+    Raises `MaskError` when an enforcing rule cannot inspect the body: not UTF-8 or
+    holding NUL characters (UTF-16, binary), not JSON although declared JSON or a rule
+    selects JSONPath (unless every rule says `on_invalid_json: text`), a repeated
+    member name, nested deeper than `MAX_DEPTH`. Shadow rules (`action: log`) do not
+    decide what passes: when one of them cannot inspect the body, the body is masked
+    without them.
     """
     rules = [r for r in rules if r.body]
     if not body or not rules:
@@ -317,26 +321,58 @@ def _mask_body(
     declared_json = mime == "application/json" or mime.endswith("+json") or (mime != FORM_TYPE and any(r.paths for r in rules))
     if mime in NDJSON_TYPES:
         new = _mask_ndjson(body, rules, context, evidence)
-    elif mime == FORM_TYPE and not _json_shaped(body):
+    elif mime == FORM_TYPE:
         new = _mask_form(_text(body), rules, context, evidence)
+        if new is None and _json_shaped(body):  # JSON labelled a form: its recipient may read it as JSON
+            new = _mask_json_body(body, rules, context, evidence, strict=False)[1]
     elif declared_json or _json_shaped(body):
         # JSON whatever the declared type: read as text, an escaped `\u0040` would hide an
-        # `@` from a recipient that parses it. A UTF-8 BOM is skipped, as Python's json does.
-        try:
-            doc = orjson.loads(body[3:] if body.startswith(_BOM) else body)
-        except orjson.JSONDecodeError as exc:
-            if declared_json and not all(r.on_invalid_json == "text" for r in rules):
-                raise MaskError(f"body is not valid JSON ({exc.args[0].split(':')[0]})") from None
-            new = _mask_form(_text(body), rules, context, evidence) if mime == FORM_TYPE else _mask_plain(body, rules, context, evidence, part)
-        else:
-            doc, _ = mask_json(doc, rules, evidence, context)
-            # The document as inspected, re-encoded, whenever a rule enforces: of duplicate
-            # member names orjson keeps the last and other parsers the first, so the raw
-            # body could carry a value that was never inspected. (Shadow rules change nothing.)
-            new = orjson.dumps(doc) if not all(r.shadow for r in rules) else None
+        # `@` from a recipient that parses it.
+        is_json, new = _mask_json_body(body, rules, context, evidence, strict=declared_json)
+        if not is_json:
+            new = _mask_plain(body, rules, context, evidence, part)
     else:
         new = _mask_plain(body, rules, context, evidence, part)
     return new, evidence.records(part)
+
+
+def _mask_json_body(
+    body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, strict: bool
+) -> tuple[bool, bytes | None]:
+    """(whether `body` is JSON, the masked body or None when unchanged). A UTF-8 BOM is
+    skipped, as Python's json does. Not JSON: `MaskError` when `strict` (unless every
+    rule says `on_invalid_json: text`). An unchanged body goes as it is, so it must not
+    repeat a member name (see `_unique_members`)."""
+    try:
+        doc = orjson.loads(body[3:] if body.startswith(_BOM) else body)
+    except orjson.JSONDecodeError as exc:
+        if strict and not all(r.on_invalid_json == "text" for r in rules):
+            raise MaskError(f"body is not valid JSON ({exc.args[0].split(':')[0]})") from None
+        return False, None
+    doc, changed = mask_json(doc, rules, evidence, context)
+    if changed:
+        return True, orjson.dumps(doc)
+    _unique_members(body)
+    return True, None
+
+
+class _Repeated(Exception):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> None:
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise _Repeated
+
+
+def _unique_members(raw: bytes | str) -> None:
+    """Raise `MaskError` if an object in the JSON text `raw` repeats a member name: orjson
+    keeps the last value and other parsers the first, so a raw body forwarded unchanged
+    could carry a value that was never inspected (RFC 8259 §4: names SHOULD be unique)."""
+    try:
+        json.loads(raw, object_pairs_hook=_no_repeats)
+    except _Repeated:
+        raise MaskError("a JSON object repeats a member name; parsers differ on which value counts") from None
 
 
 def _mask_plain(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> bytes | None:
@@ -396,11 +432,12 @@ def mask_json(
         value = parent[key]
         if isinstance(value, str) and (inner := _json_in_string(value)) is not None:
             relocated = _Relocated(evidence, evidence_path(location, covering))
-            new_inner, _ = mask_json(inner, [_whole(r) for r in covering], relocated, context)
-            # As inspected, like a body (see `_mask_body`): duplicate member names go.
-            if (inspected := orjson.dumps(new_inner).decode()) != value:
-                parent[key] = inspected
+            new_inner, inner_changed = mask_json(inner, [_whole(r) for r in covering], relocated, context)
+            if inner_changed:
+                parent[key] = orjson.dumps(new_inner).decode()
                 changed = True
+            else:
+                _unique_members(value)  # left as it is: see `_mask_json_body`
             continue
         text = value if isinstance(value, str) else str(value)
         masked = mask_text(text, covering, context, evidence, lambda: evidence_path(location, covering))
@@ -555,9 +592,10 @@ def _mask_form(text: str, rules: Sequence[MaskRule], context: MaskContext, evide
     return urlencode([(k, v) for k, values in doc.items() for v in values]).encode() if changed else None
 
 
-def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes:
+def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:
     """Newline-delimited JSON: each non-empty line is a document."""
     lines = body.split(b"\n")
+    changed = False
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -565,9 +603,13 @@ def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, e
             doc = orjson.loads(line)
         except orjson.JSONDecodeError:
             raise MaskError(f"NDJSON line {i + 1} is not valid JSON") from None
-        doc, _ = mask_json(doc, rules, evidence, context)
-        lines[i] = orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")  # as inspected (see `_mask_body`)
-    return b"\n".join(lines)
+        doc, line_changed = mask_json(doc, rules, evidence, context)
+        if line_changed:
+            lines[i] = orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")
+            changed = True
+        else:
+            _unique_members(line)  # left as it is: see `_mask_json_body`
+    return b"\n".join(lines) if changed else None
 
 
 def _json_shaped(body: bytes) -> bool:

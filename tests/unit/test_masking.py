@@ -25,6 +25,7 @@ from wsproto.frame_protocol import Opcode
 
 from hoop_addon.detectors import BUILTIN, Detector
 from hoop_addon.masking import MaskContext, MaskError, Scanner, Vault, engine, mask_body
+from hoop_addon.masking.engine import FORM_TYPE
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy import PolicyError, load_policy
 from hoop_addon.policy.model import MaskRule, Route
@@ -395,6 +396,12 @@ class TestEventStream:
         assert not [s for s in (CARD, "4111 1111", EMAIL, "@example.com") if s.encode() in out], out
         assert b"[REDACTED:" in out and b"ok" in out and out.endswith(b"data: [DONE]\n\n")
 
+    def test_the_piece_of_the_event_that_ends_the_text_is_not_held(self) -> None:
+        """vLLM, Ollama and Groq send the last piece with the finish_reason."""
+        body = b'data: {"choices":[{"index":0,"delta":{"content":"to jane.doe@example.com bye"},"finish_reason":"stop"}]}\n\n'
+        out = masked(body + b"data: [DONE]\n\n", "text/event-stream", [rule(DELTA)])
+        assert out == body.replace(b"jane.doe@example.com", b"[REDACTED:EMAIL]") + b"data: [DONE]\n\n"
+
     def test_a_tail_goes_out_before_the_event_that_ends_the_text(self) -> None:
         body = stream(["mail jane.doe@example.com and more"]).replace(b"data: [DONE]", b'data: {"type":"message_stop"}')
         out = masked(body, "text/event-stream", [rule(DELTA)])
@@ -571,7 +578,7 @@ class TestShapes:
 
         out = masked(body, "application/x-ndjson")
 
-        assert out.split(b"\n") == [b'{"a":"[REDACTED:EMAIL]"}', b'{"b":1}', b"", b'{"c":"[REDACTED:SSN]"}', b""]
+        assert out.split(b"\n") == [b'{"a":"[REDACTED:EMAIL]"}', b'{"b": 1}', b"", b'{"c":"[REDACTED:SSN]"}', b""]
 
     @pytest.mark.parametrize(
         "content_type", ["text/plain", "", "text/json", "application/x-www-form-urlencoded", "text/event-stream", "application/json, text/plain"]
@@ -597,13 +604,32 @@ class TestShapes:
         with pytest.raises(MaskError, match="NUL" if encoding == "utf-16-le" else "not UTF-8"):
             mask_body(f"mail {EMAIL}".encode(encoding), "text/plain", [PII], "request")
 
-    def test_duplicate_member_names_leave_only_the_inspected_value(self) -> None:
-        """orjson keeps the last of duplicate names, other parsers the first: the body
-        goes as inspected, never as the raw bytes."""
-        body = b'{"content": "' + EMAIL.encode() + b'", "content": "hi"}'
-        assert masked(body, "application/json", [rule("$.content")]) == b'{"content":"hi"}'
-        inner = b'{"args": "{\\"to\\": \\"' + EMAIL.encode() + b'\\", \\"to\\": \\"x\\"}"}'
-        assert orjson.loads(masked(inner, "application/json", [rule("$.args")])) == {"args": '{"to":"x"}'}
+    @pytest.mark.parametrize(
+        ("body", "content_type", "paths"),
+        [
+            (b'{"content": "jane.doe@example.com", "content": "hi"}', "application/json", ("$.content",)),
+            (b'{"args": "{\\"to\\": \\"jane.doe@example.com\\", \\"to\\": \\"x\\"}"}', "application/json", ("$.args",)),
+            (b'{"a": 1}\n{"b": "jane.doe@example.com", "b": 2}\n', "application/x-ndjson", ()),
+        ],
+        ids=["body", "json-in-string", "ndjson"],
+    )
+    def test_a_repeated_member_name_is_refused(self, body: bytes, content_type: str, paths: tuple[str, ...]) -> None:
+        """orjson keeps the last of repeated names, other parsers the first: a body
+        forwarded as it is must not carry a value that was never inspected."""
+        with pytest.raises(MaskError, match="repeats a member name"):
+            mask_body(body, content_type, [rule(*paths)], "request")
+
+    def test_unmasked_json_goes_as_it_is(self) -> None:
+        """Re-encoding would turn integers beyond 64 bits into floats and break a
+        client's body signature."""
+        body = b'{"w": 12345678901234567890, "x": 123456789012345678901234567890, "t": "hi"}'
+        assert mask_body(body, "application/json", [PII], "request") == (None, [])
+
+    def test_a_form_that_is_json_is_masked_as_both(self) -> None:
+        as_form = b'{"a":"b=4111%201111%201111%201111"}'
+        assert b"4111" not in masked(as_form, FORM_TYPE, [PII])
+        as_json = b'{"note": "mail jane.doe\\u0040example.com"}'
+        assert orjson.loads(masked(as_json, FORM_TYPE, [rule("$.note")])) == {"note": "mail [REDACTED:EMAIL]"}
 
     def test_invalid_json_falls_back_to_text_when_the_rule_says_so(self) -> None:
         body = b'{"input": "jane.doe@example.com"'
