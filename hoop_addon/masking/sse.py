@@ -255,7 +255,8 @@ class EventStreamMasker:
         # Tails held at locations this event does not continue go out first, if it carries
         # text elsewhere or ends the text; across a ping, a usage or role-only chunk they
         # stay held: the value they may begin can continue in the next piece.
-        if event.streamed or _ends_text(box[0]):
+        ends = _ends_text(box[0])
+        if event.streamed or ends:
             self._flush(set(event.streamed), out, recorded)
         for location, rules in event.streamed.items():
             parent, key = parents[location]
@@ -264,7 +265,7 @@ class EventStreamMasker:
             if stream.rules != rules:
                 stream.rules = rules
                 stream.hold = max((d.max_length or 0 for r in rules for d in r.detectors), default=0)
-            emitted = self._advance(stream, location, piece, final=False)
+            emitted = self._advance(stream, location, piece, final=ends)  # the last piece holds nothing back
             if emitted != piece:
                 changed = True
             parent[key] = emitted
