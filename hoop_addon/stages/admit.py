@@ -55,29 +55,38 @@ def canonical_host(host: str) -> bool:
 
 def misdirected(request: http.Request, sni: str | None) -> str | None:
     """Why `request` names a server other than the one the gateway will send it to
-    (`request.host`, `request.port`), or None. The `Host` header (or HTTP/2
-    `:authority`, RFC 9110 §7.2) and the TLS server name the client sent (`sni`,
+    (`request.host`, `request.port`), or None. The `Host` header, the request's
+    authority (RFC 9110 §7.2) and the TLS server name the client sent (`sni`,
     RFC 6066 §3), which mitmproxy passes on upstream, must name that host: a shared
     front end (a CDN) routes by them, so a request admitted for one host could
     otherwise be served, with the route's credential, by another."""
-    host = request.host.lower()
+    host = _ascii_host(request.host)
     names = request.headers.get_all("Host")
     if len(names) > 1:
         return "more than one Host header"
-    if request.is_http2 or request.is_http3:
-        names = [request.authority, *names]
-    for name in names:
+    # `authority`: HTTP/2's `:authority`, or the target of an HTTP/1 absolute-form
+    # request, which a server uses instead of Host (RFC 9112 §3.2.2), even in a tunnel.
+    for name in (request.authority, *names):
         if not name:
             continue
         try:
             named, port = parse_authority(name, check=True)
         except ValueError:
             return "the Host header is malformed"
-        if named.lower() != host or (port is not None and port != request.port):
-            return "the Host header names another server than the request's target"
-    if sni and request.scheme == "https" and sni.lower() != host:
+        if _ascii_host(named) != host or (port is not None and port != request.port):
+            return "the Host header or request target names another server than the one it is sent to"
+    if sni and request.scheme == "https" and _ascii_host(sni) != host:
         return "the TLS server name (SNI) names another server than the tunnel's target"
     return None
+
+
+def _ascii_host(host: str) -> str:
+    """`host` as it goes on the wire (IDNA, RFC 5891: mitmproxy decodes `request.host`,
+    not the Host header or SNI), lower case."""
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return host.lower()
 
 
 class Admit(Stage):

@@ -57,6 +57,8 @@ def _request(url: str, host: str | None, http2: bool = False) -> http.Request:
         ("https://API.openai.com/v1/chat", "api.OpenAI.com:443", None),
         ("https://127.0.0.1:8443/v1/chat", "127.0.0.1:8443", None),
         ("http://localhost:8000/v1/chat", None, None),
+        ("https://xn--bcher-kva.example/v1/chat", "xn--bcher-kva.example", "xn--bcher-kva.example"),  # host reads bücher.example
+        ("https://[::1]:8443/v1/chat", "[::1]:8443", None),
     ],
 )
 def test_a_request_naming_its_own_server_is_not_misdirected(url: str, host: str | None, sni: str | None) -> None:
@@ -75,6 +77,14 @@ def test_a_request_naming_its_own_server_is_not_misdirected(url: str, host: str 
 )
 def test_a_request_naming_another_server_is_misdirected(url: str, host: str, sni: str | None, http2: bool, why: str) -> None:
     assert why in (misdirected(_request(url, host, http2), sni) or "")
+
+
+def test_an_absolute_form_target_naming_another_server_is_misdirected() -> None:
+    """Inside a tunnel to api.openai.com, `POST https://evil.example/...` with a matching
+    Host: the server uses the target's authority (RFC 9112 §3.2.2)."""
+    request = _request("https://api.openai.com/v1/chat", "api.openai.com")
+    request.authority = "evil.example"
+    assert "request target" in (misdirected(request, "api.openai.com") or "")
 
 
 def test_two_host_headers_are_misdirected() -> None:
