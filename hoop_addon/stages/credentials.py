@@ -10,7 +10,7 @@ from hoop_addon.masking import MaskError
 from hoop_addon.masking.codec import decode
 from hoop_addon.masking.literal import StreamScrubber, forms, scrub
 from hoop_addon.recording import SCRUBBED
-from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
+from hoop_addon.stages import Stage, allowed, hoop, logger, route_of
 from hoop_addon.stages.mask import Mask
 
 
@@ -27,8 +27,9 @@ class InjectCredential(Stage):
     An upstream may echo the credential back (a debug endpoint, an error message): the
     credential's secrets are replaced by `[SCRUBBED]` in the response's headers and
     body, decoded (buffered, or as it streams), before the client, the recording or
-    the audit see it; `hoop.credential_echoed` counts them. A body that cannot be
-    decoded to check is withheld (502).
+    the audit see it; `hoop.credential_echoed` counts them. A compressed body that
+    cannot be decoded within `hoop_mask_max_body` passes unchecked (logged): a
+    credential route may serve large downloads.
     """
 
     def __init__(self, mask: Mask) -> None:
@@ -72,20 +73,24 @@ class InjectCredential(Stage):
             response.stream = stream
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if (secret_forms := self._echo_forms(flow)) is None or (response := flow.response) is None or response.stream:
+        if (secret_forms := self._echo_forms(flow)) is None or (response := flow.response) is None or not response.raw_content:
             return
-        if not response.raw_content:
-            return
-        try:
-            body = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body)
-        except MaskError as exc:
-            refuse(flow, 502, "credential", "unmaskable_response",
-                   f"upstream response withheld: it could not be checked for the gateway's credential: {exc}")
-            return
+        # A streamed body was scrubbed as it passed; what is kept of it for the recording
+        # is scrubbed here too (Mask may have put back the unrestored stream).
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            body = response.raw_content  # no size limit: nothing to inflate
+        else:
+            try:
+                body = decode(response.raw_content, encoding, self.mask.max_body)
+            except MaskError as exc:  # a download too large, or an encoding we do not read: it passes
+                logger.warning(f"hoop: the response could not be checked for an echoed credential: {exc}")
+                return
         body, count = scrub(body, secret_forms)
         if count:
             response.content = body  # re-encoded with the response's Content-Encoding
-            self._echoed(flow, count)
+            if not response.stream:
+                self._echoed(flow, count)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._withdraw(flow)
