@@ -9,6 +9,7 @@ chunk that could begin a secret, so an event ending in `\\n\\n` is never delayed
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 SCRUBBED = b"[SCRUBBED]"
@@ -17,7 +18,8 @@ MIN_LENGTH = 8
 development placeholder), and a real API key is far longer."""
 
 
-def forms(secrets: Iterable[str]) -> tuple[bytes, ...]:
+@functools.lru_cache(maxsize=256)  # per route's credential: asked for on every response
+def forms(secrets: tuple[str, ...]) -> tuple[bytes, ...]:
     """The byte strings to look for: each secret of at least `MIN_LENGTH` characters,
     in UTF-8 and JSON-escaped, longest first."""
     found: set[bytes] = set()
@@ -44,7 +46,7 @@ class StreamScrubber:
     """`scrub` over a body fed in chunks: `feed(chunk)` returns what may go now,
     `feed(b"", final=True)` the rest; `count` is how many secrets were replaced."""
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    def __init__(self, secrets: tuple[str, ...]) -> None:
         self._forms = forms(secrets)
         self._window = max((len(f) for f in self._forms), default=1) - 1
         self._firsts = {f[:1] for f in self._forms}
