@@ -365,12 +365,17 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> None:
         raise _Repeated
 
 
+_REPEATS = json.JSONDecoder(object_pairs_hook=_no_repeats)  # built once: json.loads would build one a call
+
+
 def _unique_members(raw: bytes | str) -> None:
-    """Raise `MaskError` if an object in the JSON text `raw` repeats a member name: orjson
-    keeps the last value and other parsers the first, so a raw body forwarded unchanged
-    could carry a value that was never inspected (RFC 8259 §4: names SHOULD be unique)."""
+    """Raise `MaskError` if an object in the JSON text `raw` (orjson parsed it: valid
+    UTF-8 JSON) repeats a member name: orjson keeps the last value and other parsers the
+    first, so a raw body forwarded unchanged could carry a value that was never
+    inspected (RFC 8259 §4: names SHOULD be unique)."""
+    text = raw.decode().removeprefix("\ufeff") if isinstance(raw, bytes) else raw
     try:
-        json.loads(raw, object_pairs_hook=_no_repeats)
+        _REPEATS.decode(text)
     except _Repeated:
         raise MaskError("a JSON object repeats a member name; parsers differ on which value counts") from None
 
