@@ -44,13 +44,13 @@ from mitmproxy import http, version
 from mitmproxy.io import tnetstring
 
 from hoop_addon.keys import Signer, canonical, sha256
+from hoop_addon.masking.literal import SCRUBBED
 
 FORMAT = "hoop-recording/1"
 ALWAYS_SCRUBBED = ("Authorization", "Proxy-Authorization")
 # Query parameters that commonly carry secrets (OAuth RFC 6749/6750, signed URLs, API keys).
 SECRET_QUERY = ("access_token", "id_token", "refresh_token", "token", "api_key", "apikey", "key", "code",
                 "password", "secret", "client_secret", "sig", "signature", "x-amz-signature", "x-amz-credential")
-SCRUBBED = "[SCRUBBED]"
 _SCRUBBED = SCRUBBED.encode()
 GENESIS = "0" * 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")

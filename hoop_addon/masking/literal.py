@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-SCRUBBED = b"[SCRUBBED]"
+SCRUBBED = "[SCRUBBED]"
+"""What a secret is replaced by, here and in recordings (`hoop_addon.recording`)."""
+_REPLACEMENT = SCRUBBED.encode()
 MIN_LENGTH = 8
 """Shorter secrets are not looked for: they cannot be told from ordinary text (a
 development placeholder), and a real API key is far longer."""
@@ -38,16 +40,17 @@ def scrub(data: bytes, secret_forms: tuple[bytes, ...]) -> tuple[bytes, int]:
     for form in secret_forms:
         if form in data:
             count += data.count(form)
-            data = data.replace(form, SCRUBBED)
+            data = data.replace(form, _REPLACEMENT)
     return data, count
 
 
 class StreamScrubber:
-    """`scrub` over a body fed in chunks: `feed(chunk)` returns what may go now,
-    `feed(b"", final=True)` the rest; `count` is how many secrets were replaced."""
+    """`scrub` of `secret_forms` (see `forms`) over a body fed in chunks: `feed(chunk)`
+    returns what may go now, `feed(b"", final=True)` the rest; `count` is how many
+    secrets were replaced."""
 
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        self._forms = forms(secrets)
+    def __init__(self, secret_forms: tuple[bytes, ...]) -> None:
+        self._forms = secret_forms
         self._window = max((len(f) for f in self._forms), default=1) - 1
         self._firsts = {f[:1] for f in self._forms}
         self._held = b""

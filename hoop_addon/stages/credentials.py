@@ -8,8 +8,7 @@ from mitmproxy import http
 
 from hoop_addon.masking import MaskError
 from hoop_addon.masking.codec import decode
-from hoop_addon.masking.literal import StreamScrubber, forms, scrub
-from hoop_addon.recording import SCRUBBED
+from hoop_addon.masking.literal import SCRUBBED, StreamScrubber, forms, scrub
 from hoop_addon.stages import Stage, allowed, hoop, logger, route_of
 from hoop_addon.stages.mask import Mask
 
@@ -60,7 +59,7 @@ class InjectCredential(Stage):
             response.headers.fields = tuple((name, value) for name, (value, _) in scrubbed)
             self._echoed(flow, count)
         if callable(inner := response.stream):  # masked as it streams (Mask set it first)
-            scrubber = StreamScrubber(route_of(flow).credential.secrets)  # type: ignore[union-attr]
+            scrubber = StreamScrubber(secret_forms)
 
             def stream(chunk: bytes) -> list[bytes]:
                 out = inner(chunk)

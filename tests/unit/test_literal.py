@@ -19,13 +19,13 @@ def test_text_without_a_secret_is_unchanged() -> None:
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
 def test_a_secret_split_across_chunks_is_scrubbed(size: int) -> None:
     data = b"data: key " + KEY.encode() + b" end\n\ndata: sk-l\n\n"
-    scrubber = StreamScrubber((KEY,))
+    scrubber = StreamScrubber(forms((KEY,)))
     out = b"".join(scrubber.feed(data[i : i + size]) for i in range(0, len(data), size)) + scrubber.feed(b"", final=True)
     assert out == b"data: key [SCRUBBED] end\n\ndata: sk-l\n\n" and scrubber.count == 1
 
 
 def test_a_chunk_that_cannot_begin_a_secret_is_not_held() -> None:
-    scrubber = StreamScrubber((KEY,))
+    scrubber = StreamScrubber(forms((KEY,)))
     assert scrubber.feed(b"data: {}\n\n") == b"data: {}\n\n"
     assert scrubber.feed(b"data: s") == b"data: "  # "s" may begin the key
     assert scrubber.feed(b"ure\n\n") == b"sure\n\n"
