@@ -16,8 +16,10 @@ import time
 import jsonpath_rfc9535
 import orjson
 
-from hoop_addon.detectors import BUILTIN
-from hoop_addon.masking import EventStreamMasker, Evidence, MaskContext, mask_body
+from hoop_addon.masking.detectors import BUILTIN
+from hoop_addon.masking.body import mask_body
+from hoop_addon.masking.engine import Evidence, MaskContext
+from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.policy.model import MaskRule
 
 DETECTORS = ("email", "phone", "payment_card", "us_ssn", "iban", "ipv4", "aws_access_key_id", "openai_api_key", "github_token", "jwt")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hoop_addon.identity import Verifier
+from hoop_addon.identity.verifier import Verifier
 from hoop_addon.policy.model import Issuer
 from tests.support.idp import LocalIdP
 

@@ -1,7 +1,7 @@
-"""`python -m hoop_addon ...`: see `hoop_addon.cli`."""
+"""`python -m hoop_addon ...`: see `hoop_addon.cli.main`."""
 
 import sys
 
-from hoop_addon.cli import main
+from hoop_addon.cli.main import main
 
 sys.exit(main())

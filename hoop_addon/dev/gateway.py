@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from hoop_addon import keys
+from hoop_addon.evidence import keys
 
 ROOT = Path(__file__).resolve().parents[2]
 ADDON = ROOT / "hoop_addon" / "addon.py"

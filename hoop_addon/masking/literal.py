@@ -13,7 +13,7 @@ import functools
 from collections.abc import Iterable
 
 SCRUBBED = "[SCRUBBED]"
-"""What a secret is replaced by, here and in recordings (`hoop_addon.recording`)."""
+"""What a secret is replaced by, here and in recordings (`hoop_addon.evidence.recording`)."""
 _REPLACEMENT = SCRUBBED.encode()
 MIN_LENGTH = 8
 """Shorter secrets are not looked for: they cannot be told from ordinary text (a

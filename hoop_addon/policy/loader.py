@@ -23,8 +23,8 @@ import re2
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from hoop_addon.identity import key_url_allowed
-from hoop_addon.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
+from hoop_addon.identity.verifier import key_url_allowed
+from hoop_addon.masking.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
 from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions, Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from jsonpath_rfc9535 import JSONPathQuery
 
-from hoop_addon.detectors import Detector
+from hoop_addon.masking.detectors import Detector
 
 TokenSource = Literal["authorization", "proxy_password", "proxy_bearer"]
 Direction = Literal["request", "response"]
@@ -170,7 +170,7 @@ class Conditions:
     `routes` are route names; `groups` match if the identity has any of them;
     `headers` pairs a lower-case header name with a compiled RE2 pattern searched in
     its value (a missing header does not match); `body_over` is a body size in bytes
-    and `tokens_over` an estimated token count (see `hoop_addon.rules.estimate_tokens`),
+    and `tokens_over` an estimated token count (see `hoop_addon.policy.conditions.estimate_tokens`),
     both exclusive; `body` holds RE2 patterns searched in the body as text; `json`
     holds (JSONPath source, compiled RFC 9535 query, RE2 pattern) triples: a match is a
     selected string value the pattern is found in.

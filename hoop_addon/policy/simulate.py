@@ -17,9 +17,11 @@ from urllib.parse import urlsplit
 
 from jsonpath_rfc9535 import JSONPathRecursionError
 
-from hoop_addon.masking import MaskContext, MaskError, TokenSession, mask_body
+from hoop_addon.masking.body import mask_body
+from hoop_addon.masking.engine import MaskContext, MaskError
+from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import Direction, Policy
-from hoop_addon.rules import RequestFacts, UninspectableBody, evaluate
+from hoop_addon.policy.conditions import RequestFacts, UninspectableBody, evaluate
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 SIMULATION_SECRET = b"hoop policy simulation"  # `hash` needs a key; its output is never shown

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from mitmproxy import exceptions, http
 
-from hoop_addon.metrics import STAGE_SECONDS
+from hoop_addon.control.metrics import STAGE_SECONDS
 from hoop_addon.policy.model import Route
 
 logger = logging.getLogger("hoop")

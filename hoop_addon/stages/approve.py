@@ -12,11 +12,11 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.hooks import UpdateHook
 
-from hoop_addon import webhook
-from hoop_addon.approvals import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
-from hoop_addon.control import approval_handlers
-from hoop_addon.identity import TokenError
-from hoop_addon.metrics import APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
+from hoop_addon.approvals import webhook
+from hoop_addon.approvals.queue import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
+from hoop_addon.control.server import approval_handlers
+from hoop_addon.identity.verifier import TokenError
+from hoop_addon.control.metrics import APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
 from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control

@@ -10,8 +10,8 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from hoop_addon.audit import AuditLog
-from hoop_addon.keys import KeyFileError, Signer, load_signer
+from hoop_addon.evidence.audit_log import AuditLog
+from hoop_addon.evidence.keys import KeyFileError, Signer, load_signer
 from hoop_addon.stages import Stage, hoop, logger, refuse
 from hoop_addon.stages.policy import PolicyStage
 
@@ -90,7 +90,7 @@ class Audit(Stage):
                     logger.error(f"hoop: audit checkpoint failed: {exc}")
 
     def event(self, name: str, flow: http.HTTPFlow | None = None, **fields: Any) -> dict[str, Any]:
-        """Append an audit entry of type `name` (see `hoop_addon.audit` for the names in
+        """Append an audit entry of type `name` (see `hoop_addon.evidence.audit_log` for the names in
         use) with `fields` (JSON values; never secrets or unmasked data). With `flow`,
         the flow's id, identity, route and policy hash are added (fields win).
         Returns the entry as written; raises `OSError` when it cannot be written: the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mitmproxy import ctx
 
-from hoop_addon.control import ControlServer, parse_listen
+from hoop_addon.control.server import ControlServer, parse_listen
 from hoop_addon.stages import Stage, logger
 
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from hoop_addon.masking import MaskError
 from hoop_addon.masking.codec import decode
+from hoop_addon.masking.engine import MaskError
 from hoop_addon.masking.literal import SCRUBBED, StreamScrubber, forms, scrub
 from hoop_addon.stages import Stage, allowed, hoop, logger, route_of
 from hoop_addon.stages.mask import Mask

@@ -9,7 +9,7 @@ from mitmproxy import http
 from hoop_addon.masking.codec import BodyTooLarge, decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.policy.model import BlockRule
-from hoop_addon.rules import RequestFacts, UninspectableBody, evaluate, request_key
+from hoop_addon.policy.conditions import RequestFacts, UninspectableBody, evaluate, request_key
 from hoop_addon.stages import Stage, allowed, hoop, refuse
 from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.policy import PolicyStage
@@ -17,7 +17,7 @@ from hoop_addon.stages.policy import PolicyStage
 
 class Guard(Stage):
     """Evaluates the policy's `block` and `approvals` rules on the request as the agent
-    sent it (decoded, not yet masked: see `hoop_addon.rules`).
+    sent it (decoded, not yet masked: see `hoop_addon.policy.conditions`).
 
     - a `block` rule answers 403 `{"error": "blocked", "message": "blocked by rule
       'NAME': REASON", "stage": "guard"}`;

@@ -10,7 +10,7 @@ import weakref
 
 from mitmproxy import connection, http
 
-from hoop_addon.identity import Identity, TokenError, Verifier
+from hoop_addon.identity.verifier import Identity, TokenError, Verifier
 from hoop_addon.stages import Stage, hoop, refuse
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 

@@ -12,7 +12,10 @@ from pathlib import Path
 from mitmproxy import connection, ctx, http
 from mitmproxy.utils import human
 
-from hoop_addon.masking import EventStreamMasker, Evidence, MaskContext, MaskError, TokenSession, Vault, mask_body, mask_text
+from hoop_addon.masking.body import mask_body
+from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_text
+from hoop_addon.masking.sse import EventStreamMasker
+from hoop_addon.masking.vault import TokenSession, Vault
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy.model import Direction, MaskRule
 from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse, route_of

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from mitmproxy import ctx
 
-from hoop_addon.identity import JwksError, Verifier
-from hoop_addon.policy import Policy, PolicyError, load_policy
+from hoop_addon.identity.verifier import JwksError, Verifier
+from hoop_addon.policy.loader import PolicyError, load_policy
+from hoop_addon.policy.model import Policy
 from hoop_addon.stages import Stage, logger
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import orjson
 from mitmproxy import connection, ctx, http
 
-from hoop_addon.keys import sha256
-from hoop_addon.metrics import RECORDING_BYTES, SEAL_FAILURES
-from hoop_addon.recording import SECRET_QUERY, Limits, SessionRecording, manifest_path, new_session_id
+from hoop_addon.evidence.keys import sha256
+from hoop_addon.control.metrics import RECORDING_BYTES, SEAL_FAILURES
+from hoop_addon.evidence.recording import SECRET_QUERY, Limits, SessionRecording, manifest_path, new_session_id
 from hoop_addon.stages import Stage, client_session, hoop, logger, refuse, route_of
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.policy import PolicyStage
@@ -28,7 +28,7 @@ class Record(Stage):
     identity on one client connection, or of one identity carrying the same
     `X-Hoop-Session` header value across connections. Each session is recorded as one
     or more parts (rotation by size or age, see `RecordingPolicy`), each a flow file and
-    a manifest (`hoop_addon.recording`). A part is sealed when its client disconnects
+    a manifest (`hoop_addon.evidence.recording`). A part is sealed when its client disconnects
     (header sessions: after `IDLE_SECONDS` unused), when it rotates, and when the
     gateway stops; sealing writes a `recording_sealed` audit entry with the manifest's
     SHA-256. Expired recordings (route `retention`) are deleted, each with a

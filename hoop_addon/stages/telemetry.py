@@ -6,8 +6,8 @@ import logging
 
 from mitmproxy import http, log
 
-from hoop_addon.control import HealthHandler, MetricsHandler
-from hoop_addon.metrics import BLOCKS, JWT_FAILURES, MASKED_VALUES, REQUESTS, SHADOW_MATCHES, exposition, labelled
+from hoop_addon.control.server import HealthHandler, MetricsHandler
+from hoop_addon.control.metrics import BLOCKS, JWT_FAILURES, MASKED_VALUES, REQUESTS, SHADOW_MATCHES, exposition, labelled
 from hoop_addon.stages import Stage, hoop
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control

@@ -5,7 +5,7 @@ before the upstream) or `record` (recording, after it)."""
 import os
 
 from hoop_addon.policy.model import Policy
-from hoop_addon.recording import SessionRecording
+from hoop_addon.evidence.recording import SessionRecording
 
 
 def _broken(*args, **kwargs):

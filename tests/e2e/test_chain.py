@@ -21,45 +21,11 @@ from mitmproxy import io
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import UPSTREAM_KEY
 from hoop_addon.dev.gateway import MITMDUMP, ROOT, Gateway
+from tests.support.agents import agent_client, assert_absent, chat, header, recorded_bytes
 from tests.support.idp import LocalIdP
 
 PROMPT_PII = ("jane.doe@example.com", "4242 4242 4242 4242")
 REPLY_PII = ("help@upstream.example", "4111 1111 1111 1111")  # planted by the fake upstream
-
-
-@pytest.fixture(autouse=True)
-def proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ambient proxy settings: each test points its client at the gateway itself."""
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def agent_client(gateway: Gateway, monkeypatch: pytest.MonkeyPatch, proxy_token: str | None = None) -> httpx.Client:
-    """An httpx client configured only through the environment, as an agent would be."""
-    monkeypatch.setenv("HTTPS_PROXY", gateway.proxy(proxy_token))
-    monkeypatch.setenv("SSL_CERT_FILE", str(gateway.ca_cert))
-    return httpx.Client(timeout=10)
-
-
-def chat(content: str, stream: bool = False) -> dict:
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "stream": stream}
-
-
-def header(received, name: str) -> str | None:
-    """A header the upstream received, by case-insensitive name."""
-    return next((v for k, v in received.headers if k.lower() == name.lower()), None)
-
-
-def recorded_bytes(gateway: Gateway) -> bytes:
-    """Every recording, manifest and the audit log (not a manifest's `.tmp` being
-    written: it is renamed over the manifest a moment later)."""
-    return b"".join(p.read_bytes() for p in sorted(gateway.recordings.iterdir()) if p.suffix != ".tmp")
-
-
-def assert_absent(haystack: bytes | str, needles: tuple[str, ...]) -> None:
-    data = haystack.encode() if isinstance(haystack, str) else haystack
-    for needle in needles:
-        assert needle.encode() not in data, f"{needle!r} leaked"
 
 
 def test_httpx_bearer_request_and_response_masked(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,9 +27,8 @@ from hoop_addon.dev.gateway import Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
-from tests.e2e.test_chain import agent_client, assert_absent, chat, header, proxy_env, recorded_bytes  # noqa: F401 (fixture)
-from tests.unit.test_identity import hand_made, hs256_with_rsa_public_key
-from tests.support.idp import LocalIdP
+from tests.support.agents import agent_client, assert_absent, chat, header, recorded_bytes
+from tests.support.idp import LocalIdP, hand_made, hs256_with_rsa_public_key
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from hoop_addon.dev.gateway import MITMDUMP, ROOT, Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
-from tests.e2e.test_chain import recorded_bytes
+from tests.support.agents import recorded_bytes
 from tests.support.idp import LocalIdP
 
 PROMPT_PII = ("jane.doe@example.com", "4242 4242 4242 4242")
@@ -38,12 +38,6 @@ recording:
     cookies: [session_id]
     query: [tenant]
 """
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def own_gateway(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], policy: str = POLICY + RECORDING, **options: str) -> Gateway:

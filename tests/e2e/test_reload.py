@@ -14,7 +14,7 @@ import pytest
 from hoop_addon.dev.gateway import Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
-from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
+from tests.conftest import UPSTREAM_KEY, write_policy
 from tests.support.idp import LocalIdP
 
 

@@ -9,11 +9,13 @@ Plain HTTP on 127.0.0.1 (ephemeral port), in a daemon thread:
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import http.server
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,20 +24,20 @@ from typing import Any, Literal, Self
 import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jose import jwt
+from jose import jwk, jwt
 
 KeyKind = Literal["RSA", "EC"]
 _ALGS: dict[str, str] = {"RSA": "RS256", "EC": "ES256"}
 
 
-def _b64url(data: bytes) -> str:
+def b64url(data: bytes) -> str:
     """Base64url without padding, as JWK parameters use."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _uint(value: int, size: int | None = None) -> str:
     """Big-endian base64url of a non-negative integer, ``size`` bytes if given."""
-    return _b64url(value.to_bytes(size or (value.bit_length() + 7) // 8, "big"))
+    return b64url(value.to_bytes(size or (value.bit_length() + 7) // 8, "big"))
 
 
 @dataclass(frozen=True)
@@ -366,3 +368,20 @@ class LocalIdP:
             algorithm=key.alg,
             headers={"kid": key.kid, **(headers or {})},
         )
+
+
+def hand_made(idp: LocalIdP, header: dict[str, Any], sign: Callable[[bytes], bytes]) -> str:
+    """A compact JWS with valid claims for `idp` (subject `mallory`, its audience, five
+    minutes to live), `header`, and the signature `sign` gives for the signing input."""
+    claims = {"iss": idp.issuer, "sub": "mallory", "aud": idp.audience, "exp": int(time.time()) + 300}
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(claims))}"
+    return f"{signing_input}.{b64url(sign(signing_input.encode()))}"
+
+
+def hs256_with_rsa_public_key(idp: LocalIdP) -> str:
+    """The key-confusion forgery (RFC 8725 §2.1): HS256 keyed with the issuer's RSA
+    public key in PEM."""
+    rsa_jwk = next(k for k in idp.jwks()["keys"] if k["kid"] == "rsa-1")
+    secret = jwk.construct(rsa_jwk, "RS256").to_pem()
+    header = {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}
+    return hand_made(idp, header, lambda data: hmac.digest(secret, data, hashlib.sha256))

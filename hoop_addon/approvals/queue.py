@@ -1,0 +1,245 @@
+"""The approval queue: pending requests, who may decide them, decisions, timeouts and
+tickets (pure: no mitmproxy, no I/O; the clock is injectable).
+
+A request waiting for approval is a `PendingApproval`. Approvers are checked here and
+only here: they must be named by the rule (group or subject), can never decide their
+own request, and each counts once. A request is approved once `min_approvals`
+distinct approvers approved it, denied by the first deny, and timed out (denied) at
+its deadline. Times are Unix seconds (float).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hoop_addon.policy.model import ApprovalRule
+
+Outcome = Literal["approved", "denied", "timeout", "shutdown", "abandoned"]
+DECIDED_KEPT_S = 600.0
+
+LOCAL_OPERATOR = "local-operator"
+"""The subject recorded for decisions taken in mitmproxy itself (console, mitmweb,
+`hoop.approve` commands): whoever runs the gateway process."""
+
+
+class ApprovalError(Exception):
+    """A decision was refused. `code` is short and machine-readable (`not_found`,
+    `already_decided`, `self_approval`, `not_an_approver`, `already_approved`);
+    `status` is the HTTP status the control API answers with; `str()` is a sentence."""
+
+    def __init__(self, code: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+class QueueFull(Exception):
+    """As many approvals as the policy allows are pending; `retry_after` is seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many requests are waiting for approval; retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Approver:
+    """Who decides: a verified identity (`via` "api") or the local operator (`via`
+    "mitmproxy", allowed on every rule: they run the gateway)."""
+
+    subject: str
+    groups: tuple[str, ...] = ()
+    issuer: str | None = None
+    via: Literal["api", "mitmproxy"] = "api"
+
+    @classmethod
+    def local_operator(cls) -> Approver:
+        return cls(LOCAL_OPERATOR, via="mitmproxy")
+
+
+@dataclass(slots=True)
+class PendingApproval:
+    """One request waiting for (or decided by) approvers.
+
+    `requester` is the identity record (subject, issuer, groups, token id), `request`
+    a JSON-safe summary shown to approvers (route, method, host, path, masked preview),
+    `key` the ticket-mode request key (`hoop_addon.policy.conditions.request_key`).
+    """
+
+    id: str
+    rule: ApprovalRule
+    requester: dict[str, Any]
+    request: dict[str, Any]
+    key: str
+    created: float
+    deadline: float
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    outcome: Outcome | None = None
+    decided_at: float | None = None
+    redeemed: bool = False
+
+    def may_decide(self, approver: Approver) -> bool:
+        """True when the rule names the approver (the local operator always is) and the
+        approver is not the requester."""
+        if approver.subject == self.requester.get("subject"):
+            return False
+        return (
+            approver.via == "mitmproxy"
+            or approver.subject in self.rule.approver_subjects
+            or not self.rule.approver_groups.isdisjoint(approver.groups)
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-safe form for flow metadata, the audit log and the control API:
+        id, rule, mode, status (pending or the outcome), requester, request, created,
+        deadline, decided_at, waited_s, min_approvals, decisions (approver, via,
+        approve, reason, at)."""
+        return {
+            "id": self.id,
+            "rule": self.rule.name,
+            "mode": self.rule.mode,
+            "status": self.outcome or "pending",
+            "requester": self.requester,
+            "request": self.request,
+            "created": _iso(self.created),
+            "deadline": _iso(self.deadline),
+            "decided_at": _iso(self.decided_at) if self.decided_at else None,
+            "waited_s": round(self.decided_at - self.created, 3) if self.decided_at else None,
+            "min_approvals": self.rule.min_approvals,
+            "decisions": list(self.decisions),
+        }
+
+
+def _iso(t: float) -> str:
+    """RFC 3339 UTC time with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+class ApprovalQueue:
+    """Pending approvals by id, and decided tickets until their window ends.
+
+    `clock` returns Unix seconds; `on_close` is called with each approval once its
+    outcome is set (for metrics). Not thread-safe: used from one event loop.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        on_close: Callable[[PendingApproval], None] | None = None,
+    ) -> None:
+        self.items: dict[str, PendingApproval] = {}
+        self.clock = clock
+        self.on_close = on_close
+
+    def open(
+        self, rule: ApprovalRule, requester: dict[str, Any], request: dict[str, Any], key: str, max_pending: int
+    ) -> PendingApproval:
+        """Queue a request under `rule`; returns it with a fresh unguessable id.
+        Raises `QueueFull` when `max_pending` approvals are already pending."""
+        self.expire()
+        if len(self.pending()) >= max_pending:
+            soonest = min(p.deadline for p in self.pending())
+            raise QueueFull(max(1, int(soonest - self.clock()) + 1))
+        now = self.clock()
+        item = PendingApproval(
+            id=secrets.token_urlsafe(12),
+            rule=rule,
+            requester=requester,
+            request=request,
+            key=key,
+            created=now,
+            deadline=now + rule.timeout,
+        )
+        self.items[item.id] = item
+        return item
+
+    def get(self, approval_id: str) -> PendingApproval:
+        """The approval with this id; raises `ApprovalError` (404) when unknown."""
+        self.expire()
+        if (item := self.items.get(approval_id)) is None:
+            raise ApprovalError("not_found", 404, f"no approval '{approval_id}' is known")
+        return item
+
+    def pending(self) -> list[PendingApproval]:
+        """Undecided approvals, oldest first."""
+        return [p for p in self.items.values() if p.outcome is None]
+
+    def decide(self, approval_id: str, approver: Approver, approve: bool, reason: str) -> PendingApproval:
+        """Record `approver`'s decision. Returns the approval (its `outcome` is set once
+        decided). Raises `ApprovalError`: `not_found` (404), `already_decided` (409),
+        `self_approval` (403), `not_an_approver` (403), `already_approved` (409: the
+        same approver twice)."""
+        item = self.get(approval_id)
+        if item.outcome is not None:
+            raise ApprovalError("already_decided", 409, f"approval '{item.id}' is already {item.outcome}")
+        if approver.subject == item.requester.get("subject"):
+            raise ApprovalError("self_approval", 403, "nobody may decide on their own request")
+        if not item.may_decide(approver):
+            raise ApprovalError("not_an_approver", 403, f"you are not an approver of rule '{item.rule.name}'")
+        if any(d["approver"] == approver.subject and d["approve"] for d in item.decisions):
+            raise ApprovalError("already_approved", 409, "you already approved this request")
+        now = self.clock()
+        item.decisions.append(
+            {"approver": approver.subject, "issuer": approver.issuer, "via": approver.via,
+             "approve": approve, "reason": reason, "at": _iso(now)}
+        )
+        if not approve:
+            self.close(item, "denied", now)
+        elif sum(d["approve"] for d in item.decisions) >= item.rule.min_approvals:
+            self.close(item, "approved", now)
+        return item
+
+    def expire(self) -> list[PendingApproval]:
+        """Time out pending approvals past their deadline (returned) and forget decided
+        ones: tickets when their window ends, holds `DECIDED_KEPT_S` after the decision
+        (until then a late decision gets `already_decided`, not `not_found`)."""
+        now = self.clock()
+        expired = []
+        for item in list(self.items.values()):
+            if item.outcome is None and now >= item.deadline:
+                self.close(item, "timeout", now)
+                expired.append(item)
+            elif item.outcome is not None and now >= item.decided_at + self._kept(item):  # type: ignore[operator]
+                del self.items[item.id]
+        return expired
+
+    @staticmethod
+    def _kept(item: PendingApproval) -> float:
+        return item.rule.ticket_window if item.rule.mode == "ticket" else DECIDED_KEPT_S
+
+    def forget(self, approval_id: str) -> None:
+        """Drop an approval now (a denied ticket, once its retry has been refused)."""
+        self.items.pop(approval_id, None)
+
+    def shutdown(self) -> list[PendingApproval]:
+        """Deny every pending approval with outcome `shutdown`; returns them."""
+        now = self.clock()
+        items = self.pending()
+        for item in items:
+            self.close(item, "shutdown", now)
+        return items
+
+    def ticket(self, subject: str, key: str) -> PendingApproval | None:
+        """The live ticket (pending, or decided within its window and not yet redeemed)
+        of this identity for this request key, if any."""
+        self.expire()
+        return next(
+            (p for p in self.items.values() if p.rule.mode == "ticket" and p.key == key
+             and p.requester.get("subject") == subject and not p.redeemed),
+            None,
+        )
+
+    def redeem(self, item: PendingApproval) -> None:
+        """Use an approved ticket: its request passes this once, never again."""
+        if item.outcome != "approved" or item.redeemed:
+            raise ApprovalError("not_redeemable", 409, "this ticket cannot be used")
+        item.redeemed = True
+        del self.items[item.id]
+
+    def close(self, item: PendingApproval, outcome: Outcome, now: float | None = None) -> None:
+        """Set the outcome of an approval (e.g. `timeout` when its holder's timer fires)."""
+        item.outcome, item.decided_at = outcome, self.clock() if now is None else now
+        if self.on_close is not None:
+            self.on_close(item)

@@ -1,0 +1,159 @@
+"""The audit log: hash-chained JSON lines with signed checkpoints.
+
+Each line is one entry, the canonical JSON (`hoop_addon.evidence.keys.canonical`) of an object:
+
+    {"seq": int (1, 2, ...), "time": RFC 3339 UTC, "event": str,
+     "prev": SHA-256 hex of the previous line's bytes (64 zeros for seq 1), ...fields}
+
+so deleting, reordering or editing a line breaks the sequence or the chain. Every
+`checkpoint_entries` entries or `checkpoint_seconds` (and when the log is closed) a
+checkpoint entry is appended: `{"event": "checkpoint", "key_id": hex, "signature":
+base64}` plus the common fields, signed with Ed25519 over the canonical form of the
+entry without `signature`. As `prev` covers the chain, a checkpoint signs every entry
+before it. An auditor who keeps a checkpoint's `seq` and line hash can later detect a
+log truncated below it (`hoop verify --trusted-checkpoint SEQ:SHA256`).
+
+Appending an event (the API other stages use)::
+
+    log.append("approval_decided", identity={...}, route="openai", approval={...})
+
+returns the written entry (with `seq`, `time`, `prev`). Fields are JSON values (never
+secrets, tokens or unmasked data: the log is kept for years). The gateway's Audit stage
+wraps this as `Audit.event(name, flow=None, **fields)`, which also fills in the flow's
+identity, route, policy hash and flow id. Event names in use (snake_case; add yours
+here): `request` (every finished flow: decision, status, masked counts, recording),
+`connect` (refused CONNECT), `block`, `mask`, `approval_requested`, `approval_decided`,
+`recording_sealed` (recording, manifest_sha256, flows), `retention_deleted`
+(recording, manifest_sha256, retention), `policy_loaded` (policy_hash),
+`key_rotated` (key_id, previous_key_id), `checkpoint`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from hoop_addon.evidence.keys import Signer, canonical, sha256
+
+GENESIS = "0" * 64
+CHECKPOINT = "checkpoint"
+
+
+class AuditError(OSError):
+    """The audit log cannot be opened or appended to safely."""
+
+
+def _last_state(path: Path) -> tuple[int, str, str | None]:
+    """(last seq, hash of the last line, key id of the last checkpoint) of an existing
+    log, read line by line; (0, GENESIS, None) for an empty or missing one."""
+    seq, prev, key = 0, GENESIS, None
+    if not path.exists():
+        return seq, prev, key
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                raise AuditError(f"{path} ends with a partial line: run `hoop verify` and repair before appending")
+            try:
+                entry = orjson.loads(line)
+                seq = int(entry["seq"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise AuditError(f"{path}: line {seq + 1} is not an audit entry: run `hoop verify`") from None
+            prev = sha256(line[:-1])
+            if entry.get("event") == CHECKPOINT:
+                key = entry.get("key_id")
+    return seq, prev, key
+
+
+class AuditLog:
+    """An append-only, hash-chained audit log (see the module docstring).
+
+    Opening resumes the chain of an existing file. `signer` None is unsigned
+    development mode (checkpoints carry no signature). `append()` and `checkpoint()`
+    write and flush one line, and raise `OSError` when they cannot (`TypeError` when a
+    field is not JSON). `previous_key_id` is the key id of the file's last checkpoint.
+    """
+
+    def __init__(self, path: Path, signer: Signer | None, checkpoint_entries: int = 100, checkpoint_seconds: int = 30) -> None:
+        self.path, self.signer = path, signer
+        self.checkpoint_entries, self.checkpoint_seconds = checkpoint_entries, checkpoint_seconds
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.seq, self.prev, self.previous_key_id = _last_state(path)
+        self._unsigned = 0
+        self._checkpointed = time.time()
+        self._file = open(path, "ab")
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write one entry; checkpoints when `checkpoint_entries` are unsigned.
+        Returns the entry as written."""
+        entry = self._write({"event": event, **fields})
+        self._unsigned += 1
+        if self._unsigned >= self.checkpoint_entries:
+            self.checkpoint()
+        return entry
+
+    def due(self, now: float) -> bool:
+        """True when unsigned entries have waited `checkpoint_seconds`."""
+        return self._unsigned > 0 and now - self._checkpointed >= self.checkpoint_seconds
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Write a signed checkpoint covering every entry so far; returns it."""
+        key = self.signer.key_id if self.signer else None
+        entry = self._write({"event": CHECKPOINT, "key_id": key}, sign=True)
+        self._unsigned = 0
+        self._checkpointed = time.time()
+        return entry
+
+    def _write(self, fields: dict[str, Any], sign: bool = False) -> dict[str, Any]:
+        entry = {**fields, "seq": self.seq + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "prev": self.prev}
+        if sign:
+            entry["signature"] = self.signer.sign(entry) if self.signer else None
+        line = canonical(entry)
+        self._file.write(line + b"\n")
+        self._file.flush()
+        self.seq, self.prev = entry["seq"], sha256(line)
+        return entry
+
+    def close(self) -> None:
+        """Checkpoint what is unsigned, then close."""
+        if self._unsigned and not self._file.closed:
+            self.checkpoint()
+        self._file.close()
+
+
+
+def select(
+    entries: Iterable[dict[str, Any]],
+    *,
+    subject: str | None = None,
+    group: str | None = None,
+    route: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    decision: str | None = None,
+    rule: str | None = None,
+    event: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The entries matching every filter given. `since`/`until` are RFC 3339 UTC
+    strings (`YYYY-MM-DDTHH:MM:SSZ`, inclusive); `decision` is an outcome (`allow`,
+    `deny`, ...); `rule` matches a masking rule that masked something, or the rule named
+    in the decision or approval."""
+    for e in entries:
+        identity = e.get("identity") or {}
+        decided = e.get("decision") or {}
+        rules = {m.get("rule") for m in e.get("masked") or []} | {
+            decided.get("rule"), (e.get("approval") or decided.get("approval") or {}).get("rule"), e.get("rule")}
+        if (
+            (subject is None or identity.get("subject") == subject)
+            and (group is None or group in (identity.get("groups") or []))
+            and (route is None or e.get("route") == route)
+            and (since is None or e.get("time", "") >= since)
+            and (until is None or e.get("time", "") <= until)
+            and (decision is None or decided.get("outcome") == decision)
+            and (rule is None or rule in rules)
+            and (event is None or e.get("event") == event)
+        ):
+            yield e

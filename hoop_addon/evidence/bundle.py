@@ -1,0 +1,93 @@
+"""Evidence bundles: what an auditor needs to check a time window offline, in one archive.
+
+`build()` writes a gzip'd tar with one directory `evidence/`:
+
+- `audit.jsonl`: the audit log's slice from the first entry at or after `since` to the
+  first checkpoint at or after the last entry before `until` (so the slice ends signed),
+  or later, until it holds the sealing of every recording it references;
+- every recording (flow file + manifest) the slice references and that still exists;
+- `keys/*.pub`: the public keys given;
+- `bundle.json`: `{"since", "until", "created", "audit_start": {"seq", "prev"}}` (where
+  the slice starts in the chain);
+- `report.txt`: the verify report at packing time.
+
+`hoop verify BUNDLE.tar.gz --public-key KEY` checks it like a recordings directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+
+from hoop_addon.evidence.audit_log import CHECKPOINT
+from hoop_addon.evidence.keys import TrustedKeys
+from hoop_addon.evidence.recording import manifest_path
+from hoop_addon.evidence.verify import BUNDLE_INFO, verify_paths
+
+
+def _slice(lines: list[bytes], since: str, until: str) -> list[bytes]:
+    """The lines from the first entry at or after `since` to the first checkpoint after
+    the last entry at or before `until`, extended (to a checkpoint again) until every
+    recording the slice references has its sealing in it, if it was sealed."""
+    entries = [orjson.loads(line) for line in lines]
+    first = next((i for i, e in enumerate(entries) if e["time"] >= since), len(entries))
+    last = max((i for i, e in enumerate(entries) if e["time"] <= until), default=-1)
+    if last < first:
+        return []
+
+    def checkpoint_after(i: int) -> int:
+        return next((j for j in range(i, len(entries)) if entries[j]["event"] == CHECKPOINT), len(entries) - 1)
+
+    end = checkpoint_after(last)
+    while True:
+        names = {_name(e) for e in entries[first:end + 1]} - {None}
+        sealed = max((i for i in range(end + 1, len(entries))
+                      if entries[i]["event"] == "recording_sealed" and _name(entries[i]) in names), default=end)
+        if sealed == end:
+            return lines[first:end + 1]
+        end = checkpoint_after(sealed)
+
+
+def _name(entry: dict) -> str | None:
+    name = entry.get("recording")
+    return Path(name).name if isinstance(name, str) and name else None
+
+
+def build(audit_log: Path, recordings: Path, since: str, until: str, output: Path, public_keys: Iterable[Path]) -> list[str]:
+    """Pack the evidence for entries with `since <= time <= until` (RFC 3339 UTC
+    strings as in the log) into `output` (.tar.gz). Returns the verify report lines.
+    Raises `OSError` when a file cannot be read or written, `ValueError` when the
+    window holds no audit entry."""
+    lines = audit_log.read_bytes().splitlines()
+    chosen = _slice(lines, since, until)
+    if not chosen:
+        raise ValueError(f"no audit entries between {since} and {until}")
+    head = orjson.loads(chosen[0])
+    keys = list(public_keys)
+    with tempfile.TemporaryDirectory(prefix="hoop-evidence-") as tmp:
+        root = Path(tmp) / "evidence"
+        (root / "keys").mkdir(parents=True)
+        (root / "audit.jsonl").write_bytes(b"\n".join(chosen) + b"\n")
+        names = {_name(orjson.loads(line)) for line in chosen} - {None}
+        for name in sorted(names):
+            for path in (recordings / name, manifest_path(recordings / name)):
+                if path.exists():
+                    shutil.copy2(path, root / path.name)
+        for key in keys:
+            shutil.copy2(key, root / "keys" / key.name)
+        info = {"since": since, "until": until, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "audit_start": {"seq": head["seq"], "prev": head["prev"]}}
+        (root / BUNDLE_INFO).write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+        report = [item.line() for item in verify_paths([root], TrustedKeys.load(keys))]
+        report = [line.replace(str(root) + "/", "") for line in report]
+        (root / "report.txt").write_text("\n".join(report) + "\n")
+        with tarfile.open(output, "w:gz") as archive:
+            archive.add(root, arcname="evidence")
+    return report
+

@@ -1,0 +1,2 @@
+"""Identity: bearer tokens verified into an `Identity`, against the issuers' JWKS
+(`verifier`)."""

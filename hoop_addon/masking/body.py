@@ -1,0 +1,162 @@
+"""Masking an HTTP body by its media type: JSON, forms, NDJSON, server-sent events and
+text, each read as its recipient will read it and masked with the engine
+(`hoop_addon.masking.engine`); SSE through the stream masker (`hoop_addon.masking.sse`).
+Pure: bytes in, bytes out, no mitmproxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+
+from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_json, mask_text, unique_members
+from hoop_addon.masking.sse import EventStreamMasker
+from hoop_addon.policy.model import MaskRule
+
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"})
+FORM_TYPE = "application/x-www-form-urlencoded"
+_BOM = b"\xef\xbb\xbf"
+
+def mask_body(
+    body: bytes,
+    content_type: str,
+    rules: Sequence[MaskRule],
+    part: str,
+    context: MaskContext | None = None,
+) -> tuple[bytes | None, list[dict[str, Any]]]:
+    """Mask a decoded HTTP body.
+
+    `content_type` is the raw header value; `part` is "request" or "response" (for the
+    evidence); `context` carries the `hash` secret and `tokenize` session. Returns (the
+    body to forward, or None to forward `body` as it is; the evidence records).
+
+    How the body is read: `text/event-stream` responses event by event; NDJSON line by
+    line; JSON when declared so, when a rule selects JSONPath, or when the body looks
+    like JSON (`{` or `[` first) and parses, whatever its declared type; forms as
+    fields (and, if unchanged but JSON, as JSON too); anything else as UTF-8 text. A
+    JSON document is re-encoded only when masked; one forwarded as it is must not
+    repeat a member name (parsers differ on which value counts).
+
+    Raises `MaskError` when an enforcing rule cannot inspect the body: not UTF-8 or
+    holding NUL characters (UTF-16, binary), not JSON although declared JSON or a rule
+    selects JSONPath (unless every rule says `on_invalid_json: text`), a repeated
+    member name, nested deeper than `MAX_DEPTH`. Shadow rules (`action: log`) do not
+    decide what passes: when one of them cannot inspect the body, the body is masked
+    without them.
+    """
+    rules = [r for r in rules if r.body]
+    if not body or not rules:
+        return None, []
+    context = context or MaskContext()
+    mime = content_type.split(";", 1)[0].strip().lower()
+    try:
+        return _mask_body(body, mime, rules, part, context)
+    except MaskError:
+        enforcing = [r for r in rules if not r.shadow]
+        if len(enforcing) == len(rules):
+            raise
+        return _mask_body(body, mime, enforcing, part, context) if enforcing else (None, [])
+
+
+def _mask_body(
+    body: bytes, mime: str, rules: Sequence[MaskRule], part: str, context: MaskContext
+) -> tuple[bytes | None, list[dict[str, Any]]]:
+    """`mask_body` for one media type (`mime`, lower case) and non-empty `rules`."""
+    evidence = Evidence()
+    if mime == "text/event-stream" and part == "response":  # a request is not a stream of events
+        masker = EventStreamMasker(rules, context, evidence)
+        new = masker.feed(body, final=True)
+        # Only the pieces moved between events when nothing was masked: keep the original.
+        return (new if masker.masked or masker.restored else None), evidence.records(part)
+    declared_json = mime == "application/json" or mime.endswith("+json") or (mime != FORM_TYPE and any(r.paths for r in rules))
+    if mime in NDJSON_TYPES:
+        new = _mask_ndjson(body, rules, context, evidence)
+    elif mime == FORM_TYPE:
+        new = _mask_form(_text(body), rules, context, evidence)
+        if new is None and _json_shaped(body):  # JSON labelled a form: its recipient may read it as JSON
+            new = _mask_json_body(body, rules, context, evidence, strict=False)[1]
+    elif declared_json or _json_shaped(body):
+        # JSON whatever the declared type: read as text, an escaped `\u0040` would hide an
+        # `@` from a recipient that parses it.
+        is_json, new = _mask_json_body(body, rules, context, evidence, strict=declared_json)
+        if not is_json:
+            new = _mask_plain(body, rules, context, evidence, part)
+    else:
+        new = _mask_plain(body, rules, context, evidence, part)
+    return new, evidence.records(part)
+
+
+def _mask_json_body(
+    body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, strict: bool
+) -> tuple[bool, bytes | None]:
+    """(whether `body` is JSON, the masked body or None when unchanged). A UTF-8 BOM is
+    skipped, as Python's json does. Not JSON: `MaskError` when `strict` (unless every
+    rule says `on_invalid_json: text`). An unchanged body goes as it is, so it must not
+    repeat a member name (see `_unique_members`)."""
+    try:
+        doc = orjson.loads(body[3:] if body.startswith(_BOM) else body)
+    except orjson.JSONDecodeError as exc:
+        if strict and not all(r.on_invalid_json == "text" for r in rules):
+            raise MaskError(f"body is not valid JSON ({exc.args[0].split(':')[0]})") from None
+        return False, None
+    doc, changed = mask_json(doc, rules, evidence, context)
+    if changed:
+        return True, orjson.dumps(doc)
+    unique_members(body)
+    return True, None
+
+
+def _mask_plain(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence, where: str) -> bytes | None:
+    text = _text(body)
+    masked = mask_text(text, rules, context, evidence, where)
+    return masked.encode() if masked != text else None
+
+
+def _mask_form(text: str, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:
+    """An `application/x-www-form-urlencoded` body (WHATWG URL §5) masked as the
+    object {name: [values...]}, so `$.email` selects the `email` field."""
+    doc: dict[str, list[str]] = {}
+    for name, value in parse_qsl(text, keep_blank_values=True):
+        doc.setdefault(name, []).append(value)
+    doc, changed = mask_json(doc, rules, evidence, context)
+    return urlencode([(k, v) for k, values in doc.items() for v in values]).encode() if changed else None
+
+
+def _mask_ndjson(body: bytes, rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence) -> bytes | None:
+    """Newline-delimited JSON: each non-empty line is a document."""
+    lines = body.split(b"\n")
+    changed = False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise MaskError(f"NDJSON line {i + 1} is not valid JSON") from None
+        doc, line_changed = mask_json(doc, rules, evidence, context)
+        if line_changed:
+            lines[i] = orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")
+            changed = True
+        else:
+            unique_members(line)  # left as it is: see `_mask_json_body`
+    return b"\n".join(lines) if changed else None
+
+
+def _json_shaped(body: bytes) -> bool:
+    """Whether `body` starts like a JSON object or array (after whitespace or a BOM)."""
+    return body.lstrip(b" \t\r\n")[:1] in (b"{", b"[") or body.startswith(_BOM)
+
+
+def _text(body: bytes) -> str:
+    """`body` as UTF-8 text. Raises `MaskError` if it is not UTF-8, or holds a NUL: valid
+    UTF-8, but the mark of UTF-16 or binary data, which no detector would match."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MaskError("body is not UTF-8 text") from None
+    if "\x00" in text:
+        raise MaskError("body holds NUL characters (UTF-16 or binary) and cannot be inspected as text")
+    return text

@@ -1,0 +1,72 @@
+"""The audit log: chain, resume, checkpoints, partial lines, and queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from hoop_addon.evidence import keys
+from hoop_addon.evidence.audit_log import GENESIS, AuditError, AuditLog, select
+from hoop_addon.evidence.verify import verify_audit
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> keys.Signer:
+    keys.generate(tmp_path / "key")
+    return keys.load_signer(tmp_path / "key")
+
+
+def entries(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_chain_and_checkpoints(tmp_path: Path, signer: keys.Signer) -> None:
+    log = AuditLog(tmp_path / "a.jsonl", signer, checkpoint_entries=2)
+    written = log.append("request", route="r")
+    assert written["seq"] == 1 and written["prev"] == GENESIS
+    log.append("block", route="r")
+    log.append("mask", route="r")
+    log.close()
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    got = [orjson.loads(line) for line in lines]
+    assert [e["event"] for e in got] == ["request", "block", "checkpoint", "mask", "checkpoint"]
+    assert [e["seq"] for e in got] == [1, 2, 3, 4, 5]
+    assert all(got[i]["prev"] == keys.sha256(lines[i - 1]) for i in range(1, 5))
+    item, _ = verify_audit(tmp_path / "a.jsonl", keys.TrustedKeys([signer.private.public_key()]))
+    assert item.status == "OK" and item.info["last_checkpoint"] == f"5:{keys.sha256(lines[4])}"
+
+
+def test_reopening_resumes_the_chain_and_notices_a_new_key(tmp_path: Path, signer: keys.Signer) -> None:
+    log = AuditLog(tmp_path / "a.jsonl", signer)
+    log.append("request")
+    log.close()
+    keys.generate(tmp_path / "new")
+    again = AuditLog(tmp_path / "a.jsonl", keys.load_signer(tmp_path / "new"))
+    assert again.previous_key_id == signer.key_id
+    assert again.append("key_rotated")["seq"] == 3
+    again.close()
+    trusted = keys.TrustedKeys.load([tmp_path / "key.pub", tmp_path / "new.pub"])  # both trusted: rotation
+    assert verify_audit(tmp_path / "a.jsonl", trusted)[0].status == "OK"
+
+
+def test_a_partial_last_line_is_not_appended_to(tmp_path: Path, signer: keys.Signer) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b'{"seq":1,"event":"request","prev":"00"}\n{"seq":2,"ev')
+    with pytest.raises(AuditError, match="partial line"):
+        AuditLog(tmp_path / "a.jsonl", signer)
+
+
+def test_select_filters() -> None:
+    log = [
+        {"seq": 1, "time": "2026-01-01T00:00:00Z", "event": "request", "identity": {"subject": "a", "groups": ["x"]}, "route": "r",
+         "decision": {"outcome": "allow"}, "masked": [{"rule": "pii", "detectors": {"email": 1}}]},
+        {"seq": 2, "time": "2026-02-01T00:00:00Z", "event": "request", "identity": {"subject": "b", "groups": ["y"]}, "route": "r",
+         "decision": {"outcome": "deny", "rule": "no-export"}},
+        {"seq": 3, "time": "2026-03-01T00:00:00Z", "event": "approval_decided", "identity": {"subject": "b"},
+         "approval": {"rule": "big-spend", "approver": "carol", "outcome": "approved"}},
+    ]
+    seqs = lambda **f: [e["seq"] for e in select(log, **f)]  # noqa: E731
+    assert seqs(subject="b") == [2, 3] and seqs(group="x") == [1] and seqs(route="r") == [1, 2]
+    assert seqs(decision="deny") == [2] and seqs(rule="pii") == [1] and seqs(rule="no-export") == [2] and seqs(rule="big-spend") == [3]
+    assert seqs(since="2026-01-15T00:00:00Z", until="2026-02-15T00:00:00Z") == [2] and seqs(event="approval_decided") == [3]

@@ -1,0 +1,339 @@
+"""The tamper suite: `hoop verify` exits 1 naming the problem for every kind of tampering
+with recordings and the audit log, 0 for an untouched tree, 2 for usage errors."""
+
+from __future__ import annotations
+
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from mitmproxy.io import tnetstring
+from mitmproxy.test import tflow
+
+from hoop_addon.evidence import audit_log as audit_module
+from hoop_addon.evidence import keys
+from hoop_addon.evidence.audit_log import AuditLog
+from hoop_addon.cli.main import main
+from hoop_addon.evidence.recording import Limits, SessionRecording, manifest_path
+
+
+def flow(text: str):
+    f = tflow.tflow(resp=True)
+    f.request.content = text.encode()
+    return f
+
+
+def record(directory: Path, log: AuditLog, signer: keys.Signer, session: str, texts: list[str], seal: bool = True) -> SessionRecording:
+    """A recording of flows with bodies `texts`, each audited and checkpointed (so an
+    unsealed one is signed up to its last flow); sealed and audited."""
+    rec = SessionRecording(directory, session, {"subject": session}, "policy-hash", signer, Limits(checkpoint_flows=1))
+    for text in texts:
+        rec.add(flow(text), 3600)
+        log.append("request", recording=str(rec.path), identity={"subject": session})
+    if seal:
+        log.append("recording_sealed", recording=rec.path.name, manifest_sha256=rec.seal(), flows=len(texts))
+    return rec
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """`tmp_path/rec`: two sealed recordings and their audit log (checkpoint every 2
+    entries, closed cleanly); the key pair in `tmp_path/key`, `key.pub`."""
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    log = AuditLog(directory / "audit.jsonl", signer, checkpoint_entries=2)
+    record(directory, log, signer, "alice", ["first flow", "second, a longer flow body", "third"])
+    record(directory, log, signer, "bob", ["one", "two"])
+    log.close()
+    return directory
+
+
+def verify(tree: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+    code = main(["verify", str(tree), "--public-key", str(tree.parent / "key.pub"), *extra])
+    return code, capsys.readouterr().out
+
+
+def flows(path: Path) -> list[bytes]:
+    manifest = orjson.loads(manifest_path(path).read_bytes())
+    data = path.read_bytes()
+    return [data[f["offset"]:f["offset"] + f["length"]] for f in manifest["flows"]]
+
+
+def alice(tree: Path) -> Path:
+    return tree / "alice-p1.mitm"
+
+
+def audit_lines(tree: Path) -> list[bytes]:
+    return (tree / "audit.jsonl").read_bytes().splitlines(keepends=True)
+
+
+def set_audit(tree: Path, lines: list[bytes]) -> None:
+    (tree / "audit.jsonl").write_bytes(b"".join(lines))
+
+
+def flip_byte(tree: Path) -> None:
+    data = bytearray(alice(tree).read_bytes())
+    f1, f2, _ = flows(alice(tree))
+    data[len(f1) + len(f2) // 2] ^= 0x01
+    alice(tree).write_bytes(bytes(data))
+
+
+def rewrite_flow_and_its_manifest_entry(tree: Path) -> None:
+    """The flow and its listed hash both changed: only the signed chain betrays it."""
+    f1, f2, f3 = flows(alice(tree))
+    forged = f2.replace(b"second", b"SECOND")
+    alice(tree).write_bytes(f1 + forged + f3)
+    manifest = orjson.loads(manifest_path(alice(tree)).read_bytes())
+    manifest["flows"][1]["sha256"] = keys.sha256(forged)
+    manifest_path(alice(tree)).write_bytes(keys.canonical(manifest))
+
+
+def delete_flow(tree: Path) -> None:
+    f1, _, f3 = flows(alice(tree))
+    alice(tree).write_bytes(f1 + f3)
+
+
+def truncate(tree: Path) -> None:
+    data = alice(tree).read_bytes()
+    alice(tree).write_bytes(data[:-10])
+
+
+def reorder_flows(tree: Path) -> None:
+    f1, f2, f3 = flows(alice(tree))
+    alice(tree).write_bytes(f2 + f1 + f3)
+
+
+def insert_foreign_flow(tree: Path) -> None:
+    f1, f2, f3 = flows(alice(tree))
+    foreign = tnetstring.dumps(flow("forged").get_state())
+    alice(tree).write_bytes(f1 + foreign + f2 + f3)
+
+
+def append_foreign_flow(tree: Path) -> None:
+    with alice(tree).open("ab") as f:
+        f.write(tnetstring.dumps(flow("forged").get_state()))
+
+
+def delete_audit_line(tree: Path) -> None:
+    lines = audit_lines(tree)
+    set_audit(tree, lines[:2] + lines[3:])
+
+
+def reorder_audit_lines(tree: Path) -> None:
+    lines = audit_lines(tree)
+    set_audit(tree, [lines[0], lines[2], lines[1], *lines[3:]])
+
+
+def edit_audit_line(tree: Path) -> None:
+    lines = audit_lines(tree)
+    lines[1] = lines[1].replace(b'"alice"', b'"mallory"')
+    set_audit(tree, lines)
+
+
+def cut_audit_before_a_sealing(tree: Path) -> None:
+    lines = audit_lines(tree)
+    set_audit(tree, lines[: [i for i, line in enumerate(lines) if b'"event":"recording_sealed"' in line][-1]])
+
+
+def delete_recording(tree: Path) -> None:
+    alice(tree).unlink()
+    manifest_path(alice(tree)).unlink()
+
+
+def plant_recording(tree: Path) -> None:
+    signer = keys.load_signer(tree.parent / "key")
+    SessionRecording(tree, "planted", {"subject": "x"}, None, signer).seal()
+
+
+def sign_with_unknown_key(tree: Path) -> None:
+    """A forger re-signs a shortened recording and its manifest with their own key."""
+    f1, f2, _ = flows(alice(tree))
+    forger = keys.Signer(keys.Ed25519PrivateKey.generate(), "")
+    forger = keys.Signer(forger.private, keys.key_id(forger.private.public_key()))
+    alice(tree).unlink()
+    rec = SessionRecording(tree, "alice", {"subject": "alice"}, "policy-hash", forger)
+    rec.add(flow("first flow"), 3600)
+    rec.seal()
+
+
+TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
+    "modify one byte of a flow": (flip_byte, "alice-p1.mitm: hash mismatch (flow 2 of 3)"),
+    "rewrite a flow and its manifest entry": (rewrite_flow_and_its_manifest_entry, "alice-p1.mitm: chain mismatch"),
+    "delete a flow": (delete_flow, "alice-p1.mitm: hash mismatch (flow 2 of 3)"),
+    "truncate the file": (truncate, "alice-p1.mitm: hash mismatch (flow 3 of 3); the file ends inside it (truncated)"),
+    "reorder two flows": (reorder_flows, "alice-p1.mitm: hash mismatch (flow 1 of 3)"),
+    "insert a foreign flow": (insert_foreign_flow, "alice-p1.mitm: hash mismatch (flow 2 of 3)"),
+    "append a foreign flow": (append_foreign_flow, "bytes after the last sealed flow"),
+    "delete an audit line": (delete_audit_line, "audit.jsonl: sequence gap at seq 3 (deleted entries: 3..3)"),
+    "reorder audit lines": (reorder_audit_lines, "audit.jsonl: sequence out of order at seq 3"),
+    "edit an audit line": (edit_audit_line, "audit.jsonl: chain break at seq 3"),
+    "cut the audit log before a sealing": (cut_audit_before_a_sealing, "bob-p1.mitm: sealed, but the audit log does not record its sealing"),
+    "delete a recording": (delete_recording, "alice-p1.mitm: recording missing (referenced by the audit log at seq 1"),
+    "plant a recording": (plant_recording, "planted-p1.mitm: not referenced by the audit log"),
+    "sign with an unknown key": (sign_with_unknown_key, "alice-p1.mitm: manifest: unknown key"),
+}
+
+
+def test_untouched_tree_is_valid(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = verify(tree, capsys)
+    assert code == 0, out
+    assert out.count("\nOK ") + out.startswith("OK ") == 3
+    assert out.splitlines()[-1] == "VALID: 3 item(s): 3 OK, 0 invalid, 0 unsealed"
+
+
+@pytest.mark.parametrize("name", list(TAMPERING))
+def test_tampering_is_detected(tree: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    tamper, expected = TAMPERING[name]
+    tamper(tree)
+    code, out = verify(tree, capsys)
+    assert code == 1, out
+    assert expected in out, out
+    assert out.splitlines()[-1].startswith("INVALID: ")
+
+
+def test_truncating_the_audit_tail_below_a_trusted_checkpoint(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = verify(tree, capsys)
+    trusted = out.split("last_checkpoint ")[1].split()[0].rstrip(",")
+    lines = audit_lines(tree)
+    checkpoints = [i for i, line in enumerate(lines) if b'"event":"checkpoint"' in line]
+    set_audit(tree, lines[: checkpoints[1] + 1])  # cut back to an earlier, validly signed checkpoint
+    code, out = verify(tree, capsys)
+    assert code == 1 and "bob-p1.mitm: not referenced by the audit log" in out  # what it no longer mentions betrays it...
+    bob = tree / "bob-p1.mitm"
+    bob.unlink(), manifest_path(bob).unlink()  # ...unless they are deleted too: the trusted checkpoint still catches it
+    assert verify(tree, capsys)[0] == 0
+    code, out = verify(tree, capsys, "--trusted-checkpoint", trusted)
+    assert code == 1 and f"truncated below trusted checkpoint seq {trusted.split(':')[0]}" in out, out
+
+
+def test_trusted_checkpoint_reached_is_valid(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = verify(tree, capsys)[1]
+    trusted = out.split("last_checkpoint ")[1].split()[0].rstrip(",")
+    assert verify(tree, capsys, "--trusted-checkpoint", trusted)[0] == 0
+
+
+def test_crash_leaves_an_unsealed_tail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A gateway killed mid-session: the manifest's last checkpoint covers every flow it
+    had added; verify says unsealed (exit 1) unless the tail is allowed."""
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    log = AuditLog(directory / "audit.jsonl", signer, checkpoint_entries=100)
+    rec = record(directory, log, signer, "alice", ["a", "b"], seal=False)
+    rec.abandon()
+    code, out = verify(directory, capsys)
+    assert code == 1
+    assert "UNSEALED " + str(rec.path) + ": unsealed: not closed cleanly; 2 flow(s) signed, 0 flow(s) after the last checkpoint" in out
+    assert "audit.jsonl: unsealed tail: 2 entries after the last checkpoint" in out
+    assert verify(directory, capsys, "--allow-unsealed-tail")[0] == 0
+
+
+@pytest.mark.parametrize("path", ["missing-dir", "notes.txt"])
+def test_unreadable_input_exits_2(tree: Path, capsys: pytest.CaptureFixture[str], path: str) -> None:
+    (tree.parent / "notes.txt").write_text("")
+    assert main(["verify", str(tree.parent / path), "--public-key", str(tree.parent / "key.pub")]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_usage_error_exits_2(tree: Path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["verify", str(tree)])  # no --public-key
+    assert exited.value.code == 2
+
+
+def test_json_output(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flip_byte(tree)
+    code, out = verify(tree, capsys, "--json")
+    lines = [orjson.loads(line) for line in out.splitlines()]
+    assert code == 1 and lines[-1]["valid"] is False and lines[-1]["INVALID"] == 1
+    (bad,) = [x for x in lines[:-1] if x["status"] == "INVALID"]
+    assert bad["reasons"] == ["hash mismatch (flow 2 of 3)"] and bad["kind"] == "recording"
+
+
+def test_evidence_bundle_verifies_offline(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "evidence.tar.gz"
+    code = main(["evidence", "--since", "2000-01-01", "--until", "2999-01-01", "-o", str(bundle),
+                 "--recordings", str(tree), "--public-key", str(tmp_path / "key.pub")])
+    assert code == 0, capsys.readouterr()
+    capsys.readouterr()
+    with tarfile.open(bundle) as archive:
+        names = set(archive.getnames())
+    assert {"evidence/audit.jsonl", "evidence/alice-p1.mitm", "evidence/bob-p1.manifest.json",
+            "evidence/keys/key.pub", "evidence/report.txt", "evidence/bundle.json"} <= names
+    assert main(["verify", str(bundle), "--public-key", str(tmp_path / "key.pub")]) == 0, capsys.readouterr().out
+
+
+def test_evidence_window_ending_before_a_session_is_sealed(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slice is extended to the sealing of the recordings it references, so a window
+    that ends while a session was open still verifies; other sessions stay out."""
+    days = iter(range(1, 29))
+    clock = SimpleNamespace(time=time.time, strftime=time.strftime,
+                            gmtime=lambda *_: time.struct_time((2026, 2, next(days), 0, 0, 0, 0, 32, 0)))
+    monkeypatch.setattr(audit_module, "time", clock)  # each audit entry one day later
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    log = AuditLog(directory / "audit.jsonl", signer, checkpoint_entries=2)
+    record(directory, log, signer, "alice", ["one", "two", "three"])
+    record(directory, log, signer, "bob", ["four"])
+    log.close()
+    bundle = tmp_path / "window.tar.gz"
+    assert main(["evidence", "--since", "2026-02-01", "--until", "2026-02-01", "-o", str(bundle),
+                 "--recordings", str(directory), "--public-key", str(tmp_path / "key.pub")]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(bundle), "--public-key", str(tmp_path / "key.pub")]) == 0, capsys.readouterr().out
+    with tarfile.open(bundle) as archive:
+        names = archive.getnames()
+        sliced = archive.extractfile("evidence/audit.jsonl").read().splitlines()
+    assert "evidence/alice-p1.mitm" in names and "evidence/bob-p1.mitm" not in names
+    assert [orjson.loads(line)["event"] for line in sliced] == ["request", "request", "checkpoint", "request", "recording_sealed", "checkpoint"]
+
+
+@pytest.mark.parametrize("tamper", ["flip", "reorder", "truncate"])
+def test_tampering_under_an_open_checkpoint_is_detected(tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str) -> None:
+    """An open part's checkpoint lists no flows (its signed count and chain stand for
+    them): a changed, reordered or cut flow is still INVALID, not merely unsealed."""
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    log = AuditLog(directory / "audit.jsonl", signer, checkpoint_entries=100)
+    rec = record(directory, log, signer, "alice", ["first flow", "second flow", "third flow"], seal=False)
+    rec.abandon()
+    assert orjson.loads(manifest_path(rec.path).read_bytes())["flows"] is None
+    data, parts = memoryview(rec.path.read_bytes()), []
+    while data:
+        _, rest = tnetstring.pop(data)
+        parts.append(bytes(data[: len(data) - len(rest)]))
+        data = rest
+    f1, f2, f3 = parts
+    rec.path.write_bytes({
+        "flip": f1 + f2.replace(b"second", b"sEcond") + f3,
+        "reorder": f2 + f1 + f3,
+        "truncate": f1 + f2,
+    }[tamper])
+    code, out = verify(directory, capsys, "--allow-unsealed-tail")
+    assert code == 1
+    assert f"INVALID {rec.path}: " in out
+
+
+def test_planted_bundle_json_does_not_hide_a_deleted_audit_head(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bundle.json` is unsigned: in a plain directory it must not turn a deleted head of
+    the audit log into an evidence excerpt's start."""
+    lines = audit_lines(tree)
+    head = orjson.loads(lines[4])
+    assert head["seq"] == 5
+    set_audit(tree, lines[4:])  # seq 1..4 deleted
+    (tree / "bundle.json").write_bytes(orjson.dumps({"audit_start": {"seq": head["seq"], "prev": head["prev"]}}))
+    code, out = verify(tree, capsys)
+    assert code == 1, out
+    assert "sequence gap at seq 1 (deleted entries: 1..4)" in out, out
+    assert out.splitlines()[-1].startswith("INVALID: ")
