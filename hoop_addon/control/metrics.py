@@ -29,12 +29,24 @@ MASKED_VALUES = Counter(
     "hoop_masked_values", "Values masked, by masking rule and part (request/response).", ["rule", "part"], registry=REGISTRY
 )
 BLOCKS = Counter("hoop_blocks", "Requests blocked, by rule.", ["rule"], registry=REGISTRY)
+REFUSALS = Counter(
+    "hoop_refusals",
+    "Flows the gateway refused or withheld, by stage and reason code (expired, unmaskable_request, recording_failed, ...).",
+    ["stage", "reason"], registry=REGISTRY,
+)
+ENFORCING = Gauge(
+    "hoop_enforcing", "1 while the gateway can enforce its policy (what /healthz says), else 0.", registry=REGISTRY
+)
 SHADOW_MATCHES = Counter(
     "hoop_shadow_matches",
     "What shadow-mode (`action: log`) rules would have done, by rule and kind (block, approval: requests; masking: values).",
     ["rule", "kind"], registry=REGISTRY,
 )
 APPROVALS_PENDING = Gauge("hoop_approvals_pending", "Flows held for approval now.", registry=REGISTRY)
+APPROVAL_OLDEST = Gauge(
+    "hoop_approval_oldest_pending_seconds", "How long the oldest pending approval has waited, in seconds (0: none).",
+    registry=REGISTRY,
+)
 APPROVALS_DECIDED = Counter(
     "hoop_approvals_decided", "Approval decisions, by outcome (approved/denied/timeout).", ["outcome"], registry=REGISTRY
 )

@@ -16,7 +16,7 @@ from hoop_addon.approvals import webhook
 from hoop_addon.approvals.queue import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
 from hoop_addon.control.server import approval_handlers
 from hoop_addon.identity.verifier import TokenError
-from hoop_addon.control.metrics import APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
+from hoop_addon.control.metrics import APPROVAL_OLDEST, APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
 from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
@@ -60,6 +60,7 @@ class Approve(Stage):
         self.policy, self.control, self.audit = policy, control, audit
         self.queue = ApprovalQueue(on_close=_observe)
         APPROVALS_PENDING.set_function(lambda: len(self.queue.pending()))
+        APPROVAL_OLDEST.set_function(self._oldest_wait)
         self.wakeups: dict[str, asyncio.Event] = {}
         self.held: dict[str, http.HTTPFlow] = {}
         self.finished = asyncio.Event()
@@ -68,6 +69,11 @@ class Approve(Stage):
         self.sweeper: asyncio.Task[None] | None = None
         for pattern, handler, kwargs in approval_handlers(self):
             control.server.add(pattern, handler, kwargs)
+
+    def _oldest_wait(self) -> float:
+        """Seconds the oldest pending approval has waited (0 when none is pending)."""
+        pending = self.queue.pending()
+        return max(0.0, self.queue.clock() - min(p.created for p in pending)) if pending else 0.0
 
     def load(self, loader) -> None:
         loader.add_option("hoop_webhook", str, "", "http(s) URL to POST each pending approval to (JSON with a Slack `text`).")

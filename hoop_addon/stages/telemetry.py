@@ -7,7 +7,9 @@ import logging
 from mitmproxy import http, log
 
 from hoop_addon.control.server import HealthHandler, MetricsHandler
-from hoop_addon.control.metrics import BLOCKS, JWT_FAILURES, MASKED_VALUES, REQUESTS, SHADOW_MATCHES, exposition, labelled
+from hoop_addon.control.metrics import (
+    BLOCKS, ENFORCING, JWT_FAILURES, MASKED_VALUES, REFUSALS, REQUESTS, SHADOW_MATCHES, exposition, labelled,
+)
 from hoop_addon.stages import Stage, hoop
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
@@ -39,7 +41,8 @@ def would_log(logger: logging.Logger, level: int = logging.INFO) -> bool:
 
 class Telemetry(Stage):
     """Counts each finished flow from its hoop record (`hoop_requests`,
-    `hoop_jwt_failures`, `hoop_masked_values`, `hoop_blocks`, `hoop_shadow_matches`)
+    `hoop_jwt_failures`, `hoop_refusals`, `hoop_masked_values`, `hoop_blocks`,
+    `hoop_shadow_matches`)
     and logs it as one `key=value` line: flow id, subject, route, outcome, stage,
     reason, status and the number of masked values. Never a token, a credential or a body value. The line goes
     to the `hoop.decision` logger, i.e. to mitmproxy's log like any other, but not to
@@ -47,15 +50,17 @@ class Telemetry(Stage):
     every addon cost more than the rest of this stage. It is built only when a handler
     would keep it (`termlog_verbosity` info or debug, or a handler of the user's).
 
-    Serves `/metrics` and `/healthz` on the control API; health fails (503) while
-    enforcement cannot work: no policy loaded, an issuer whose JWKS was never fetched,
-    no signing key where the policy requires one, no audit log open.
+    Serves `/metrics` and `/healthz` on the control API; health fails (503), and the
+    gauge `hoop_enforcing` is 0, while enforcement cannot work: no policy loaded, an
+    issuer whose JWKS was never fetched, no signing key where the policy requires one,
+    no audit log open.
     """
 
     def __init__(self, policy: PolicyStage, audit: Audit, control: Control) -> None:
         self.policy, self.audit = policy, audit
         control.server.add(r"/metrics", MetricsHandler, {"exposition": exposition})
         control.server.add(r"/healthz", HealthHandler, {"problems": self.problems})
+        ENFORCING.set_function(lambda: 0.0 if self.problems() else 1.0)
 
     def problems(self) -> list[str]:
         """Why enforcement cannot work now; empty when it can."""
@@ -104,8 +109,10 @@ class Telemetry(Stage):
             masked += evidence["count"]
         for shadow in record.get("shadow", []):
             labelled(SHADOW_MATCHES, shadow["rule"], shadow["action"]).inc()
-        if decision.get("stage") == "guard" and decision.get("rule") and outcome != "allow":
-            labelled(BLOCKS, decision["rule"]).inc()
+        if outcome != "allow" and (reason := decision.get("reason")):
+            labelled(REFUSALS, decision.get("stage") or "-", reason).inc()
+            if decision.get("stage") == "guard" and decision.get("rule"):
+                labelled(BLOCKS, decision["rule"]).inc()
         if not would_log(DECISIONS):
             return
         identity = record.get("identity") or {}

@@ -42,6 +42,8 @@ def test_metrics_count_decisions_and_never_hold_secrets(gateway: Gateway, upstre
     after = response.text
     assert metric(after, "hoop_requests_total", route="llm", outcome="allow") == metric(before, "hoop_requests_total", route="llm", outcome="allow") + 1
     assert metric(after, "hoop_jwt_failures_total", reason="expired") == metric(before, "hoop_jwt_failures_total", reason="expired") + 1
+    refused = {"stage": "identity", "reason": "expired"}
+    assert metric(after, "hoop_refusals_total", **refused) == metric(before, "hoop_refusals_total", **refused) + 1
     assert metric(after, "hoop_masked_values_total", rule="pii-in", part="request") >= 1
     assert metric(after, "hoop_stage_seconds_count", stage="Identify", hook="requestheaders") >= 1
     for secret in (token, UPSTREAM_KEY, "me@example.com"):
@@ -68,6 +70,7 @@ def test_one_log_line_per_decision_without_secrets(gateway: Gateway, upstream: F
 def test_health_ok_when_enforcing(gateway: Gateway) -> None:
     response = httpx.get(f"{gateway.control_url}/healthz")
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert metric(httpx.get(f"{gateway.control_url}/metrics").text, "hoop_enforcing") == 1.0
 
 
 def test_health_fails_while_jwks_was_never_fetched(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
@@ -80,5 +83,6 @@ def test_health_fails_while_jwks_was_never_fetched(tmp_path: Path, idp: LocalIdP
         response = httpx.get(f"{gateway.control_url}/healthz")
         assert response.status_code == 503
         assert response.json() == {"status": "failing", "problems": [f"issuer {idp.issuer}: JWKS never fetched"]}
+        assert metric(httpx.get(f"{gateway.control_url}/metrics").text, "hoop_enforcing") == 0.0
     finally:
         gateway.stop()

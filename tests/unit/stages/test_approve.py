@@ -12,6 +12,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
+from hoop_addon.control.metrics import REGISTRY
 from hoop_addon.identity.verifier import Verifier
 from hoop_addon.policy.model import ApprovalRule, Conditions, Policy
 from hoop_addon.stages import hoop, mark_admitted
@@ -73,9 +74,13 @@ async def _console_commands_approve_as_the_local_operator(stage: Approve) -> Non
         (line,) = tctx.master.commands.execute("hoop.pending")
         approval_id = line.split()[0]
         assert "rule=risky requester=agent-1 POST" in line
+        assert REGISTRY.get_sample_value("hoop_approvals_pending") == 1
+        stage.queue.clock = lambda: stage.queue.items[approval_id].created + 42.5
+        assert REGISTRY.get_sample_value("hoop_approval_oldest_pending_seconds") == 42.5
         tctx.master.commands.execute(f'hoop.approve {approval_id} "checked by hand"')
         await asyncio.wait_for(task, 5)
         assert flow.response is None and not flow.intercepted
+        assert REGISTRY.get_sample_value("hoop_approvals_pending") == 0 and REGISTRY.get_sample_value("hoop_approval_oldest_pending_seconds") == 0.0
         record = hoop(flow)["approval"]
         assert record["status"] == "approved"
         assert record["decisions"][0] | {"at": None} == {
