@@ -1,9 +1,11 @@
 """The gateway: `mitmdump -s hoop_addon/addon.py --set hoop_rules=rules`.
 
 The chain, in hook order: identify -> admit (route) -> guard (block rules; approval
-needed?) -> mask request -> approve (hold or ticket) -> inject credential -> upstream
--> mask response -> record -> audit -> telemetry (metrics, decision log) -> restore
-(tokenized values, for the client only).
+needed?) -> mask request -> rate limits and budgets -> approve (hold or ticket) ->
+inject credential -> upstream -> mask response -> count the response's token usage ->
+record -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for
+the client only). (Rate limits count requests in `requestheaders`, before any body is
+read; they sit after masking so as to read a stream's usage as masking emits it.)
 """
 
 from hoop_addon.stages.admit import Admit
@@ -13,6 +15,7 @@ from hoop_addon.stages.control import Control
 from hoop_addon.stages.credentials import InjectCredential
 from hoop_addon.stages.guard import Guard
 from hoop_addon.stages.identify import Identify
+from hoop_addon.stages.limit import RateLimit
 from hoop_addon.stages.mask import Mask, Restore
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
@@ -25,6 +28,6 @@ control = Control()  # the control API; stages add their handlers to it
 mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
 
 addons = [
-    policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, Approve(policy, control, audit),
+    policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, RateLimit(policy, mask), Approve(policy, control, audit),
     InjectCredential(mask), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
 ]

@@ -34,6 +34,10 @@ REFUSALS = Counter(
     "Flows the gateway refused or withheld, by stage and reason code (expired, unmaskable_request, recording_failed, ...).",
     ["stage", "reason"], registry=REGISTRY,
 )
+RATE_LIMITED = Counter(
+    "hoop_rate_limited", "Flows over a rate limit or budget, by limit (refused, or only counted in shadow mode).",
+    ["limit"], registry=REGISTRY,
+)
 ENFORCING = Gauge(
     "hoop_enforcing", "1 while the gateway can enforce its policy (what /healthz says), else 0.", registry=REGISTRY
 )

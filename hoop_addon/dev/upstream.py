@@ -226,10 +226,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "created": int(time.time()),
             "model": request.get("model", "fake-model"),
         }
-        if request.get("stream") is True:
-            self._stream(meta, reply)
-            return
         prompt_tokens = _rough_tokens(orjson.dumps(messages).decode())
+        if request.get("stream") is True:
+            options = request.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            self._stream(meta, reply, (prompt_tokens, _rough_tokens(reply)) if usage else None)
+            return
         completion_tokens = _rough_tokens(reply)
         completion = {
             **meta,
@@ -249,21 +251,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         self._send(200, orjson.dumps(completion), headers={"X-Echo-Authorization": authorization} if echo else None)
 
-    def _stream(self, meta: dict[str, Any], reply: str) -> None:
-        """Send ``reply`` as SSE ``chat.completion.chunk`` events, one HTTP chunk each."""
+    def _stream(self, meta: dict[str, Any], reply: str, usage: tuple[int, int] | None = None) -> None:
+        """Send ``reply`` as SSE ``chat.completion.chunk`` events, one HTTP chunk each;
+        with ``usage`` (prompt, completion tokens), a last chunk reports it, as OpenAI
+        does for ``stream_options: {"include_usage": true}``."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for event in _sse_events(meta, reply):
+        for event in _sse_events(meta, reply, usage):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
 
-def _sse_events(meta: dict[str, Any], reply: str) -> Iterator[bytes]:
+def _sse_events(meta: dict[str, Any], reply: str, usage: tuple[int, int] | None = None) -> Iterator[bytes]:
     """The SSE events of a streamed completion, each ``data: ...\\n\\n``."""
 
     def chunk(delta: dict[str, str], finish_reason: str | None = None) -> bytes:
@@ -278,6 +282,10 @@ def _sse_events(meta: dict[str, Any], reply: str) -> Iterator[bytes]:
     for i in range(0, len(reply), STREAM_PIECE_CHARS):
         yield chunk({"content": reply[i : i + STREAM_PIECE_CHARS]})
     yield chunk({}, "stop")
+    if usage is not None:
+        doc = {**meta, "object": "chat.completion.chunk", "choices": [],
+               "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}}
+        yield b"data: " + orjson.dumps(doc) + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 

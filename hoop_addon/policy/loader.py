@@ -25,7 +25,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hoop_addon.identity.verifier import key_url_allowed
 from hoop_addon.masking.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
-from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions, Credential, Issuer, MaskRule, Policy, RecordingPolicy, Route
+from hoop_addon.policy.model import (
+    ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Policy, RecordingPolicy, Route,
+)
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer")
@@ -274,6 +276,8 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
     names = {}
     block_rules = tuple(_block_rule(m, names, route_names) for _, m in sections("block"))
     approval_rules = tuple(_approval_rule(m, names, route_names) for _, m in sections("approvals"))
+    names = {}
+    limits = tuple(_limit(m, names, route_names) for _, m in sections("limits"))
 
     token_sources: tuple[str, ...] = TOKEN_SOURCES
     if identity := single("identity"):
@@ -289,7 +293,7 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
         defaults.finish()
     recording = _recording(single("recording"), single("audit"))
     for doc in docs:
-        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes", "block", "approvals", "recording", "audit"))
+        doc.finish(("version", "issuers", "identity", "defaults", "detectors", "masking", "routes", "block", "approvals", "recording", "audit", "limits"))
     if routes and not issuers:
         raise PolicyError(str(files[0]), 1, "issuers", "routes need at least one trusted issuer")
     return Policy(
@@ -303,6 +307,7 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
         approval_rules=approval_rules,
         max_pending=max_pending,
         recording=recording,
+        limits=limits,
     )
 
 
@@ -598,6 +603,36 @@ def _approval_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> App
     )
     m.finish()
     return rule
+
+
+LIMIT_KEYS = ("subject", "group", "route", "client_id")
+LIMIT_AMOUNTS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
+
+
+def _limit(m: _Map, names: dict[str, str], route_names: set[str]) -> Limit:
+    """One `limits:` item: `name`, `per` (subject | group | route | client_id; a list,
+    default subject; [] for one count shared by all), `when` (`routes`, `groups`,
+    `subjects`; optional), at least one of `requests_per_minute`, `tokens_per_minute`,
+    `tokens_per_day` (1..10^12), `action` (enforce | log)."""
+    name = _name(m, names, "limit")
+    per = tuple(_choice(v, LIMIT_KEYS, loc, n) for v, loc, n in m.listed("per")) if m.has("per") else ("subject",)
+    if len(set(per)) != len(per):
+        raise m.loc.at("per").error(m.node("per"), "names a key twice")
+    when = m.sub("when") if m.has("when") else None
+    routes = groups = subjects = frozenset()
+    if when is not None:
+        for route, loc, node in when.listed("routes"):
+            if route not in route_names:
+                raise loc.error(node, f"unknown route '{route}'")
+        routes = frozenset(r for r, _, _ in when.listed("routes"))
+        groups, subjects = frozenset(when.texts("groups", ())), frozenset(when.texts("subjects", ()))
+        when.finish()
+    amounts = {key: _bounded(m, key, 0, 1, 10**12) for key in LIMIT_AMOUNTS if m.has(key)}
+    action = _choice(m.text("action", "enforce"), ("enforce", "log"), m.loc.at("action"), m.where("action"))
+    m.finish(("name", "per", "when", "action", *LIMIT_AMOUNTS))  # a misspelt amount is named before it is missed
+    if not amounts:
+        raise m.loc.error(m.mapping, f"a limit needs at least one of: {', '.join(LIMIT_AMOUNTS)}")
+    return Limit(name, per, routes, groups, subjects, action=action, **amounts)  # type: ignore[arg-type]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -221,6 +221,52 @@ class ApprovalRule:
     action: Literal["require", "log"] = "require"
 
 
+LimitKey = Literal["subject", "group", "route", "client_id"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A rate limit or budget (`limits:`): at most `requests_per_minute` requests,
+    `tokens_per_minute` and `tokens_per_day` LLM tokens (prompt tokens estimated from
+    the request, completion tokens as the provider's `usage` reports them), counted
+    over sliding windows, separately for each value of `per` (e.g. ("subject",): each
+    caller has its own count; ("group",): the members of a group share one; (): one
+    count for everybody). It applies to the flows matching `routes`, `groups` and
+    `subjects` (empty: any). `action` "log" is shadow mode: a flow over the limit is
+    only audited and counted as such."""
+
+    name: str
+    per: tuple[LimitKey, ...] = ("subject",)
+    routes: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    subjects: frozenset[str] = frozenset()
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    action: Literal["enforce", "log"] = "enforce"
+
+    def applies(self, route: str | None, subject: str, groups: tuple[str, ...] | list[str]) -> bool:
+        """True when a flow on `route` by `subject` with `groups` is counted."""
+        return (
+            (not self.routes or route in self.routes)
+            and (not self.subjects or subject in self.subjects)
+            and (not self.groups or not self.groups.isdisjoint(groups))
+        )
+
+    def keys(self, route: str | None, identity: dict[str, Any]) -> list[tuple[str | None, ...]]:
+        """The counts a flow is charged to: one per combination of `per` (a caller in
+        two counted groups is charged to both groups' counts)."""
+        groups = [g for g in identity.get("groups") or () if not self.groups or g in self.groups] or [None]
+        values = {
+            "subject": [identity.get("subject")], "route": [route], "client_id": [identity.get("client_id")],
+            "group": groups,
+        }
+        keys: list[tuple[str | None, ...]] = [()]
+        for dimension in self.per:
+            keys = [(*k, v) for k in keys for v in values[dimension]]
+        return keys
+
+
 @dataclass(frozen=True, slots=True)
 class RecordingPolicy:
     """How sessions are recorded and the audit log kept (`recording:` and `audit:`).
@@ -258,6 +304,7 @@ class Policy:
     `block_rules` and `approval_rules` apply in file order (first match);
     `max_pending` caps the approvals waiting at once. `recording` holds the recording
     and audit settings; a route's `retention` (seconds) overrides its default.
+    `limits` are the rate limits and budgets, all of which apply.
     """
 
     files: tuple[str, ...]
@@ -270,6 +317,7 @@ class Policy:
     approval_rules: tuple[ApprovalRule, ...] = ()
     max_pending: int = 100
     recording: RecordingPolicy = RecordingPolicy()
+    limits: tuple[Limit, ...] = ()
 
     def route_for(self, host: str, port: int, path: str, method: str) -> Route | None:
         """The first route, in file order, that matches the request; None if none does."""

@@ -147,6 +147,7 @@ class Audit(Stage):
                 decision=record.get("decision", {"outcome": "deny", "reason": "not_decided"}),
                 status=flow.response.status_code if flow.response else None,
                 masked=record.get("masked", []),
+                usage=record.get("usage"),
                 credential=record.get("credential"),
                 session=record.get("session"),
                 recording=record.get("recording"),

@@ -60,10 +60,10 @@ class Guard(Stage):
             refuse(flow, 422, "guard", "uninspectable_request", f"request body could not be inspected: {exc}")
             return
         if shadow:
-            record["shadow"] = [
+            record.setdefault("shadow", []).extend(  # a shadow limit may have noted one already
                 {"rule": r.name, "action": "block" if isinstance(r, BlockRule) else "approval", "reason": r.reason}
                 for r in shadow
-            ]
+            )
             record["decision"]["shadow"] = record["shadow"]
         if block is not None:
             refuse(flow, 403, "guard", "blocked", f"blocked by rule '{block.name}': {block.reason}")

@@ -1,0 +1,2 @@
+"""Rate limits and budgets: sliding-window counters (`counter`) and the token usage
+LLM providers report (`usage`)."""

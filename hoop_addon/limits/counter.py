@@ -1,0 +1,124 @@
+"""Counting for rate limits and budgets (pure: no mitmproxy; the clock is injectable).
+
+A `Window` counts what happened in the last `span` seconds in `slots` equal slots
+(a ring: the oldest slot is dropped as time moves on), so a limit is a sliding window
+at the slot's resolution, not a fixed window that lets twice the limit through around
+its edge. `Counters` keeps one window per (limit name, key, kind), bounded: the least
+recently used windows are forgotten first (an idle key's count would be 0 anyway by
+the time it is forgotten, unless more than `max_windows` keys are active at once).
+
+The scale-out issue's shared store will implement the same `Counters` interface
+(`charge`, `used`, `retry_after`) across workers; until then counts are per process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+
+class Window:
+    """A sliding-window counter over `span` seconds in `slots` slots.
+
+    `used(now)` is the sum of the last `span` seconds; `add(now, n)` adds `n` (may be
+    negative: a correction, never below 0 in a slot); `retry_after(now, need, limit)`
+    is how many seconds until `used + need <= limit`, given no new charges (0 if it
+    already holds; `math.inf` if `need > limit`: it never will).
+    """
+
+    __slots__ = ("span", "width", "counts", "epoch")
+
+    def __init__(self, span: float, slots: int) -> None:
+        self.span, self.width = span, span / slots
+        self.counts = [0.0] * slots
+        self.epoch = 0  # index of the newest slot, in slot widths since the Unix epoch
+
+    def _roll(self, now: float) -> int:
+        current = int(now // self.width)
+        gone = current - self.epoch
+        if gone > 0:
+            n = len(self.counts)
+            for i in range(1, min(gone, n) + 1):
+                self.counts[(self.epoch + i) % n] = 0.0
+            self.epoch = current
+        return current % len(self.counts)
+
+    def used(self, now: float) -> float:
+        self._roll(now)
+        return sum(self.counts)
+
+    def add(self, now: float, n: float) -> None:
+        slot = self._roll(now)
+        if n >= 0:
+            self.counts[slot] += n
+            return
+        # A correction downward (an estimate was too high): take it from the newest
+        # slots first, never below zero.
+        left, k = -n, len(self.counts)
+        for back in range(k):
+            i = (slot - back) % k
+            take = min(left, self.counts[i])
+            self.counts[i] -= take
+            left -= take
+            if not left:
+                break
+
+    def retry_after(self, now: float, need: float, limit: float) -> float:
+        if need > limit:
+            return math.inf
+        self._roll(now)
+        excess = sum(self.counts) + need - limit
+        if excess <= 0:
+            return 0.0
+        k = len(self.counts)
+        start = (self.epoch + 1) % k  # the oldest slot
+        for age in range(k):
+            excess -= self.counts[(start + age) % k]
+            if excess <= 0:
+                # that slot leaves the window at the end of its width
+                return max(0.0, (self.epoch + 1 + age) * self.width - now)
+        return self.span
+
+
+# Each kind of limit: its window span (seconds) and slot count (resolution span/slots).
+KINDS: dict[str, tuple[float, int]] = {
+    "requests_per_minute": (60.0, 60),
+    "tokens_per_minute": (60.0, 60),
+    "tokens_per_day": (86_400.0, 96),
+}
+
+
+class Counters:
+    """Windows by (limit name, key, kind), at most `max_windows` (least recently used
+    forgotten first). `clock` gives Unix seconds. Used from one event loop: not
+    thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_windows: int = 100_000) -> None:
+        self.clock = clock
+        self.max_windows = max_windows
+        self._windows: OrderedDict[tuple[str, Hashable, str], Window] = OrderedDict()
+
+    def _window(self, name: str, key: Hashable, kind: str) -> Window:
+        ident = (name, key, kind)
+        window = self._windows.get(ident)
+        if window is None:
+            window = self._windows[ident] = Window(*KINDS[kind])
+            while len(self._windows) > self.max_windows:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(ident)
+        return window
+
+    def retry_after(self, name: str, key: Hashable, kind: str, need: float, limit: float) -> float:
+        """Seconds until `need` more fits under `limit` in this window (0: now)."""
+        return self._window(name, key, kind).retry_after(self.clock(), need, limit)
+
+    def charge(self, name: str, key: Hashable, kind: str, n: float) -> None:
+        """Count `n` (requests or tokens) now."""
+        self._window(name, key, kind).add(self.clock(), n)
+
+    def used(self, name: str, key: Hashable, kind: str) -> float:
+        """What the window holds now."""
+        return self._window(name, key, kind).used(self.clock())

@@ -1,0 +1,107 @@
+"""The token usage LLM providers report, from a response body or as a stream passes
+(pure: bytes and JSON in, counts out).
+
+Where each provider puts it:
+- OpenAI Chat Completions: `usage.prompt_tokens` / `usage.completion_tokens`; streamed,
+  in the last chunk when the request asks for it (`stream_options.include_usage`).
+- OpenAI Responses: `usage.input_tokens` / `usage.output_tokens`; streamed, in the
+  `response.completed` event's `response.usage`.
+- Anthropic Messages: `usage.input_tokens` / `usage.output_tokens`; streamed,
+  `message_start`'s `message.usage` and `message_delta`'s `usage` (cumulative).
+- Gemini: `usageMetadata.promptTokenCount` / `candidatesTokenCount`.
+- Ollama (NDJSON): `prompt_eval_count` / `eval_count` in the final line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_PAIRS = (
+    ("prompt_tokens", "completion_tokens"),
+    ("input_tokens", "output_tokens"),
+    ("promptTokenCount", "candidatesTokenCount"),
+)
+_HINTS = (b"usage", b"TokenCount", b"eval_count")
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens a provider reported: `prompt` (input) and `completion` (output); None for
+    a count it did not report."""
+
+    prompt: int | None = None
+    completion: int | None = None
+
+    def merge(self, other: Usage) -> None:
+        """Take the larger of each count (streamed counts are cumulative)."""
+        for name in ("prompt", "completion"):
+            theirs = getattr(other, name)
+            if theirs is not None and (getattr(self, name) is None or theirs > getattr(self, name)):
+                setattr(self, name, theirs)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_of(doc: Any) -> Usage | None:
+    """The usage a JSON response document (or one streamed event) reports, or None."""
+    if not isinstance(doc, dict):
+        return None
+    found = Usage()
+    for holder in (doc.get("usage"), doc.get("usageMetadata"), (doc.get("message") or {}).get("usage")
+                   if isinstance(doc.get("message"), dict) else None,
+                   (doc.get("response") or {}).get("usage") if isinstance(doc.get("response"), dict) else None):
+        if not isinstance(holder, dict):
+            continue
+        for prompt, completion in _PAIRS:
+            found.merge(Usage(_count(holder.get(prompt)), _count(holder.get(completion))))
+    if "eval_count" in doc or "prompt_eval_count" in doc:
+        found.merge(Usage(_count(doc.get("prompt_eval_count")), _count(doc.get("eval_count"))))
+    return found if found.prompt is not None or found.completion is not None else None
+
+
+def usage_in_body(body: bytes) -> Usage | None:
+    """The usage a whole response body reports: JSON, an SSE stream or NDJSON (the
+    counts of every event merged). None when there is none or the body is not JSON."""
+    try:
+        return usage_of(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        pass
+    scanner = StreamUsage()
+    scanner.feed(body, final=True)
+    return scanner.usage if scanner.found else None
+
+
+class StreamUsage:
+    """Reads the usage out of a response as it streams, SSE (`data:` lines) or NDJSON,
+    without holding it back: `feed(chunk)` looks at whole lines only, and parses just
+    those that can hold a count. `usage` is the merged result; `found` whether any
+    event reported usage."""
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.found = False
+        self._partial = b""
+
+    def feed(self, chunk: bytes, final: bool = False) -> None:
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = b"" if final else lines.pop()
+        for line in lines:
+            if any(h in line for h in _HINTS):
+                self._line(line.strip())
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"data:"):
+            line = line[5:].strip()
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        if (found := usage_of(doc)) is not None:
+            self.usage.merge(found)
+            self.found = True

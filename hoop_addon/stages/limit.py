@@ -1,0 +1,177 @@
+"""Rate limits and budgets per identity, group and route: requests per minute, LLM
+tokens per minute and per day."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+from mitmproxy import http
+
+from hoop_addon.control.metrics import RATE_LIMITED, labelled
+from hoop_addon.limits.counter import Counters
+from hoop_addon.limits.usage import StreamUsage, Usage, usage_in_body
+from hoop_addon.masking.codec import decode
+from hoop_addon.masking.engine import MaskError
+from hoop_addon.policy.conditions import estimate_tokens
+from hoop_addon.policy.model import Limit
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
+from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.policy import PolicyStage
+
+_TOKEN_KINDS = ("tokens_per_minute", "tokens_per_day")
+Charge = tuple[Limit, tuple[str | None, ...]]
+
+
+class RateLimit(Stage):
+    """Applies the policy's `limits` to admitted flows (placed after the Mask stage, so
+    that it can read a stream's usage as Mask's stream callable emits it).
+
+    - `requestheaders`: a flow that would take a count past `requests_per_minute` is
+      refused with 429, `Retry-After` (seconds until the window has room) and reason
+      `rate_limited` naming the limit; otherwise each count it falls under is charged.
+    - `request`: the prompt's tokens are estimated from the decoded body
+      (`estimate_tokens`: bytes / 4) and checked against `tokens_per_minute` and
+      `tokens_per_day` the same way, then charged.
+    - once the response is known (buffered, or as it streams), the provider's reported
+      `usage` adds the completion tokens and replaces the prompt estimate by the
+      reported prompt count (`hoop.usage`: `{"prompt_estimate", "prompt", "completion"}`).
+
+    A limit with `action: log` (shadow mode) refuses nothing: an excess is noted in
+    `hoop.shadow` (`{"rule", "action": "limit", "reason"}`) and the audit line's
+    decision. Counted in `hoop_rate_limited_total{limit}`, enforced or shadow. Counts
+    live in this process (the shared store of the scale-out work will hold them across
+    workers).
+    """
+
+    def __init__(self, policy: PolicyStage, mask: Mask) -> None:
+        self.policy, self.mask = policy, mask  # the Mask stage owns the decoded-size limit
+        self.counters = Counters()
+        self.charges: weakref.WeakKeyDictionary[http.HTTPFlow, list[Charge]] = weakref.WeakKeyDictionary()
+        self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, StreamUsage] = weakref.WeakKeyDictionary()
+
+    def _applicable(self, flow: http.HTTPFlow) -> list[Charge]:
+        if flow.response is not None or not allowed(flow) or (active := self.policy.active) is None:
+            return []
+        record = hoop(flow)
+        identity, route = record.get("identity") or {}, record.get("route")
+        return [
+            (limit, key)
+            for limit in active.policy.limits
+            if limit.applies(route, identity.get("subject", ""), identity.get("groups") or ())
+            for key in limit.keys(route, identity)
+        ]
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        charges = self._applicable(flow)
+        if not charges:
+            return
+        counted = [(limit, key) for limit, key in charges if limit.requests_per_minute]
+        if self._over(flow, counted, "requests_per_minute", 1):
+            return
+        for limit, key in counted:
+            self.counters.charge(limit.name, key, "requests_per_minute", 1)
+        self.charges[flow] = charges
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if (charges := self.charges.get(flow)) is None or flow.response is not None or not allowed(flow):
+            return
+        counted = [(limit, key) for limit, key in charges if limit.tokens_per_minute or limit.tokens_per_day]
+        if not counted:
+            return
+        request = flow.request
+        try:
+            body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
+        except MaskError:
+            body = request.raw_content or b""  # the masking stage refuses what cannot be decoded
+        estimate = estimate_tokens(body)
+        for kind in _TOKEN_KINDS:
+            if self._over(flow, [(lim, k) for lim, k in counted if getattr(lim, kind)], kind, estimate):
+                return
+        self._charge_tokens(counted, estimate)
+        hoop(flow)["usage"] = {"prompt_estimate": estimate, "prompt": None, "completion": None}
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if "usage" not in hoop(flow) or flow.response is None or not callable(inner := flow.response.stream):
+            return
+        scanner = self.streams[flow] = StreamUsage()
+
+        def stream(chunk: bytes) -> list[bytes]:
+            out = inner(chunk)
+            data = out if isinstance(out, bytes) else b"".join(out)
+            scanner.feed(data, final=not chunk)
+            return [data] if data else []
+
+        flow.response.stream = stream
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._settle(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._settle(flow)  # a stream cut short still used the tokens it carried
+
+    def _settle(self, flow: http.HTTPFlow) -> None:
+        """Charge the completion tokens the provider reported, and correct the prompt
+        estimate by its count."""
+        record = hoop(flow)
+        if (usage_record := record.get("usage")) is None or usage_record["completion"] is not None:
+            return
+        charges = [(lim, k) for lim, k in self.charges.get(flow, ()) if lim.tokens_per_minute or lim.tokens_per_day]
+        if (scanner := self.streams.pop(flow, None)) is not None:
+            usage = scanner.usage if scanner.found else None
+        elif flow.response is not None and flow.response.raw_content:
+            try:
+                usage = usage_in_body(decode(flow.response.raw_content, flow.response.headers.get("Content-Encoding", ""),
+                                             self.mask.max_body))
+            except MaskError:
+                usage = None
+        else:
+            usage = None
+        usage = usage or Usage()
+        extra = (usage.completion or 0) + ((usage.prompt - usage_record["prompt_estimate"]) if usage.prompt is not None else 0)
+        self._charge_tokens(charges, extra)
+        usage_record.update(prompt=usage.prompt, completion=usage.completion or 0)
+
+    def _charge_tokens(self, charges: list[Charge], n: float) -> None:
+        if not n:
+            return
+        for limit, key in charges:
+            for kind in _TOKEN_KINDS:
+                if getattr(limit, kind):
+                    self.counters.charge(limit.name, key, kind, n)
+
+    def _over(self, flow: http.HTTPFlow, charges: list[Charge], kind: str, need: float) -> bool:
+        """Refuse the flow (True) if `need` does not fit in an enforced limit's `kind`
+        window; note shadow limits it does not fit either."""
+        worst: tuple[float, Limit] | None = None
+        for limit, key in charges:
+            wait = self.counters.retry_after(limit.name, key, kind, need, getattr(limit, kind))
+            if not wait:
+                continue
+            labelled(RATE_LIMITED, limit.name).inc()
+            if limit.action == "log":
+                self._shadow(flow, limit, kind)
+            elif worst is None or wait > worst[0]:
+                worst = (wait, limit)
+        if worst is None:
+            return False
+        wait, limit = worst
+        what = kind.replace("_", " ")
+        if math.isinf(wait):
+            retry, message = {}, f"limit '{limit.name}': this request alone exceeds its {what} ({getattr(limit, kind)})"
+        else:
+            seconds = max(1, math.ceil(wait))
+            retry, message = {"Retry-After": str(seconds)}, f"limit '{limit.name}' reached ({what}: {getattr(limit, kind)}); retry in {seconds}s"
+        logger.info(f"hoop: {message}")
+        refuse(flow, 429, "limit", "rate_limited", message, retry)
+        hoop(flow)["decision"]["rule"] = limit.name
+        return True
+
+    @staticmethod
+    def _shadow(flow: http.HTTPFlow, limit: Limit, kind: str) -> None:
+        record: Any = hoop(flow)
+        item = {"rule": limit.name, "action": "limit", "reason": f"over {kind.replace('_', ' ')}"}
+        if item not in (shadow := record.setdefault("shadow", [])):
+            shadow.append(item)
+        record["decision"]["shadow"] = shadow

@@ -1,0 +1,124 @@
+"""Rate-limit counting: sliding windows against a brute-force model (seeded), the
+usage providers report, and the `limits:` policy section."""
+
+from __future__ import annotations
+
+import math
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hoop_addon.limits.counter import Window
+from hoop_addon.limits.usage import StreamUsage, Usage, usage_in_body
+from hoop_addon.policy.loader import PolicyError, load_policy
+
+
+def test_windows_agree_with_a_brute_force_count() -> None:
+    """Seeded: random charges over time; `used` equals the sum of the charges still in
+    the window at slot resolution, and `retry_after` is exactly when a need fits."""
+    rng = random.Random(20261202)
+    cases = 0
+    for _ in range(200):
+        span, slots = rng.choice([(60.0, 60), (60.0, 6), (86_400.0, 96)])
+        width = span / slots
+        window, events, now = Window(span, slots), [], 1_700_000_000.0
+        for _ in range(rng.randint(1, 40)):
+            now += rng.random() * width * rng.choice([0.1, 1, 5, slots])
+            n = rng.randint(1, 9)
+            window.add(now, n)
+            events.append((int(now // width), n))
+            current = int(now // width)
+            expected = sum(c for slot, c in events if slot > current - slots)
+            assert window.used(now) == expected
+            limit, need = rng.randint(1, 60), rng.randint(0, 10)
+            wait = window.retry_after(now, need, limit)
+            if need > limit:
+                assert math.isinf(wait)
+                continue
+            later = now + wait
+            fits = lambda t: sum(c for slot, c in events if slot > int(t // width) - slots) + need <= limit  # noqa: E731
+            assert fits(later + 1e-6), (wait, need, limit)
+            assert wait == 0 or not fits(later - width / 2)
+            cases += 1
+    assert cases > 1000
+
+
+def test_a_downward_correction_never_goes_below_zero() -> None:
+    window = Window(60.0, 60)
+    window.add(100.0, 5)
+    window.add(101.0, -50)
+    assert window.used(101.0) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"usage": {"prompt_tokens": 12, "completion_tokens": 30}}', Usage(12, 30)),  # OpenAI chat
+        (b'{"usage": {"input_tokens": 7, "output_tokens": 9}}', Usage(7, 9)),  # Anthropic, Responses
+        (b'{"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}', Usage(3, 4)),  # Gemini
+        (b'data: {"choices": []}\n\ndata: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 8}}\n\ndata: [DONE]\n\n', Usage(5, 8)),
+        (b'event: message_start\ndata: {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}\n\n'
+         b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 42}}\n\n', Usage(10, 42)),
+        (b'data: {"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 6}}}\n\n', Usage(2, 6)),
+        (b'{"message": {"content": "a"}}\n{"done": true, "prompt_eval_count": 4, "eval_count": 11}\n', Usage(4, 11)),  # Ollama
+        (b'{"choices": []}', None),
+        (b"not json", None),
+    ],
+)
+def test_usage_is_read_from_every_provider_shape(body: bytes, expected: Usage | None) -> None:
+    assert usage_in_body(body) == expected
+
+
+def test_streamed_usage_is_found_whatever_the_chunk_boundaries() -> None:
+    body = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: {"usage": {"prompt_tokens": 5, "completion_tokens": 8}}\n\n'
+    for cut in range(len(body) + 1):
+        scanner = StreamUsage()
+        scanner.feed(body[:cut])
+        scanner.feed(body[cut:])
+        scanner.feed(b"", final=True)
+        assert scanner.found and scanner.usage == Usage(5, 8), cut
+
+
+POLICY = """\
+issuers: [{name: idp, issuer: https://idp.example, audience: gw, jwks: https://idp.example/jwks}]
+routes:
+  - {name: llm, match: {hosts: [api.example]}, allow: {groups: [agents]}}
+limits:
+"""
+
+
+def load(tmp_path: Path, limits: str):
+    (tmp_path / "p.yaml").write_text(POLICY + textwrap.indent(textwrap.dedent(limits), "  "))
+    return load_policy(tmp_path / "p.yaml")
+
+
+def test_limits_load_and_key_their_counts(tmp_path: Path) -> None:
+    policy = load(tmp_path, """\
+        - {name: per-agent, requests_per_minute: 60, tokens_per_day: 1000}
+        - {name: per-group, per: [group, route], when: {routes: [llm], groups: [agents, ops]}, tokens_per_minute: 500, action: log}
+        - {name: everybody, per: [], requests_per_minute: 1000}
+    """)
+    per_agent, per_group, everybody = policy.limits
+    identity = {"subject": "a1", "groups": ["agents", "ops", "other"]}
+    assert per_agent.keys("llm", identity) == [("a1",)]
+    assert per_group.keys("llm", identity) == [("agents", "llm"), ("ops", "llm")]
+    assert everybody.keys("llm", identity) == [()]
+    assert per_group.action == "log" and per_group.applies("llm", "a1", ["ops"]) and not per_group.applies("llm", "a1", ["x"])
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ("- {name: x}\n", "needs at least one of"),
+        ("- {name: x, requests_per_minute: 0}\n", "must be 1.."),
+        ("- {name: x, per: [team], requests_per_minute: 1}\n", "'team' is not one of"),
+        ("- {name: x, when: {routes: [nope]}, requests_per_minute: 1}\n", "unknown route 'nope'"),
+        ("- {name: x, request_per_minute: 1}\n", "unknown key"),
+    ],
+)
+def test_limit_errors_name_the_line_and_key(tmp_path: Path, limits: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message) as caught:
+        load(tmp_path, limits)
+    assert caught.value.line >= 5
