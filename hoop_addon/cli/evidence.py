@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from hoop_addon.evidence import bundle, keys
-from hoop_addon.evidence.audit_log import select
+from hoop_addon.evidence.audit_log import as_object, select
 from hoop_addon.evidence.verify import VerifyError, parse_checkpoint, verify_paths
 
 
@@ -99,16 +99,19 @@ COLUMNS = ("seq", "time", "event", "subject", "route", "decision", "status", "ma
 
 
 def _row(e: dict[str, Any]) -> tuple[str, ...]:
-    decision = e.get("decision") or {}
-    approval = e.get("approval") or decision.get("approval") or {}
-    approvers = ",".join(d["approver"] for d in approval.get("decisions") or [] if d.get("approve") and d.get("approver"))
-    masked = ",".join(f"{m.get('rule')}:{sum((m.get('detectors') or {}).values())}" for m in e.get("masked") or [])
-    return (
-        str(e.get("seq", "")), e.get("time", ""), e.get("event", ""), (e.get("identity") or {}).get("subject") or "",
-        e.get("route") or "", " ".join(x for x in (decision.get("outcome"), decision.get("reason")) if x),
-        str(e.get("status") or ""), masked, " ".join(x for x in (approval.get("status"), approvers) if x),
-        Path(e["recording"]).name if e.get("recording") else "",
-    )
+    """One table row; a field of the wrong type (a malformed entry) shows as text, never raises."""
+    decision = as_object(e.get("decision"))
+    approval = as_object(e.get("approval") or decision.get("approval"))
+    decisions = [as_object(d) for d in approval["decisions"]] if isinstance(approval.get("decisions"), list) else []
+    approvers = ",".join(str(d["approver"]) for d in decisions if d.get("approve") and d.get("approver"))
+    masked = ",".join(f"{m.get('rule')}:{sum(v for v in as_object(m.get('detectors')).values() if type(v) is int)}"
+                      for m in map(as_object, e.get("masked") if isinstance(e.get("masked"), list) else []))
+    return tuple(str(x) for x in (
+        e.get("seq", ""), e.get("time", ""), e.get("event", ""), as_object(e.get("identity")).get("subject") or "",
+        e.get("route") or "", " ".join(str(x) for x in (decision.get("outcome"), decision.get("reason")) if x),
+        e.get("status") or "", masked, " ".join(str(x) for x in (approval.get("status"), approvers) if x),
+        Path(e["recording"]).name if isinstance(e.get("recording"), str) and e["recording"] else "",
+    ))
 
 
 def audit(args: argparse.Namespace) -> int:
@@ -119,7 +122,16 @@ def audit(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {path}: {exc.strerror}", file=sys.stderr)
         return 2
-    entries = (orjson.loads(line) for line in data.splitlines() if line.strip())
+    entries = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            print(f"error: {path}: line {number} is not an audit entry (check the log with `hoop verify`)", file=sys.stderr)
+            return 1
+        entries.append(entry)
     chosen = select(entries, subject=args.subject, group=args.group, route=args.route, since=args.since,
                     until=args.until, decision=args.decision, rule=args.rule, event=args.event)
     if args.json:

@@ -205,18 +205,25 @@ def select(
     `deny`, ...); `rule` matches a masking rule that masked something, or the rule named
     in the decision or approval."""
     for e in entries:
-        identity = e.get("identity") or {}
-        decided = e.get("decision") or {}
-        rules = {m.get("rule") for m in e.get("masked") or []} | {
-            decided.get("rule"), (e.get("approval") or decided.get("approval") or {}).get("rule"), e.get("rule")}
+        identity, decided = as_object(e.get("identity")), as_object(e.get("decision"))
+        masked = e.get("masked") if isinstance(e.get("masked"), list) else []
+        named = [as_object(m).get("rule") for m in masked] + [
+            decided.get("rule"), as_object(e.get("approval") or decided.get("approval")).get("rule"), e.get("rule")]
+        rules = {r for r in named if isinstance(r, str)}
+        groups = identity.get("groups") if isinstance(identity.get("groups"), list) else []
         if (
             (subject is None or identity.get("subject") == subject)
-            and (group is None or group in (identity.get("groups") or []))
+            and (group is None or group in groups)
             and (route is None or e.get("route") == route)
-            and (since is None or e.get("time", "") >= since)
-            and (until is None or e.get("time", "") <= until)
+            and (since is None or str(e.get("time", "")) >= since)
+            and (until is None or str(e.get("time", "")) <= until)
             and (decision is None or decided.get("outcome") == decision)
             and (rule is None or rule in rules)
             and (event is None or e.get("event") == event)
         ):
             yield e
+
+
+def as_object(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (a malformed field matches no filter)."""
+    return value if isinstance(value, dict) else {}

@@ -26,6 +26,7 @@ from hoop_addon.dev.gateway import ROOT, Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
+from tests.e2e.test_approvals import wait_for
 from tests.support.idp import LocalIdP
 
 EMAIL = "jane.doe@example.com"
@@ -82,14 +83,6 @@ class RawUpstream:
 
 def client(gateway: Gateway, token: str, **kwargs: Any) -> httpx.Client:
     return httpx.Client(proxy=gateway.proxy(token), verify=ssl.create_default_context(cafile=gateway.ca_cert), **kwargs)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert value, "condition not met in time"
-    return value
 
 
 def recorded(gateway: Gateway) -> list[Any]:
@@ -230,7 +223,7 @@ def test_approvals_held_by_a_killed_gateway_are_closed_on_start_up(tmp_path: Pat
         pool.shutdown()
     second = Gateway(rules, tmp_path, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}).start()
     try:
-        (abandoned,) = wait_for(lambda: second.audit(("approval_abandoned",)))
+        (abandoned,) = wait_for(lambda: second.audit(("approval_abandoned",)), 20)
     finally:
         second.stop()
     assert abandoned["approval"]["id"] == requested["approval"]["id"] and abandoned["approval"]["status"] == "abandoned"

@@ -100,3 +100,23 @@ def test_approvals_left_open_by_a_killed_gateway(tmp_path: Path) -> None:
     reopened = AuditLog(tmp_path / "audit.jsonl", None)
     assert sorted(reopened.open_approvals) == ["held", "ticket"]
     reopened.close()
+
+
+def test_audit_queries_survive_fields_of_every_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeded: entries whose fields hold values of the wrong JSON type are shown or
+    filtered, never a traceback; a line that is not an entry is named (exit 1)."""
+    import random
+
+    from hoop_addon.cli.main import main
+
+    rng = random.Random(4)
+    values = [None, 1, -2.5, True, "x", [], [1, "a"], {}, {"rule": ["r"]}, {"subject": 3, "groups": "g"}]
+    fields = ["identity", "decision", "masked", "approval", "route", "status", "recording", "time", "rule", "seq", "event"]
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(b"".join(orjson.dumps({f: rng.choice(values) for f in fields}) + b"\n" for _ in range(300)))
+    for filters in ([], ["--subject", "a"], ["--group", "g"], ["--rule", "r"], ["--decision", "allow"], ["--since", "2026-01-01"], ["--json"]):
+        assert main(["audit", "--log", str(log), *filters]) == 0
+    capsys.readouterr()
+    log.write_bytes(log.read_bytes() + b"[1, 2]\n")
+    assert main(["audit", "--log", str(log)]) == 1
+    assert "line 301 is not an audit entry" in capsys.readouterr().err
