@@ -112,6 +112,14 @@ class PendingApproval:
         }
 
 
+def new_id() -> str:
+    """A fresh unguessable approval id: 16 URL-safe base64 characters (96 random bits)
+    that never start with `-`, so no command line reads one as an option."""
+    while (value := secrets.token_urlsafe(12)).startswith("-"):
+        pass
+    return value
+
+
 def _iso(t: float) -> str:
     """RFC 3339 UTC time with milliseconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
@@ -144,7 +152,7 @@ class ApprovalQueue:
             raise QueueFull(max(1, int(soonest - self.clock()) + 1))
         now = self.clock()
         item = PendingApproval(
-            id=secrets.token_urlsafe(12),
+            id=new_id(),
             rule=rule,
             requester=requester,
             request=request,

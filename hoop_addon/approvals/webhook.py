@@ -2,10 +2,11 @@
 
 The payload is one JSON object that suits both a generic receiver (`approval`: the
 record the control API shows) and a Slack incoming webhook (`text`, Slack mrkdwn).
-Everything in `text` that came from the request (subject, path, preview) is escaped
-as Slack documents (`&`, `<`, `>` as entities), kept on one line and put inside
-inline code with its backticks replaced, so a request cannot forge links, mentions,
-formatting or extra lines ("Approved by ...") in the message.
+Everything in `text` that came from the request (subject, path, preview) is made
+inert (`hoop_addon.approvals.inert`: controls, line breaks, ANSI and bidi characters
+as visible escapes), escaped as Slack documents (`&`, `<`, `>` as entities) and put
+inside inline code with its backticks replaced, so a request cannot forge links,
+mentions, formatting, reordered text or extra lines ("Approved by ...") in the message.
 
 Sending never decides anything: a webhook that fails is logged and the request keeps
 waiting for a human (and is denied at its timeout).
@@ -14,22 +15,23 @@ waiting for a human (and is denied at its timeout).
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from hoop_addon.approvals.inert import inert
+
 logger = logging.getLogger("hoop")
 
 TIMEOUT_S = 5.0
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 
 
 def slack_quote(value: Any, limit: int = 300) -> str:
-    """`value` as inert Slack mrkdwn: one line, at most `limit` characters, entities
-    for `&<>`, inside inline code (backticks become `'`)."""
-    text = _CONTROL.sub(" ", str(value))
+    """`value` as inert Slack mrkdwn: one line (controls as visible escapes, see
+    `inert`), at most `limit` characters, entities for `&<>`, inside inline code
+    (backticks become `'`)."""
+    text = inert(value)
     if len(text) > limit:
         text = text[:limit] + "…"
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")

@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from hoop_addon.approvals.inert import inert
+
 DEFAULT_URL = "http://127.0.0.1:8081"
 
 
@@ -48,7 +50,7 @@ class _Usage(Exception):
 
 
 def _refused(answer: Any) -> int:
-    print(f"refused: {answer.get('error')}: {answer.get('message')}", file=sys.stderr)
+    print(inert(f"refused: {answer.get('error')}: {answer.get('message')}"), file=sys.stderr)
     return 1
 
 
@@ -61,10 +63,11 @@ def list_approvals(args: argparse.Namespace) -> int:
         print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
         return 0
     for item in answer["approvals"]:
+        # Everything shown comes from the request or its requester: inert for the terminal.
         request = item["request"]
-        preview = " ".join(request.get("preview", "").split())[:100]
-        print(f"{item['id']}  rule={item['rule']}  requester={item['requester']['subject']}  "
-              f"{request['method']} {request['url']}  until {item['deadline']}\n    {preview}")
+        preview = inert(" ".join(str(request.get("preview", "")).split(" "))[:100])
+        print(inert(f"{item['id']}  rule={item['rule']}  requester={item['requester']['subject']}  "
+                    f"{request['method']} {request['url']}  until {item['deadline']}") + f"\n    {preview}")
     if not answer["approvals"]:
         print("no pending approvals for you")
     return 0
@@ -76,8 +79,33 @@ def decide(args: argparse.Namespace) -> int:
     if status != 200:
         return _refused(answer)
     approvals = sum(d["approve"] for d in answer["decisions"])
-    print(f"{answer['id']}: {answer['status']} ({approvals}/{answer['min_approvals']} approvals)")
+    print(inert(f"{answer['id']}: {answer['status']} ({approvals}/{answer['min_approvals']} approvals)"))
     return 0
+
+
+_VALUED = ("--reason", "--url", "--token")
+
+
+def id_operands(argv: list[str]) -> list[str]:
+    """`argv` of `hoop` with the approval id of `approvals approve|deny` moved behind
+    `--` when it starts with `-` (ids made before new ids never did, about 1 in 64,
+    could), so that argparse reads it as the id and not as an unknown option. Other
+    command lines are returned unchanged."""
+    if len(argv) < 3 or argv[0] != "approvals" or argv[1] not in ("approve", "deny") or "--" in argv:
+        return argv
+    rest, ids, i = list(argv[:2]), [], 2
+    while i < len(argv):
+        token = argv[i]
+        if token in _VALUED and i + 1 < len(argv):
+            rest.append(f"{token}={argv[i + 1]}")  # a value may start with `-` too (a reason)
+            i += 2
+            continue
+        if token.startswith("-") and token not in ("-h", "--help") and not token.startswith(tuple(f"{o}=" for o in _VALUED)):
+            ids.append(token)
+        else:
+            rest.append(token)
+        i += 1
+    return rest + ["--", *ids] if ids else argv
 
 
 def register(sub: argparse._SubParsersAction) -> None:

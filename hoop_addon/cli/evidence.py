@@ -2,7 +2,9 @@
 
     hoop keygen [-o FILE]                      new Ed25519 signing key (FILE, FILE.pub)
     hoop verify PATH... --public-key FILE [--json] [--trusted-checkpoint SEQ:SHA256]
-                [--allow-unsealed-tail]        exit 0 valid, 1 invalid, 2 usage or I/O error
+                [--allow-unsealed-tail] [--no-audit-log]
+                                               exit 0 valid, 1 invalid (or nothing to verify), 2 usage or I/O error
+                (a directory with audit logs given apart, `hoop verify REC LOG`, is one body of evidence)
     hoop audit [--log FILE] [--subject S] [--group G] [--route R] [--since T] [--until T]
                [--decision D] [--rule R] [--event E] [--json]
     hoop evidence --since T --until T -o FILE --public-key FILE [--recordings DIR] [--log FILE]
@@ -20,7 +22,7 @@ from typing import Any
 import orjson
 
 from hoop_addon.evidence import bundle, keys
-from hoop_addon.evidence.audit_log import select
+from hoop_addon.evidence.audit_log import as_object, select
 from hoop_addon.evidence.verify import VerifyError, parse_checkpoint, verify_paths
 
 
@@ -56,7 +58,8 @@ def verify(args: argparse.Namespace) -> int:
         checkpoints = [parse_checkpoint(c) for c in args.trusted_checkpoint]
         counts = {"OK": 0, "INVALID": 0, "UNSEALED": 0}
         progress = _progress if sys.stderr.isatty() and not args.json else None
-        for item in verify_paths([Path(p) for p in args.paths], trusted_keys, checkpoints, progress):
+        for item in verify_paths([Path(p) for p in args.paths], trusted_keys, checkpoints, progress,
+                                 audit_required=not args.no_audit_log):
             counts[item.status] += 1
             if args.json:
                 print(orjson.dumps({"path": item.path, "kind": item.kind, "status": item.status,
@@ -66,8 +69,11 @@ def verify(args: argparse.Namespace) -> int:
     except (keys.KeyFileError, VerifyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    valid = counts["INVALID"] == 0 and (counts["UNSEALED"] == 0 or args.allow_unsealed_tail)
-    summary = f"{'VALID' if valid else 'INVALID'}: {sum(counts.values())} item(s): {counts['OK']} OK, {counts['INVALID']} invalid, {counts['UNSEALED']} unsealed"
+    total = sum(counts.values())
+    valid = total > 0 and counts["INVALID"] == 0 and (counts["UNSEALED"] == 0 or args.allow_unsealed_tail)
+    summary = f"{'VALID' if valid else 'INVALID'}: {total} item(s): {counts['OK']} OK, {counts['INVALID']} invalid, {counts['UNSEALED']} unsealed"
+    if not total:  # an emptied directory proves nothing
+        summary = f"INVALID: nothing to verify in {' '.join(args.paths)} (no recording, audit log or evidence bundle)"
     if counts["UNSEALED"] and not args.allow_unsealed_tail:
         summary += " (unsealed tails fail without --allow-unsealed-tail)"
     print(orjson.dumps({"summary": summary, "valid": valid, **counts}).decode() if args.json else summary)
@@ -93,16 +99,19 @@ COLUMNS = ("seq", "time", "event", "subject", "route", "decision", "status", "ma
 
 
 def _row(e: dict[str, Any]) -> tuple[str, ...]:
-    decision = e.get("decision") or {}
-    approval = e.get("approval") or decision.get("approval") or {}
-    approvers = ",".join(d["approver"] for d in approval.get("decisions") or [] if d.get("approve") and d.get("approver"))
-    masked = ",".join(f"{m.get('rule')}:{sum((m.get('detectors') or {}).values())}" for m in e.get("masked") or [])
-    return (
-        str(e.get("seq", "")), e.get("time", ""), e.get("event", ""), (e.get("identity") or {}).get("subject") or "",
-        e.get("route") or "", " ".join(x for x in (decision.get("outcome"), decision.get("reason")) if x),
-        str(e.get("status") or ""), masked, " ".join(x for x in (approval.get("status"), approvers) if x),
-        Path(e["recording"]).name if e.get("recording") else "",
-    )
+    """One table row; a field of the wrong type (a malformed entry) shows as text, never raises."""
+    decision = as_object(e.get("decision"))
+    approval = as_object(e.get("approval") or decision.get("approval"))
+    decisions = [as_object(d) for d in approval["decisions"]] if isinstance(approval.get("decisions"), list) else []
+    approvers = ",".join(str(d["approver"]) for d in decisions if d.get("approve") and d.get("approver"))
+    masked = ",".join(f"{m.get('rule')}:{sum(v for v in as_object(m.get('detectors')).values() if type(v) is int)}"
+                      for m in map(as_object, e.get("masked") if isinstance(e.get("masked"), list) else []))
+    return tuple(str(x) for x in (
+        e.get("seq", ""), e.get("time", ""), e.get("event", ""), as_object(e.get("identity")).get("subject") or "",
+        e.get("route") or "", " ".join(str(x) for x in (decision.get("outcome"), decision.get("reason")) if x),
+        e.get("status") or "", masked, " ".join(str(x) for x in (approval.get("status"), approvers) if x),
+        Path(e["recording"]).name if isinstance(e.get("recording"), str) and e["recording"] else "",
+    ))
 
 
 def audit(args: argparse.Namespace) -> int:
@@ -113,7 +122,16 @@ def audit(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {path}: {exc.strerror}", file=sys.stderr)
         return 2
-    entries = (orjson.loads(line) for line in data.splitlines() if line.strip())
+    entries = []
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            print(f"error: {path}: line {number} is not an audit entry (check the log with `hoop verify`)", file=sys.stderr)
+            return 1
+        entries.append(entry)
     chosen = select(entries, subject=args.subject, group=args.group, route=args.route, since=args.since,
                     until=args.until, decision=args.decision, rule=args.rule, event=args.event)
     if args.json:
@@ -130,13 +148,17 @@ def audit(args: argparse.Namespace) -> int:
 def evidence_cmd(args: argparse.Namespace) -> int:
     """Build an evidence bundle and print its verify report."""
     try:
-        report = bundle.build(_log(args), Path(args.recordings), args.since, args.until, Path(args.output),
-                                [Path(p) for p in args.public_key])
-    except (OSError, ValueError) as exc:
+        report, valid = bundle.build(_log(args), Path(args.recordings), args.since, args.until, Path(args.output),
+                                     [Path(p) for p in args.public_key])
+    except (OSError, ValueError, keys.KeyFileError, VerifyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(report))
     print(f"evidence bundle: {args.output} (check it with: hoop verify {args.output} --public-key KEY.pub)")
+    if not valid:
+        print("error: the evidence does not verify (INVALID items above): the bundle documents it, it does not prove it",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -153,6 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("--trusted-checkpoint", action="append", default=[], metavar="SEQ:SHA256",
                      help="an audit checkpoint you recorded earlier: the log must still reach it unchanged")
     ver.add_argument("--allow-unsealed-tail", action="store_true", help="accept recordings and logs not closed cleanly (after a crash)")
+    ver.add_argument("--no-audit-log", action="store_true",
+                     help="recordings without their audit log: skip the cross-check (only if you know no log is kept)")
     ver.set_defaults(run=verify)
 
     aud = sub.add_parser("audit", help="query the audit log")

@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = parser().parse_args(argv)
+    args = parser().parse_args(approvals.id_operands(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.run(args)
     except OSError as exc:

@@ -25,11 +25,20 @@ here): `request` (every finished flow: decision, status, masked counts, recordin
 `connect` (refused CONNECT), `block`, `mask`, `approval_requested`, `approval_decided`,
 `recording_sealed` (recording, manifest_sha256, flows), `retention_deleted`
 (recording, manifest_sha256, retention), `policy_loaded` (policy_hash),
-`key_rotated` (key_id, previous_key_id), `checkpoint`.
+`key_rotated` (key_id, previous_key_id), `approval_abandoned` (approval, reason: an
+approval still open when the previous gateway process stopped uncleanly), `checkpoint`.
+
+One writer per chain: a log is locked (`flock` on `.<log name>.lock` beside it, which
+holds the writer's pid) while an `AuditLog` has it open, so a second gateway on the
+same chain refuses to start instead of forking the hash chain. Gateway workers each
+write their own chain (`audit-<worker>.jsonl`, its own lock) in one recordings
+directory; `hoop verify` reads every `*.jsonl` there as one body of evidence.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -47,12 +56,14 @@ class AuditError(OSError):
     """The audit log cannot be opened or appended to safely."""
 
 
-def _last_state(path: Path) -> tuple[int, str, str | None]:
-    """(last seq, hash of the last line, key id of the last checkpoint) of an existing
-    log, read line by line; (0, GENESIS, None) for an empty or missing one."""
-    seq, prev, key = 0, GENESIS, None
+def _last_state(path: Path) -> tuple[int, str, str | None, dict[str, dict[str, Any]]]:
+    """(last seq, hash of the last line, key id of the last checkpoint, open approvals)
+    of an existing log, read line by line; (0, GENESIS, None, {}) for an empty or
+    missing one. Open approvals are the `approval_requested` entries (by approval id)
+    that no later entry closes (see `_settled`)."""
+    seq, prev, key, open_approvals = 0, GENESIS, None, {}
     if not path.exists():
-        return seq, prev, key
+        return seq, prev, key, open_approvals
     with open(path, "rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
@@ -65,7 +76,48 @@ def _last_state(path: Path) -> tuple[int, str, str | None]:
             prev = sha256(line[:-1])
             if entry.get("event") == CHECKPOINT:
                 key = entry.get("key_id")
-    return seq, prev, key
+            elif entry.get("event") == "approval_requested" and isinstance(approval := entry.get("approval"), dict):
+                open_approvals[str(approval.get("id"))] = entry
+            elif (settled := _settled(entry)) is not None:
+                open_approvals.pop(settled, None)
+    return seq, prev, key, open_approvals
+
+
+def _settled(entry: dict[str, Any]) -> str | None:
+    """The id of the approval an entry closes, or None: a held flow's `request` entry
+    with its outcome, a ticket's decision, timeout or shutdown (`approval_decided`
+    with a final status), or `approval_abandoned`."""
+    event = entry.get("event")
+    if event == "request":
+        approval = (entry.get("decision") or {}).get("approval") if isinstance(entry.get("decision"), dict) else None
+    elif event in ("approval_decided", "approval_abandoned"):
+        approval = entry.get("approval")
+    else:
+        return None
+    if not isinstance(approval, dict) or approval.get("status") == "pending" and event != "approval_abandoned":
+        return None
+    return str(approval.get("id"))
+
+
+def _lock(path: Path) -> Any:
+    """Take the chain's writer lock (`.<name>.lock` beside the log); returns its open
+    file, which holds the lock until closed. Raises `AuditError` naming the pid of the
+    process that holds it."""
+    lock = open(path.with_name(f".{path.name}.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise AuditError(
+            f"{path} is being written by another gateway (pid {holder}): one writer per audit chain; "
+            "stop it, or give this gateway its own hoop_audit_log and hoop_recordings"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class AuditLog:
@@ -74,17 +126,25 @@ class AuditLog:
     Opening resumes the chain of an existing file. `signer` None is unsigned
     development mode (checkpoints carry no signature). `append()` and `checkpoint()`
     write and flush one line, and raise `OSError` when they cannot (`TypeError` when a
-    field is not JSON). `previous_key_id` is the key id of the file's last checkpoint.
+    field is not JSON). `previous_key_id` is the key id of the file's last checkpoint;
+    `open_approvals` the `approval_requested` entries (by approval id) the file leaves
+    without an outcome (the previous process was killed while they were held).
+    Opening takes the chain's writer lock: `AuditError` if another process holds it.
     """
 
     def __init__(self, path: Path, signer: Signer | None, checkpoint_entries: int = 100, checkpoint_seconds: int = 30) -> None:
         self.path, self.signer = path, signer
         self.checkpoint_entries, self.checkpoint_seconds = checkpoint_entries, checkpoint_seconds
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.seq, self.prev, self.previous_key_id = _last_state(path)
+        self._lock = _lock(path)
+        try:
+            self.seq, self.prev, self.previous_key_id, self.open_approvals = _last_state(path)
+            self._file = open(path, "ab")
+        except BaseException:
+            self._lock.close()
+            raise
         self._unsigned = 0
         self._checkpointed = time.time()
-        self._file = open(path, "ab")
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one entry; checkpoints when `checkpoint_entries` are unsigned.
@@ -119,9 +179,12 @@ class AuditLog:
 
     def close(self) -> None:
         """Checkpoint what is unsigned, then close."""
-        if self._unsigned and not self._file.closed:
-            self.checkpoint()
-        self._file.close()
+        try:
+            if self._unsigned and not self._file.closed:
+                self.checkpoint()
+        finally:
+            self._file.close()
+            self._lock.close()
 
 
 
@@ -142,18 +205,25 @@ def select(
     `deny`, ...); `rule` matches a masking rule that masked something, or the rule named
     in the decision or approval."""
     for e in entries:
-        identity = e.get("identity") or {}
-        decided = e.get("decision") or {}
-        rules = {m.get("rule") for m in e.get("masked") or []} | {
-            decided.get("rule"), (e.get("approval") or decided.get("approval") or {}).get("rule"), e.get("rule")}
+        identity, decided = as_object(e.get("identity")), as_object(e.get("decision"))
+        masked = e.get("masked") if isinstance(e.get("masked"), list) else []
+        named = [as_object(m).get("rule") for m in masked] + [
+            decided.get("rule"), as_object(e.get("approval") or decided.get("approval")).get("rule"), e.get("rule")]
+        rules = {r for r in named if isinstance(r, str)}
+        groups = identity.get("groups") if isinstance(identity.get("groups"), list) else []
         if (
             (subject is None or identity.get("subject") == subject)
-            and (group is None or group in (identity.get("groups") or []))
+            and (group is None or group in groups)
             and (route is None or e.get("route") == route)
-            and (since is None or e.get("time", "") >= since)
-            and (until is None or e.get("time", "") <= until)
+            and (since is None or str(e.get("time", "")) >= since)
+            and (until is None or str(e.get("time", "")) <= until)
             and (decision is None or decided.get("outcome") == decision)
             and (rule is None or rule in rules)
             and (event is None or e.get("event") == event)
         ):
             yield e
+
+
+def as_object(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (a malformed field matches no filter)."""
+    return value if isinstance(value, dict) else {}

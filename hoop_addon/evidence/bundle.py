@@ -36,6 +36,8 @@ def _slice(lines: list[bytes], since: str, until: str) -> list[bytes]:
     the last entry at or before `until`, extended (to a checkpoint again) until every
     recording the slice references has its sealing in it, if it was sealed."""
     entries = [orjson.loads(line) for line in lines]
+    if not all(isinstance(e, dict) and isinstance(e.get("time"), str) and isinstance(e.get("event"), str) for e in entries):
+        raise ValueError("the audit log holds a line that is not an audit entry: run `hoop verify` on it")
     first = next((i for i, e in enumerate(entries) if e["time"] >= since), len(entries))
     last = max((i for i, e in enumerate(entries) if e["time"] <= until), default=-1)
     if last < first:
@@ -59,11 +61,14 @@ def _name(entry: dict) -> str | None:
     return Path(name).name if isinstance(name, str) and name else None
 
 
-def build(audit_log: Path, recordings: Path, since: str, until: str, output: Path, public_keys: Iterable[Path]) -> list[str]:
+def build(
+    audit_log: Path, recordings: Path, since: str, until: str, output: Path, public_keys: Iterable[Path]
+) -> tuple[list[str], bool]:
     """Pack the evidence for entries with `since <= time <= until` (RFC 3339 UTC
-    strings as in the log) into `output` (.tar.gz). Returns the verify report lines.
-    Raises `OSError` when a file cannot be read or written, `ValueError` when the
-    window holds no audit entry."""
+    strings as in the log) into `output` (.tar.gz). Returns the verify report lines
+    and whether every item is OK (a bundle is written either way: it documents what
+    was found). Raises `OSError` when a file cannot be read or written, `ValueError`
+    when the window holds no audit entry or the log is not JSON lines."""
     lines = audit_log.read_bytes().splitlines()
     chosen = _slice(lines, since, until)
     if not chosen:
@@ -84,10 +89,16 @@ def build(audit_log: Path, recordings: Path, since: str, until: str, output: Pat
         info = {"since": since, "until": until, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "audit_start": {"seq": head["seq"], "prev": head["prev"]}}
         (root / BUNDLE_INFO).write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
-        report = [item.line() for item in verify_paths([root], TrustedKeys.load(keys))]
-        report = [line.replace(str(root) + "/", "") for line in report]
+        items = list(verify_paths([root], TrustedKeys.load(keys)))
+        report = [item.line().replace(str(root) + "/", "") for item in items]
+        # An open session's unsigned tail is reported (UNSEALED), as verify's
+        # --allow-unsealed-tail would accept it; anything INVALID fails the bundle.
+        counts = {status: sum(item.status == status for item in items) for status in ("OK", "INVALID", "UNSEALED")}
+        valid = bool(items) and not counts["INVALID"]
+        report.append(f"{'VALID' if valid else 'INVALID'}: {len(items)} item(s): {counts['OK']} OK, "
+                      f"{counts['INVALID']} invalid, {counts['UNSEALED']} unsealed")
         (root / "report.txt").write_text("\n".join(report) + "\n")
         with tarfile.open(output, "w:gz") as archive:
             archive.add(root, arcname="evidence")
-    return report
+    return report, valid
 

@@ -129,6 +129,8 @@ class TrustedKeys:
     def check(self, obj: Any, key: str | None, signature: str | None) -> str | None:
         if not key or not signature:
             return "unsigned"
+        if not isinstance(key, str) or not isinstance(signature, str):
+            return "malformed signature or key_id (not a string)"
         public = self.keys.get(key)
         if public is None:
             return f"unknown key {key[:16]}"

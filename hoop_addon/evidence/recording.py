@@ -16,7 +16,9 @@ A recording is two files in the recordings directory:
        "client_session": X-Hoop-Session value or null, "policy_hash": sha256 hex,
        "started": RFC 3339 UTC, "updated": RFC 3339 UTC, "retention": seconds or null,
        "flows": [{"offset": int, "length": int, "sha256": hex}, ...], "flow_count": int,
-       "chain": hex, "sealed": bool, "key_id": hex or null, "signature": base64 or null}
+       "chain": hex, "sealed": bool, "audit_log": file name of the audit chain its flows
+       are logged in (one per gateway worker) or null, "key_id": hex or null,
+       "signature": base64 or null}
 
   `chain` is the running hash: `c0 = 64 zeros`, `c_i = SHA-256(c_{i-1} || sha256_i)`
   over the raw 32-byte digests. `sealed` is true only when the recording was closed
@@ -270,6 +272,7 @@ class SessionRecording:
     client_session: str | None = None
     part: int = 1
     previous: str | None = None
+    audit_log: str | None = None
 
     def __post_init__(self) -> None:
         self.path = self.directory / f"{self.session_id}-p{self.part}.mitm"
@@ -347,6 +350,7 @@ class SessionRecording:
             "flow_count": self.flow_count,
             "chain": self.chain,
             "sealed": sealed,
+            "audit_log": self.audit_log,
             "key_id": self.signer.key_id if self.signer else None,
         }
         # An open part's checkpoint lists no flows: its signed `flow_count` and `chain`

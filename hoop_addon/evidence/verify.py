@@ -22,6 +22,7 @@ from __future__ import annotations
 import binascii
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class Item:
     status: Status = "OK"
     reasons: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # A recording's running hash after each of its flows, signed and unsigned tail
+    # alike (index 0: before any flow): what the audit log's entries are checked against.
+    chains: list[str] = field(default_factory=list, repr=False)
 
     def invalid(self, reason: str) -> None:
         self.status = "INVALID"
@@ -87,16 +91,20 @@ def verify_recording(path: Path, keys: TrustedKeys) -> Item:
         raise VerifyError(f"{exc.filename}: {exc.strerror}") from None
     try:
         manifest = orjson.loads(raw)
+        if not isinstance(manifest, dict):
+            raise TypeError
         flows, chain, sealed = manifest["flows"], manifest["chain"], manifest["sealed"]
         if flows is None and sealed is False:  # an open part's checkpoint: entries come from the file
-            flows = _entries(data, int(manifest["flow_count"]))
-        if manifest.get("format") != FORMAT or not isinstance(flows, list):
+            flows = _entries(data, _count(manifest["flow_count"]))
+        if manifest.get("format") != FORMAT or not isinstance(flows, list) or not isinstance(sealed, bool):
             raise ValueError
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         item.invalid("manifest unreadable")
         return item
     item.info.update(session=manifest.get("session"), flows=len(flows), sealed=sealed,
                      key_id=manifest.get("key_id"), manifest_sha256=sha256(raw))
+    if "audit_log" in manifest:
+        item.info["audit_log"] = manifest["audit_log"]
     signed = {k: v for k, v in manifest.items() if k not in ("signature", "flows")}
     if problem := keys.check(signed, manifest.get("key_id"), manifest.get("signature")):
         item.invalid(f"manifest: {problem}")
@@ -105,9 +113,11 @@ def verify_recording(path: Path, keys: TrustedKeys) -> Item:
     if manifest.get("recording") != path.name:
         item.invalid(f"manifest is for {manifest.get('recording')!r}, not this file")
     offset, running = 0, GENESIS
+    item.chains.append(running)
     for i, entry in enumerate(flows, 1):
         try:
-            start, length, digest = int(entry["offset"]), int(entry["length"]), str(entry["sha256"])
+            start, length, digest = _count(entry["offset"]), _count(entry["length"]), str(entry["sha256"])
+            bytes.fromhex(digest)
         except (KeyError, TypeError, ValueError):
             item.invalid(f"manifest entry {i} unreadable")
             return item
@@ -122,6 +132,7 @@ def verify_recording(path: Path, keys: TrustedKeys) -> Item:
         if not _readable(chunk):
             item.invalid(f"unreadable flow {i}")
         running = chain_next(running, digest)
+        item.chains.append(running)
         offset += length
     if running != chain:
         item.invalid("chain mismatch: the manifest's running hash does not match its flows")
@@ -129,7 +140,11 @@ def verify_recording(path: Path, keys: TrustedKeys) -> Item:
     if sealed and tail:
         item.invalid(f"{len(tail)} bytes after the last sealed flow (appended or foreign data)")
     elif not sealed:
-        count, rest = _count_flows(tail)
+        entries = _entries(tail, None)
+        for entry in entries:
+            running = chain_next(running, entry["sha256"])
+            item.chains.append(running)
+        count, rest = len(entries), len(tail) - sum(e["length"] for e in entries)
         item.info["unsigned_flows"] = count
         if rest:
             item.invalid(f"unreadable data in the unsealed tail ({rest} bytes)")
@@ -137,21 +152,36 @@ def verify_recording(path: Path, keys: TrustedKeys) -> Item:
     return item
 
 
+# What mitmproxy's tnetstring reader raises on bad input; a deeply nested value
+# (planted in an unsigned tail) exhausts the recursion limit.
+_TNET_ERRORS = (ValueError, TypeError, IndexError, RecursionError)
+
+
+def _count(value: Any) -> int:
+    """A non-negative JSON integer (not a bool) from a manifest; `ValueError` else."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
 def _readable(chunk: bytes) -> bool:
     try:
         return isinstance(tnetstring.loads(chunk), dict)
-    except (ValueError, TypeError, IndexError):
+    except _TNET_ERRORS:
         return False
 
 
-def _entries(data: bytes, count: int) -> list[dict[str, Any]]:
-    """The manifest entries (offset, length, SHA-256) of the first `count` flows of a
-    flow file, as far as the file holds them; the signed chain then checks them."""
+def _entries(data: bytes, count: int | None) -> list[dict[str, Any]]:
+    """The manifest entries (offset, length, SHA-256) of the first `count` (None: all)
+    whole flows (tnetstring dictionaries) of `data`, as far as it holds them; the signed
+    chain then checks them."""
     view, entries, offset = memoryview(data), [], 0
-    while len(entries) < count and view:
+    while (count is None or len(entries) < count) and view:
         try:
-            _, rest = tnetstring.pop(view)
-        except (ValueError, TypeError, IndexError):
+            value, rest = tnetstring.pop(view)
+        except _TNET_ERRORS:
+            break
+        if not isinstance(value, dict):
             break
         length = len(view) - len(rest)
         entries.append({"offset": offset, "length": length, "sha256": sha256(bytes(view[:length]))})
@@ -159,28 +189,33 @@ def _entries(data: bytes, count: int) -> list[dict[str, Any]]:
     return entries
 
 
-def _count_flows(data: bytes) -> tuple[int, int]:
-    """(whole flows, bytes left over) at the start of `data`."""
-    view, count = memoryview(data), 0
-    while view:
-        try:
-            value, rest = tnetstring.pop(view)
-        except (ValueError, TypeError, IndexError):
-            break
-        if not isinstance(value, dict):
-            break
-        view, count = rest, count + 1
-    return count, len(view)
-
-
 @dataclass
 class AuditFacts:
-    """What an audit log says about recordings, by file name: `referenced` (first seq),
-    `sealed` (seq, manifest sha256, flows), `deleted` (seq, manifest sha256)."""
+    """What audit logs say about recordings, by file name: `referenced` (first seq),
+    `sealed` (seq, manifest sha256, flows), `deleted` (seq, manifest sha256), `flows`
+    (how many `request` entries name it: the recording holds at least as many) and
+    `heads` (seq, flow index, the recording's running hash after that flow: the last
+    one the log names). `logs` are the names of the audit logs read."""
 
     referenced: dict[str, int] = field(default_factory=dict)
     sealed: dict[str, tuple[int, str, int]] = field(default_factory=dict)
     deleted: dict[str, tuple[int, str]] = field(default_factory=dict)
+    flows: dict[str, int] = field(default_factory=dict)
+    heads: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    logs: set[str] = field(default_factory=set)
+
+    def update(self, other: AuditFacts) -> None:
+        """Add what another log of the same body of evidence says."""
+        for name, seq in other.referenced.items():
+            self.referenced.setdefault(name, seq)
+        self.sealed.update(other.sealed)
+        self.deleted.update(other.deleted)
+        for name, n in other.flows.items():
+            self.flows[name] = self.flows.get(name, 0) + n
+        for name, head in other.heads.items():
+            if name not in self.heads or head[1] > self.heads[name][1]:
+                self.heads[name] = head
+        self.logs |= other.logs
 
 
 def verify_audit(
@@ -189,7 +224,7 @@ def verify_audit(
     """Check an audit log's sequence, chain and checkpoint signatures, and that it
     reaches every `trusted` checkpoint (seq, line sha256). `start` (seq, prev) is where
     a slice (from an evidence bundle) begins; a whole log starts at (1, 64 zeros)."""
-    item, facts = Item(str(path), "audit"), AuditFacts()
+    item, facts = Item(str(path), "audit"), AuditFacts(logs={path.name})
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as exc:
@@ -201,10 +236,13 @@ def verify_audit(
     for number, line in enumerate(lines, 1):
         try:
             entry = orjson.loads(line)
-            if not isinstance(entry, dict) or not isinstance(entry["seq"], int):
+            if not isinstance(entry, dict) or type(entry["seq"]) is not int:
                 raise TypeError
         except (orjson.JSONDecodeError, KeyError, TypeError):
             item.invalid(f"line {number} is not an audit entry")
+            return item, facts
+        if problem := _malformed(entry):
+            item.invalid(f"line {number} (seq {entry['seq']}): {problem}")
             return item, facts
         entries.append(entry)
     present = {e["seq"] for e in entries}
@@ -247,16 +285,43 @@ def verify_audit(
     return item, facts
 
 
+# The types of the fields verification reads (None allowed): a line whose fields have
+# other types is named, never half-read.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "event": str, "prev": str, "time": str, "recording": str, "manifest_sha256": str,
+    "flows": int, "key_id": str, "signature": str, "recording_flow": dict,
+}
+
+
+def _malformed(entry: dict[str, Any]) -> str | None:
+    """What is wrong with the types of an entry's fields, or None."""
+    for name, kind in _FIELDS.items():
+        value = entry.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            return f"field {name!r} is {type(value).__name__}, not {getattr(kind, '__name__', kind)}"
+    head = entry.get("recording_flow")
+    if head is not None and (type(head.get("index")) is not int or not isinstance(head.get("chain"), str)):
+        return "field 'recording_flow' is not {index: int, chain: str}"
+    if not isinstance(entry.get("event"), str):
+        return "no event"
+    return None
+
+
 def _collect(entry: dict[str, Any], seq: int, facts: AuditFacts) -> None:
     name = entry.get("recording")
     if not isinstance(name, str) or not name:
         return
     name = Path(name).name
     facts.referenced.setdefault(name, seq)
-    if entry.get("event") == "recording_sealed":
-        facts.sealed[name] = (seq, str(entry.get("manifest_sha256")), int(entry.get("flows") or 0))
-    elif entry.get("event") == "retention_deleted":
+    event = entry.get("event")
+    if event == "recording_sealed":
+        facts.sealed[name] = (seq, str(entry.get("manifest_sha256")), entry.get("flows") or 0)
+    elif event == "retention_deleted":
         facts.deleted[name] = (seq, str(entry.get("manifest_sha256")))
+    elif event == "request":
+        facts.flows[name] = facts.flows.get(name, 0) + 1
+        if (head := entry.get("recording_flow")) and (name not in facts.heads or head["index"] > facts.heads[name][1]):
+            facts.heads[name] = (seq, head["index"], head["chain"])
 
 
 def cross_check(directory: Path, facts: AuditFacts, recordings: dict[str, Item]) -> Iterator[Item]:
@@ -265,6 +330,7 @@ def cross_check(directory: Path, facts: AuditFacts, recordings: dict[str, Item])
     sealed one's manifest the one sealed. Updates `recordings` items in place; yields
     items for recordings that are missing or were deleted by retention."""
     for name, item in recordings.items():
+        _flows_against_log(name, item, facts)
         if name not in facts.referenced:
             item.invalid("not referenced by the audit log (foreign or planted recording)")
         elif name not in facts.sealed:
@@ -287,6 +353,27 @@ def cross_check(directory: Path, facts: AuditFacts, recordings: dict[str, Item])
         yield gone
 
 
+def _flows_against_log(name: str, item: Item, facts: AuditFacts) -> None:
+    """A recording, sealed or not, holds every flow the audit log names in it, and the
+    log's last named flow has the recording's running hash: a part rolled back to an
+    older signed checkpoint (and cut to match) or whose tail was swapped is caught."""
+    if item.status == "INVALID":
+        return  # its flows could not all be read: the reason is given already
+    held = len(item.chains) - 1
+    logged = facts.flows.get(name, 0)
+    if logged > held:
+        item.invalid(f"the audit log names {logged} flow(s) in it, it holds {held} (rolled back or truncated)")
+    if (head := facts.heads.get(name)) is not None:
+        seq, index, chain = head
+        if index > held:
+            item.invalid(f"the audit log names its flow {index} at seq {seq}, it holds {held} (rolled back or truncated)")
+        elif item.chains[index] != chain:
+            item.invalid(f"flow {index} is not the one audited at seq {seq} (running hash differs)")
+    chain_log = item.info.get("audit_log")
+    if isinstance(chain_log, str) and facts.logs and chain_log not in facts.logs:
+        item.invalid(f"its audit log {chain_log} is missing")
+
+
 def _bundle_start(directory: Path) -> tuple[int, str] | None:
     """Where an evidence bundle's audit excerpt starts, from its `bundle.json`. Only
     called for a bundle archive that verify extracted itself (see `_tree`)."""
@@ -301,38 +388,47 @@ def _bundle_start(directory: Path) -> tuple[int, str] | None:
 
 
 def _tree(
-    directory: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick: Any, bundle: bool = False
+    directories: list[Path], keys: TrustedKeys, trusted: list[tuple[int, str]], tick: Any, *,
+    logs: list[Path] | None = None, bundle: bool = False, audit_required: bool = True,
 ) -> Iterator[Item]:
-    """Verify one directory: its audit logs, its recordings, and both against each other.
+    """Verify one body of evidence: the recordings of `directories`, the audit logs
+    (`*.jsonl`: one chain per gateway worker) found there plus `logs` (given
+    apart, e.g. `hoop_audit_log` outside the recordings directory), and both against
+    each other. Without any audit log the body is invalid (the log is required
+    evidence) unless `audit_required` is False (`--no-audit-log`).
 
     `bundle` is True only for a directory extracted from an evidence bundle archive
     (`hoop evidence`). Only then is `bundle.json` honoured: it is unsigned, so in a
     plain directory anyone who deletes the head of the audit log could drop one there
     to make the gap look like an excerpt's start. There it is ignored, and a missing
     head stays a sequence gap."""
-    start = _bundle_start(directory) if bundle else None
-    recordings = {p.name: p for p in sorted(directory.glob("*.mitm"))}
-    orphan_manifests = {p.name.removesuffix(".manifest.json") + ".mitm" for p in directory.glob("*.manifest.json")}
-    logs = sorted(directory.glob("*.jsonl"))
+    start = _bundle_start(directories[0]) if bundle else None
+    recordings = {p.name: p for d in directories for p in sorted(d.glob("*.mitm"))}
+    orphan_manifests = {p.name.removesuffix(".manifest.json") + ".mitm": d
+                        for d in directories for p in d.glob("*.manifest.json")}
+    logs = sorted({*(p for d in directories for p in d.glob("*.jsonl")), *(logs or [])})
     facts = AuditFacts()
     for log in logs:
         item, found = verify_audit(log, keys, trusted, start)
-        facts.referenced.update(found.referenced)
-        facts.sealed.update(found.sealed)
-        facts.deleted.update(found.deleted)
+        facts.update(found)
         tick()
         yield item
+    if not logs and audit_required and (recordings or orphan_manifests):
+        missing = Item(str(directories[0] / "audit.jsonl"), "audit")
+        missing.invalid("audit log missing: recordings cannot be cross-checked "
+                        "(deleted or renamed? give it as a path, or --no-audit-log if you know it is not kept)")
+        yield missing
     items = {}
     for name, path in recordings.items():
         items[name] = verify_recording(path, keys)
         tick()
-    for name in sorted(orphan_manifests - set(recordings)):
+    for name in sorted(set(orphan_manifests) - set(recordings)):
         if not logs or name not in facts.referenced:
-            orphan = Item(str(directory / name), "recording")
+            orphan = Item(str(orphan_manifests[name] / name), "recording")
             orphan.invalid("recording missing (its manifest is here)")
             yield orphan
     if logs:
-        yield from cross_check(directory, facts, items)
+        yield from cross_check(directories[0], facts, items)
     yield from items.values()
 
 
@@ -351,13 +447,19 @@ def verify_paths(
     keys: TrustedKeys,
     trusted: Iterable[tuple[int, str]] = (),
     progress: Any = None,
+    audit_required: bool = True,
 ) -> Iterator[Item]:
-    """Verify directories (each with its audit log cross-checked), single `*.mitm` or
+    """Verify directories (each with its audit logs cross-checked), single `*.mitm` or
     `*.jsonl` files, and evidence bundles (`*.tar.gz`, unpacked to a temporary
-    directory). `progress(done, total)` is called as items complete. Raises
-    `VerifyError` for a path that does not exist or cannot be read."""
+    directory). Audit logs given beside directories are their logs: directories and
+    those logs are then one body of evidence, cross-checked together. A directory
+    whose recordings have no audit log is invalid unless `audit_required` is False.
+    `progress(done, total)` is called as items complete. Raises `VerifyError` for a
+    path that does not exist or cannot be read; an archive that is not a readable
+    bundle is an INVALID item, so the other paths are still reported."""
     paths, trusted = list(paths), list(trusted)
     directories = _directories(paths)
+    outside = [p for p in paths if p.suffix == ".jsonl" and not p.is_dir()] if directories else []
     total = sum(len(list(d.glob("*.mitm"))) + len(list(d.glob("*.jsonl"))) for d in directories)
     total += sum(1 for p in paths if not p.is_dir())
     done = 0
@@ -376,12 +478,17 @@ def verify_paths(
         elif path.suffix == ".mitm":
             yield verify_recording(path, keys)
         elif path.suffix == ".jsonl":
+            if path in outside:
+                continue  # verified with the directories, below
             yield verify_audit(path, keys, trusted)[0]
         else:
             raise VerifyError(f"{path}: not a recording (*.mitm), audit log (*.jsonl), evidence bundle (*.tar.gz) or directory")
         tick()
+    if outside:
+        yield from _tree(directories, keys, trusted, tick, logs=outside, audit_required=audit_required)
+        return
     for directory in directories:
-        yield from _tree(directory, keys, trusted, tick)
+        yield from _tree([directory], keys, trusted, tick, audit_required=audit_required)
 
 
 def _bundle(path: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick: Any) -> Iterator[Item]:
@@ -389,11 +496,30 @@ def _bundle(path: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick:
         try:
             with tarfile.open(path, "r:gz") as archive:
                 archive.extractall(tmp, filter="data")
-        except (OSError, tarfile.TarError) as exc:
-            raise VerifyError(f"{path}: not a readable evidence bundle: {exc}") from None
-        for directory in _directories([Path(tmp)]):
-            for item in _tree(directory, keys, trusted, tick, bundle=True):
-                item.path = f"{path}:{Path(item.path).relative_to(tmp)}"
+        except FileNotFoundError:
+            raise VerifyError(f"{path}: no such file") from None
+        except PermissionError as exc:
+            raise VerifyError(f"{path}: {exc.strerror}") from None
+        except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:  # truncated or not gzip/tar
+            broken = Item(str(path), "bundle")
+            broken.invalid(f"not a readable evidence bundle (truncated or not a .tar.gz): {exc or type(exc).__name__}")
+            yield broken
+            return
+        directories = _directories([Path(tmp)])
+        if not directories:
+            empty = Item(str(path), "bundle")
+            empty.invalid("the evidence bundle holds no recordings or audit log")
+            yield empty
+        for directory in directories:
+            try:
+                found = list(_tree([directory], keys, trusted, tick, bundle=True))
+            except VerifyError as exc:
+                broken = Item(str(path), "bundle")
+                broken.invalid(str(exc).replace(tmp + "/", ""))
+                found = [broken]
+            for item in found:
+                if item.path.startswith(tmp):
+                    item.path = f"{path}:{Path(item.path).relative_to(tmp)}"
                 yield item
 
 

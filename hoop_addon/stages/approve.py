@@ -13,6 +13,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.hooks import UpdateHook
 
 from hoop_addon.approvals import webhook
+from hoop_addon.approvals.inert import inert
 from hoop_addon.approvals.queue import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
 from hoop_addon.control.server import approval_handlers
 from hoop_addon.identity.verifier import TokenError
@@ -100,7 +101,8 @@ class Approve(Stage):
         if rule.mode == "ticket" and (ticket := self.queue.ticket(record["identity"]["subject"], key)):
             self._use_ticket(flow, ticket)
             return
-        preview = flow.request.get_text(strict=False) or ""  # already masked by the Mask stage
+        # Already masked by the Mask stage; read as UTF-8, as masking reads a body.
+        preview = (flow.request.get_content(strict=False) or b"")[:4 * PREVIEW_CHARS].decode("utf-8", "replace")
         summary = {
             "route": record.get("route"), "method": flow.request.method,
             "url": flow.request.pretty_url.split("?", 1)[0], "preview": preview[:PREVIEW_CHARS],
@@ -128,8 +130,8 @@ class Approve(Stage):
         hoop(flow)["approval"] = item.record()
         flow.intercept()
         ctx.master.addons.trigger(UpdateHook([flow]))
-        logger.info(f"hoop: approval {item.id} pending: {item.requester['subject']} {flow.request.method} "
-                    f"{item.request['url']} (rule {item.rule.name})")
+        logger.info(inert(f"hoop: approval {item.id} pending: {item.requester['subject']} {flow.request.method} "
+                          f"{item.request['url']} (rule {item.rule.name})"))
         waits = [asyncio.ensure_future(w) for w in (wakeup.wait(), flow.wait_for_resume(), _client_gone(flow))]
         try:
             await asyncio.wait(waits, timeout=max(0.0, item.deadline - self.queue.clock()), return_when=asyncio.FIRST_COMPLETED)
@@ -152,12 +154,20 @@ class Approve(Stage):
             self.finished.set()
 
     def _settle(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
-        """Write the outcome into the flow's record; refuse it unless approved."""
+        """Write the outcome into the flow's record; refuse it unless approved, and
+        unless its client is still there to receive the answer: an approval that
+        arrives as the agent disconnects must not send upstream a request nobody waits
+        for (it is audited `client_gone`, with the approval it got)."""
         hoop(flow)["approval"] = item.record()
-        if item.outcome != "approved":
-            status, reason, message = DENIALS[item.outcome or "timeout"]
+        outcome = item.outcome or "timeout"
+        gone = outcome == "approved" and item.rule.mode == "hold" and not _connected(flow)
+        if gone:
+            outcome = "abandoned"
+            hoop(flow)["approval"]["client_gone"] = True
+        if outcome != "approved":
+            status, reason, message = DENIALS[outcome]
             _refuse(flow, status, reason, f"{message} (approval {item.id}, rule '{item.rule.name}')")
-        hoop(flow)["decision"]["approval"] = _audit_view(item)
+        hoop(flow)["decision"]["approval"] = {**_audit_view(item), **({"client_gone": True} if gone else {})}
         logger.info(f"hoop: approval {item.id} {item.outcome}")
 
     def _use_ticket(self, flow: http.HTTPFlow, ticket: PendingApproval) -> None:
@@ -221,8 +231,8 @@ class Approve(Stage):
                              approve=approve, reason=reason, approval=_audit_view(item))
         except OSError as exc:  # the flow's own audit entry fails too, and withholds its response
             logger.error(f"hoop: approval {item.id}: decision not audited: {exc}")
-        logger.info(f"hoop: approval {item.id}: {approver.subject} ({approver.via}) "
-                    f"{'approves' if approve else 'denies'}: {reason!r}")
+        logger.info(inert(f"hoop: approval {item.id}: {approver.subject} ({approver.via}) "
+                          f"{'approves' if approve else 'denies'}: {reason!r}"))
         if item.outcome is not None and (wakeup := self.wakeups.get(item.id)) is not None:
             wakeup.set()
         return item.record()
@@ -232,7 +242,7 @@ class Approve(Stage):
         valid token), on which approval, and why (`self_approval`, `not_an_approver`,
         `expired`, ...)."""
         who = {"subject": approver.subject, "issuer": approver.issuer, "via": approver.via} if approver else None
-        logger.warning(f"hoop: approval {approval_id}: decision refused ({error.code}) for {who and who['subject']}")
+        logger.warning(inert(f"hoop: approval {approval_id}: decision refused ({error.code}) for {who and who['subject']}"))
         item = self.queue.items.get(approval_id)
         try:
             self.audit.event(
@@ -244,10 +254,11 @@ class Approve(Stage):
 
     @command.command("hoop.pending")
     def pending(self) -> Sequence[str]:
-        """Pending approvals, one line each: id, rule, requester, method, URL, deadline."""
+        """Pending approvals, one line each: id, rule, requester, method, URL, deadline
+        (inert: controls and bidi characters from the request as visible escapes)."""
         return [
-            f"{p.id} rule={p.rule.name} requester={p.requester['subject']} "
-            f"{p.request['method']} {p.request['url']} deadline={p.record()['deadline']}"
+            inert(f"{p.id} rule={p.rule.name} requester={p.requester['subject']} "
+                  f"{p.request['method']} {p.request['url']} deadline={p.record()['deadline']}")
             for p in self.queue.pending()
         ]
 

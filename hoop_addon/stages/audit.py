@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, flow as mitmflow, http
+from mitmproxy.connection import ConnectionState
 
 from hoop_addon.evidence.audit_log import AuditLog
 from hoop_addon.evidence.keys import KeyFileError, Signer, load_signer
@@ -24,7 +25,10 @@ class Audit(Stage):
 
     Writes one `request` entry per finished flow (`response`, `error`) and a `connect`
     entry per refused CONNECT; `policy_loaded` when a new policy is first in force,
-    `key_rotated` when the signing key differs from the log's last checkpoint's.
+    `key_rotated` when the signing key differs from the log's last checkpoint's, and
+    `approval_abandoned` for each approval a killed predecessor left open. Start-up's
+    entries are written only once the gateway runs (a gateway that fails to start
+    appends nothing). The log is locked: a second gateway on it refuses to start.
 
     Other stages report events with `event()`; they hold this stage (pass it to their
     constructor in `hoop_addon/addon.py`).
@@ -36,6 +40,7 @@ class Audit(Stage):
         self.signer: Signer | None = None
         self._policy_hash: str | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._startup: list[tuple[str, dict[str, Any]]] = []  # entries held until the gateway runs
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -61,7 +66,16 @@ class Audit(Stage):
             )
             return
         path = Path(ctx.options.hoop_audit_log or Path(ctx.options.hoop_recordings) / "audit.jsonl")
-        if self.log is None or self.log.path != path or signer != self.signer:
+        previous = self.signer.key_id if self.signer else None
+        if self.log is not None and self.log.path == path:
+            if signer != self.signer:  # same chain (and lock), new key: sign what the old key covers first
+                try:
+                    self.log.checkpoint()
+                except OSError as exc:
+                    self.config_error(f"hoop: hoop_audit_log: cannot checkpoint {path}: {exc}")
+                    return
+                self.log.signer, self.signer = signer, signer
+        elif self.log is None or self.log.path != path:
             try:
                 log = AuditLog(path, signer)
             except OSError as exc:
@@ -71,8 +85,22 @@ class Audit(Stage):
                 self.log.close()
             self.log, self.signer = log, signer
             previous = log.previous_key_id
-            if signer is not None and previous is not None and previous != signer.key_id:
-                self.event("key_rotated", key_id=signer.key_id, previous_key_id=previous)
+            reason = "the gateway stopped (killed or crashed) before a decision"
+            self._startup += [("approval_abandoned", {**{k: e.get(k) for k in ("flow", "identity", "route", "policy_hash")},
+                                                      "approval": {**(e.get("approval") or {}), "status": "abandoned"},
+                                                      "requested_seq": e.get("seq"), "reason": reason})
+                              for e in log.open_approvals.values()]
+        if signer is not None and previous is not None and previous != signer.key_id:
+            self._startup.append(("key_rotated", {"key_id": signer.key_id, "previous_key_id": previous}))
+        if self.started:
+            self._write_startup()
+
+    def _write_startup(self) -> None:
+        """The entries start-up (or a reload) holds: written once the gateway runs."""
+        while self._startup and self.log is not None:
+            name, fields = self._startup[0]
+            self.log.append(name, **fields)
+            self._startup.pop(0)
         self._policy_loaded()
 
     def running(self) -> None:
@@ -81,8 +109,13 @@ class Audit(Stage):
 
     async def _tick(self) -> None:
         while True:
+            # Also the first write: a start-up that fails after `running` (mitmproxy's
+            # error check exits in that turn) has appended nothing to the chain.
             await asyncio.sleep(1)
-            self._policy_loaded()  # a hot reload is audited within a second, not at the next flow
+            try:
+                self._write_startup()  # a hot reload is audited within a second, not at the next flow
+            except OSError as exc:
+                logger.error(f"hoop: audit log write failed: {exc}")
             if self.log is not None and self.log.due(time.time()):
                 try:
                     self.log.checkpoint()
@@ -97,6 +130,8 @@ class Audit(Stage):
         caller then refuses the flow (fail closed)."""
         if self.log is None:
             raise OSError("no audit log is open")
+        if self.started:
+            self._write_startup()  # the policy in force (and start-up's entries) come first
         if flow is not None:
             record = hoop(flow)
             fields = {"flow": flow.id, "identity": record.get("identity"), "route": record.get("route"),
@@ -111,8 +146,8 @@ class Audit(Stage):
         settings = active.policy.recording
         self.log.checkpoint_entries = settings.audit_checkpoint_entries
         self.log.checkpoint_seconds = settings.audit_checkpoint_seconds
-        self.event("policy_loaded", policy_hash=active.policy.digest, files=[Path(f).name for f in active.policy.files],
-                   signing=settings.signing, key_id=self.signer.key_id if self.signer else None)
+        self.log.append("policy_loaded", policy_hash=active.policy.digest, files=[Path(f).name for f in active.policy.files],
+                        signing=settings.signing, key_id=self.signer.key_id if self.signer else None)
         self._policy_hash = active.policy.digest
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -134,7 +169,6 @@ class Audit(Stage):
         record = hoop(flow)
         request = flow.request
         try:
-            self._policy_loaded()
             self.event(
                 "connect" if request.method == "CONNECT" else "request",
                 flow,
@@ -145,15 +179,32 @@ class Audit(Stage):
                 # From the raw bytes: a request refused for not being UTF-8 is audited too.
                 path=request.data.path.split(b"?", 1)[0].decode("utf-8", "replace"),
                 decision=record.get("decision", {"outcome": "deny", "reason": "not_decided"}),
-                status=flow.response.status_code if flow.response else None,
+                status=client_status(flow),
+                upstream_status=flow.response.status_code if flow.error and flow.response else None,
                 masked=record.get("masked", []),
                 usage=record.get("usage"),
                 credential=record.get("credential"),
                 session=record.get("session"),
                 recording=record.get("recording"),
+                recording_flow=record.get("recording_flow"),
                 error=flow.error.msg if flow.error else None,
             )
         except OSError as exc:
             logger.error(f"hoop: audit log write failed, response withheld: {exc}")
             if flow.response is not None and request.method != "CONNECT":
                 refuse(flow, 503, "audit", "audit_failed", "the gateway could not audit this exchange")
+
+
+def client_status(flow: http.HTTPFlow) -> int | None:
+    """The HTTP status the client got, which is not the upstream's when the exchange
+    failed (`flow.error`): a response whose headers were streamed to the client keeps
+    its status (its body was cut short); otherwise mitmproxy answers a client still
+    connected with 502; a client that went away, or a killed flow, got nothing (None)."""
+    response = flow.response
+    if flow.error is None:
+        return response.status_code if response else None
+    if response is not None and response.stream:
+        return response.status_code
+    if flow.error.msg == mitmflow.Error.KILLED_MESSAGE or not flow.client_conn.state & ConnectionState.CAN_WRITE:
+        return None
+    return 502

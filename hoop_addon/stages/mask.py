@@ -127,7 +127,7 @@ class Mask(Stage):
             return
         context = MaskContext(self.secret, session)
         masker = EventStreamMasker(
-            rules, context, Evidence(), restore=session, record=bool(session) and ctx.options.store_streamed_bodies,
+            rules, context, Evidence(), restore=session, record=getattr(ctx.options, "store_streamed_bodies", False),
         )
         # A streamed response's headers go now, before `response` would see them (if this
         # raises, the stage guard kills the flow: nothing reaches the client).
@@ -176,6 +176,17 @@ class Mask(Stage):
             self._mask(flow, flow.response, rules, "response")
         except Exception as exc:
             self._fail(flow, "response", exc)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """A stream that ends in an error (most often the client closing it once it had
+        what it needed): what was sent is the evidence, so the response masking and the
+        masked bytes sent so far go to the record, as a stream that ends cleanly does
+        (mitmproxy keeps a streamed body only when the stream ends)."""
+        if (masker := self.streams.pop(flow, None)) is None or flow.response is None:
+            return
+        hoop(flow).setdefault("masked", []).extend(masker.evidence.records("response"))
+        if masker.recorded is not None:
+            flow.response.content = bytes(masker.recorded)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         """Mask a WebSocket message (RFC 6455 §5.6) like a body: JSON if it looks like

@@ -179,11 +179,19 @@ class Record(Stage):
             record["recording"] = str(session.path)
             size = session.size
             session.add(flow, retention, **scrub)
+            # The audit entry names the flow's place and the running hash after it, so
+            # verify can tell a part rolled back or cut, sealed or not.
+            record["recording_flow"] = {"index": session.flow_count, "chain": session.chain}
             RECORDING_BYTES.inc(session.size - size)
             self.used[key] = time.time()
+            if key[0] == "client" and flow.client_conn.timestamp_end is not None:
+                # Its client disconnected before this flow ended (`client_disconnected`
+                # has run): nothing else will seal the session.
+                self._seal(key)
         except OSError as exc:
             logger.error(f"hoop: recording failed, response withheld: {exc}")
             record.pop("recording", None)
+            record.pop("recording_flow", None)
             if flow.response is not None:
                 refuse(flow, 503, "record", "recording_failed", "the gateway could not record this exchange")
 
@@ -200,6 +208,7 @@ class Record(Stage):
             client_session=key[2] if key[0] == "header" else None,
             part=previous.part + 1 if previous else 1,
             previous=sha256(manifest_path(previous.path).read_bytes()) if previous else None,
+            audit_log=self.audit.log.path.name if self.audit.log else None,
         )
         self.sessions[key] = session
         self.used[key] = time.time()

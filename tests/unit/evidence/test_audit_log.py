@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
@@ -70,3 +71,52 @@ def test_select_filters() -> None:
     assert seqs(subject="b") == [2, 3] and seqs(group="x") == [1] and seqs(route="r") == [1, 2]
     assert seqs(decision="deny") == [2] and seqs(rule="pii") == [1] and seqs(rule="no-export") == [2] and seqs(rule="big-spend") == [3]
     assert seqs(since="2026-01-15T00:00:00Z", until="2026-02-15T00:00:00Z") == [2] and seqs(event="approval_decided") == [3]
+
+
+def test_one_writer_per_chain(tmp_path: Path) -> None:
+    """A second writer on the same log (a second gateway) is refused with the pid of
+    the first; once the first closes, the chain can be reopened and continues."""
+    first = AuditLog(tmp_path / "audit.jsonl", None)
+    first.append("request")
+    with pytest.raises(AuditError, match=rf"being written by another gateway \(pid {os.getpid()}\): one writer per audit chain"):
+        AuditLog(tmp_path / "audit.jsonl", None)
+    other = AuditLog(tmp_path / "audit-worker2.jsonl", None)  # another worker's chain: its own lock
+    other.close()
+    first.close()
+    again = AuditLog(tmp_path / "audit.jsonl", None)
+    assert again.seq == 2
+    again.close()
+
+
+def test_approvals_left_open_by_a_killed_gateway(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl", None)
+    for approval_id in ("held", "decided", "ticket", "ticket-done"):
+        log.append("approval_requested", approval={"id": approval_id, "status": "pending"})
+    log.append("request", decision={"outcome": "allow", "approval": {"id": "decided", "status": "approved"}})
+    log.append("request", decision={"outcome": "pending", "approval": {"id": "ticket", "status": "pending"}})
+    log.append("approval_decided", approval={"id": "ticket-done", "status": "timeout"})
+    log._file.close()  # killed: no close(), no checkpoint
+    log._lock.close()
+    reopened = AuditLog(tmp_path / "audit.jsonl", None)
+    assert sorted(reopened.open_approvals) == ["held", "ticket"]
+    reopened.close()
+
+
+def test_audit_queries_survive_fields_of_every_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeded: entries whose fields hold values of the wrong JSON type are shown or
+    filtered, never a traceback; a line that is not an entry is named (exit 1)."""
+    import random
+
+    from hoop_addon.cli.main import main
+
+    rng = random.Random(4)
+    values = [None, 1, -2.5, True, "x", [], [1, "a"], {}, {"rule": ["r"]}, {"subject": 3, "groups": "g"}]
+    fields = ["identity", "decision", "masked", "approval", "route", "status", "recording", "time", "rule", "seq", "event"]
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(b"".join(orjson.dumps({f: rng.choice(values) for f in fields}) + b"\n" for _ in range(300)))
+    for filters in ([], ["--subject", "a"], ["--group", "g"], ["--rule", "r"], ["--decision", "allow"], ["--since", "2026-01-01"], ["--json"]):
+        assert main(["audit", "--log", str(log), *filters]) == 0
+    capsys.readouterr()
+    log.write_bytes(log.read_bytes() + b"[1, 2]\n")
+    assert main(["audit", "--log", str(log)]) == 1
+    assert "line 301 is not an audit entry" in capsys.readouterr().err

@@ -158,3 +158,26 @@ async def _tickets_nobody_decided_are_audited_when_they_time_out(stage: Approve)
         (name, fields), = [e for e in stage.audit.events if e[0] == "approval_decided"]
         assert fields["reason"] == "timeout" and fields["approval"]["status"] == "timeout"
         assert fields["identity"]["subject"] == "agent-1" and fields["approver"] is None
+
+
+def test_pending_lines_and_previews_are_inert(stage: Approve) -> None:
+    asyncio.run(_pending_lines_and_previews_are_inert(stage))
+
+
+async def _pending_lines_and_previews_are_inert(stage: Approve) -> None:
+    """`hoop.pending` shows the requester and URL with controls and bidi characters
+    escaped; the preview is the body read as UTF-8 (é stays é, a bad byte is U+FFFD),
+    never as Latin-1."""
+    with taddons.context(stage) as tctx:
+        flow = held_flow()
+        hoop(flow)["identity"]["subject"] = "agent\x1b[2J\u202e-1"
+        flow.request.path = "/v1/\x85chat"
+        flow.request.headers["Content-Type"] = "text/plain; charset=latin-1"
+        flow.request.content = "café ".encode() + b"\xff"
+        task = await hold(stage, flow)
+        (line,) = tctx.master.commands.execute("hoop.pending")
+        assert "requester=agent\\x1b[2J\\u202e-1" in line and "\x1b" not in line and "\u202e" not in line
+        (item,) = stage.queue.pending()
+        assert item.request["preview"] == "café \ufffd"
+        tctx.master.commands.execute(f"hoop.deny {item.id}")
+        await asyncio.wait_for(task, 5)
