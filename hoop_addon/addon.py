@@ -6,6 +6,8 @@ inject credential -> upstream -> mask response -> count the response's token usa
 record -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for
 the client only). (Rate limits count requests in `requestheaders`, before any body is
 read; they sit after masking so as to read a stream's usage as masking emits it.)
+`guarded` puts a guard first that keeps the process from ever serving without this
+whole chain (see `hoop_addon.stages.sentinel`).
 """
 
 from hoop_addon.stages.admit import Admit
@@ -19,6 +21,7 @@ from hoop_addon.stages.limit import RateLimit
 from hoop_addon.stages.mask import Mask, Restore
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
+from hoop_addon.stages.sentinel import guarded
 from hoop_addon.stages.telemetry import Telemetry
 
 policy = PolicyStage()
@@ -27,7 +30,7 @@ audit = Audit(policy)  # stages that report events (approvals, ...) take it as a
 control = Control()  # the control API; stages add their handlers to it
 mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
 
-addons = [
+addons = guarded([
     policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, RateLimit(policy, mask), Approve(policy, control, audit),
     InjectCredential(mask), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
-]
+])

@@ -19,6 +19,7 @@ import orjson
 from mitmproxy import exceptions, http
 
 from hoop_addon.control.metrics import STAGE_SECONDS
+from hoop_addon.stages.sentinel import mark
 from hoop_addon.policy.model import Route
 
 logger = logging.getLogger("hoop")
@@ -140,6 +141,27 @@ def _guarded(stage: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any
     return guarded
 
 
+def _unloading(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A stage's `done`, first telling the Sentinel it no longer runs (unloaded by a
+    script reload, or shutting down): flows are refused from then on."""
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def done_async(self: Any) -> Any:
+            mark(self, False)
+            return await fn(self)
+
+        return done_async
+
+    @functools.wraps(fn)
+    def done(self: Any) -> Any:
+        mark(self, False)
+        return fn(self)
+
+    return done
+
+
 class Stage:
     """Base of every stage: knows whether the proxy is running, so that a
     configuration error stops start-up but, later, only rejects the change; and wraps
@@ -153,9 +175,14 @@ class Stage:
         for hook in _FLOW_HOOKS:
             if hook in cls.__dict__:
                 setattr(cls, hook, _guarded(cls.__name__, hook, cls.__dict__[hook]))
+        if "done" in cls.__dict__:
+            setattr(cls, "done", _unloading(cls.__dict__["done"]))
 
     def running(self) -> None:
         self.started = True
+
+    def done(self) -> None:
+        mark(self, False)
 
     def config_error(self, message: str) -> None:
         """Report a configuration error. Before start-up completes it is logged as an
