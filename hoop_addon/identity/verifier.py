@@ -349,7 +349,9 @@ def _words(value: Any, separated: bool = True) -> tuple[str, ...]:
     `separated`, space-separated names (RFC 6749 §3.3 `scope`), else one name (a group
     called `Domain Admins` is not the group `Admins`); anything else gives ()."""
     if isinstance(value, str):
-        return tuple(value.split()) if separated else (value,)
+        # RFC 6749 §3.3: delimited by the space character (%x20) only; other Unicode
+        # whitespace is part of a name (`a\u2003admin` is not the scope `admin`)
+        return tuple(w for w in value.split(" ") if w) if separated else (value,)
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
@@ -358,6 +360,11 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         raise TokenError("invalid_claims", "token has no numeric exp (expiry is required)")
+    for name in ("nbf", "iat"):
+        # RFC 7519 §4.1.4-4.1.6: NumericDate, a JSON number; python-jose takes `int()`
+        # of anything, so "123" or true would pass its checks
+        if name in claims and (isinstance(claims[name], bool) or not isinstance(claims[name], (int, float))):
+            raise TokenError("invalid_claims", f"token claim {name} is not a JSON number")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
     if not set(audiences) & set(issuer.audiences):

@@ -119,7 +119,9 @@ class Identify(Stage):
         """The tunnel's identity, verified again under a policy that changed since."""
         token, identity, digest = tunnel
         try:
-            if identity.expires_at <= time.time():
+            issuer = active.verifier.issuers.get(identity.issuer)
+            # the issuer's leeway, as when the token was verified (RFC 7519 §4.1.4)
+            if identity.expires_at + (issuer.leeway if issuer else 0) <= time.time():
                 raise TokenError("expired", "token has expired; reconnect with a fresh one")
             if digest != active.policy.digest:
                 identity = await active.verifier.verify(token)

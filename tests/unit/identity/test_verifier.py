@@ -294,6 +294,14 @@ def tampered_jwks(idp: LocalIdP, path: Path, kid: str, **changes: Any) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["1", "9999999999", True, False, None, [1], {"n": 1}, "1e3"])
+def test_time_claims_must_be_json_numbers(idp: LocalIdP, verifier: Verifier, claim: str, value: Any) -> None:
+    """RFC 7519 §4.1.4-4.1.6: a NumericDate is a JSON number, wherever the claim is."""
+    token = idp.mint(extra_claims={claim: value})
+    assert refusal(verifier, token) in ("invalid_claims", "expired", "not_yet_valid")
+
+
 class TestClaimsToIdentity:
     @pytest.mark.parametrize(
         ("claims", "client_id", "scopes"),
@@ -302,6 +310,7 @@ class TestClaimsToIdentity:
             pytest.param({"azp": "web-app", "scp": ["chat:write"]}, "web-app", ("chat:write",), id="oidc-azp-okta-scp"),
             pytest.param({"azp": "x", "client_id": "y", "scp": "a b"}, "y", ("a", "b"), id="client_id-wins-azure-scp-string"),
             pytest.param({"client_id": 7, "scope": ["not", "a", "string"]}, None, ("not", "a", "string"), id="odd-types"),
+            pytest.param({"scope": "read\u2003admin\tops  x"}, None, ("read\u2003admin\tops", "x"), id="split-on-space-only"),
         ],
     )
     def test_client_id_and_scopes(
