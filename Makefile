@@ -21,7 +21,7 @@ endif
 .PHONY: help venv init run test demo bench bench-engine soak policy-check clean
 
 help:
-	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options"
+	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options (hoop serve --help)"
 	@echo "make test   install and run the whole test suite"
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
 	@echo "make bench  the gateway against bare mitmdump and direct calls (ratios; QUICK=1 for a smoke run)"
@@ -53,8 +53,7 @@ run: init
 	@echo
 	OPENAI_API_KEY=$${OPENAI_API_KEY:-unset-set-OPENAI_API_KEY} \
 	HOOP_LOCAL_LLM_KEY=$${HOOP_LOCAL_LLM_KEY:-local-llm-key} \
-	$(VENV)/bin/mitmdump -s hoop_addon/addon.py --set hoop_rules=rules \
-		--set confdir=$(HOME_DIR)/mitmproxy --set hoop_signing_key=$(HOME_DIR)/signing.key \
+	$(VENV)/bin/hoop serve --rules rules --home $(HOME_DIR) \
 		--listen-host $(HOST) --listen-port $(PORT) $(ARGS)
 
 test: venv

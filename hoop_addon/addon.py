@@ -1,36 +1,10 @@
-"""The gateway: `mitmdump -s hoop_addon/addon.py --set hoop_rules=rules`.
-
-The chain, in hook order: identify -> admit (route) -> guard (block rules; approval
-needed?) -> mask request -> rate limits and budgets -> approve (hold or ticket) ->
-inject credential -> upstream -> mask response -> count the response's token usage ->
-record -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for
-the client only). (Rate limits count requests in `requestheaders`, before any body is
-read; they sit after masking so as to read a stream's usage as masking emits it.)
-`guarded` puts a guard first that keeps the process from ever serving without this
-whole chain (see `hoop_addon.stages.sentinel`).
+"""The gateway as a mitmdump script: `mitmdump -s hoop_addon/addon.py --set hoop_rules=rules`,
+for users who compose the chain with addons of their own (`hoop serve` is the front
+door: the same chain, built into the process). The chain is `hoop_addon.stages.chain`;
+its first addon keeps the process from serving without all of it, whichever way mitmproxy
+skips or unloads this script (see `hoop_addon.stages.sentinel`).
 """
 
-from hoop_addon.stages.admit import Admit
-from hoop_addon.stages.approve import Approve
-from hoop_addon.stages.audit import Audit
-from hoop_addon.stages.control import Control
-from hoop_addon.stages.credentials import InjectCredential
-from hoop_addon.stages.guard import Guard
-from hoop_addon.stages.identify import Identify
-from hoop_addon.stages.limit import RateLimit
-from hoop_addon.stages.mask import Mask, Restore
-from hoop_addon.stages.policy import PolicyStage
-from hoop_addon.stages.record import Record
-from hoop_addon.stages.sentinel import guarded
-from hoop_addon.stages.telemetry import Telemetry
+from hoop_addon.stages.chain import build
 
-policy = PolicyStage()
-audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
-
-control = Control()  # the control API; stages add their handlers to it
-mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
-
-addons = guarded([
-    policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, RateLimit(policy, mask), Approve(policy, control, audit),
-    InjectCredential(mask), Record(policy, audit), audit, control, Telemetry(policy, audit, control), Restore(mask),
-])
+addons = build()

@@ -107,10 +107,11 @@ def write_policy(directory: Path, idp: LocalIdP, text: str = POLICY) -> Path:
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path], upstream_server: FakeOpenAI) -> Iterator[Gateway]:
-    """One running gateway shared by the end-to-end tests."""
+    """One running gateway shared by the end-to-end tests, started as users start it:
+    `hoop serve`."""
     work = tmp_path_factory.mktemp("gateway")
     rules = write_policy(work / "rules", idp)
-    gw = Gateway(rules, work, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+    gw = Gateway(rules, work, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, serve=True)
     gw.start()
     yield gw
     gw.stop()

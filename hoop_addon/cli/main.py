@@ -9,6 +9,8 @@
     hoop keygen | verify | audit | evidence   signing keys, recordings, the audit log:
                                         see `hoop_addon.cli.evidence`
     hoop approvals list | approve ID | deny ID   decide requests waiting for approval
+    hoop serve [--rules DIR] [mitmdump options...]
+                                        run the gateway: see `hoop_addon.cli.serve`
 
 Exit codes: 0 success, 1 invalid input found, 2 usage or I/O error.
 """
@@ -20,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from hoop_addon.cli import approvals, evidence
+from hoop_addon.cli import approvals, evidence, serve
 from hoop_addon.cli import policy as policy_commands
 from hoop_addon.policy.loader import PolicyError, load_policy
 
@@ -97,14 +99,18 @@ def parser() -> argparse.ArgumentParser:
     token.set_defaults(run=dev_token)
     evidence.register(sub)
     approvals.register(sub)
+    serve.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = parser().parse_args(approvals.id_operands(sys.argv[1:] if argv is None else list(argv)))
+    p = parser()
+    args, extra = p.parse_known_args(approvals.id_operands(sys.argv[1:] if argv is None else list(argv)))
+    if extra and not getattr(args, "passthrough", False):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.run(args)
+        return args.run(args, extra) if getattr(args, "passthrough", False) else args.run(args)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -43,8 +43,10 @@ class Gateway:
     `hoop_signing_key`, the gateway signs with `workdir/signing.key` (created if
     missing; its public half `public_key` is what `hoop verify` trusts). `bare` runs mitmdump without
     the addon (the benchmark's baseline): `rules` and `recordings` are then unused.
+    `serve` runs `hoop serve` (the chain built in) instead of `mitmdump -s`.
 
-    `start()` returns once the proxy port accepts connections (or raises
+    `start()` returns once the proxy port accepts connections (`serve`: once it
+    printed that it is ready) (or raises
     `RuntimeError` with mitmdump's output if it exited first); `stop()` terminates it.
     """
 
@@ -57,33 +59,38 @@ class Gateway:
         recordings: Path | None = None,
         options: dict[str, str] | None = None,
         bare: bool = False,
+        serve: bool = False,
     ) -> None:
         self.rules, self.workdir = rules, workdir
         self.recordings = recordings or workdir / "recordings"
         self.confdir = workdir / "mitmproxy"
         self.log = workdir / "mitmdump.log"
         self.port = free_port()
-        self.env = {**os.environ, **(env or {})}
-        hoop = [] if bare else [
-            "-s", str(ADDON),
-            "--set", f"hoop_rules={rules}",
-            "--set", f"hoop_recordings={self.recordings}",
-        ]
-        self.argv = [
-            str(MITMDUMP), *hoop,
-            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-            "--set", f"confdir={self.confdir}",
-            "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
-            *(arg for name, value in (options or {}).items() for arg in ("--set", f"{name}={value}")),
-        ]
-        if not bare and "hoop_signing_key" not in (options or {}):
-            self.argv += ["--set", f"hoop_signing_key={ensure_signing_key(workdir / 'signing.key')}"]
         self.control_port = free_port()
-        self.ports_after_start: tuple[int, ...] = ()  # opened in `running`, a moment after the proxy port
-        if not bare and "hoop_control" not in (options or {}):  # never the fixed default: gateways run side by side
-            self.argv += ["--set", f"hoop_control=127.0.0.1:{self.control_port}"]
-            self.ports_after_start = (self.control_port,)
+        self.serve = serve
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, **(env or {})}
+        options = dict(options or {})
+        extra = [arg for name, value in options.items() for arg in ("--set", f"{name}={value}")]
+        listen = ["--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
+        trust = ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"]
+        key = None if bare or "hoop_signing_key" in options else ensure_signing_key(workdir / "signing.key")
+        # the control API never on its fixed default port: gateways run side by side
+        control = None if bare or "hoop_control" in options else f"127.0.0.1:{self.control_port}"
+        self.ports_after_start: tuple[int, ...] = (self.control_port,) if control else ()  # opened in `running`
+        if serve:
+            self.argv = [
+                sys.executable, "-m", "hoop_addon", "serve", "--rules", str(rules), "--recordings", str(self.recordings),
+                "--confdir", str(self.confdir), *(["--signing-key", str(key)] if key else []),
+                *(["--control", control] if control else []), *listen, *trust, *extra,
+            ]
+            return
+        hoop = [] if bare else ["-s", str(ADDON), "--set", f"hoop_rules={rules}", "--set", f"hoop_recordings={self.recordings}"]
+        self.argv = [str(MITMDUMP), *hoop, *listen, "--set", f"confdir={self.confdir}", *trust, *extra]
+        if key:
+            self.argv += ["--set", f"hoop_signing_key={key}"]
+        if control:
+            self.argv += ["--set", f"hoop_control={control}"]
 
     def start(self, timeout: float = 30.0) -> Gateway:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,11 @@ class Gateway:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.output}")
+            if self.serve:  # `hoop serve` says when /healthz answered 200
+                if "hoop: ready" in self.output:
+                    return self
+                time.sleep(0.05)
+                continue
             try:
                 for port in (self.port, *self.ports_after_start):
                     socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

@@ -4,12 +4,14 @@ mitmproxy can skip or unload a `-s` script without stopping: an option given twi
 (`--set hoop_rules=a --set hoop_rules=a`: the deferred option raises while the script
 registers, and the script is dropped), a value that fails to parse, a reload of an edited
 script that raises, `scripts` changed at run time. The process then keeps running as a
-plain proxy, enforcing nothing. So the chain's first addon, `ChainGuard`, installs a
+plain proxy, enforcing nothing (and an option whose name is misspelt is kept aside
+unapplied, so the setting meant is silently ignored). So the chain's first addon, `ChainGuard`, installs a
 `Sentinel` into the master's own addon chain, where no script reload reaches it, and
 the Sentinel refuses every flow (503 `gateway_incomplete`) unless the chain it was
 given is registered with the master and not unloaded since; before the proxy
-serves (its `running` hook), a chain that is not registered is logged as an error, which
-makes mitmproxy exit with status 1 before accepting traffic.
+serves (its `running` hook), a chain that is not registered, or a `hoop_` option
+nobody registered, is logged as an error, which makes mitmproxy exit with status 1
+before accepting traffic.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def mark(stage: Any, running: bool) -> None:
     (_state["live"].add if running else _state["live"].discard)(id(stage))
 
 
-def _complete(master: Any) -> bool:
+def complete(master: Any) -> bool:
+    """True when the chain last loaded is registered with `master` and every stage of
+    it runs (none unloaded since)."""
     chain = _state["chain"]
     if not chain:
         return False
@@ -53,16 +57,21 @@ class Sentinel:
         self.master = master
 
     def running(self) -> None:
+        # Errors logged here come before the proxy accepts traffic: mitmproxy's
+        # ErrorCheck then exits with status 1.
         chain = _state["chain"]
         registered = {id(a) for a in traverse(self.master.addons.chain)}
+        pending = sorted(k for k in getattr(self.master.options, "deferred", {}) if k.startswith("hoop_"))
         if not chain or not all(id(s) in registered for s in chain):
-            # before the proxy accepts traffic: mitmproxy's ErrorCheck exits with status 1
-            pending = sorted(k for k in getattr(self.master.options, "deferred", {}) if k.startswith("hoop_"))
             hint = f" (options not applied: {', '.join(pending)}: given twice, or a value that does not parse?)" if pending else ""
             logger.error(f"hoop: the gateway's chain did not load completely{hint}; refusing to run open")
+        elif pending:
+            # every hoop option is registered by now: these are misspelt, and the
+            # setting meant (a signing key, a recordings directory) would be ignored
+            logger.error(f"hoop: unknown option(s) {', '.join(pending)}; see `mitmdump -s hoop_addon/addon.py --options`")
 
     def _refuse(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None and not _complete(self.master):
+        if flow.response is None and not complete(self.master):
             logger.error("hoop: the gateway's chain is not loaded; flow refused")
             body = orjson.dumps({"error": "gateway_incomplete", "stage": "sentinel",
                                  "message": "the gateway's enforcement chain is not loaded; nothing is forwarded"})
@@ -78,16 +87,16 @@ class Sentinel:
         self._refuse(flow)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        if not _complete(self.master) and flow.websocket is not None:
+        if not complete(self.master) and flow.websocket is not None:
             flow.websocket.messages[-1].drop()
             flow.kill()
 
     def tcp_start(self, flow: Any) -> None:
-        if not _complete(self.master):
+        if not complete(self.master):
             flow.kill()
 
     def udp_start(self, flow: Any) -> None:
-        if not _complete(self.master):
+        if not complete(self.master):
             flow.kill()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from mitmproxy import http, log
 
@@ -14,6 +15,7 @@ from hoop_addon.stages import Stage, hoop
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
 from hoop_addon.stages.policy import PolicyStage
+from hoop_addon.stages.sentinel import complete
 
 
 DECISIONS = logging.getLogger("hoop.decision")
@@ -51,19 +53,23 @@ class Telemetry(Stage):
     would keep it (`termlog_verbosity` info or debug, or a handler of the user's).
 
     Serves `/metrics` and `/healthz` on the control API; health fails (503), and the
-    gauge `hoop_enforcing` is 0, while enforcement cannot work: no policy loaded, an
+    gauge `hoop_enforcing` is 0, while enforcement cannot work: the chain not whole
+    (see `hoop_addon.stages.sentinel`), no policy loaded, an
     issuer whose JWKS was never fetched, no signing key where the policy requires one,
     no audit log open.
     """
 
     def __init__(self, policy: PolicyStage, audit: Audit, control: Control) -> None:
         self.policy, self.audit = policy, audit
+        self.master: Any = None  # known once loaded
         control.server.add(r"/metrics", MetricsHandler, {"exposition": exposition})
         control.server.add(r"/healthz", HealthHandler, {"problems": self.problems})
         ENFORCING.set_function(lambda: 0.0 if self.problems() else 1.0)
 
     def problems(self) -> list[str]:
         """Why enforcement cannot work now; empty when it can."""
+        if self.master is not None and not complete(self.master):
+            return ["the enforcement chain is not loaded"]
         if (active := self.policy.active) is None:
             return ["no policy loaded"]
         found = [
@@ -74,6 +80,9 @@ class Telemetry(Stage):
         if self.audit.log is None:
             found.append("no audit log open")
         return found
+
+    def load(self, loader: Any) -> None:
+        self.master = loader.master
 
     def running(self) -> None:
         super().running()

@@ -4,6 +4,7 @@ the upstream receives nothing."""
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from pathlib import Path
@@ -14,41 +15,78 @@ import pytest
 from hoop_addon.dev.gateway import ADDON, Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
-from tests.conftest import UPSTREAM_KEY, write_policy
+from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
 from tests.support.agents import chat
 from tests.support.idp import LocalIdP
 
 ENV = {"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 
 
-def gateway(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], **options: str) -> Gateway:
-    return Gateway(write_policy(tmp_path / "rules", idp), tmp_path, pki[0].cert_path, env=ENV, options=options)
+def gateway(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], serve: bool = False, **options: str) -> Gateway:
+    return Gateway(write_policy(tmp_path / "rules", idp), tmp_path, pki[0].cert_path, env=ENV, options=options, serve=serve)
 
 
+FRONT_DOORS = [pytest.param(False, id="mitmdump-s"), pytest.param(True, id="hoop-serve")]
+
+
+@pytest.mark.parametrize("serve", FRONT_DOORS)
 @pytest.mark.parametrize(
-    "extra",
+    "extra, says",
     [
-        pytest.param(["--set", "hoop_rules={rules}"], id="an-option-given-twice"),
-        pytest.param(["--set", "hoop_reload=soon"], id="an-option-value-that-does-not-parse"),
-        pytest.param(["--set", "hoop_mask_max_body=huge"], id="a-size-that-does-not-parse"),
+        pytest.param(["--set", "hoop_rules={rules}"], "hoop_rules", id="an-option-given-twice"),
+        pytest.param(["--set", "hoop_reload=soon"], "hoop_reload", id="an-option-value-that-does-not-parse"),
+        pytest.param(["--set", "hoop_mask_max_body=huge"], "hoop_mask_max_body", id="a-size-that-does-not-parse"),
+        pytest.param(["--set", "hoop_recordngs=/tmp/x"], r"unknown option\(s\) hoop_recordngs", id="a-misspelt-option"),
+        # mitmdump refuses the same script twice, and mitmproxy two addons of one name
+        # (hoop serve has the chain built in already)
+        pytest.param(["-s", str(ADDON)], "Duplicate script|'chainguard' already exists", id="the-chain-loaded-twice"),
     ],
 )
-def test_a_chain_that_cannot_load_exits_before_serving(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], extra: list[str]) -> None:
-    gw = gateway(tmp_path, idp, pki)
+def test_a_chain_that_cannot_load_exits_before_serving(
+    tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], extra: list[str], says: str, serve: bool
+) -> None:
+    gw = gateway(tmp_path, idp, pki, serve=serve)
     gw.argv += [arg.format(rules=gw.rules) for arg in extra]
     code, output = gw.run_to_exit()
     assert code == 1, output
-    assert "hoop" in output
+    assert re.search(says, output) and "hoop: ready" not in output, output
 
 
-def test_a_chain_missing_a_stage_exits_before_serving(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
-    """A user's own composition that leaves out a stage (here: recording)."""
-    script = tmp_path / "mine.py"
-    script.write_text(ADDON.read_text().replace("Record(policy, audit), ", ""))
+@pytest.mark.parametrize(
+    "script, says",
+    [
+        pytest.param(
+            "from hoop_addon.stages.chain import build\nfrom hoop_addon.stages.sentinel import guarded\n"
+            "addons = guarded([a for a in build()[1:] if type(a).__name__ != 'Record'])\n",
+            "lacks stage(s) Record", id="a-stage-left-out",
+        ),
+        pytest.param(ADDON.read_text() + "\nimport hoop_addon.no_such_module\n", "no_such_module", id="an-import-error"),
+        pytest.param(ADDON.read_text() + "\nraise RuntimeError('broken at load')\n", "broken at load", id="an-exception-at-load"),
+    ],
+)
+def test_a_script_of_ones_own_that_breaks_the_chain_exits_before_serving(
+    tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], script: str, says: str
+) -> None:
+    """A user's own composition (`mitmdump -s mine.py`) that leaves out a stage, or
+    that raises while mitmproxy loads it (mitmproxy logs that and carries on without it)."""
+    mine = tmp_path / "mine.py"
+    mine.write_text(script)
     gw = gateway(tmp_path, idp, pki)
-    gw.argv[gw.argv.index(str(ADDON))] = str(script)
+    gw.argv[gw.argv.index(str(ADDON))] = str(mine)
     code, output = gw.run_to_exit()
-    assert code == 1 and "lacks stage(s) Record" in output, output
+    assert code == 1 and says in output, output
+
+
+def test_hoop_serve_that_cannot_become_ready_exits(tmp_path: Path, pki: tuple[CA, Path, Path]) -> None:
+    """An issuer whose JWKS never answers: /healthz stays 503, so `hoop serve` says
+    what is wrong and exits 1 instead of reporting ready."""
+    policy = tmp_path / "rules" / "policy.yaml"
+    policy.parent.mkdir()
+    policy.write_text(POLICY.format(issuer="https://idp.invalid", jwks="http://127.0.0.1:9/jwks.json"))
+    gw = Gateway(policy.parent, tmp_path, pki[0].cert_path, env=ENV, serve=True)
+    gw.argv += ["--ready-timeout", "1"]
+    code, output = gw.run_to_exit()
+    assert code == 1 and "not ready after 1 s" in output and "JWKS never fetched" in output, output
 
 
 def refused(client: httpx.Client, url: str) -> bool:

@@ -1,0 +1,138 @@
+"""`hoop serve`: the gateway's front door, mitmdump with the chain built in.
+
+    hoop serve [--rules DIR] [--home DIR] [--confdir DIR] [--signing-key FILE]
+               [--recordings DIR] [--listen-host H] [--listen-port P] [--control H:P]
+               [--ready-timeout SECONDS] [mitmdump options...]
+
+The chain (`hoop_addon.stages.chain`) is added to the master before any option is read,
+so every hoop option is known when the command line is applied: an option given twice or
+a value that does not parse stops the process (status 1) before it listens, instead of
+making mitmproxy skip a `-s` script. Once the proxy runs, readiness is checked on the
+control API's `/healthz`; "hoop: ready ..." is printed (stdout) only when it answers 200,
+and a gateway that is not ready within `--ready-timeout` seconds stops with status 1,
+naming what failed. Other arguments go to mitmdump as they are (`--set NAME=VALUE`,
+`--mode reverse:URL`, `-s` scripts of one's own, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+logger = logging.getLogger("hoop")
+READY_POLL_S = 0.1
+
+
+def register(sub: Any) -> None:
+    """Add `serve` to the `hoop` subcommands (`sub`: argparse subparsers)."""
+    p = sub.add_parser(
+        "serve", help="run the gateway (mitmdump with the chain built in)",
+        description="Run the gateway. Arguments not listed here are passed to mitmdump.",
+        allow_abbrev=False,  # `--rule` is not `--rules`: unknown arguments go to mitmdump whole
+    )
+    p.add_argument("--rules", default="rules", help="policy file or directory (default: rules)")
+    p.add_argument("--home", help="state directory of `hoop init` (default $HOOP_HOME or .hoop)")
+    p.add_argument("--confdir", help="mitmproxy confdir: the CA clients trust (default HOME/mitmproxy)")
+    p.add_argument("--signing-key", help="Ed25519 key signing recordings and checkpoints (default HOME/signing.key)")
+    p.add_argument("--recordings", default="recordings", help="recordings and audit log directory (default: recordings)")
+    p.add_argument("--listen-host", default="127.0.0.1", help="proxy address (default 127.0.0.1)")
+    p.add_argument("--listen-port", type=int, default=8080, help="proxy port (default 8080)")
+    p.add_argument("--control", default="127.0.0.1:8081", help="control API HOST:PORT on loopback (default 127.0.0.1:8081)")
+    p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /healthz (default 30)")
+    p.set_defaults(run=serve, passthrough=True)
+
+
+def mitmdump_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The mitmdump command line for `args` (a parsed `hoop serve`) and `extra`
+    (passed through, last: an option that repeats one of ours is an error)."""
+    home = Path(args.home or os.environ.get("HOOP_HOME", ".hoop"))
+    options = {
+        "hoop_rules": args.rules,
+        "confdir": args.confdir or str(home / "mitmproxy"),
+        "hoop_signing_key": args.signing_key or str(home / "signing.key"),
+        "hoop_recordings": args.recordings,
+        "hoop_control": args.control,
+    }
+    return [
+        "--listen-host", args.listen_host, "--listen-port", str(args.listen_port),
+        *(arg for name, value in options.items() for arg in ("--set", f"{name}={value}")),
+        *extra,
+    ]
+
+
+class Readiness:
+    """The master's last addon: once the proxy runs, polls the control API's
+    `/healthz` every `READY_POLL_S` seconds for at most `timeout` seconds; prints
+    "hoop: ready ..." at the first 200, else logs what `/healthz` reported and shuts
+    the master down (`failed` is then True: the exit status is 1)."""
+
+    def __init__(self, master: Any, timeout: float) -> None:
+        self.master, self.timeout = master, timeout
+        self.failed = False
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._check(), name="hoop readiness")
+
+    async def _check(self) -> None:
+        from tornado.httpclient import AsyncHTTPClient
+
+        control = self.master.options.hoop_control
+        if not control:
+            return self._fail("hoop serve needs the control API (--control) to check readiness")
+        client = AsyncHTTPClient(force_instance=True)
+        deadline = time.monotonic() + self.timeout
+        problems: list[str] = ["/healthz did not answer"]
+        try:
+            while time.monotonic() < deadline:
+                answer = await client.fetch(f"http://{control}/healthz", raise_error=False, request_timeout=2.0)
+                if answer.code == 200:
+                    proxy = ", ".join(f"{h}:{p}" for h, p, *_ in self.master.addons.get("proxyserver").listen_addrs())
+                    print(f"hoop: ready: proxy on {proxy}, control API on http://{control}", flush=True)
+                    return None
+                if answer.code == 503 and answer.body:
+                    try:
+                        problems = list(orjson.loads(answer.body).get("problems") or problems)
+                    except (orjson.JSONDecodeError, AttributeError):
+                        pass
+                await asyncio.sleep(READY_POLL_S)
+        finally:
+            client.close()
+        return self._fail(f"hoop: not ready after {self.timeout:g} s: {'; '.join(problems)}")
+
+    def _fail(self, message: str) -> None:
+        logger.error(message)
+        self.failed = True
+        self.master.shutdown()
+
+
+def serve(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run the gateway until SIGINT/SIGTERM. Returns 0 after a clean stop, 1 when it
+    did not become ready (mitmproxy itself exits with 1 on a start-up error)."""
+    from mitmproxy.tools import cmdline
+    from mitmproxy.tools.dump import DumpMaster
+    from mitmproxy.tools.main import run
+
+    from hoop_addon.stages.chain import build
+
+    readiness: list[Readiness] = []
+
+    class HoopMaster(DumpMaster):
+        """mitmdump's master with the hoop chain, then `Readiness`, added at construction."""
+
+        def __init__(self, options: Any) -> None:
+            super().__init__(options)
+            self.addons.add(*build())
+            readiness.append(Readiness(self, args.ready_timeout))
+            self.addons.add(readiness[0])
+
+    run(HoopMaster, cmdline.mitmdump, mitmdump_args(args, extra))
+    return 1 if readiness and readiness[0].failed else 0
