@@ -20,7 +20,6 @@ import logging
 import re
 import time
 import urllib.parse
-import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,11 +90,13 @@ class KeySet:
     """The signing keys of one issuer (RFC 7517), from a JWKS file path, an http(s)
     URL, or, when `source` is None, OpenID Connect Discovery 1.0 from `issuer`.
 
-    `refresh()` (blocking, seconds-bounded) re-reads the source and keeps the last good
-    key set if the source fails (`stale` is then True until a refresh succeeds);
-    `find(kid)` refetches at most once per `cooldown` seconds when a `kid` is unknown
-    (key rotation without a restart, no refetch storm), or when the keys are older than
-    `JWKS_MAX_AGE_S` (revoked keys drop out).
+    `refresh()` re-reads the source (a URL within one `JWKS_TIMEOUT_S` deadline, on the
+    event loop: nothing blocks) and keeps the last good key set if the source fails
+    (`stale` is then True until a refresh succeeds); `find(kid)` refetches at most once
+    per `cooldown` seconds when a `kid` is unknown (key rotation without a restart, no
+    refetch storm), or when the keys are older than `JWKS_MAX_AGE_S` (revoked keys drop
+    out). A key that a refresh leaves unchanged stays the same object, so `current(kid,
+    key)` tells in O(1) whether a key a token was verified with is still published.
     """
 
     def __init__(
@@ -116,34 +117,71 @@ class KeySet:
         self._last_good = float("-inf")
         self._lock = asyncio.Lock()
 
-    def refresh(self) -> None:
+    @property
+    def remote(self) -> bool:
+        """True when the keys come over the network (a URL or OIDC discovery)."""
+        return self.source is None or self.source.startswith(("http://", "https://"))
+
+    def read_file(self) -> None:
+        """Read a file JWKS now (blocking, local). Raises `JwksError`."""
+        self._take(_parse_json(_read_file(self.source or ""), "JWKS", self.source or ""))
+
+    async def refresh(self) -> None:
         """Re-read the JWKS. Raises `JwksError`; the previous keys stay in use then."""
         self._last_fetch = self._clock()
         try:
-            doc = _read_json(self.source or self._discover(), "JWKS")
-            keys = {
-                str(k.get("kid", "")): k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC")
-            }
+            if not self.remote:
+                return self.read_file()
+            deadline = time.monotonic() + JWKS_TIMEOUT_S  # one deadline for discovery and the JWKS
+            uri = self.source or await self._discover(deadline)
+            self._take(_parse_json(await _fetch(uri, "JWKS", deadline), "JWKS", uri))
         except JwksError as exc:
             self.stale = bool(self.keys)
             if self.stale:
                 logger.warning(f"hoop: {exc}; keeping the {len(self.keys)} key(s) last fetched")
             raise
-        except (KeyError, TypeError):
-            self.stale = bool(self.keys)
-            raise JwksError(f"JWKS {self.source or self.issuer} is not a JSON Web Key Set") from None
-        self.keys, self.stale, self._last_good = keys, False, self._clock()
 
-    def _discover(self) -> str:
+    def _take(self, doc: Any) -> None:
+        try:
+            found = {str(k.get("kid", "")): k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC")}
+        except (KeyError, TypeError):
+            raise JwksError(f"JWKS {self.source or self.issuer} is not a JSON Web Key Set") from None
+        old = self.keys
+        # unchanged keys keep their identity (see `current`); a changed or removed one does not
+        self.keys = {kid: old[kid] if old.get(kid) == key else key for kid, key in found.items()}
+        self.stale, self._last_good = False, self._clock()
+
+    async def _discover(self, deadline: float) -> str:
         """The `jwks_uri` of the issuer's discovery document (OIDC Discovery 1.0 §4),
         whose `issuer` must be ours exactly (§4.3)."""
-        doc = _read_json(self.issuer.rstrip("/") + DISCOVERY_PATH, "OIDC discovery document")
+        url = self.issuer.rstrip("/") + DISCOVERY_PATH
+        doc = _parse_json(await _fetch(url, "OIDC discovery document", deadline), "OIDC discovery document", url)
         uri = doc.get("jwks_uri") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
             raise JwksError(f"OIDC discovery document of {self.issuer} names another issuer")
         if not isinstance(uri, str) or not key_url_allowed(uri):
             raise JwksError(f"OIDC discovery document of {self.issuer} has no https jwks_uri")
         return uri
+
+    async def prime(self) -> None:
+        """Fetch the keys until a fetch succeeds, once per `cooldown` seconds (start-up
+        in the background: the gateway serves meanwhile, refusing only this issuer's
+        tokens). Returns at once when keys are there."""
+        while not self.keys:
+            async with self._lock:
+                if self.keys:
+                    return
+                try:
+                    await self.refresh()
+                    return
+                except JwksError as exc:
+                    logger.warning(f"hoop: issuer {self.issuer}: {exc}; its tokens are refused until it answers")
+            await asyncio.sleep(self.cooldown)
+
+    def current(self, kid: str, key: dict[str, Any]) -> bool:
+        """True when `key` is still this issuer's key `kid` (not removed or replaced by a
+        refresh) and the keys are not older than `JWKS_MAX_AGE_S`."""
+        return self.keys.get(kid) is key and self._clock() - self._last_good < JWKS_MAX_AGE_S
 
     async def find(self, kid: str) -> dict[str, Any] | None:
         """The JWK with this `kid` ("" for a token without one), refetching once per
@@ -152,10 +190,10 @@ class KeySet:
         now = self._clock()
         if kid in self.keys and now - self._last_good < JWKS_MAX_AGE_S:
             return self.keys[kid]
-        async with self._lock:
+        async with self._lock:  # a fetch under way (start-up, another flow) is waited for
             if now - self._last_fetch >= self.cooldown and (kid not in self.keys or now - self._last_good >= JWKS_MAX_AGE_S):
                 try:
-                    await asyncio.to_thread(self.refresh)
+                    await self.refresh()
                 except JwksError:
                     pass  # keep the last good keys; the caller reports the unknown kid
         return self.keys.get(kid)
@@ -175,18 +213,59 @@ def key_url_allowed(url: str) -> bool:
         return False
 
 
-def _read_json(source: str, what: str) -> Any:
-    """The JSON document at an http(s) URL or file path, at most `MAX_JWKS_BYTES`.
-    Raises `JwksError` naming the source (never a response body)."""
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 3
+
+
+async def _fetch(url: str, what: str, deadline: float) -> bytes:
+    """GET `url` (at most `MAX_JWKS_BYTES`), following at most `MAX_REDIRECTS`
+    redirects, each only to a URL `key_url_allowed` accepts (the policy loader's own
+    rule: a redirect must not lead where the policy could not), the whole exchange
+    finished by `deadline` (`time.monotonic()` seconds): a server that answers one
+    byte a second is cut off there. Raises `JwksError` naming the URL (never a body)."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+    client = AsyncHTTPClient(force_instance=True, max_body_size=MAX_JWKS_BYTES)
     try:
-        if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source, timeout=JWKS_TIMEOUT_S) as resp:
-                raw = resp.read(MAX_JWKS_BYTES + 1)
+        for _ in range(MAX_REDIRECTS + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            request = HTTPRequest(
+                url, follow_redirects=False, connect_timeout=remaining, request_timeout=remaining,
+                headers={"Accept": "application/json"}, decompress_response=False,
+            )
+            try:
+                answer = await client.fetch(request, raise_error=False)
+            except (HTTPClientError, OSError, ValueError) as exc:  # no answer: refused, reset, timed out, too large
+                raise JwksError(f"cannot read {what} {url}: {exc}") from None
+            if answer.code in _REDIRECTS:
+                target = urllib.parse.urljoin(url, answer.headers.get("Location", ""))
+                if not key_url_allowed(target):
+                    raise JwksError(f"{what} {url} redirects to {target[:200]!r}: not https (nor http on loopback), refused")
+                url = target
+                continue
+            if answer.code == 200:
+                return answer.body
+            raise JwksError(f"cannot read {what} {url}: HTTP {answer.code}")
         else:
-            with open(source, "rb") as fh:
-                raw = fh.read(MAX_JWKS_BYTES + 1)
+            raise JwksError(f"{what} {url}: more than {MAX_REDIRECTS} redirects")
+    finally:
+        client.close()
+    raise JwksError(f"{what} {url} was not read within {JWKS_TIMEOUT_S:g} s")
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(MAX_JWKS_BYTES + 1)
     except (OSError, ValueError) as exc:
-        raise JwksError(f"cannot read {what} {source}: {exc}") from None
+        raise JwksError(f"cannot read JWKS {path}: {exc}") from None
+
+
+def _parse_json(raw: bytes, what: str, source: str) -> Any:
+    """The JSON document `raw` read from `source`. Raises `JwksError` naming the
+    source (never the document)."""
     if len(raw) > MAX_JWKS_BYTES:
         raise JwksError(f"{what} {source} is larger than {MAX_JWKS_BYTES} bytes")
     try:
@@ -215,7 +294,9 @@ class Verifier:
 
     `verify(token)` returns an `Identity` or raises `TokenError`. Verified tokens are
     cached by SHA-256 until they expire (at most `cache_size` entries, least recently
-    used dropped first), so a repeat costs one hash and a dict lookup.
+    used dropped first), so a repeat costs one hash and a dict lookup; a cached token
+    whose signing key a JWKS refetch removed or replaced is verified again (and so
+    refused, `unknown_key`).
     """
 
     def __init__(
@@ -229,28 +310,36 @@ class Verifier:
         self.issuers = {i.issuer: i for i in issuers}
         self.keysets = keysets
         self._clock = clock
-        self._cache: OrderedDict[bytes, Identity] = OrderedDict()
+        # token digest -> (identity, the key set and kid it was verified under, the key)
+        self._cache: OrderedDict[bytes, tuple[Identity, KeySet, str, dict[str, Any]]] = OrderedDict()
         self._cache_size = cache_size
 
     @classmethod
     def load(cls, issuers: Sequence[Issuer]) -> Verifier:
-        """Build a verifier and read every issuer's JWKS once.
-
-        A JWKS file that cannot be read is a configuration error (`JwksError`); a JWKS
-        URL that does not answer is retried after the refetch cooldown, and its tokens
-        are refused meanwhile (fail closed).
-        """
+        """Build a verifier; read the issuers' JWKS files (a file that cannot be read
+        is a configuration error: `JwksError`). JWKS URLs and OIDC discovery are
+        fetched later, on the event loop (`fetch`, `prime`, or a token's first use)."""
         keysets = {}
         for issuer in issuers:
             keyset = KeySet(issuer.jwks, issuer=issuer.issuer, cooldown=issuer.refetch_cooldown)
-            try:
-                keyset.refresh()
-            except JwksError as exc:
-                if issuer.jwks is not None and not issuer.jwks.startswith(("http://", "https://")):
-                    raise
-                logger.warning(f"hoop: issuer {issuer.name}: {exc}; its tokens are refused until it answers")
+            if not keyset.remote:
+                keyset.read_file()
             keysets[issuer.issuer] = keyset
         return cls(issuers, keysets)
+
+    async def fetch(self) -> None:
+        """Fetch the keys of every remote issuer that has none yet, concurrently, once;
+        an issuer that does not answer is logged (its tokens are refused meanwhile)."""
+        waiting = [k for k in self.keysets.values() if k.remote and not k.keys]
+        for keyset, failure in zip(waiting, await asyncio.gather(*(k.refresh() for k in waiting), return_exceptions=True)):
+            if isinstance(failure, JwksError):
+                logger.warning(f"hoop: issuer {keyset.issuer}: {failure}; its tokens are refused until it answers")
+            elif isinstance(failure, BaseException):
+                raise failure
+
+    async def prime(self) -> None:
+        """Fetch every remote issuer's keys until each has answered (see `KeySet.prime`)."""
+        await asyncio.gather(*(k.prime() for k in self.keysets.values() if k.remote))
 
     def keys_stale(self, issuer: str) -> bool:
         """True when the last JWKS refresh of `issuer` failed and older keys are in use."""
@@ -279,17 +368,18 @@ class Verifier:
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         if (cached := self._cache.get(digest)) is not None:
-            if cached.expires_at > now:
+            identity, keyset, kid, key = cached
+            issuer = self.issuers[identity.issuer]
+            if identity.expires_at + issuer.leeway > now and keyset.current(kid, key):
                 self._cache.move_to_end(digest)
-                return cached
+                return identity
             del self._cache[digest]
-        identity = await self._verify(token, now)
-        self._cache[digest] = identity
+        self._cache[digest] = entry = await self._verify(token, now)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return identity
+        return entry[0]
 
-    async def _verify(self, token: str, now: float) -> Identity:
+    async def _verify(self, token: str, now: float) -> tuple[Identity, KeySet, str, dict[str, Any]]:
         segments = token.split(".")
         if len(segments) != 3 or not all(_SEGMENT.match(s) for s in segments):
             raise TokenError("malformed", "token is not a compact JWS (three base64url segments)")
@@ -311,7 +401,8 @@ class Verifier:
         kid = header.get("kid", "")
         if not isinstance(kid, str) or len(kid) > MAX_KID_CHARS:
             raise TokenError("malformed", "token kid is not a short string")
-        key = await self.keysets[issuer.issuer].find(kid)
+        keyset = self.keysets[issuer.issuer]
+        key = await keyset.find(kid)
         if key is None or not _key_fits(key, alg):
             raise TokenError("unknown_key", "no trusted signing key matches the token's kid and algorithm")
         try:
@@ -331,7 +422,7 @@ class Verifier:
             raise TokenError("bad_signature", "token signature does not verify") from None
         except (OverflowError, ValueError, TypeError):  # python-jose's int() of exp/nbf/iat
             raise TokenError("invalid_claims", "token time claims are not finite numbers") from None
-        return _identity(claims, issuer, now)
+        return _identity(claims, issuer, now), keyset, kid, key
 
 
 def _is_type(typ: Any, expected: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import time
 import weakref
 
 from mitmproxy import connection, http
@@ -36,7 +35,8 @@ class Identify(Stage):
     Failure: 407 with `Proxy-Authenticate` for proxy credentials, else 401 with
     `WWW-Authenticate: Bearer` (RFC 6750 §3); the upstream receives nothing, and the
     refused flow keeps no token. A tunnel's token is verified again when the policy in
-    force changes (an issuer or key removed by a reload ends the tunnel's access). When
+    force changes or its signing key leaves the issuer's JWKS (an issuer removed by a
+    reload, a key removed at the IdP end the tunnel's access). When
     the identity came from proxy credentials, an `Authorization: Bearer` holding a JWT of
     a trusted issuer is removed too: a gateway token never travels upstream. A request
     whose target or headers are not valid UTF-8, or that has more than one
@@ -48,8 +48,8 @@ class Identify(Stage):
 
     def __init__(self, policy: PolicyStage) -> None:
         self.policy = policy
-        # client connection -> (its token, the identity, the policy hash it was verified under)
-        self.tunnels: weakref.WeakKeyDictionary[connection.Client, tuple[str, Identity, str]] = weakref.WeakKeyDictionary()
+        # client connection -> the token its CONNECT authenticated with
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if (active := self.policy.active) is None:
@@ -68,7 +68,7 @@ class Identify(Stage):
         except TokenError as exc:
             self._refuse(flow, True, exc, sources)
             return
-        self.tunnels[flow.client_conn] = (token, identity, active.policy.digest)
+        self.tunnels[flow.client_conn] = token
         hoop(flow)["identity"] = _record(identity, active.verifier)
         del flow.request.headers["Proxy-Authorization"]
 
@@ -115,21 +115,16 @@ class Identify(Stage):
             del headers["Authorization"]
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
-    async def _tunnel_identity(self, client: connection.Client, tunnel: tuple[str, Identity, str], active: Enforcement) -> Identity:
-        """The tunnel's identity, verified again under a policy that changed since."""
-        token, identity, digest = tunnel
+    async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
+        """The tunnel's identity, verified again for each request: a hit of the
+        verifier's cache while the token is valid under the policy in force, its
+        issuer's leeway included, and its signing key still published; else a full
+        verification (a new policy, a key removed from the JWKS: `unknown_key`)."""
         try:
-            issuer = active.verifier.issuers.get(identity.issuer)
-            # the issuer's leeway, as when the token was verified (RFC 7519 §4.1.4)
-            if identity.expires_at + (issuer.leeway if issuer else 0) <= time.time():
-                raise TokenError("expired", "token has expired; reconnect with a fresh one")
-            if digest != active.policy.digest:
-                identity = await active.verifier.verify(token)
-                self.tunnels[client] = (token, identity, active.policy.digest)
+            return await active.verifier.verify(token)
         except TokenError:
             del self.tunnels[client]
             raise
-        return identity
 
     def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError, sources: frozenset[str]) -> None:
         _drop_tokens(flow.request)

@@ -24,8 +24,8 @@ class Enforcement:
 
 
 def _load(path: str) -> Enforcement:
-    """Load the policy at `path` and read its issuers' keys (blocking: may fetch JWKS).
-    Raises `PolicyError` or `JwksError`."""
+    """Load the policy at `path` and read its issuers' JWKS files (blocking, local; JWKS
+    URLs are fetched on the event loop). Raises `PolicyError` or `JwksError`."""
     policy = load_policy(path)
     return Enforcement(policy, Verifier.load(policy.issuers))
 
@@ -47,9 +47,12 @@ class PolicyStage(Stage):
     hot reload off).
 
     `active` is None until a policy has loaded; the other stages refuse every flow
-    while it is None (fail closed). A changed policy is validated completely, with its
-    JWKS, before it replaces the one in force; a policy that fails is refused with its
-    file:line:key, and the previous one keeps enforcing.
+    while it is None (fail closed). A changed policy is validated completely, and its
+    JWKS fetched once, before it replaces the one in force; a policy that fails is
+    refused with its file:line:key, and the previous one keeps enforcing. At start-up
+    the JWKS URLs are fetched in the background (`Verifier.prime`): the gateway serves
+    at once, refusing an issuer's tokens only until its keys arrive, and a slow IdP
+    never holds the event loop (nor SIGTERM).
     """
 
     def __init__(self) -> None:
@@ -57,6 +60,7 @@ class PolicyStage(Stage):
         self.reload_interval = 2.0
         self._seen: tuple[tuple[str, int, int], ...] = ()
         self._watcher: asyncio.Task[None] | None = None
+        self._priming: asyncio.Task[None] | None = None
 
     def load(self, loader) -> None:
         loader.add_option("hoop_rules", str, "rules", "Policy file or directory of *.yaml policy files.")
@@ -101,8 +105,9 @@ class PolicyStage(Stage):
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="hoop policy watcher")
 
     def done(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._priming):
+            if task is not None:
+                task.cancel()
 
     async def _watch(self) -> None:
         while True:
@@ -113,6 +118,7 @@ class PolicyStage(Stage):
             self._seen = seen  # a refused version is reported once, not every interval
             try:
                 active = await asyncio.to_thread(_load, path)
+                await active.verifier.fetch()
             except (PolicyError, JwksError) as exc:
                 self._refused(str(exc))
                 continue
@@ -129,6 +135,12 @@ class PolicyStage(Stage):
 
     def _swap(self, active: Enforcement, seen: tuple[tuple[str, int, int], ...]) -> None:
         self.active, self._seen = active, seen
+        if self._priming is not None:
+            self._priming.cancel()  # the keys of a policy no longer in force
+        try:
+            self._priming = asyncio.get_running_loop().create_task(active.verifier.prime(), name="hoop JWKS fetch")
+        except RuntimeError:  # no event loop (a policy loaded outside the proxy): keys are fetched on first use
+            self._priming = None
         policy = active.policy
         logger.info(
             f"hoop: policy {policy.digest[:12]} in force, from {len(policy.files)} file(s): "

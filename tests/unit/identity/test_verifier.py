@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from jose import jwk, jwt
+from jose.exceptions import JWTError
 
 from hoop_addon.identity.verifier import JWKS_MAX_AGE_S, REFETCH_COOLDOWN_S, Identity, JwksError, KeySet, TokenError, Verifier
 from hoop_addon.policy.loader import ALGORITHMS
@@ -63,7 +64,7 @@ def clocked_verifier(
 ) -> Verifier:
     """A verifier whose JWKS refetch cooldown follows `jwks_clock` and cache expiry `clock`."""
     keyset = KeySet(issuer.jwks, clock=jwks_clock)
-    keyset.refresh()
+    asyncio.run(keyset.refresh())
     return Verifier([issuer], {issuer.issuer: keyset}, clock=clock, **kwargs)
 
 
@@ -245,43 +246,75 @@ class TestJwks:
         assert idp.jwks_fetches == fetches + 1
 
 
-def forget_keys(verifier: Verifier) -> None:
-    """Drop the verifier's keys (no refetch within the cooldown): only a cached identity
-    still verifies."""
-    for keyset in verifier.keysets.values():
-        keyset.keys = {}
+def no_signature_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every signature check fails: only a cached identity still verifies."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise JWTError("signature checks are off in this test")
+
+    monkeypatch.setattr("hoop_addon.identity.verifier.jwt.decode", refuse)
 
 
 class TestCache:
-    def test_verified_token_is_served_from_the_cache(self, idp: LocalIdP) -> None:
+    def test_verified_token_is_served_from_the_cache(self, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
         verifier = clocked_verifier(trust(idp), Clock())
         token = idp.mint()
         first = verify(verifier, token)
-        forget_keys(verifier)
+        no_signature_checks(monkeypatch)
 
         assert verify(verifier, token) is first
-        assert refusal(verifier, idp.mint()) == "unknown_key"
+        assert refusal(verifier, idp.mint()) == "bad_signature"
 
-    def test_cache_entry_ends_when_the_token_expires(self, idp: LocalIdP) -> None:
+    def test_cache_entry_ends_when_the_token_expires(self, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
         clock = Clock()
         verifier = clocked_verifier(trust(idp), Clock(), clock)
         token = idp.mint(expires_in=300)
         verify(verifier, token)
-        forget_keys(verifier)
+        no_signature_checks(monkeypatch)
 
-        clock.advance(300)
+        clock.advance(300 + trust(idp).leeway)  # valid within the issuer's leeway, as when verified
 
-        assert refusal(verifier, token) == "unknown_key"
+        assert refusal(verifier, token) == "bad_signature"
 
-    def test_least_recently_used_entry_is_evicted(self, idp: LocalIdP) -> None:
+    def test_least_recently_used_entry_is_evicted(self, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
         verifier = clocked_verifier(trust(idp), Clock(), cache_size=2)
         first, second, third = idp.mint("first"), idp.mint("second"), idp.mint("third")
         for token in (first, second, first, third):  # `first` used again: `second` is now the oldest
             verify(verifier, token)
-        forget_keys(verifier)
+        no_signature_checks(monkeypatch)
 
         assert [verify(verifier, t).subject for t in (first, third)] == ["first", "third"]
-        assert refusal(verifier, second) == "unknown_key"
+        assert refusal(verifier, second) == "bad_signature"
+
+    @pytest.mark.parametrize("change", ["removed", "replaced"])
+    def test_a_cached_token_dies_with_its_key(self, idp: LocalIdP, change: str) -> None:
+        """A refetch (here: triggered by a token of another kid) shows the key gone or
+        replaced under the same kid: the token verified earlier is refused at once."""
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), clock)
+        kid = idp.add_key("RSA", f"short-lived-{change}")
+        clock.advance(REFETCH_COOLDOWN_S)
+        token = idp.mint("cached", kid=kid)
+        assert verify(verifier, token).subject == "cached"
+        idp.remove_key(kid)
+        if change == "replaced":
+            idp.add_key("RSA", kid)
+        other = idp.add_key("RSA", f"trigger-{change}")
+        clock.advance(REFETCH_COOLDOWN_S)
+
+        assert verify(verifier, idp.mint("other", kid=other)).subject == "other"  # the refetch
+        assert refusal(verifier, token) == "unknown_key" if change == "removed" else "bad_signature"
+
+    def test_an_unchanged_key_keeps_its_cached_tokens(self, idp: LocalIdP, monkeypatch: pytest.MonkeyPatch) -> None:
+        clock = Clock()
+        verifier = clocked_verifier(trust(idp), clock)
+        token = idp.mint("kept")
+        verify(verifier, token)
+        clock.advance(REFETCH_COOLDOWN_S)
+        refusal(verifier, idp.mint(headers={"kid": "ghost"}))  # a refetch; rsa-1 is unchanged
+        no_signature_checks(monkeypatch)
+
+        assert verify(verifier, token).subject == "kept"
 
 
 def tampered_jwks(idp: LocalIdP, path: Path, kid: str, **changes: Any) -> str:
@@ -429,7 +462,7 @@ class TestIssuers:
         keyset = KeySet(None, issuer=idp.issuer + "/")  # the document names idp.issuer, not this
 
         with pytest.raises(JwksError, match="names another issuer"):
-            keyset.refresh()
+            asyncio.run(keyset.refresh())
 
     def test_idp_down_keeps_the_last_good_keys_and_says_so(self) -> None:
         with LocalIdP(audience=AUDIENCE) as down:
