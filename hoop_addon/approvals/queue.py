@@ -87,8 +87,8 @@ class PendingApproval:
             return False
         return (
             approver.via == "mitmproxy"
-            or approver.subject in self.rule.approver_subjects
-            or not self.rule.approver_groups.isdisjoint(approver.groups)
+            or self.rule.approver_subjects.has(approver.issuer, approver.subject)
+            or self.rule.approver_groups.any_of(approver.issuer, approver.groups)
         )
 
     def record(self) -> dict[str, Any]:

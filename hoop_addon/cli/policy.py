@@ -100,7 +100,7 @@ def _flows(paths: list[Path]) -> Iterator[tuple[Path, http.HTTPFlow]]:
 def _caller(flow: http.HTTPFlow) -> Caller:
     identity = flow.metadata.get("hoop", {}).get("identity") or {}
     return Caller(identity.get("subject", ""), tuple(identity.get("groups", ())), identity.get("client_id"),
-                  tuple(identity.get("scopes", ())))
+                  tuple(identity.get("scopes", ())), identity.get("issuer"))
 
 
 def _exchange(flow: http.HTTPFlow) -> Exchange:

@@ -27,11 +27,12 @@ class UninspectableBody(ValueError):
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     """What conditions look at. `route` is the route name (None: no route), `method`
-    upper case, `headers` (name, value) pairs with any name case, `body` the decoded
+    upper case, `issuer` the URL of the identity's issuer, `headers` (name, value) pairs with any name case, `body` the decoded
     (content-encoding removed) bytes."""
 
     route: str | None
     method: str
+    issuer: str | None
     subject: str
     groups: Sequence[str]
     headers: Sequence[tuple[str, str]]
@@ -56,9 +57,9 @@ def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bo
         return False
     if when.methods and facts.method.upper() not in when.methods:
         return False
-    if when.subjects and facts.subject not in when.subjects:
+    if when.subjects and not when.subjects.has(facts.issuer, facts.subject):
         return False
-    if when.groups and when.groups.isdisjoint(facts.groups):
+    if when.groups and not when.groups.any_of(facts.issuer, facts.groups):
         return False
     if when.body_over is not None and len(facts.body) <= when.body_over:
         return False

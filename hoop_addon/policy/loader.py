@@ -26,7 +26,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from hoop_addon.identity.verifier import key_url_allowed
 from hoop_addon.masking.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
 from hoop_addon.policy.model import (
-    ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Policy, RecordingPolicy, Route,
+    ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Names, Policy, RecordingPolicy, Route,
 )
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
@@ -271,13 +271,14 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
     names = {}
     rules = {r.name: r for r in (_mask_rule(m, names, detectors) for _, m in sections("masking"))}
     names = {}
-    routes = tuple(_route(m, names, rules, resolve_env) for _, m in sections("routes"))
+    by_name = {i.name: i.issuer for i in issuers}  # what `<issuer name>:<name>` refers to
+    routes = tuple(_route(m, names, rules, resolve_env, by_name) for _, m in sections("routes"))
     route_names = {r.name for r in routes}
     names = {}
-    block_rules = tuple(_block_rule(m, names, route_names) for _, m in sections("block"))
-    approval_rules = tuple(_approval_rule(m, names, route_names) for _, m in sections("approvals"))
+    block_rules = tuple(_block_rule(m, names, route_names, by_name) for _, m in sections("block"))
+    approval_rules = tuple(_approval_rule(m, names, route_names, by_name) for _, m in sections("approvals"))
     names = {}
-    limits = tuple(_limit(m, names, route_names) for _, m in sections("limits"))
+    limits = tuple(_limit(m, names, route_names, by_name) for _, m in sections("limits"))
 
     token_sources: tuple[str, ...] = TOKEN_SOURCES
     if identity := single("identity"):
@@ -413,7 +414,24 @@ def _flag(m: _Map, key: str, default: bool) -> bool:
     return _scalar(m.node(key), m.loc.at(key), bool)
 
 
-def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_env: bool) -> Route:
+def _names(m: _Map, key: str, issuers: dict[str, str]) -> Names:
+    """The list at `key` (absent: empty) as `Names`: `<issuer name>:<name>` is of that
+    issuer (`issuers`: name -> URL); a bare name is of any issuer, refused when several
+    issuers are trusted, since each of them can mint it."""
+    anywhere, scoped = set(), set()
+    for value, loc, node in m.listed(key):
+        prefix, sep, name = value.partition(":")
+        if sep and name and prefix in issuers:
+            scoped.add((issuers[prefix], name))
+        elif len(issuers) > 1:
+            choices = " or ".join(f"'{i}:{value}'" for i in sorted(issuers))
+            raise loc.error(node, f"'{value}' could come from any of the {len(issuers)} trusted issuers: write {choices}")
+        else:
+            anywhere.add(value)
+    return Names(frozenset(anywhere), frozenset(scoped))
+
+
+def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_env: bool, issuers: dict[str, str]) -> Route:
     name = _name(m, names, "route")
     match = m.sub("match")
     hosts = tuple(h.lower() for h in match.texts("hosts"))
@@ -424,8 +442,8 @@ def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_e
     methods = frozenset(x.upper() for x in match.texts("methods", ()))
     match.finish()
     allow = m.sub("allow")
-    groups, subjects = frozenset(allow.texts("groups", ())), frozenset(allow.texts("subjects", ()))
-    client_ids, scopes = frozenset(allow.texts("client_ids", ())), frozenset(allow.texts("scopes", ()))
+    groups, subjects = _names(allow, "groups", issuers), _names(allow, "subjects", issuers)
+    client_ids, scopes = _names(allow, "client_ids", issuers), _names(allow, "scopes", issuers)
     allow.finish()
     if not (groups or subjects or client_ids or scopes):
         raise allow.loc.error(allow.mapping, "admits nobody: name allow.groups or allow.subjects (or client_ids, scopes)")
@@ -530,7 +548,7 @@ def _bounded(m: _Map, key: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _conditions(m: _Map, route_names: set[str]) -> Conditions:
+def _conditions(m: _Map, route_names: set[str], issuers: dict[str, str]) -> Conditions:
     """The `when` of a block or approval rule; at least one condition is required."""
     for name, loc, node in m.listed("routes"):
         if name not in route_names:
@@ -555,8 +573,8 @@ def _conditions(m: _Map, route_names: set[str]) -> Conditions:
     when = Conditions(
         routes=frozenset(name for name, _, _ in m.listed("routes")),
         methods=frozenset(x.upper() for x in m.texts("methods", ())),
-        groups=frozenset(m.texts("groups", ())),
-        subjects=frozenset(m.texts("subjects", ())),
+        groups=_names(m, "groups", issuers),
+        subjects=_names(m, "subjects", issuers),
         headers=tuple(headers),
         body_over=_bounded(m, "body_larger_than", -1, 0, 1 << 40) if m.has("body_larger_than") else None,
         tokens_over=_bounded(m, "tokens_more_than", -1, 0, 1 << 40) if m.has("tokens_more_than") else None,
@@ -569,11 +587,11 @@ def _conditions(m: _Map, route_names: set[str]) -> Conditions:
     return when
 
 
-def _block_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> BlockRule:
+def _block_rule(m: _Map, names: dict[str, str], route_names: set[str], issuers: dict[str, str]) -> BlockRule:
     name = _name(m, names, "block/approval rule")
     rule = BlockRule(
         name=name,
-        when=_conditions(m.sub("when"), route_names),
+        when=_conditions(m.sub("when"), route_names, issuers),
         action=_choice(m.text("action", "block"), ("block", "log"), m.loc.at("action"), m.where("action")),  # type: ignore[arg-type]
         reason=m.text("reason", f"blocked by rule {name}"),
     )
@@ -581,11 +599,11 @@ def _block_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> BlockR
     return rule
 
 
-def _approval_rule(m: _Map, names: dict[str, str], route_names: set[str]) -> ApprovalRule:
+def _approval_rule(m: _Map, names: dict[str, str], route_names: set[str], issuers: dict[str, str]) -> ApprovalRule:
     name = _name(m, names, "block/approval rule")
-    when = _conditions(m.sub("when"), route_names)
+    when = _conditions(m.sub("when"), route_names, issuers)
     approvers = m.sub("approvers")
-    groups, subjects = frozenset(approvers.texts("groups", ())), frozenset(approvers.texts("subjects", ()))
+    groups, subjects = _names(approvers, "groups", issuers), _names(approvers, "subjects", issuers)
     approvers.finish()
     if not groups and not subjects:
         raise approvers.loc.error(approvers.mapping, "nobody can approve: name approvers.groups or approvers.subjects")
@@ -609,7 +627,7 @@ LIMIT_KEYS = ("subject", "group", "route", "client_id")
 LIMIT_AMOUNTS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
 
 
-def _limit(m: _Map, names: dict[str, str], route_names: set[str]) -> Limit:
+def _limit(m: _Map, names: dict[str, str], route_names: set[str], issuers: dict[str, str]) -> Limit:
     """One `limits:` item: `name`, `per` (subject | group | route | client_id; a list,
     default subject; [] for one count shared by all), `when` (`routes`, `groups`,
     `subjects`; optional), at least one of `requests_per_minute`, `tokens_per_minute`,
@@ -619,13 +637,14 @@ def _limit(m: _Map, names: dict[str, str], route_names: set[str]) -> Limit:
     if len(set(per)) != len(per):
         raise m.loc.at("per").error(m.node("per"), "names a key twice")
     when = m.sub("when") if m.has("when") else None
-    routes = groups = subjects = frozenset()
+    routes: frozenset[str] = frozenset()
+    groups = subjects = Names()
     if when is not None:
         for route, loc, node in when.listed("routes"):
             if route not in route_names:
                 raise loc.error(node, f"unknown route '{route}'")
         routes = frozenset(r for r, _, _ in when.listed("routes"))
-        groups, subjects = frozenset(when.texts("groups", ())), frozenset(when.texts("subjects", ()))
+        groups, subjects = _names(when, "groups", issuers), _names(when, "subjects", issuers)
         when.finish()
     amounts = {key: _bounded(m, key, 0, 1, 10**12) for key in LIMIT_AMOUNTS if m.has(key)}
     action = _choice(m.text("action", "enforce"), ("enforce", "log"), m.loc.at("action"), m.where("action"))

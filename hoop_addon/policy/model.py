@@ -7,6 +7,7 @@ the rule set has loaded without error (see `hoop_addon.policy.loader`).
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,6 +104,35 @@ class Credential:
 
 
 @dataclass(frozen=True, slots=True)
+class Names:
+    """Subjects, groups, client ids or scopes a policy names (in `allow`, `approvers`,
+    `when`, `limits.when`). A name written `<issuer name>:<name>` (`okta:agents`) is
+    held only by identities from that issuer: `scoped` holds it as (issuer URL, name);
+    a bare name (`anywhere`) is held from any trusted issuer, which the loader accepts
+    only when the policy trusts one issuer (each issuer mints its own names). Falsy
+    when empty."""
+
+    anywhere: frozenset[str] = frozenset()
+    scoped: frozenset[tuple[str, str]] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.anywhere or self.scoped)
+
+    def has(self, issuer: str | None, name: str | None) -> bool:
+        """True when `name`, from an identity of `issuer` (URL), is one of these."""
+        return name is not None and (name in self.anywhere or (issuer, name) in self.scoped)
+
+    def any_of(self, issuer: str | None, names: Iterable[str]) -> bool:
+        """True when one of `names` (of an identity of `issuer`) is one of these."""
+        return any(self.has(issuer, n) for n in names)
+
+    def all_in(self, issuer: str | None, names: Iterable[str]) -> bool:
+        """True when the identity's `names` (of `issuer`) include every one of these."""
+        held = set(names)
+        return self.anywhere <= held and all(i == issuer and n in held for i, n in self.scoped)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A route: which requests it matches, who it admits, what it masks.
 
@@ -116,12 +146,12 @@ class Route:
     hosts: tuple[str, ...]
     paths: tuple[str, ...]
     methods: frozenset[str]
-    allow_groups: frozenset[str]
-    allow_subjects: frozenset[str]
+    allow_groups: Names
+    allow_subjects: Names
     masking: tuple[MaskRule, ...]
     credential: Credential | None = None
-    allow_client_ids: frozenset[str] = frozenset()
-    allow_scopes: frozenset[str] = frozenset()
+    allow_client_ids: Names = Names()
+    allow_scopes: Names = Names()
     retention: int | None = None
     _rules: dict[str, tuple[MaskRule, ...]] = field(init=False, repr=False, compare=False)
     tokenizes: bool = field(init=False, repr=False, compare=False)
@@ -144,18 +174,18 @@ class Route:
         )
 
     def admits(
-        self, subject: str, groups: tuple[str, ...], client_id: str | None = None, scopes: tuple[str, ...] = ()
+        self, issuer: str, subject: str, groups: tuple[str, ...], client_id: str | None = None, scopes: tuple[str, ...] = ()
     ) -> bool:
-        """True when the caller may use the route (deny by default): its subject, one
-        of its groups or its client id is named in `allow` (when `allow` names any of
-        them), and it holds every scope `allow.scopes` lists."""
+        """True when the caller (an identity of `issuer`, a URL) may use the route (deny
+        by default): its subject, one of its groups or its client id is named in `allow`
+        (when `allow` names any of them), and it holds every scope `allow.scopes` lists."""
         named = self.allow_subjects or self.allow_groups or self.allow_client_ids
         known = (
-            subject in self.allow_subjects
-            or not self.allow_groups.isdisjoint(groups)
-            or (client_id is not None and client_id in self.allow_client_ids)
+            self.allow_subjects.has(issuer, subject)
+            or self.allow_groups.any_of(issuer, groups)
+            or self.allow_client_ids.has(issuer, client_id)
         )
-        return (known or not named) and self.allow_scopes.issubset(scopes)
+        return (known or not named) and self.allow_scopes.all_in(issuer, scopes)
 
     def rules_for(self, direction: Direction) -> tuple[MaskRule, ...]:
         """The masking rules that apply to `direction` ("request" or "response")."""
@@ -178,8 +208,8 @@ class Conditions:
 
     routes: frozenset[str] = frozenset()
     methods: frozenset[str] = frozenset()
-    groups: frozenset[str] = frozenset()
-    subjects: frozenset[str] = frozenset()
+    groups: Names = Names()
+    subjects: Names = Names()
     headers: tuple[tuple[str, Any], ...] = ()
     body_over: int | None = None
     tokens_over: int | None = None
@@ -211,8 +241,8 @@ class ApprovalRule:
 
     name: str
     when: Conditions
-    approver_groups: frozenset[str]
-    approver_subjects: frozenset[str]
+    approver_groups: Names
+    approver_subjects: Names
     reason: str
     min_approvals: int = 1
     timeout: int = 300
@@ -238,25 +268,26 @@ class Limit:
     name: str
     per: tuple[LimitKey, ...] = ("subject",)
     routes: frozenset[str] = frozenset()
-    groups: frozenset[str] = frozenset()
-    subjects: frozenset[str] = frozenset()
+    groups: Names = Names()
+    subjects: Names = Names()
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
     action: Literal["enforce", "log"] = "enforce"
 
-    def applies(self, route: str | None, subject: str, groups: tuple[str, ...] | list[str]) -> bool:
-        """True when a flow on `route` by `subject` with `groups` is counted."""
+    def applies(self, route: str | None, issuer: str | None, subject: str, groups: tuple[str, ...] | list[str]) -> bool:
+        """True when a flow on `route` by `subject` (of `issuer`) with `groups` is counted."""
         return (
             (not self.routes or route in self.routes)
-            and (not self.subjects or subject in self.subjects)
-            and (not self.groups or not self.groups.isdisjoint(groups))
+            and (not self.subjects or self.subjects.has(issuer, subject))
+            and (not self.groups or self.groups.any_of(issuer, groups))
         )
 
     def keys(self, route: str | None, identity: dict[str, Any]) -> list[tuple[str | None, ...]]:
         """The counts a flow is charged to: one per combination of `per` (a caller in
         two counted groups is charged to both groups' counts)."""
-        groups = [g for g in identity.get("groups") or () if not self.groups or g in self.groups] or [None]
+        issuer = identity.get("issuer")
+        groups = [g for g in identity.get("groups") or () if not self.groups or self.groups.has(issuer, g)] or [None]
         values = {
             "subject": [identity.get("subject")], "route": [route], "client_id": [identity.get("client_id")],
             "group": groups,

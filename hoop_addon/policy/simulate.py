@@ -48,6 +48,7 @@ class Caller:
     groups: tuple[str, ...] = ()
     client_id: str | None = None
     scopes: tuple[str, ...] = ()
+    issuer: str | None = None  # the issuer's URL or its name in the policy; None: the policy's only issuer
 
 
 @dataclass(slots=True)
@@ -83,14 +84,16 @@ def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
         return Outcome("deny", reason="invalid_url")
     host = (url.hostname or "").lower()
     method = exchange.method.upper()
+    by_name = {i.name: i.issuer for i in policy.issuers}
+    issuer = by_name.get(caller.issuer or "", caller.issuer) or (policy.issuers[0].issuer if len(policy.issuers) == 1 else None)
     route = policy.route_for(host, port, url.path or "/", method)
     if route is None:
         if policy.unmatched != "allow":
             return Outcome("deny", reason="no_route")
-    elif not route.admits(caller.subject, caller.groups, caller.client_id, caller.scopes):
+    elif not route.admits(issuer, caller.subject, caller.groups, caller.client_id, caller.scopes):
         return Outcome("deny", route.name, "not_admitted")
     name = route.name if route else None
-    facts = RequestFacts(name, method, caller.subject, caller.groups, list(exchange.headers), exchange.body)
+    facts = RequestFacts(name, method, issuer, caller.subject, caller.groups, list(exchange.headers), exchange.body)
     try:
         block, shadow, approval = evaluate(policy.block_rules, policy.approval_rules, facts)
     except (UninspectableBody, JSONPathRecursionError, RecursionError):

@@ -71,7 +71,7 @@ def _case(m: _Map) -> Case:
     name = m.text("name")
     identity = m.sub("identity")
     caller = Caller(identity.text("subject"), identity.texts("groups", ()), identity.text("client_id", "") or None,
-                    identity.texts("scopes", ()))
+                    identity.texts("scopes", ()), identity.text("issuer", "") or None)
     identity.finish()
     request = m.sub("request")
     method, url = request.text("method", "GET"), request.text("url")

@@ -130,7 +130,7 @@ class Admit(Stage):
                 refuse(flow, 403, "route", "no_route", "no route of the policy matches this request")
             return
         identity = record["identity"]
-        if not route.admits(identity["subject"], identity["groups"], identity["client_id"], identity["scopes"]):
+        if not route.admits(identity["issuer"], identity["subject"], identity["groups"], identity["client_id"], identity["scopes"]):
             record["route"] = route.name
             refuse(flow, 403, "route", "not_admitted", f"this identity is not admitted to route '{route.name}'")
             return

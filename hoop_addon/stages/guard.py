@@ -49,7 +49,7 @@ class Guard(Stage):
             # bounded: a decompression bomb is refused before it is held in memory
             body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
             facts = RequestFacts(
-                record.get("route"), request.method, identity["subject"], identity["groups"],
+                record.get("route"), request.method, identity["issuer"], identity["subject"], identity["groups"],
                 list(request.headers.items(multi=True)), body,
             )
             block, shadow, approval = evaluate(policy.block_rules, policy.approval_rules, facts)

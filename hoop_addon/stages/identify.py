@@ -131,7 +131,10 @@ class Identify(Stage):
         hoop(flow)["auth_failure"] = exc.reason
         if proxy:
             schemes = [s for s, source in _PROXY_SCHEMES.items() if source in sources] or ["basic"]
-            challenge = ", ".join(f'{s.capitalize()} realm="{REALM}"' for s in schemes)
+            # the reason travels in the challenge too (RFC 6750 §3's parameters): a client
+            # that shows only a CONNECT's status line and headers still says why
+            detail = "" if exc.reason == "missing" else f', error="invalid_token", error_description="{exc.reason}"'
+            challenge = ", ".join(f'{s.capitalize()} realm="{REALM}"{detail}' for s in schemes)
             refuse(flow, 407, "identity", exc.reason, str(exc), {"Proxy-Authenticate": challenge})
         else:
             challenge = f'Bearer realm="{REALM}", error="invalid_token", error_description="{exc.reason}"'

@@ -59,7 +59,7 @@ class RateLimit(Stage):
         return [
             (limit, key)
             for limit in active.policy.limits
-            if limit.applies(route, identity.get("subject", ""), identity.get("groups") or ())
+            if limit.applies(route, identity.get("issuer"), identity.get("subject", ""), identity.get("groups") or ())
             for key in limit.keys(route, identity)
         ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,32 @@ def test_forged_proxy_password_is_refused_with_407(
             client.post(f"{upstream.url}/v1/chat/completions", json=chat("hi"))
     assert upstream.received == []
     assert gateway.wait_audit(before + 1)[-1]["decision"]["reason"] == reason
+    # what a client that shows only the CONNECT's answer sees: the reason, in the
+    # challenge and in the JSON body
+    status, head, body = raw_connect(gateway, make(idp, attacker))
+    assert status == 407 and f'error_description="{reason}"' in head.get("proxy-authenticate", ""), head
+    assert orjson.loads(body)["error"] == reason
+
+
+def raw_connect(gateway: Gateway, token: str) -> tuple[int, dict[str, str], bytes]:
+    """Send one CONNECT with `token` as the proxy password; (status, lower-cased
+    headers, body) of the answer."""
+    credentials = base64.b64encode(f"agent:{token}".encode()).decode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
+                     f"Proxy-Authorization: Basic {credentials}\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+            dict(line.lower().split(b": ", 1) for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]).get(b"content-length", b"0")
+        ):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
 
 
 def test_token_in_query_string_is_refused_and_scrubbed(
@@ -147,22 +174,22 @@ identity:
 routes:
   - name: models
     match: {{hosts: [localhost], paths: [/v1/models]}}
-    allow: {{client_ids: [batch-agent], scopes: [models:read]}}
+    allow: {{client_ids: ['agents:batch-agent'], scopes: ['agents:models:read']}}
   - name: chat
     match: {{hosts: [localhost], paths: [/v1/chat/*]}}
-    allow: {{groups: [engineers], subjects: [svc-reporter]}}
+    allow: {{groups: ['humans:engineers'], subjects: ['humans:svc-reporter']}}
     credential: {{bearer: '${{HOOP_E2E_KEY}}'}}
   - name: kind-header
     match: {{hosts: [localhost], paths: [/kind/header]}}
-    allow: {{groups: [agents]}}
+    allow: {{groups: ['agents:agents', 'enc-keys:agents']}}
     credential: {{header: x-api-key, value: '${{HOOP_E2E_KEY}}'}}
   - name: kind-basic
     match: {{hosts: [localhost], paths: [/kind/basic]}}
-    allow: {{groups: [agents]}}
+    allow: {{groups: ['agents:agents', 'enc-keys:agents']}}
     credential: {{basic: {{username: svc-trace, password: '${{file:trace-store.pw}}'}}}}
   - name: kind-query              # /v1/echo: the fake upstream's 404 page would echo the URL
     match: {{hosts: [127.0.0.1], paths: [/v1/echo]}}
-    allow: {{groups: [agents]}}
+    allow: {{groups: ['agents:agents', 'enc-keys:agents']}}
     credential: {{query: key, value: '${{file:gemini.key}}'}}
 """
 E2E_KEY = "sk-e2e-header-key-5d41402abc4b2a76"
@@ -245,6 +272,11 @@ def test_several_issuers_admit_by_group_client_id_and_scope(
         "agent-without-scope": call(multi, monkeypatch, f"{base}/v1/models", agent_token(agents, scope="chat:write"), "GET"),
         "other-client": call(multi, monkeypatch, f"{base}/v1/models", agent_token(agents, client_id="web-ui"), "GET"),
         "human-without-role": call(multi, monkeypatch, f"{base}/v1/chat/completions", human_token(humans, ["sales"]), json=chat("x")),
+        # the agents' IdP mints the humans' group and subject names: they are not the humans'
+        "agent-minting-a-humans-group": call(multi, monkeypatch, f"{base}/v1/chat/completions",
+                                             agent_token(agents, groups=["engineers"]), json=chat("x")),
+        "agent-minting-a-humans-subject": call(multi, monkeypatch, f"{base}/v1/chat/completions",
+                                               agent_token(agents, sub="svc-reporter"), json=chat("x")),
     }
     for name, r in refused.items():
         route = "models" if "chat" not in str(r.request.url) else "chat"

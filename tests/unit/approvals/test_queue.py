@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hoop_addon.approvals.queue import DECIDED_KEPT_S, LOCAL_OPERATOR, ApprovalError, ApprovalQueue, Approver, QueueFull
-from hoop_addon.policy.model import ApprovalRule, Conditions
+from hoop_addon.policy.model import ApprovalRule, Conditions, Names
 from hoop_addon.approvals.webhook import payload, slack_quote
 
 REQUESTER = {"subject": "agent-7", "issuer": "https://idp", "groups": ["agents"], "token_id": None}
@@ -25,8 +25,8 @@ class Clock:
 
 
 def rule(**kw) -> ApprovalRule:
-    args = dict(name="r", when=Conditions(methods=frozenset({"POST"})), approver_groups=frozenset({"sre"}),
-                approver_subjects=frozenset({"carol"}), reason="why")
+    args = dict(name="r", when=Conditions(methods=frozenset({"POST"})), approver_groups=Names(frozenset({"sre"})),
+                approver_subjects=Names(frozenset({"carol"})), reason="why")
     return ApprovalRule(**{**args, **kw})
 
 

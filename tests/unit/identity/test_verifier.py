@@ -546,16 +546,16 @@ class TestPolicySections:
     def test_allow_by_client_ids_and_scopes(self, tmp_path: Path) -> None:
         route = self.route(tmp_path, "allow: {client_ids: [svc-batch], scopes: [chat:write]}\n")
 
-        assert route.admits("x", (), "svc-batch", ("chat:write", "other"))
-        assert not route.admits("x", (), "svc-batch", ("other",))  # a required scope is missing
-        assert not route.admits("x", (), "svc-other", ("chat:write",))  # not a named client
-        assert not route.admits("x", ("agents",), None, ("chat:write",))
+        assert route.admits("https://corp.okta.com/oauth2/default", "x", (), "svc-batch", ("chat:write", "other"))
+        assert not route.admits("https://corp.okta.com/oauth2/default", "x", (), "svc-batch", ("other",))  # a required scope is missing
+        assert not route.admits("https://corp.okta.com/oauth2/default", "x", (), "svc-other", ("chat:write",))  # not a named client
+        assert not route.admits("https://corp.okta.com/oauth2/default", "x", ("agents",), None, ("chat:write",))
 
     def test_scopes_alone_admit_any_caller_holding_them(self, tmp_path: Path) -> None:
         route = self.route(tmp_path, "allow: {scopes: [models:read]}\n")
 
-        assert route.admits("anyone", (), None, ("models:read",))
-        assert not route.admits("anyone", ("admins",), "svc", ())
+        assert route.admits("https://corp.okta.com/oauth2/default", "anyone", (), None, ("models:read",))
+        assert not route.admits("https://corp.okta.com/oauth2/default", "anyone", ("admins",), "svc", ())
 
     @pytest.mark.parametrize(
         ("body", "header", "value", "param", "secrets"),

@@ -105,7 +105,7 @@ def test_limits_load_and_key_their_counts(tmp_path: Path) -> None:
     assert per_agent.keys("llm", identity) == [("a1",)]
     assert per_group.keys("llm", identity) == [("agents", "llm"), ("ops", "llm")]
     assert everybody.keys("llm", identity) == [()]
-    assert per_group.action == "log" and per_group.applies("llm", "a1", ["ops"]) and not per_group.applies("llm", "a1", ["x"])
+    assert per_group.action == "log" and per_group.applies("llm", "https://idp.example", "a1", ["ops"]) and not per_group.applies("llm", "https://idp.example", "a1", ["x"])
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def error(tmp_path: Path, extra: str) -> str:
 
 def facts(route: str = "llm", method: str = "POST", body: bytes = b"", subject: str = "agent-1",
           groups: tuple[str, ...] = ("agents",), headers: tuple[tuple[str, str], ...] = ()) -> RequestFacts:
-    return RequestFacts(route, method, subject, groups, headers, body)
+    return RequestFacts(route, method, "https://idp.example", subject, groups, headers, body)
 
 
 def chat(content: str) -> bytes:
@@ -104,7 +104,7 @@ class TestLoading:
         assert policy.block_rules[1].action == "log" and policy.block_rules[0].action == "block"
         store = policy.approval_rules[1]
         assert (store.mode, store.min_approvals, store.timeout, store.ticket_window) == ("ticket", 2, 60, 120)
-        assert store.approver_subjects == {"alice"} and store.when.methods == {"PUT", "POST"}
+        assert store.approver_subjects.anywhere == {"alice"} and store.when.methods == {"PUT", "POST"}
         big = policy.approval_rules[0]
         assert (big.mode, big.min_approvals, big.timeout) == ("hold", 1, 300)
         assert policy.max_pending == 7

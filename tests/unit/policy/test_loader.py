@@ -68,8 +68,8 @@ class TestExampleRules:
         route = policy.route_for("api.openai.com", 443, "/v1/chat/completions", "POST")
 
         assert route is not None and route.name == "openai"
-        assert route.admits("anyone", ("agents",))
-        assert not route.admits("anyone", ("developers",))
+        assert route.admits("https://idp.example", "anyone", ("agents",))
+        assert not route.admits("https://idp.example", "anyone", ("developers",))
         assert [r.name for r in route.rules_for("response")] == ["pii-in-completions"]
 
     def test_digest_changes_when_a_file_changes(self, tmp_path: Path) -> None:
@@ -408,10 +408,10 @@ class TestRouteMatching:
     def test_route_admits_by_group_or_subject(self, policy: Policy) -> None:
         admin, _, alt = policy.routes
 
-        assert admin.admits("alice", ("staff", "admins"))
-        assert not admin.admits("alice", ("staff",))
-        assert alt.admits("svc-1", ())
-        assert not alt.admits("svc-2", ("admins",))
+        assert admin.admits("https://idp.example", "alice", ("staff", "admins"))
+        assert not admin.admits("https://idp.example", "alice", ("staff",))
+        assert alt.admits("https://idp.example", "svc-1", ())
+        assert not alt.admits("https://idp.example", "svc-2", ("admins",))
 
 
 @pytest.mark.parametrize(
@@ -501,3 +501,63 @@ def test_watcher_survives_an_unexpected_error_and_applies_a_later_change(
     with caplog.at_level("ERROR"):
         asyncio.run(run())
     assert "policy reload refused" in caplog.text and "unexpected RuntimeError: disk on fire" in caplog.text
+
+
+TWO_ISSUERS = """\
+issuers:
+  - {name: okta, issuer: https://okta.example, audience: gw, jwks: https://okta.example/jwks}
+  - {name: partner, issuer: https://partner.example, audience: gw, jwks: https://partner.example/jwks}
+"""
+OKTA, PARTNER = "https://okta.example", "https://partner.example"
+
+
+class TestNamesPerIssuer:
+    """Each trusted issuer mints its own group, subject, client id and scope names: with
+    several issuers, a name says whose it is (`okta:agents`), and only that issuer's
+    identities hold it."""
+
+    def load(self, tmp_path: Path, text: str) -> Policy:
+        return load_policy(write(tmp_path, TWO_ISSUERS + text), resolve_env=False)
+
+    @pytest.mark.parametrize("key", ["groups", "subjects", "client_ids", "scopes"])
+    def test_a_qualified_name_is_held_from_its_issuer_only(self, tmp_path: Path, key: str) -> None:
+        route = self.load(tmp_path, f"routes:\n  - {{name: r, match: {{hosts: [a]}}, allow: {{{key}: ['okta:n']}}}}\n").routes[0]
+        held = {"groups": ("x", ("n",), None, ()), "subjects": ("n", (), None, ()),
+                "client_ids": ("x", (), "n", ()), "scopes": ("x", (), None, ("n",))}[key]
+
+        assert route.admits(OKTA, *held)
+        assert not route.admits(PARTNER, *held)
+
+    @pytest.mark.parametrize(
+        "text, where",
+        [
+            ("routes:\n  - {name: r, match: {hosts: [a]}, allow: {groups: [agents]}}\n", "routes[0].allow.groups[0]"),
+            ("routes:\n  - {name: r, match: {hosts: [a]}, allow: {subjects: ['nobody:x']}}\n", "routes[0].allow.subjects[0]"),
+            ("routes:\n  - {name: r, match: {hosts: [a]}, allow: {groups: ['okta:a']}}\n"
+             "approvals:\n  - {name: p, when: {routes: [r]}, approvers: {groups: [sre]}}\n", "approvals[0].approvers.groups[0]"),
+            ("routes:\n  - {name: r, match: {hosts: [a]}, allow: {groups: ['okta:a']}}\n"
+             "block:\n  - {name: b, when: {groups: [interns]}}\n", "block[0].when.groups[0]"),
+            ("routes:\n  - {name: r, match: {hosts: [a]}, allow: {groups: ['okta:a']}}\n"
+             "limits:\n  - {name: l, when: {subjects: [bot]}, requests_per_minute: 1}\n", "limits[0].when.subjects[0]"),
+        ],
+    )
+    def test_a_bare_name_is_refused_when_several_issuers_could_mint_it(self, tmp_path: Path, text: str, where: str) -> None:
+        with pytest.raises(PolicyError, match="could come from any of the 2 trusted issuers") as caught:
+            self.load(tmp_path, text)
+        assert caught.value.key == where
+
+    def test_approvers_and_conditions_are_per_issuer(self, tmp_path: Path) -> None:
+        policy = self.load(tmp_path, (
+            "routes:\n  - {name: r, match: {hosts: [a]}, allow: {groups: ['okta:a', 'partner:a']}}\n"
+            "approvals:\n  - {name: p, when: {groups: ['partner:a']}, approvers: {groups: ['okta:sre']}}\n"
+        ))
+        rule = policy.approval_rules[0]
+
+        assert rule.approver_groups.any_of(OKTA, ["sre"]) and not rule.approver_groups.any_of(PARTNER, ["sre"])
+        assert rule.when.groups.has(PARTNER, "a") and not rule.when.groups.has(OKTA, "a")
+
+    def test_with_one_issuer_a_bare_name_is_that_issuers(self, tmp_path: Path) -> None:
+        policy = load_policy(write(tmp_path, ISSUER + "routes:\n  - {name: r, match: {hosts: [a]}, allow: {groups: [agents, 'idp:ops']}}\n"))
+
+        assert policy.routes[0].admits("https://idp.example", "x", ("agents",))
+        assert policy.routes[0].admits("https://idp.example", "x", ("ops",))

@@ -14,13 +14,13 @@ from mitmproxy.test import taddons, tflow
 
 from hoop_addon.control.metrics import REGISTRY
 from hoop_addon.identity.verifier import Verifier
-from hoop_addon.policy.model import ApprovalRule, Conditions, Policy
+from hoop_addon.policy.model import ApprovalRule, Conditions, Policy, Names
 from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.approve import Approve
 from hoop_addon.stages.control import Control
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 
-RULE = ApprovalRule("risky", Conditions(methods=frozenset({"POST"})), frozenset({"sre"}), frozenset(), "why")
+RULE = ApprovalRule("risky", Conditions(methods=frozenset({"POST"})), Names(frozenset({"sre"})), Names(), "why")
 
 
 class Events:
@@ -142,7 +142,7 @@ def test_tickets_nobody_decided_are_audited_when_they_time_out(stage: Approve) -
 
 
 async def _tickets_nobody_decided_are_audited_when_they_time_out(stage: Approve) -> None:
-    ticket_rule = ApprovalRule("tickets", Conditions(methods=frozenset({"POST"})), frozenset({"sre"}), frozenset(), "why",
+    ticket_rule = ApprovalRule("tickets", Conditions(methods=frozenset({"POST"})), Names(frozenset({"sre"})), Names(), "why",
                                timeout=60, mode="ticket")
     stage.policy.active = Enforcement(replace(stage.policy.active.policy, approval_rules=(ticket_rule,)), stage.policy.active.verifier)
     with taddons.context(stage):

@@ -9,14 +9,14 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from hoop_addon.masking.detectors import BUILTIN
-from hoop_addon.policy.model import Credential, MaskRule, Route
+from hoop_addon.policy.model import Credential, MaskRule, Route, Names
 from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.credentials import InjectCredential
 from hoop_addon.stages.mask import Mask
 
 KEY = "sk-upstream-real-key-0123456789abcdef"
 TOKENIZE = MaskRule("tok", frozenset({"request", "response"}), (), (BUILTIN["email"],), operator="tokenize")
-ROUTE = Route("llm", ("*",), ("/*",), frozenset(), frozenset({"agents"}), frozenset(), (TOKENIZE,),
+ROUTE = Route("llm", ("*",), ("/*",), frozenset(), Names(frozenset({"agents"})), Names(), (TOKENIZE,),
               Credential("Authorization", f"Bearer {KEY}", secrets=(KEY,)))
 
 

@@ -26,7 +26,7 @@ from hoop_addon.masking.detectors import Detector
 from hoop_addon.masking.engine import MaskContext, MaskError, Scanner
 from hoop_addon.masking.vault import Vault
 from hoop_addon.policy.loader import PolicyError, load_policy
-from hoop_addon.policy.model import MaskRule, Route
+from hoop_addon.policy.model import MaskRule, Route, Names
 from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.mask import Mask, Restore
 from tests.support.masking import (
@@ -71,7 +71,7 @@ class Through:
 
     def __init__(self, rules: Sequence[MaskRule], encoding: str = "", tokens: dict[str, str] | None = None) -> None:
         self.mask = Mask()
-        self.route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), tuple(rules))
+        self.route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), tuple(rules))
         self.tokens = tokens or {}
         self.encoding = encoding
         self.context = taddons.context(self.mask)
@@ -122,7 +122,7 @@ def test_a_streamed_responses_headers_are_masked_before_they_go() -> None:
     mask = Mask()
     with taddons.context(mask):
         flow = tflow.tflow()
-        mark_admitted(flow, Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (named,)))
+        mark_admitted(flow, Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (named,)))
         hoop(flow)["forwarded"] = True
         flow.response = tflow.tresp()
         flow.response.headers = Headers(content_type="text/event-stream", x_user_email=EMAIL)
@@ -192,7 +192,7 @@ def test_a_masking_failure_ends_the_stream_and_is_recorded_as_a_denial(monkeypat
 def test_query_named_headers_and_cookies_are_masked_in_the_request() -> None:
     fields = dataclasses.replace(rule(), body=False, query=True, headers=("x-user",), cookies=("uid",))
     mask = Mask()
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (fields,))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (fields,))
     with taddons.context(mask):
         flow = tflow.tflow()
         flow.request.url = f"https://api.example/v1?q=mail+{EMAIL}&n=1"
@@ -242,7 +242,7 @@ def test_policy_masking_keys(tmp_path: Any) -> None:
 
 def test_websocket_text_messages_are_masked_and_an_unmaskable_one_is_dropped() -> None:
     mask = Mask()
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (rule("$.text"),))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (rule("$.text"),))
     with taddons.context(mask):
         flow = tflow.twebsocketflow()
         mark_admitted(flow, route)
@@ -264,7 +264,7 @@ def test_binary_websocket_messages_are_masked_or_dropped(content: bytes, masked:
     """Binary frames are not a way around the masker: UTF-8 ones are masked like text,
     others cannot be inspected and are dropped with the connection."""
     mask = Mask()
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (rule("$.text"),))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (rule("$.text"),))
     with taddons.context(mask):
         flow = tflow.twebsocketflow()
         mark_admitted(flow, route)
@@ -290,7 +290,7 @@ def test_what_only_shadow_rules_cannot_inspect_goes_on() -> None:
     assert mask_body(stream(["plain", "text"], text_event), "text/event-stream", [trial], "response") == (None, [])
 
     mask = Mask()
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (trial,))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (trial,))
     with taddons.context(mask):
         flow = tflow.twebsocketflow()
         mark_admitted(flow, route)
@@ -330,7 +330,7 @@ def shaped(shape: str, secret_text: str) -> tuple[bytes, str]:
 def test_planted_value_never_survives_any_shape_or_encoding_through_the_stage(text: str, shape: str, encoding: str) -> None:
     body, content_type = shaped(shape, text)
     mask = Mask()
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (PII,))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (PII,))
     with taddons.context(mask):
         flow = tflow.tflow()
         flow.request.headers["Content-Type"] = content_type
@@ -356,7 +356,7 @@ def test_planted_value_never_survives_any_shape_or_encoding_through_the_stage(te
 def test_restore_puts_the_session_values_back_in_a_buffered_response(content_type: str, reply: str, expected: str) -> None:
     mask = Mask()
     tokenize = op_rule("tokenize", "$.v", directions=frozenset({"request"}))
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (tokenize,))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (tokenize,))
     with taddons.context(mask):
         flow = tflow.tflow()
         flow.request.headers["Content-Type"] = "application/json"
@@ -380,7 +380,7 @@ def test_restore_puts_the_session_values_back_in_a_buffered_response(content_typ
 def test_a_session_is_the_connection_or_the_x_hoop_session_header() -> None:
     mask = Mask()
     tokenize = op_rule("tokenize", "$.v", directions=frozenset({"request"}))
-    route = Route("r", ("*",), ("*",), frozenset(), frozenset({"g"}), frozenset(), (tokenize,))
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (tokenize,))
 
     def send(value: str, label: str | None, subject: str = "agent") -> http.HTTPFlow:
         flow = tflow.tflow()  # a new client connection each time
