@@ -228,7 +228,8 @@ LimitKey = Literal["subject", "group", "route", "client_id"]
 class Limit:
     """A rate limit or budget (`limits:`): at most `requests_per_minute` requests,
     `tokens_per_minute` and `tokens_per_day` LLM tokens (prompt tokens estimated from
-    the request, completion tokens as the provider's `usage` reports them), counted
+    the request, completion tokens as the provider's `usage` reports them, else
+    estimated from the response's bytes), counted
     over sliding windows, separately for each value of `per` (e.g. ("subject",): each
     caller has its own count; ("group",): the members of a group share one; (): one
     count for everybody). It applies to the flows matching `routes`, `groups` and

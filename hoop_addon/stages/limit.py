@@ -36,7 +36,13 @@ class RateLimit(Stage):
       `tokens_per_day` the same way, then charged.
     - once the response is known (buffered, or as it streams), the provider's reported
       `usage` adds the completion tokens and replaces the prompt estimate by the
-      reported prompt count (`hoop.usage`: `{"prompt_estimate", "prompt", "completion"}`).
+      reported prompt count (`hoop.usage`: `{"prompt_estimate", "prompt", "completion",
+      "completion_estimated"}`). A response that reports no completion count (an
+      OpenAI stream without `stream_options.include_usage`, a provider that reports
+      none), or a stream cut short before its final count, is charged the estimate of
+      the upstream body's bytes (`estimate_tokens`), and `completion_estimated` is
+      true: what passed is counted, reported or not. The body read is the upstream's,
+      even when a later stage withholds it from the client (the tokens were spent).
 
     A limit with `action: log` (shadow mode) refuses nothing: an excess is noted in
     `hoop.shadow` (`{"rule", "action": "limit", "reason"}`) and the audit line's
@@ -50,6 +56,7 @@ class RateLimit(Stage):
         self.counters = Counters()
         self.charges: weakref.WeakKeyDictionary[http.HTTPFlow, list[Charge]] = weakref.WeakKeyDictionary()
         self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, StreamUsage] = weakref.WeakKeyDictionary()
+        self.upstream: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = weakref.WeakKeyDictionary()
 
     def _applicable(self, flow: http.HTTPFlow) -> list[Charge]:
         if flow.response is not None or not allowed(flow) or (active := self.policy.active) is None:
@@ -90,14 +97,18 @@ class RateLimit(Stage):
             if self._over(flow, [(lim, k) for lim, k in counted if getattr(lim, kind)], kind, estimate):
                 return
         self._charge_tokens(counted, estimate)
-        hoop(flow)["usage"] = {"prompt_estimate": estimate, "prompt": None, "completion": None}
+        hoop(flow)["usage"] = {"prompt_estimate": estimate, "prompt": None, "completion": None, "completion_estimated": None}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if "usage" not in hoop(flow) or flow.response is None or not callable(inner := flow.response.stream):
+        if "usage" not in hoop(flow) or flow.response is None:
+            return
+        self.upstream[flow] = flow.response  # the Mask stage may replace flow.response by a refusal
+        if not callable(inner := flow.response.stream):
             return
         scanner = self.streams[flow] = StreamUsage()
 
         def stream(chunk: bytes) -> list[bytes]:
+            scanner.upstream_size += len(chunk)  # spent upstream even if the Mask stage ended the stream
             out = inner(chunk)
             data = out if isinstance(out, bytes) else b"".join(out)
             scanner.feed(data, final=not chunk)
@@ -112,26 +123,31 @@ class RateLimit(Stage):
         self._settle(flow)  # a stream cut short still used the tokens it carried
 
     def _settle(self, flow: http.HTTPFlow) -> None:
-        """Charge the completion tokens the provider reported, and correct the prompt
-        estimate by its count."""
+        """Charge the completion tokens the provider reported (else the estimate of the
+        upstream body), and correct the prompt estimate by its reported count."""
         record = hoop(flow)
         if (usage_record := record.get("usage")) is None or usage_record["completion"] is not None:
             return
         charges = [(lim, k) for lim, k in self.charges.get(flow, ()) if lim.tokens_per_minute or lim.tokens_per_day]
-        if (scanner := self.streams.pop(flow, None)) is not None:
-            usage = scanner.usage if scanner.found else None
-        elif flow.response is not None and flow.response.raw_content:
+        scanner, response = self.streams.pop(flow, None), self.upstream.pop(flow, None)
+        usage, size = None, 0
+        if scanner is not None:
+            usage, size = (scanner.usage if scanner.found else None), max(scanner.size, scanner.upstream_size)
+        elif response is not None and response.raw_content:
             try:
-                usage = usage_in_body(decode(flow.response.raw_content, flow.response.headers.get("Content-Encoding", ""),
-                                             self.mask.max_body))
+                body = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body)
             except MaskError:
-                usage = None
-        else:
-            usage = None
+                body = response.raw_content  # not decodable here: charged by its size as sent
+            usage, size = usage_in_body(body), len(body)
         usage = usage or Usage()
-        extra = (usage.completion or 0) + ((usage.prompt - usage_record["prompt_estimate"]) if usage.prompt is not None else 0)
+        completion, estimated = usage.completion, False
+        # Unreported, or reported before a stream was cut short (Anthropic's message_start
+        # says 1): what passed is charged.
+        if completion is None or (flow.error is not None and estimate_tokens(size) > completion):
+            completion, estimated = estimate_tokens(size), True
+        extra = completion + ((usage.prompt - usage_record["prompt_estimate"]) if usage.prompt is not None else 0)
         self._charge_tokens(charges, extra)
-        usage_record.update(prompt=usage.prompt, completion=usage.completion or 0)
+        usage_record.update(prompt=usage.prompt, completion=completion, completion_estimated=estimated)
 
     def _charge_tokens(self, charges: list[Charge], n: float) -> None:
         if not n:

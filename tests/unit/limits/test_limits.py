@@ -63,6 +63,16 @@ def test_a_downward_correction_never_goes_below_zero() -> None:
          b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 42}}\n\n', Usage(10, 42)),
         (b'data: {"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 6}}}\n\n', Usage(2, 6)),
         (b'{"message": {"content": "a"}}\n{"done": true, "prompt_eval_count": 4, "eval_count": 11}\n', Usage(4, 11)),  # Ollama
+        # Gemini streamGenerateContent without alt=sse: one JSON array, cumulative counts
+        (b'[{"candidates": []},\r\n{\n  "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}\n},\r\n'
+         b'{\n  "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 9}\n}]', Usage(3, 9)),
+        (b'[{"candidates": []}, 7, "x", null]', None),
+        # Gemini's thinking and tool-use prompt tokens are not in the main counts
+        (b'{"usageMetadata": {"promptTokenCount": 3, "toolUsePromptTokenCount": 2, "candidatesTokenCount": 4, "thoughtsTokenCount": 40}}',
+         Usage(5, 44)),
+        # Anthropic's input_tokens leaves out the cached prompt
+        (b'{"usage": {"input_tokens": 5, "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 3000, "output_tokens": 9}}',
+         Usage(4005, 9)),
         (b'{"choices": []}', None),
         (b"not json", None),
     ],
@@ -79,6 +89,7 @@ def test_streamed_usage_is_found_whatever_the_chunk_boundaries() -> None:
         scanner.feed(body[cut:])
         scanner.feed(b"", final=True)
         assert scanner.found and scanner.usage == Usage(5, 8), cut
+        assert scanner.size == len(body)  # what passed: the estimate when nothing is reported
 
 
 POLICY = """\
