@@ -134,3 +134,30 @@ class StreamUsage:
         if (found := usage_of(doc)) is not None:
             self.usage.merge(found)
             self.found = True
+
+
+def output_bound(body: bytes) -> int | None:
+    """The most output tokens a JSON request body lets the model produce, or None
+    when it declares no bound (or is not a JSON object): the largest of OpenAI's
+    `max_tokens` / `max_completion_tokens`, the Responses API's `max_output_tokens`,
+    Anthropic's `max_tokens`, Gemini's `generationConfig.maxOutputTokens` and Ollama's
+    `options.num_predict` (positive integers only), times the number of answers asked
+    for (OpenAI's `n`, Gemini's `candidateCount`: the bound is per answer)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    bounds = [doc.get("max_tokens"), doc.get("max_completion_tokens"), doc.get("max_output_tokens")]
+    answers = [doc.get("n")]
+    for name in ("generationConfig", "generation_config"):  # protobuf JSON accepts both spellings
+        if isinstance(config := doc.get(name), dict):
+            bounds += [config.get("maxOutputTokens"), config.get("max_output_tokens")]
+            answers += [config.get("candidateCount"), config.get("candidate_count")]
+    if isinstance(options := doc.get("options"), dict):
+        bounds.append(options.get("num_predict"))  # -1 (no limit) and -2 (fill the context) are no bound
+    declared = [b for value in bounds if (b := _count(value))]
+    if not declared:
+        return None
+    return max(declared) * max([a for value in answers if (a := _count(value))] or [1])

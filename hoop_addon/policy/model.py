@@ -224,6 +224,9 @@ class ApprovalRule:
 LimitKey = Literal["subject", "group", "route", "client_id"]
 
 
+DEFAULT_OUTPUT_TOKENS = 1024  # `default_output_tokens` when a limit does not set it
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """A rate limit or budget (`limits:`): at most `requests_per_minute` requests,
@@ -234,7 +237,12 @@ class Limit:
     caller has its own count; ("group",): the members of a group share one; (): one
     count for everybody). It applies to the flows matching `routes`, `groups` and
     `subjects` (empty: any). `action` "log" is shadow mode: a flow over the limit is
-    only audited and counted as such."""
+    only audited and counted as such.
+
+    A request is admitted only if its prompt estimate plus its output bound fit (the
+    bound the request declares, e.g. `max_tokens`, else `default_output_tokens`): that
+    much is reserved at once, so concurrent requests cannot together pass the limit,
+    and is corrected to what was used when the response is known."""
 
     name: str
     per: tuple[LimitKey, ...] = ("subject",)
@@ -245,6 +253,7 @@ class Limit:
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
     action: Literal["enforce", "log"] = "enforce"
+    default_output_tokens: int = DEFAULT_OUTPUT_TOKENS
 
     def applies(self, route: str | None, subject: str, groups: tuple[str, ...] | list[str]) -> bool:
         """True when a flow on `route` by `subject` with `groups` is counted."""
@@ -254,15 +263,19 @@ class Limit:
             and (not self.groups or not self.groups.isdisjoint(groups))
         )
 
-    def keys(self, route: str | None, identity: dict[str, Any]) -> list[tuple[str | None, ...]]:
+    def keys(self, route: str | None, identity: dict[str, Any]) -> list[tuple[Any, ...]]:
         """The counts a flow is charged to: one per combination of `per` (a caller in
-        two counted groups is charged to both groups' counts)."""
+        two counted groups is charged to both groups' counts). A subject or client id
+        is only unique at its issuer, so it is keyed as (issuer, value): the same
+        subject at two issuers has two counts. A group is a name the policy gives
+        (`when.groups`, a route's `allow.groups`), whichever issuer asserts it."""
         groups = [g for g in identity.get("groups") or () if not self.groups or g in self.groups] or [None]
+        issuer = identity.get("issuer")
         values = {
-            "subject": [identity.get("subject")], "route": [route], "client_id": [identity.get("client_id")],
-            "group": groups,
+            "subject": [(issuer, identity.get("subject"))], "route": [route],
+            "client_id": [(issuer, identity.get("client_id"))], "group": groups,
         }
-        keys: list[tuple[str | None, ...]] = [()]
+        keys: list[tuple[Any, ...]] = [()]
         for dimension in self.per:
             keys = [(*k, v) for k in keys for v in values[dimension]]
         return keys
