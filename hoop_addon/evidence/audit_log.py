@@ -28,10 +28,11 @@ here): `request` (every finished flow: decision, status, masked counts, recordin
 `key_rotated` (key_id, previous_key_id), `approval_abandoned` (approval, reason: an
 approval still open when the previous gateway process stopped uncleanly), `checkpoint`.
 
-One writer per chain: a log is locked (`flock` on `.<log name>.lock` beside it, which
-holds the writer's pid) while an `AuditLog` has it open, so a second gateway on the
-same chain refuses to start instead of forking the hash chain. Gateway workers each
-write their own chain (`audit-<worker>.jsonl`, its own lock) in one recordings
+One writer per chain: while an `AuditLog` has a log open, the log file itself is locked
+(`flock` on the file's own descriptor: the lock belongs to the inode, so a symlink or a
+hard link to the same file meets the same lock), and a second gateway on the same chain,
+by whatever path, refuses to start instead of forking the hash chain. Gateway workers
+each write their own chain (`audit-<worker>.jsonl`, its own lock) in one recordings
 directory; `hoop verify` reads every `*.jsonl` there as one body of evidence.
 """
 
@@ -99,25 +100,49 @@ def _settled(entry: dict[str, Any]) -> str | None:
     return str(approval.get("id"))
 
 
-def _lock(path: Path) -> Any:
-    """Take the chain's writer lock (`.<name>.lock` beside the log); returns its open
-    file, which holds the lock until closed. Raises `AuditError` naming the pid of the
-    process that holds it."""
-    lock = open(path.with_name(f".{path.name}.lock"), "a+")
+def _holder(file: Any) -> str:
+    """The pid holding a `flock` on `file`'s inode, from Linux's /proc/locks (fields:
+    `N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...`, device numbers in hex), or
+    "unknown" where that cannot be read."""
+    st = os.fstat(file.fileno())
+    ours = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    found = "unknown"
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[4].startswith("->"):
+            continue
+        device, _, inode = fields[5].rpartition(":")
+        if inode == str(st.st_ino):
+            if device == ours:
+                return fields[4]
+            found = fields[4]  # an overlay file system may report another device number
+    return found
+
+
+def _open_locked(path: Path) -> Any:
+    """Open the log for appending (created if missing) and take the chain's writer lock:
+    an exclusive `flock` on the log file itself, held by the returned binary file until
+    it is closed. Locking the inode, not a name derived from `path`, means every path
+    to the file (a symlink, a hard link, `..` in it) meets the same lock. Raises
+    `AuditError` naming the pid of the process that holds it."""
+    file = open(path, "ab")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
+        holder = _holder(file)
+        file.close()
         raise AuditError(
             f"{path} is being written by another gateway (pid {holder}): one writer per audit chain; "
             "stop it, or give this gateway its own hoop_audit_log and hoop_recordings"
         ) from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 class AuditLog:
@@ -129,22 +154,34 @@ class AuditLog:
     field is not JSON). `previous_key_id` is the key id of the file's last checkpoint;
     `open_approvals` the `approval_requested` entries (by approval id) the file leaves
     without an outcome (the previous process was killed while they were held).
-    Opening takes the chain's writer lock: `AuditError` if another process holds it.
+    Opening takes the chain's writer lock (on the file's inode): `AuditError` if
+    another `AuditLog`, in this process or another, has the same file open by any path.
+    `is_file(path)` tells whether `path` names this log's file.
     """
 
     def __init__(self, path: Path, signer: Signer | None, checkpoint_entries: int = 100, checkpoint_seconds: int = 30) -> None:
         self.path, self.signer = path, signer
         self.checkpoint_entries, self.checkpoint_seconds = checkpoint_entries, checkpoint_seconds
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(path)
+        self._file = _open_locked(path)
         try:
             self.seq, self.prev, self.previous_key_id, self.open_approvals = _last_state(path)
-            self._file = open(path, "ab")
         except BaseException:
-            self._lock.close()
+            self._file.close()
             raise
         self._unsigned = 0
         self._checkpointed = time.time()
+
+    def is_file(self, path: Path) -> bool:
+        """True when `path` names the file this log writes (the same inode, by any
+        path); False for another file or none."""
+        if self._file.closed:
+            return False
+        try:
+            theirs, ours = os.stat(path), os.fstat(self._file.fileno())
+        except OSError:
+            return False
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one entry; checkpoints when `checkpoint_entries` are unsigned.
@@ -183,8 +220,7 @@ class AuditLog:
             if self._unsigned and not self._file.closed:
                 self.checkpoint()
         finally:
-            self._file.close()
-            self._lock.close()
+            self._file.close()  # releases the writer lock
 
 
 

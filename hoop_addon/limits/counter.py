@@ -8,7 +8,7 @@ recently used windows are forgotten first (an idle key's count would be 0 anyway
 the time it is forgotten, unless more than `max_windows` keys are active at once).
 
 The scale-out issue's shared store will implement the same `Counters` interface
-(`charge`, `used`, `retry_after`) across workers; until then counts are per process.
+(`charge`, `release`, `used`, `retry_after`) across workers; until then counts are per process.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from collections.abc import Callable, Hashable
 class Window:
     """A sliding-window counter over `span` seconds in `slots` slots.
 
-    `used(now)` is the sum of the last `span` seconds; `add(now, n)` adds `n` (may be
-    negative: a correction, never below 0 in a slot); `retry_after(now, need, limit)`
+    `used(now)` is the sum of the last `span` seconds; `add(now, n)` adds `n` >= 0;
+    `release(now, at, n)` takes back `n` added at time `at` (a reservation settled: from
+    `at`'s slot, never below 0; nothing once that slot has left the window);
+    `retry_after(now, need, limit)`
     is how many seconds until `used + need <= limit`, given no new charges (0 if it
     already holds; `math.inf` if `need > limit`: it never will).
     """
@@ -50,20 +52,14 @@ class Window:
         return sum(self.counts)
 
     def add(self, now: float, n: float) -> None:
-        slot = self._roll(now)
-        if n >= 0:
-            self.counts[slot] += n
-            return
-        # A correction downward (an estimate was too high): take it from the newest
-        # slots first, never below zero.
-        left, k = -n, len(self.counts)
-        for back in range(k):
-            i = (slot - back) % k
-            take = min(left, self.counts[i])
-            self.counts[i] -= take
-            left -= take
-            if not left:
-                break
+        self.counts[self._roll(now)] += n
+
+    def release(self, now: float, at: float, n: float) -> None:
+        self._roll(now)
+        slot = int(at // self.width)
+        if self.epoch - len(self.counts) < slot <= self.epoch:  # still in the window
+            i = slot % len(self.counts)
+            self.counts[i] = max(0.0, self.counts[i] - n)
 
     def retry_after(self, now: float, need: float, limit: float) -> float:
         if need > limit:
@@ -116,8 +112,14 @@ class Counters:
         return self._window(name, key, kind).retry_after(self.clock(), need, limit)
 
     def charge(self, name: str, key: Hashable, kind: str, n: float) -> None:
-        """Count `n` (requests or tokens) now."""
+        """Count `n` >= 0 (requests or tokens) now."""
         self._window(name, key, kind).add(self.clock(), n)
+
+    def release(self, name: str, key: Hashable, kind: str, at: float, n: float) -> None:
+        """Take back `n` charged at `at` (Unix seconds, from `clock`): a reservation
+        that is settled. A window already forgotten has nothing to take back."""
+        if (window := self._windows.get((name, key, kind))) is not None:
+            window.release(self.clock(), at, n)
 
     def used(self, name: str, key: Hashable, kind: str) -> float:
         """What the window holds now."""

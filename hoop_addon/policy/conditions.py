@@ -39,10 +39,12 @@ class RequestFacts:
     body: bytes
 
 
-def estimate_tokens(body: bytes) -> int:
-    """A rough LLM token count: one token per 4 bytes, rounded up (OpenAI's rule of
-    thumb for English text; no tokenizer, so it costs nothing and never fails)."""
-    return (len(body) + 3) // 4
+def estimate_tokens(body: bytes | int) -> int:
+    """A rough LLM token count of a body (or of a size in bytes): one token per 4
+    bytes, rounded up (OpenAI's rule of thumb for English text; no tokenizer, so it
+    costs nothing and never fails)."""
+    size = body if isinstance(body, int) else len(body)
+    return (size + 3) // 4
 
 
 def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bool:

@@ -26,7 +26,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from hoop_addon.identity.verifier import key_url_allowed
 from hoop_addon.masking.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
 from hoop_addon.policy.model import (
-    ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Names, Policy, RecordingPolicy, Route,
+    DEFAULT_OUTPUT_TOKENS, ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Names, Policy,
+    RecordingPolicy, Route,
 )
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
@@ -631,7 +632,8 @@ def _limit(m: _Map, names: dict[str, str], route_names: set[str], issuers: dict[
     """One `limits:` item: `name`, `per` (subject | group | route | client_id; a list,
     default subject; [] for one count shared by all), `when` (`routes`, `groups`,
     `subjects`; optional), at least one of `requests_per_minute`, `tokens_per_minute`,
-    `tokens_per_day` (1..10^12), `action` (enforce | log)."""
+    `tokens_per_day` (1..10^12), `action` (enforce | log), `default_output_tokens` (the
+    output reserved for a request that declares no bound; below every token amount)."""
     name = _name(m, names, "limit")
     per = tuple(_choice(v, LIMIT_KEYS, loc, n) for v, loc, n in m.listed("per")) if m.has("per") else ("subject",)
     if len(set(per)) != len(per):
@@ -648,10 +650,17 @@ def _limit(m: _Map, names: dict[str, str], route_names: set[str], issuers: dict[
         when.finish()
     amounts = {key: _bounded(m, key, 0, 1, 10**12) for key in LIMIT_AMOUNTS if m.has(key)}
     action = _choice(m.text("action", "enforce"), ("enforce", "log"), m.loc.at("action"), m.where("action"))
-    m.finish(("name", "per", "when", "action", *LIMIT_AMOUNTS))  # a misspelt amount is named before it is missed
+    reserve = _bounded(m, "default_output_tokens", DEFAULT_OUTPUT_TOKENS, 1, 10**12)
+    m.finish(("name", "per", "when", "action", "default_output_tokens", *LIMIT_AMOUNTS))  # a misspelt amount is named before it is missed
     if not amounts:
         raise m.loc.error(m.mapping, f"a limit needs at least one of: {', '.join(LIMIT_AMOUNTS)}")
-    return Limit(name, per, routes, groups, subjects, action=action, **amounts)  # type: ignore[arg-type]
+    for kind in ("tokens_per_minute", "tokens_per_day"):
+        if kind in amounts and reserve >= amounts[kind]:
+            where = "default_output_tokens" if m.has("default_output_tokens") else kind
+            raise m.loc.at(where).error(
+                m.where(where), f"default_output_tokens ({reserve}) must be below {kind} ({amounts[kind]}): a request "
+                "that declares no max_tokens reserves that many output tokens; set default_output_tokens lower")
+    return Limit(name, per, routes, groups, subjects, action=action, default_output_tokens=reserve, **amounts)  # type: ignore[arg-type]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -254,16 +254,25 @@ class ApprovalRule:
 LimitKey = Literal["subject", "group", "route", "client_id"]
 
 
+DEFAULT_OUTPUT_TOKENS = 1024  # `default_output_tokens` when a limit does not set it
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """A rate limit or budget (`limits:`): at most `requests_per_minute` requests,
     `tokens_per_minute` and `tokens_per_day` LLM tokens (prompt tokens estimated from
-    the request, completion tokens as the provider's `usage` reports them), counted
+    the request, completion tokens as the provider's `usage` reports them, else
+    estimated from the response's bytes), counted
     over sliding windows, separately for each value of `per` (e.g. ("subject",): each
     caller has its own count; ("group",): the members of a group share one; (): one
     count for everybody). It applies to the flows matching `routes`, `groups` and
     `subjects` (empty: any). `action` "log" is shadow mode: a flow over the limit is
-    only audited and counted as such."""
+    only audited and counted as such.
+
+    A request is admitted only if its prompt estimate plus its output bound fit (the
+    bound the request declares, e.g. `max_tokens`, else `default_output_tokens`): that
+    much is reserved at once, so concurrent requests cannot together pass the limit,
+    and is corrected to what was used when the response is known."""
 
     name: str
     per: tuple[LimitKey, ...] = ("subject",)
@@ -274,6 +283,7 @@ class Limit:
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
     action: Literal["enforce", "log"] = "enforce"
+    default_output_tokens: int = DEFAULT_OUTPUT_TOKENS
 
     def applies(self, route: str | None, issuer: str | None, subject: str, groups: tuple[str, ...] | list[str]) -> bool:
         """True when a flow on `route` by `subject` (of `issuer`) with `groups` is counted."""
@@ -283,16 +293,18 @@ class Limit:
             and (not self.groups or self.groups.any_of(issuer, groups))
         )
 
-    def keys(self, route: str | None, identity: dict[str, Any]) -> list[tuple[str | None, ...]]:
+    def keys(self, route: str | None, identity: dict[str, Any]) -> list[tuple[Any, ...]]:
         """The counts a flow is charged to: one per combination of `per` (a caller in
-        two counted groups is charged to both groups' counts)."""
+        two counted groups is charged to both groups' counts). Names are only unique at
+        their issuer (see `Names`), so a subject, client id or group is keyed as
+        (issuer, value): the same name at two issuers has two counts."""
         issuer = identity.get("issuer")
-        groups = [g for g in identity.get("groups") or () if not self.groups or self.groups.has(issuer, g)] or [None]
+        groups = [(issuer, g) for g in identity.get("groups") or () if not self.groups or self.groups.has(issuer, g)] or [None]
         values = {
-            "subject": [identity.get("subject")], "route": [route], "client_id": [identity.get("client_id")],
-            "group": groups,
+            "subject": [(issuer, identity.get("subject"))], "route": [route],
+            "client_id": [(issuer, identity.get("client_id"))], "group": groups,
         }
-        keys: list[tuple[str | None, ...]] = [()]
+        keys: list[tuple[Any, ...]] = [()]
         for dimension in self.per:
             keys = [(*k, v) for k in keys for v in values[dimension]]
         return keys

@@ -67,7 +67,7 @@ class Audit(Stage):
             return
         path = Path(ctx.options.hoop_audit_log or Path(ctx.options.hoop_recordings) / "audit.jsonl")
         previous = self.signer.key_id if self.signer else None
-        if self.log is not None and self.log.path == path:
+        if self.log is not None and (self.log.path == path or self.log.is_file(path)):
             if signer != self.signer:  # same chain (and lock), new key: sign what the old key covers first
                 try:
                     self.log.checkpoint()
@@ -75,7 +75,7 @@ class Audit(Stage):
                     self.config_error(f"hoop: hoop_audit_log: cannot checkpoint {path}: {exc}")
                     return
                 self.log.signer, self.signer = signer, signer
-        elif self.log is None or self.log.path != path:
+        else:  # another file (a path to the same file is the same chain and lock)
             try:
                 log = AuditLog(path, signer)
             except OSError as exc:

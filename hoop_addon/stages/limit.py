@@ -11,7 +11,7 @@ from mitmproxy import http
 
 from hoop_addon.control.metrics import RATE_LIMITED, labelled
 from hoop_addon.limits.counter import Counters
-from hoop_addon.limits.usage import StreamUsage, Usage, usage_in_body
+from hoop_addon.limits.usage import StreamUsage, Usage, output_bound, usage_in_body
 from hoop_addon.masking.codec import decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.policy.conditions import estimate_tokens
@@ -21,7 +21,7 @@ from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.policy import PolicyStage
 
 _TOKEN_KINDS = ("tokens_per_minute", "tokens_per_day")
-Charge = tuple[Limit, tuple[str | None, ...]]
+Charge = tuple[Limit, tuple[Any, ...]]
 
 
 class RateLimit(Stage):
@@ -32,11 +32,22 @@ class RateLimit(Stage):
       refused with 429, `Retry-After` (seconds until the window has room) and reason
       `rate_limited` naming the limit; otherwise each count it falls under is charged.
     - `request`: the prompt's tokens are estimated from the decoded body
-      (`estimate_tokens`: bytes / 4) and checked against `tokens_per_minute` and
-      `tokens_per_day` the same way, then charged.
-    - once the response is known (buffered, or as it streams), the provider's reported
-      `usage` adds the completion tokens and replaces the prompt estimate by the
-      reported prompt count (`hoop.usage`: `{"prompt_estimate", "prompt", "completion"}`).
+      (`estimate_tokens`: bytes / 4); with the output bound the request declares
+      (`output_bound`: `max_tokens`, ...; else the limit's `default_output_tokens`)
+      they are checked against `tokens_per_minute` and `tokens_per_day` the same way,
+      and reserved at once, so that concurrent requests cannot together pass a budget.
+    - once the response is known (buffered, or as it streams), or the flow ends in an
+      error (the client gone, the upstream unreachable, refused by a later stage), the
+      reservation is released and what was used is charged: the provider's reported
+      prompt count (else the estimate) and completion tokens (`hoop.usage`:
+      `{"prompt_estimate", "output_reserved", "prompt", "completion",
+      "completion_estimated"}`). A response that reports no completion count (an
+      OpenAI stream without `stream_options.include_usage`, a provider that reports
+      none), or a stream cut short before its final count, is charged the estimate of
+      the upstream body's bytes (`estimate_tokens`), and `completion_estimated` is
+      true: what passed is counted, reported or not (at most the declared bound, which
+      the provider enforces). The body read is the upstream's,
+      even when a later stage withholds it from the client (the tokens were spent).
 
     A limit with `action: log` (shadow mode) refuses nothing: an excess is noted in
     `hoop.shadow` (`{"rule", "action": "limit", "reason"}`) and the audit line's
@@ -50,6 +61,10 @@ class RateLimit(Stage):
         self.counters = Counters()
         self.charges: weakref.WeakKeyDictionary[http.HTTPFlow, list[Charge]] = weakref.WeakKeyDictionary()
         self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, StreamUsage] = weakref.WeakKeyDictionary()
+        self.upstream: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = weakref.WeakKeyDictionary()
+        # (when reserved, [(limit, key, tokens reserved)], declared output bound) per flow
+        self.reserved: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[float, list[tuple[Limit, tuple[Any, ...], int]], int | None]] = (
+            weakref.WeakKeyDictionary())
 
     def _applicable(self, flow: http.HTTPFlow) -> list[Charge]:
         if flow.response is not None or not allowed(flow) or (active := self.policy.active) is None:
@@ -67,10 +82,10 @@ class RateLimit(Stage):
         charges = self._applicable(flow)
         if not charges:
             return
-        counted = [(limit, key) for limit, key in charges if limit.requests_per_minute]
-        if self._over(flow, counted, "requests_per_minute", 1):
+        counted = [(limit, key, 1) for limit, key in charges if limit.requests_per_minute]
+        if self._over(flow, counted, "requests_per_minute"):
             return
-        for limit, key in counted:
+        for limit, key, _ in counted:
             self.counters.charge(limit.name, key, "requests_per_minute", 1)
         self.charges[flow] = charges
 
@@ -85,19 +100,29 @@ class RateLimit(Stage):
             body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
         except MaskError:
             body = request.raw_content or b""  # the masking stage refuses what cannot be decoded
-        estimate = estimate_tokens(body)
+        estimate, declared = estimate_tokens(body), output_bound(body)
+        reserve = [(lim, k, estimate + (declared or lim.default_output_tokens)) for lim, k in counted]
         for kind in _TOKEN_KINDS:
-            if self._over(flow, [(lim, k) for lim, k in counted if getattr(lim, kind)], kind, estimate):
+            if self._over(flow, [r for r in reserve if getattr(r[0], kind)], kind, estimate, declared):
                 return
-        self._charge_tokens(counted, estimate)
-        hoop(flow)["usage"] = {"prompt_estimate": estimate, "prompt": None, "completion": None}
+        for limit, key, need in reserve:
+            for kind in _TOKEN_KINDS:
+                if getattr(limit, kind):
+                    self.counters.charge(limit.name, key, kind, need)
+        self.reserved[flow] = (self.counters.clock(), reserve, declared)
+        hoop(flow)["usage"] = {"prompt_estimate": estimate, "output_reserved": max(n for *_, n in reserve) - estimate,
+                               "prompt": None, "completion": None, "completion_estimated": None}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if "usage" not in hoop(flow) or flow.response is None or not callable(inner := flow.response.stream):
+        if "usage" not in hoop(flow) or flow.response is None:
+            return
+        self.upstream[flow] = flow.response  # the Mask stage may replace flow.response by a refusal
+        if not callable(inner := flow.response.stream):
             return
         scanner = self.streams[flow] = StreamUsage()
 
         def stream(chunk: bytes) -> list[bytes]:
+            scanner.upstream_size += len(chunk)  # spent upstream even if the Mask stage ended the stream
             out = inner(chunk)
             data = out if isinstance(out, bytes) else b"".join(out)
             scanner.feed(data, final=not chunk)
@@ -112,40 +137,46 @@ class RateLimit(Stage):
         self._settle(flow)  # a stream cut short still used the tokens it carried
 
     def _settle(self, flow: http.HTTPFlow) -> None:
-        """Charge the completion tokens the provider reported, and correct the prompt
-        estimate by its count."""
+        """Charge the completion tokens the provider reported (else the estimate of the
+        upstream body), and correct the prompt estimate by its reported count."""
         record = hoop(flow)
         if (usage_record := record.get("usage")) is None or usage_record["completion"] is not None:
             return
-        charges = [(lim, k) for lim, k in self.charges.get(flow, ()) if lim.tokens_per_minute or lim.tokens_per_day]
-        if (scanner := self.streams.pop(flow, None)) is not None:
-            usage = scanner.usage if scanner.found else None
-        elif flow.response is not None and flow.response.raw_content:
+        scanner, response = self.streams.pop(flow, None), self.upstream.pop(flow, None)
+        usage, size = None, 0
+        if scanner is not None:
+            usage, size = (scanner.usage if scanner.found else None), max(scanner.size, scanner.upstream_size)
+        elif response is not None and response.raw_content:
             try:
-                usage = usage_in_body(decode(flow.response.raw_content, flow.response.headers.get("Content-Encoding", ""),
-                                             self.mask.max_body))
+                body = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body)
             except MaskError:
-                usage = None
-        else:
-            usage = None
+                body = response.raw_content  # not decodable here: charged by its size as sent
+            usage, size = usage_in_body(body), len(body)
         usage = usage or Usage()
-        extra = (usage.completion or 0) + ((usage.prompt - usage_record["prompt_estimate"]) if usage.prompt is not None else 0)
-        self._charge_tokens(charges, extra)
-        usage_record.update(prompt=usage.prompt, completion=usage.completion or 0)
-
-    def _charge_tokens(self, charges: list[Charge], n: float) -> None:
-        if not n:
-            return
-        for limit, key in charges:
+        at, reserve, declared = self.reserved.pop(flow, (0.0, [], None))
+        completion, estimated = usage.completion, False
+        # Unreported, or reported before a stream was cut short (Anthropic's message_start
+        # says 1): what passed is charged, at most what the provider lets through.
+        if completion is None or (flow.error is not None and estimate_tokens(size) > completion):
+            completion, estimated = estimate_tokens(size), True
+            if declared is not None:
+                completion = min(completion, declared)
+        used = (usage.prompt if usage.prompt is not None else usage_record["prompt_estimate"]) + completion
+        for limit, key, reserved in reserve:  # the reservation goes, what was used stays
             for kind in _TOKEN_KINDS:
                 if getattr(limit, kind):
-                    self.counters.charge(limit.name, key, kind, n)
+                    self.counters.release(limit.name, key, kind, at, reserved)
+                    self.counters.charge(limit.name, key, kind, used)
+        usage_record.update(prompt=usage.prompt, completion=completion, completion_estimated=estimated)
 
-    def _over(self, flow: http.HTTPFlow, charges: list[Charge], kind: str, need: float) -> bool:
-        """Refuse the flow (True) if `need` does not fit in an enforced limit's `kind`
-        window; note shadow limits it does not fit either."""
-        worst: tuple[float, Limit] | None = None
-        for limit, key in charges:
+    def _over(self, flow: http.HTTPFlow, needs: list[tuple[Limit, tuple[Any, ...], int]], kind: str,
+              prompt: int | None = None, declared: int | None = None) -> bool:
+        """Refuse the flow (True) if a need does not fit in its enforced limit's `kind`
+        window (`needs`: (limit, key, amount)); note shadow limits it does not fit
+        either. `prompt` and `declared` (the token estimate and the declared output
+        bound) explain a token need in the message."""
+        worst: tuple[float, Limit, int] | None = None
+        for limit, key, need in needs:
             wait = self.counters.retry_after(limit.name, key, kind, need, getattr(limit, kind))
             if not wait:
                 continue
@@ -153,13 +184,17 @@ class RateLimit(Stage):
             if limit.action == "log":
                 self._shadow(flow, limit, kind)
             elif worst is None or wait > worst[0]:
-                worst = (wait, limit)
+                worst = (wait, limit, need)
         if worst is None:
             return False
-        wait, limit = worst
+        wait, limit, need = worst
         what = kind.replace("_", " ")
         if math.isinf(wait):
-            retry, message = {}, f"limit '{limit.name}': this request alone exceeds its {what} ({getattr(limit, kind)})"
+            message = f"limit '{limit.name}': this request alone exceeds its {what} ({getattr(limit, kind)})"
+            if prompt is not None:
+                bound = "max_tokens" if declared is not None else "default_output_tokens of the limit"
+                message += f": a prompt of ~{prompt} tokens and up to {need - prompt} output tokens ({bound})"
+            retry: dict[str, str] = {}
         else:
             seconds = max(1, math.ceil(wait))
             retry, message = {"Retry-After": str(seconds)}, f"limit '{limit.name}' reached ({what}: {getattr(limit, kind)}); retry in {seconds}s"

@@ -7,6 +7,7 @@ and approvals held by a gateway killed with SIGKILL. Real mitmdump, real clients
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -106,20 +107,34 @@ def gw(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Ga
     gateway.stop()
 
 
-def test_a_second_gateway_on_the_same_chain_refuses_to_start(gw: Gateway, tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
-    """`make run` and `make demo` at once: the second exits 1 with a clear message and
-    appends nothing, so the chain does not fork."""
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "symlinked directory"])
+def test_a_second_gateway_on_the_same_chain_refuses_to_start(how: str, gw: Gateway, tmp_path: Path, idp: LocalIdP,
+                                                             pki: tuple[CA, Path, Path]) -> None:
+    """`make run` and `make demo` at once, on the same log by whatever path: the second
+    exits 1 with a clear message and appends nothing, so the chain does not fork."""
     wait_for(lambda: gw.audit(("policy_loaded",)))
-    before = (gw.recordings / "audit.jsonl").read_bytes()
+    log = gw.recordings / "audit.jsonl"
+    before = log.read_bytes()
+    recordings, options = gw.recordings, {"hoop_signing_key": str(tmp_path / "signing.key")}
+    if how != "same path":
+        recordings = tmp_path / "second-recordings"  # its own recordings; only the log is shared
+        alias = tmp_path / "alias.jsonl"
+        if how == "symlink":
+            alias.symlink_to(log)
+        elif how == "hard link":
+            os.link(log, alias)
+        else:
+            (tmp_path / "dir-link").symlink_to(gw.recordings, target_is_directory=True)
+            alias = tmp_path / "dir-link" / "audit.jsonl"
+        options["hoop_audit_log"] = str(alias)
     second = Gateway(write_policy(tmp_path / "rules2", idp, RULES), tmp_path / "second", pki[0].cert_path,
-                     env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, recordings=gw.recordings,
-                     options={"hoop_signing_key": str(tmp_path / "signing.key")})
+                     env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, recordings=recordings, options=options)
     code, output = second.run_to_exit()
     assert code == 1, output
     assert f"is being written by another gateway (pid {gw.proc.pid}): one writer per audit chain" in output
     assert "Traceback" not in output
     gw.stop()
-    assert (gw.recordings / "audit.jsonl").read_bytes().startswith(before)
+    assert log.read_bytes().startswith(before)
     assert verify(gw).returncode == 0
 
 

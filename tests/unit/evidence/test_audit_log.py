@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -88,6 +90,59 @@ def test_one_writer_per_chain(tmp_path: Path) -> None:
     again.close()
 
 
+def aliases(tmp_path: Path, target: Path) -> dict[str, Path]:
+    """Other paths to `target`: a symlink, a hard link, a symlinked directory, `..`."""
+    (tmp_path / "via").mkdir()
+    (tmp_path / "audit-symlink.jsonl").symlink_to(target)
+    os.link(target, tmp_path / "audit-hardlink.jsonl")
+    (tmp_path / "dir-link").symlink_to(target.parent, target_is_directory=True)
+    return {"symlink": tmp_path / "audit-symlink.jsonl", "hardlink": tmp_path / "audit-hardlink.jsonl",
+            "symlinked directory": tmp_path / "dir-link" / target.name, "dot-dot": tmp_path / "via" / ".." / target.name}
+
+
+WRITER = """\
+import sys
+from pathlib import Path
+from hoop_addon.evidence.audit_log import AuditLog
+log = AuditLog(Path(sys.argv[1]), None)
+log.append("request")
+print("open", flush=True)
+sys.stdin.read()  # hold the chain until told to stop
+log.close()
+"""
+
+
+def test_every_path_to_a_log_meets_the_same_writer_lock(tmp_path: Path) -> None:
+    """A writer in another process holds the chain: opening it by a symlink, a hard
+    link, a symlinked directory or `..` is refused with that process's pid (the lock is
+    the file's, not its name's), the file is left as the writer wrote it, and once the
+    writer stops every path resumes the one chain."""
+    target = tmp_path / "audit.jsonl"
+    target.touch()
+    paths = {"same path": target, **aliases(tmp_path, target)}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "open\n"
+        before = target.read_bytes()
+        for how, path in paths.items():
+            with pytest.raises(AuditError, match=rf"being written by another gateway \(pid {writer.pid}\): one writer per audit chain"):
+                AuditLog(path, None)
+            assert target.read_bytes() == before, how
+    finally:
+        writer.communicate("")
+    assert writer.returncode == 0
+    for n, (how, path) in enumerate(paths.items()):
+        log = AuditLog(path, None)
+        assert log.is_file(target) and log.seq == 2 * n + 2, how  # the writer's entry and checkpoint, then ours
+        with pytest.raises(AuditError, match=rf"pid {os.getpid()}"):  # in one process too: one writer per chain
+            AuditLog(target, None)
+        log.append("request")
+        log.close()
+    lines = target.read_bytes().splitlines()
+    assert [orjson.loads(line)["seq"] for line in lines] == list(range(1, 2 * len(paths) + 3))
+    assert [orjson.loads(line)["prev"] for line in lines] == [GENESIS] + [keys.sha256(line) for line in lines[:-1]]  # one chain
+
+
 def test_approvals_left_open_by_a_killed_gateway(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl", None)
     for approval_id in ("held", "decided", "ticket", "ticket-done"):
@@ -95,8 +150,7 @@ def test_approvals_left_open_by_a_killed_gateway(tmp_path: Path) -> None:
     log.append("request", decision={"outcome": "allow", "approval": {"id": "decided", "status": "approved"}})
     log.append("request", decision={"outcome": "pending", "approval": {"id": "ticket", "status": "pending"}})
     log.append("approval_decided", approval={"id": "ticket-done", "status": "timeout"})
-    log._file.close()  # killed: no close(), no checkpoint
-    log._lock.close()
+    log._file.close()  # killed: no close(), no checkpoint (closing the file drops its lock)
     reopened = AuditLog(tmp_path / "audit.jsonl", None)
     assert sorted(reopened.open_approvals) == ["held", "ticket"]
     reopened.close()
