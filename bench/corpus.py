@@ -331,13 +331,12 @@ def _sse_text(data: bytes) -> str:
 def _sse(docs: list[dict], eol: str = "\n", split_lines: bool = False) -> bytes:
     events = []
     for doc in docs:
-        data = orjson.dumps(doc).decode()
-        if split_lines:  # one JSON document over several `data:` lines
-            third = max(len(data) // 3, 1)
-            lines = [data[i : i + third] for i in range(0, len(data), third)]
+        if split_lines:  # one JSON document over several `data:` lines (joined by LF: pretty-printed)
+            lines = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode().split("\n")
             events.append("".join(f"data: {ln}{eol}" for ln in lines) + eol)
-        else:
-            events.append(f"data: {data}{eol}{eol}")
+            continue
+        data = orjson.dumps(doc).decode()
+        events.append(f"data: {data}{eol}{eol}")
     return ("".join(events) + f"data: [DONE]{eol}{eol}").encode()
 
 

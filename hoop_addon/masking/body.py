@@ -72,12 +72,17 @@ def _mask_body(
         # Only the pieces moved between events when nothing was masked: keep the original.
         return (new if masker.masked or masker.restored else None), evidence.records(part)
     declared_json = mime == "application/json" or mime.endswith("+json") or (mime != FORM_TYPE and any(r.paths for r in rules))
+    if mime in NDJSON_TYPES and part == "response":  # a stream of pieces (Ollama): a value may span lines
+        masker = EventStreamMasker(rules, context, evidence, framing="ndjson")
+        new = masker.feed(body, final=True)
+        return (new if masker.masked or masker.restored else None), evidence.records(part)
     if mime in NDJSON_TYPES:
         new = _mask_ndjson(body, rules, context, evidence)
     elif mime == FORM_TYPE:
-        new = _mask_form(_text(body), rules, context, evidence)
-        if new is None and _json_shaped(body):  # JSON labelled a form: its recipient may read it as JSON
-            new = _mask_json_body(body, rules, context, evidence, strict=False)[1]
+        # JSON labelled a form: its recipient may read it as JSON (escapes decoded) or as a form
+        new = _mask_json_body(body, rules, context, evidence, strict=False)[1] if _json_shaped(body) else None
+        if new is None:
+            new = _mask_form(_text(body), rules, context, evidence)
     elif declared_json or _json_shaped(body):
         # JSON whatever the declared type: read as text, an escaped `\u0040` would hide an
         # `@` from a recipient that parses it.

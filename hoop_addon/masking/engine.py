@@ -33,6 +33,7 @@ import orjson
 import re2
 
 from hoop_addon.masking.detectors import Detector
+from hoop_addon.masking.normalize import escape, unescape, view
 from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
@@ -89,6 +90,16 @@ class MaskContext:
         return _redacted
 
 
+def operate(replace: Replace, value: str, detector: Detector) -> str:
+    """`replace(value, detector)` for a matched span of the original text: a span
+    holding JSON escapes (found in the text as read, see `Scanner.spans`) is given to
+    the operator decoded, so `hash` and `tokenize` see the value itself, and its
+    replacement is escaped again for the JSON text it goes into."""
+    if "\\" not in value:
+        return replace(value, detector)
+    return escape(replace(unescape(value), detector))
+
+
 def _redacted(value: str, detector: Detector) -> str:
     return f"[REDACTED:{detector.label}]"
 
@@ -128,11 +139,30 @@ class Scanner:
 
     def spans(self, text: str) -> list[Span]:
         """The validated matches in `text`: (start, end, detector), in order, disjoint
-        (overlapping ones merged, see the class). Offsets are in characters."""
+        (overlapping ones merged, see the class). Offsets are in characters. A value
+        written with JSON escapes, compatibility characters (NBSP, fullwidth digits)
+        or zero-width characters is found in the text as read (`normalize.view`) and
+        its span is the one it has in `text`."""
+        found = self._found(text)
+        if (read := view(text)) is not None:
+            shown, starts, ends = read
+            found += [(starts[s], ends[e - 1], rank) for s, e, rank in self._found(shown)]
+        found.sort()
+        merged: list[tuple[int, int, int]] = []
+        for start, end, rank in found:
+            if merged and start < merged[-1][1]:
+                last = merged[-1]
+                merged[-1] = (last[0], max(last[1], end), min(last[2], rank))
+            else:
+                merged.append((start, end, rank))
+        return [(start, end, self.detectors[rank]) for start, end, rank in merged]
+
+    def _found(self, text: str) -> list[tuple[int, int, int]]:
+        """The validated matches in `text` as (start, end, rank of the detector), unsorted."""
         data = text.encode()
         present = range(1) if len(self.detectors) == 1 else sorted(self.present.Match(data) or ())
         ascii_only = len(data) == len(text)
-        found: list[tuple[int, int, int]] = []  # (start, end, rank of the detector)
+        found: list[tuple[int, int, int]] = []
         for rank in present:
             detector = self.detectors[rank]
             last_byte = last_char = 0
@@ -148,15 +178,7 @@ class Scanner:
                     found.append((start, end, rank))
                 elif inner := self._inner(text, start, end):
                     found.append((inner[0], inner[1], self.rank[inner[2]]))
-        found.sort()
-        merged: list[tuple[int, int, int]] = []
-        for start, end, rank in found:
-            if merged and start < merged[-1][1]:
-                last = merged[-1]
-                merged[-1] = (last[0], max(last[1], end), min(last[2], rank))
-            else:
-                merged.append((start, end, rank))
-        return [(start, end, self.detectors[rank]) for start, end, rank in merged]
+        return found
 
     def _inner(self, text: str, start: int, end: int) -> Span | None:
         """The longest validated match of any detector inside a candidate that failed
@@ -305,7 +327,7 @@ def mask_text(
         evidence.add(rule, rule_counts, located)
     if not (enforced := [s for s in spans if not owner[s[2]].shadow]):
         return text  # shadow rules' matches only: counted, not replaced
-    return spread([text], enforced, lambda value, detector: context.replacer(owner[detector])(value, detector))[0]
+    return spread([text], enforced, lambda value, detector: operate(context.replacer(owner[detector]), value, detector))[0]
 
 
 def mask_json(

@@ -12,7 +12,7 @@ from pathlib import Path
 from mitmproxy import connection, ctx, http
 from mitmproxy.utils import human
 
-from hoop_addon.masking.body import mask_body
+from hoop_addon.masking.body import NDJSON_TYPES, mask_body
 from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_text
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.masking.vault import TokenSession, Vault
@@ -34,7 +34,7 @@ class Mask(Stage):
 
     Bodies are decoded from their content-encoding, masked, and re-encoded; the
     `query`, `headers` and `cookies` a rule names are masked too. `text/event-stream`
-    responses are masked as they stream (`flow.response.stream` is a masking
+    and NDJSON responses are masked as they stream (`flow.response.stream` is a masking
     callable; content-encoding is decoded and dropped); other responses are buffered.
     Anything that cannot be inspected, and any error of the masker, is never passed
     on: the request is refused (422, nothing reaches the upstream), the response
@@ -117,7 +117,8 @@ class Mask(Stage):
         if not rules and not session:
             return
         response = flow.response
-        if _mime(response) != "text/event-stream":
+        mime = _mime(response)
+        if mime != "text/event-stream" and mime not in NDJSON_TYPES:
             response.stream = False  # buffered, so that `response` masks the whole body
             return
         try:
@@ -128,6 +129,7 @@ class Mask(Stage):
         context = MaskContext(self.secret, session)
         masker = EventStreamMasker(
             rules, context, Evidence(), restore=session, record=getattr(ctx.options, "store_streamed_bodies", False),
+            framing="sse" if mime == "text/event-stream" else "ndjson",
         )
         # A streamed response's headers go now, before `response` would see them (if this
         # raises, the stage guard kills the flow: nothing reaches the client).
