@@ -12,7 +12,7 @@ from pathlib import Path
 from mitmproxy import connection, ctx, http
 from mitmproxy.utils import human
 
-from hoop_addon.masking.body import NDJSON_TYPES, mask_body
+from hoop_addon.masking.body import NDJSON_TYPES, UnsupportedMedia, mask_body
 from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_text
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.masking.vault import TokenSession, Vault
@@ -103,11 +103,11 @@ class Mask(Stage):
             key: Hashable = ("header", subject, label) if label else (flow.client_conn.id, subject)
             self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
         try:
-            if flow.request.stream:
+            if flow.request.stream and any(not r.shadow for r in rules):
                 raise MaskError("request body was streamed and cannot be inspected")
             self._mask(flow, flow.request, rules, "request")
         except Exception as exc:  # fail closed: whatever went wrong, nothing goes upstream
-            self._fail(flow, "request", exc)
+            self._fail(flow, "request", exc, rules)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or (route := route_of(flow)) is None or not hoop(flow).get("forwarded"):
@@ -134,6 +134,10 @@ class Mask(Stage):
         # A streamed response's headers go now, before `response` would see them (if this
         # raises, the stage guard kills the flow: nothing reaches the client).
         _mask_named(response.headers, "headers", rules, context, masker.evidence)
+        if session is None and all(r.shadow for r in rules):
+            response.stream = self._observer(flow, decoder, masker)
+            self.streams[flow] = masker
+            return
         response.headers.pop("Content-Encoding", None)
         if response.headers.pop("Content-Length", None) is not None and flow.request.http_version == "HTTP/1.1":
             response.headers["Transfer-Encoding"] = "chunked"  # the masked length is not known yet
@@ -163,6 +167,26 @@ class Mask(Stage):
 
         response.stream = stream
 
+    @staticmethod
+    def _observer(flow: http.HTTPFlow, decoder: Decoder, masker: EventStreamMasker):
+        """The stream callable of a shadow-only stream (`action: log` rules, nothing to
+        restore): the chunks go on as the upstream sent them, and a decoded copy goes
+        through the masker for the evidence. What it cannot read ends the observing,
+        never the stream: shadow rules do not decide what passes."""
+        watching = True
+
+        def stream(chunk: bytes) -> list[bytes]:
+            nonlocal watching
+            if watching:
+                try:
+                    masker.feed(decoder.feed(chunk), final=not chunk)
+                except Exception as exc:
+                    watching = False
+                    logger.warning(f"hoop: mask: stream of {_where(flow)} not inspected by shadow rules: {_message(exc)}")
+            return [chunk] if chunk else []  # never b"" before the end: an empty HTTP/1.1 chunk ends it
+
+        return stream
+
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or not hoop(flow).get("forwarded") or (route := route_of(flow)) is None:
             return
@@ -177,7 +201,7 @@ class Mask(Stage):
         try:
             self._mask(flow, flow.response, rules, "response")
         except Exception as exc:
-            self._fail(flow, "response", exc)
+            self._fail(flow, "response", exc, rules)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """A stream that ends in an error (most often the client closing it once it had
@@ -231,17 +255,28 @@ class Mask(Stage):
         records = evidence.records(part)
         raw = message.raw_content
         if raw and any(r.body for r in rules):
-            body = decode(raw, message.headers.get("Content-Encoding", ""), self.max_body)
-            new, body_records = mask_body(body, message.headers.get("Content-Type", ""), rules, part, context)
-            if new is not None:
-                message.content = new  # re-encoded with the message's Content-Encoding
-            records = _merge(records, body_records)
+            try:
+                body = decode(raw, message.headers.get("Content-Encoding", ""), self.max_body)
+            except MaskError:
+                if any(r.body and not r.shadow for r in rules):
+                    raise
+                body = None  # shadow rules do not decide what passes: what they cannot read goes on
+            if body is not None:
+                new, body_records = mask_body(body, message.headers.get("Content-Type", ""), rules, part, context)
+                if new is not None:
+                    message.content = new  # re-encoded with the message's Content-Encoding
+                records = _merge(records, body_records)
         hoop(flow).setdefault("masked", []).extend(records)
 
-    def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception) -> None:
+    def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception, rules: tuple[MaskRule, ...]) -> None:
         message = _message(exc)
+        if all(r.shadow for r in rules):  # shadow mode (`action: log`) never refuses
+            logger.warning(f"hoop: mask: {part} of {_where(flow)} not inspected by shadow rules: {message}")
+            return
         logger.error(f"hoop: mask: {part} of {_where(flow)} refused: {message}")
-        if part == "request":
+        if isinstance(exc, UnsupportedMedia) and part == "request":
+            refuse(flow, 415, "mask", "unsupported_media_type", f"request could not be inspected: {message}")
+        elif part == "request":
             refuse(flow, 422, "mask", "unmaskable_request", f"request could not be inspected: {message}")
         else:
             refuse(flow, 502, "mask", "unmaskable_response", f"upstream response withheld: it could not be inspected: {message}")

@@ -214,3 +214,95 @@ def test_split_streams_are_masked_for_the_agent_and_the_recording(
     assert b"[REDACTED:" in got
     assert_nowhere(planted, got, streamed(got) if ctype == "text/event-stream" else b"", evidence(leak_gateway))
     assert entry.get("decision", {}).get("outcome", "allow") == "allow"
+
+
+# --- item 5: binary bodies are never text-masked -------------------------------------
+
+PROTOBUF = b"\x0a\x14" + EMAIL.encode() + b"\x10\x01"  # valid UTF-8, field 1 = a string of 20 bytes
+
+
+@pytest.mark.parametrize("ctype", ["application/x-protobuf", "application/grpc+proto", "application/octet-stream", "image/png", "application/pdf"])
+def test_a_binary_request_body_is_refused_with_415_naming_its_type(
+    ctype: str, leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    before = len(scripted.received)
+
+    reply = agent.post(f"{scripted.url}/binary", content=PROTOBUF, headers={"Content-Type": ctype})
+
+    assert reply.status_code == 415, reply.text
+    assert reply.json()["error"] == "unsupported_media_type" and ctype in reply.json()["message"]
+    assert len(scripted.received) == before  # nothing reached the upstream
+
+
+def test_a_binary_response_is_withheld_naming_its_type_never_rewritten(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    scripted.replies["/binary-reply"] = ("application/x-protobuf", PROTOBUF)
+
+    reply = agent.get(f"{scripted.url}/binary-reply")
+
+    assert reply.status_code == 502 and "application/x-protobuf" in reply.json()["message"]
+    assert_nowhere((EMAIL,), reply.content, evidence(leak_gateway))
+
+
+def test_a_multipart_upload_masks_its_text_parts_and_passes_its_binary_part_untouched(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe" + bytes(range(256))
+    files = {"image": ("photo.png", png, "image/png")}
+    data = {"note": f"from {EMAIL}", "meta": '{"owner":"' + _escaped(EMAIL) + '"}'}
+
+    reply = agent.post(f"{scripted.url}/upload", files=files, data=data)
+
+    assert reply.status_code == 200, reply.text
+    received = scripted.received[-1].body
+    assert png in received  # byte for byte
+    assert b"from [REDACTED:EMAIL]" in received
+    assert_nowhere((EMAIL, _escaped(EMAIL)), received, evidence(leak_gateway))
+
+
+# --- item 8: shadow-only policies never refuse -----------------------------------------
+
+SHADOW = POLICY.replace("    direction: both\n", "    direction: both\n    action: log\n")
+
+
+@pytest.fixture(scope="module")
+def shadow_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
+    work = tmp_path_factory.mktemp("shadow-gateway")
+    gw = Gateway(write_policy(work / "rules", idp, SHADOW), work, pki[0].cert_path)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        pytest.param({"Content-Type": "text/plain", "Content-Encoding": "gzip, br"}, b"\x1f\x8b not really", id="gzip-br"),
+        pytest.param({"Content-Type": "application/x-protobuf"}, PROTOBUF, id="protobuf"),
+        pytest.param({"Content-Type": "application/json"}, b'{"not": json', id="invalid-json"),
+        pytest.param({"Content-Type": "text/plain"}, b"\xff\xfe\x00bin", id="not-utf8"),
+    ],
+)
+def test_a_shadow_only_policy_forwards_what_it_cannot_read(
+    headers: dict[str, str], body: bytes, shadow_gateway: Gateway, scripted: Scripted, idp: LocalIdP
+) -> None:
+    trust = ssl.create_default_context(cafile=str(shadow_gateway.ca_cert))
+    token = idp.mint(subject="shadow-agent", groups=["agents"])
+    with httpx.Client(proxy=shadow_gateway.proxy(token), verify=trust, timeout=10) as client:
+        reply = client.post(f"{scripted.url}/shadow", content=body, headers=headers)
+
+    assert reply.status_code == 200, reply.text
+    assert scripted.received[-1].body == body  # as the agent sent it
+
+
+def test_a_shadow_only_stream_goes_out_as_the_upstream_sent_it(shadow_gateway: Gateway, scripted: Scripted, idp: LocalIdP) -> None:
+    body = sse([delta(f"mail {EMAIL[:8]}"), delta(f"{EMAIL[8:]} ok")]) + b"\xff\xfe not utf-8\n\n"
+    scripted.replies["/shadow-stream"] = ("text/event-stream", body)
+    trust = ssl.create_default_context(cafile=str(shadow_gateway.ca_cert))
+    token = idp.mint(subject="shadow-agent", groups=["agents"])
+    with httpx.Client(proxy=shadow_gateway.proxy(token), verify=trust, timeout=10) as client:
+        with client.stream("GET", f"{scripted.url}/shadow-stream") as reply:
+            got = b"".join(reply.iter_raw())
+
+    assert got == body
