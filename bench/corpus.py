@@ -150,7 +150,11 @@ VALID: dict[str, dict[str, Callable[[Rng], str]]] = {
         "e164": lambda r: f"+1 415 {r.randint(200, 999)} {r.randint(1000, 9999)}",
         "nanp": lambda r: f"({r.randint(200, 999)}) {r.randint(200, 999)}-{r.randint(1000, 9999)}",
     },
-    "payment_card": {name: (lambda s: lambda r: card(r, s))(sep) for name, sep in {"compact": "", **SEPARATORS}.items()},
+    "payment_card": {
+        **{name: (lambda s: lambda r: card(r, s))(sep) for name, sep in {"compact": "", **SEPARATORS}.items()},
+        "after digits": lambda r: f"{r.randint(1000, 9999)} {card(r, ' ')}",  # a greedy candidate stops short of it
+        "before digits": lambda r: f"{card(r, ' ')} {r.randint(10, 99)}",  # a greedy candidate swallows more
+    },
     "us_ssn": {"dash": lambda r: ssn(r, "-"), "space": lambda r: ssn(r, " "), "dot": lambda r: ssn(r, ".")},
     "iban": {
         "compact": lambda r: iban(r, ""),
@@ -199,7 +203,7 @@ LOOKALIKES: dict[str, Callable[[Rng], str]] = {
     "version": lambda r: f"v{r.randint(1, 9)}.{r.randint(0, 20)}.{r.randint(0, 30)}",
     "git sha": lambda r: _rand(r, "0123456789abcdef", 40),
     "timestamp": lambda r: f"2025-{r.randint(1, 12):02d}-{r.randint(10, 28)}T12:30:45Z",
-    "order id": lambda r: f"order-{r.randint(10**15, 10**16)}",
+    "order id": lambda r: f"order-{r.choice('1789')}{r.randint(10**14, 10**15)}",  # no card starts so (ISO/IEC 7812 MII)
     "bad ipv6": lambda r: f"2001:db8:{r.randint(1, 0xFFFF):x}:::{r.randint(1, 0xFFFF):x}:1",
     "clock": lambda r: f"{r.randint(10, 23)}:{r.randint(10, 59)}:{r.randint(10, 59)}",
 }

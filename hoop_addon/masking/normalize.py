@@ -9,8 +9,9 @@ from, for two kinds of writing:
   tool-call arguments, NDJSON sent as `text/plain`) is read by its recipient decoded;
 - Unicode compatibility forms (NFKC, Unicode UAX #15) and invisible characters: NBSP,
   thin and other spaces become a space, fullwidth digits ASCII digits, and zero-width
-  characters (ZWSP, ZWNJ, ZWJ, word joiner, BOM, soft hyphen) are dropped, so
-  `4111\\u200b1111...` or `4111\\u00a01111...` reads as a card number.
+  characters (ZWSP, ZWNJ, ZWJ, word joiner, BOM, soft hyphen) are dropped, or read as
+  a space between two digits (a group separator: an SSN's `078\u200b05\u200b1120`), so
+  `4111\u200b1111...` or `4111\u00a01111...` reads as a card number.
 
 Detection runs on the view; spans are mapped back to the original text, which is what
 gets replaced (its bytes outside the spans are never touched).
@@ -54,9 +55,10 @@ def view(text: str) -> View | None:
         token = m.group()
         if token[0] == "\\":
             char = _unescape(token)
-            if char in ZERO_WIDTH:
-                continue
-            char = _nfkc(char) if not char.isascii() else char
+            if char in ZERO_WIDTH:  # after a digit: a group separator (see below)
+                char = " " if out and out[-1][-1:].isdigit() else ""
+            elif not char.isascii():
+                char = _nfkc(char)
             out.append(char)
             starts.extend([s] * len(char))
             ends.extend([e] * len(char))
@@ -67,8 +69,12 @@ def view(text: str) -> View | None:
         else:
             for i, c in enumerate(token, s):
                 if c in ZERO_WIDTH:
-                    continue
-                n = _nfkc(c)
+                    # between digits it separates groups (an SSN's `078\u200b05\u200b1120`), elsewhere nothing
+                    if not (out and out[-1][-1:].isdigit() and text[e : e + 1].isdigit() and i == e - 1):
+                        continue
+                    n = " "
+                else:
+                    n = _nfkc(c)
                 out.append(n)
                 starts.extend([i] * len(n))
                 ends.extend([i + 1] * len(n))

@@ -306,3 +306,31 @@ def test_a_shadow_only_stream_goes_out_as_the_upstream_sent_it(shadow_gateway: G
             got = b"".join(reply.iter_raw())
 
     assert got == body
+
+
+# --- items 4, 6 and 10: separators, greedy candidates, sub-spans -------------------------
+
+SEPARATED = (
+    "4111.1111.1111.1111", "4111\u00a01111\u00a01111\u00a01111", "4111\u20091111\u20091111\u20091111",
+    "4111\u200b1111\u200b1111\u200b1111", "078 05 1120", "078.05.1120", "DE89.3704.0044.0532.0130.00",
+    "DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000",
+)
+LOOKALIKES = ("DE89 3704 0044 0532 0130 01", "2001:db8:1:::2:1", "4111 1111 1111 1112")
+
+
+def test_separated_values_are_masked_and_invalid_lookalikes_left_whole(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    notes = [f"value {v} end" for v in (*SEPARATED, "ref 1234 5555 5555 5555 4444 ok", *LOOKALIKES)]
+    scripted.replies["/separators"] = ("application/json", orjson.dumps({"echo": notes}))
+
+    reply = agent.post(f"{scripted.url}/separators", json={"notes": notes})
+
+    assert reply.status_code == 200, reply.text
+    for got in (orjson.loads(scripted.received[-1].body)["notes"], reply.json()["echo"]):
+        assert got[: len(SEPARATED)] == ["value [REDACTED:" + ("CARD]" if i < 4 else "SSN]" if i < 6 else "IBAN]") + " end"
+                                         for i in range(len(SEPARATED))]
+        assert got[len(SEPARATED)] == "value ref 1234 [REDACTED:CARD] ok end"
+        assert got[len(SEPARATED) + 1 :] == [f"value {v} end" for v in LOOKALIKES]  # not masked as anything
+    recorded = evidence(leak_gateway)
+    assert_nowhere((*SEPARATED, "5555 5555 5555 4444"), recorded)
