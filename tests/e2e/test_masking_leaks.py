@@ -334,3 +334,27 @@ def test_separated_values_are_masked_and_invalid_lookalikes_left_whole(
         assert got[len(SEPARATED) + 1 :] == [f"value {v} end" for v in LOOKALIKES]  # not masked as anything
     recorded = evidence(leak_gateway)
     assert_nowhere((*SEPARATED, "5555 5555 5555 4444"), recorded)
+
+
+# --- item 2: encodings inside other encodings ------------------------------------------
+
+
+def test_escaped_json_in_a_header_a_query_value_a_multipart_part_and_text_ndjson_is_masked(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    doc = '{"owner":"' + _escaped(EMAIL) + '"}'
+    ndjson = b'{"a":"x"}\n' + doc.encode() + b"\n"
+
+    r1 = agent.post(f"{scripted.url}/nested", params={"filter": doc}, headers={"X-Data": doc, "Content-Type": "text/plain"},
+                    content=ndjson)
+    first = scripted.received[-1]
+    r2 = agent.post(f"{scripted.url}/nested-multipart", files={"meta": ("m.json", doc.encode(), "application/json")})
+    second = scripted.received[-1]
+
+    assert r1.status_code == r2.status_code == 200
+    assert json.loads(first.headers["X-Data"]) == {"owner": "[REDACTED:EMAIL]"}
+    query = httpx.URL(first.path).params["filter"]
+    assert json.loads(query) == {"owner": "[REDACTED:EMAIL]"}
+    assert [json.loads(ln) for ln in first.body.splitlines()] == [{"a": "x"}, {"owner": "[REDACTED:EMAIL]"}]
+    assert b'{"owner":"[REDACTED:EMAIL]"}' in second.body
+    assert_nowhere((EMAIL, _escaped(EMAIL), _escaped(EMAIL)[:30]), first.body, second.body, first.path, evidence(leak_gateway))
