@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Hashable
 from typing import Any
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.utils import human
@@ -249,9 +250,10 @@ class Mask(Stage):
         context = MaskContext(self.secret, self.sessions.get(flow))
         evidence = Evidence()
         if isinstance(message, http.Request):
-            _mask_query(message, rules, context, evidence)
+            _mask_target(message, rules, context, evidence)
             _mask_named(message.cookies, "cookies", rules, context, evidence)
         _mask_named(message.headers, "headers", rules, context, evidence)
+        _mask_trailers(message, rules, context, evidence)
         records = evidence.records(part)
         raw = message.raw_content
         if raw and any(r.body for r in rules):
@@ -357,14 +359,57 @@ def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: M
             fields.set_all(name, [mask_text(v, covering, context, evidence, where) for v in values])
 
 
-def _mask_query(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+def _mask_target(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+    """Mask the request target (RFC 9110 §7.1) by the rules with `query: true`: each
+    path segment, percent-decoded (`/v1/users/jane@example.com`), and the query's
+    parameter names and values. A masked segment is percent-encoded again (RFC 3986
+    pchar); the others keep their bytes. The audit log's `path`, mitmdump's flow line
+    and the recording then show the masked target. Raises `MaskError` for a path
+    segment that does not decode as UTF-8 (it cannot be inspected)."""
     chosen = [r for r in rules if r.query]
-    if not chosen or not request.query:
+    if not chosen:
+        return
+    path, sep, query = request.path.partition("?")
+    segments = path.split("/")
+    changed = False
+    for i, segment in enumerate(segments):
+        if not segment:
+            continue
+        try:
+            decoded = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            raise MaskError("a URL path segment is not UTF-8 once percent-decoded and cannot be inspected") from None
+        masked = mask_text(decoded, chosen, context, evidence, "path")
+        if masked is not decoded:
+            segments[i] = quote(masked, safe="!$&'()*+,;=:@-._~")
+            changed = True
+    if changed:
+        request.path = "/".join(segments) + sep + query
+    if not request.query:
         return
     items = list(request.query.items(multi=True))
-    masked = [(k, mask_text(v, chosen, context, evidence, "query")) for k, v in items]
-    if masked != items:
-        request.query = masked
+    masked_items = [
+        (mask_text(k, chosen, context, evidence, "query name"), mask_text(v, chosen, context, evidence, "query"))
+        for k, v in items
+    ]
+    if masked_items != items:
+        request.query = masked_items
+
+
+def _mask_trailers(message: http.Message, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+    """Mask HTTP trailer fields (RFC 9110 §6.5), sent after the content: those a rule
+    names in `headers`, as headers are, and every trailer value by the rules that read
+    the whole body (no paths), since trailers travel with it (gRPC's `grpc-message`)."""
+    if not message.trailers:
+        return
+    _mask_named(message.trailers, "headers", rules, context, evidence)
+    whole = [r for r in rules if r.body and not r.paths]
+    if whole:
+        for name in list(message.trailers):
+            values = message.trailers.get_all(name)
+            masked = [mask_text(v, whole, context, evidence, f"trailer:{name.lower()}") for v in values]
+            if masked != values:
+                message.trailers.set_all(name, masked)
 
 
 def _where(flow: http.HTTPFlow) -> str:

@@ -72,6 +72,7 @@ class Scripted:
     key: Path
     received: list[Received] = field(default_factory=list)
     replies: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    trailers: dict[str, bytes] = field(default_factory=dict)  # path -> raw trailer section
 
     def __post_init__(self) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -91,11 +92,14 @@ class Scripted:
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Transfer-Encoding", "chunked")
+                trailers = outer.trailers.get(self.path.split("?")[0], b"")
+                if trailers:
+                    self.send_header("Trailer", trailers.split(b":")[0].decode())
                 self.end_headers()
                 for i in range(0, len(reply), 5):
                     piece = reply[i : i + 5]
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(b"0\r\n" + trailers + b"\r\n")
 
             do_GET = do_POST = do_PUT = _answer
 
@@ -358,3 +362,20 @@ def test_escaped_json_in_a_header_a_query_value_a_multipart_part_and_text_ndjson
     assert [json.loads(ln) for ln in first.body.splitlines()] == [{"a": "x"}, {"owner": "[REDACTED:EMAIL]"}]
     assert b'{"owner":"[REDACTED:EMAIL]"}' in second.body
     assert_nowhere((EMAIL, _escaped(EMAIL), _escaped(EMAIL)[:30]), first.body, second.body, first.path, evidence(leak_gateway))
+
+
+# --- item 3: places not covered yet: path, query names, trailers ------------------------
+
+
+def test_values_in_the_url_path_and_query_names_are_masked_upstream_in_the_audit_and_the_flow_log(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    reply = agent.get(f"{scripted.url}/v1/users/{EMAIL}/cards/4111%201111%201111%201111", params={"078-05-1120": "yes"})
+
+    assert reply.status_code == 200, reply.text
+    received = scripted.received[-1]
+    assert received.path.startswith("/v1/users/%5BREDACTED:EMAIL%5D/cards/%5BREDACTED:CARD%5D?"), received.path
+    assert httpx.URL(received.path).params == httpx.QueryParams({"[REDACTED:SSN]": "yes"})
+    entries = [e for e in leak_gateway.wait_audit(1) if "/v1/users/" in e.get("path", "")]
+    assert entries and "[REDACTED:EMAIL]" in httpx.URL("https://x" + entries[-1]["path"]).path
+    assert_nowhere((EMAIL, "jane.doe%40example.com", "4111%201111", "078-05-1120"), received.path, evidence(leak_gateway))
