@@ -18,7 +18,7 @@ PYTHON := $(shell for c in python3.14 python3.13 python3.12 python3 \
 	&& { echo $$p; break; }; done)
 endif
 
-.PHONY: help venv init run test demo bench bench-engine soak policy-check clean
+.PHONY: help venv init run test demo bench bench-engine bench-masking soak policy-check clean
 
 help:
 	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options (hoop serve --help)"
@@ -26,6 +26,7 @@ help:
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
 	@echo "make bench  the gateway against bare mitmdump and direct calls (ratios; QUICK=1 for a smoke run)"
 	@echo "make bench-engine   the masking engine alone: MB/s on 8 KB, 64 KB, 1 MB bodies"
+	@echo "make bench-masking  planted-data corpus: recall and false positives per detector, format and body shape"
 	@echo "make soak   200 agents for 60 s with upstream and JWKS restarts; then verify (HOOP_SOAK_SECONDS=...)"
 	@echo "make policy-check   validate rules/ and run its policy tests (policy-tests/)"
 
@@ -70,6 +71,9 @@ bench: venv
 
 bench-engine: venv
 	$(PY) bench/engine.py
+
+bench-masking: venv
+	$(PY) bench/corpus.py
 
 policy-check: venv
 	$(PY) -m hoop_addon policy check rules

@@ -6,6 +6,8 @@ Pure: bytes in, bytes out, no mitmproxy.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -51,33 +53,51 @@ def mask_body(
     if not body or not rules:
         return None, []
     context = context or MaskContext()
-    mime = content_type.split(";", 1)[0].strip().lower()
     try:
-        return _mask_body(body, mime, rules, part, context)
+        return _mask_body(body, content_type, rules, part, context)
     except MaskError:
         enforcing = [r for r in rules if not r.shadow]
         if len(enforcing) == len(rules):
             raise
-        return _mask_body(body, mime, enforcing, part, context) if enforcing else (None, [])
+        return _mask_body(body, content_type, enforcing, part, context) if enforcing else (None, [])
 
 
 def _mask_body(
-    body: bytes, mime: str, rules: Sequence[MaskRule], part: str, context: MaskContext
+    body: bytes, content_type: str, rules: Sequence[MaskRule], part: str, context: MaskContext
 ) -> tuple[bytes | None, list[dict[str, Any]]]:
-    """`mask_body` for one media type (`mime`, lower case) and non-empty `rules`."""
+    """`mask_body` for non-empty `rules`."""
     evidence = Evidence()
+    return _mask_into(body, content_type, rules, part, context, evidence), evidence.records(part)
+
+
+def _mask_into(
+    body: bytes, content_type: str, rules: Sequence[MaskRule], part: str, context: MaskContext, evidence: Evidence,
+    depth: int = 0,
+) -> bytes | None:
+    """The masked `body` of media type `content_type` (raw header value), or None when
+    unchanged; what was masked goes to `evidence`. `depth` counts enclosing multiparts."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if is_binary(mime):
+        raise UnsupportedMedia(mime)
+    if mime.startswith("multipart/"):
+        return _mask_multipart(body, content_type, rules, part, context, evidence, depth)
     if mime == "text/event-stream" and part == "response":  # a request is not a stream of events
         masker = EventStreamMasker(rules, context, evidence)
         new = masker.feed(body, final=True)
         # Only the pieces moved between events when nothing was masked: keep the original.
-        return (new if masker.masked or masker.restored else None), evidence.records(part)
+        return new if masker.masked or masker.restored else None
     declared_json = mime == "application/json" or mime.endswith("+json") or (mime != FORM_TYPE and any(r.paths for r in rules))
+    if mime in NDJSON_TYPES and part == "response":  # a stream of pieces (Ollama): a value may span lines
+        masker = EventStreamMasker(rules, context, evidence, framing="ndjson")
+        new = masker.feed(body, final=True)
+        return new if masker.masked or masker.restored else None
     if mime in NDJSON_TYPES:
         new = _mask_ndjson(body, rules, context, evidence)
     elif mime == FORM_TYPE:
-        new = _mask_form(_text(body), rules, context, evidence)
-        if new is None and _json_shaped(body):  # JSON labelled a form: its recipient may read it as JSON
-            new = _mask_json_body(body, rules, context, evidence, strict=False)[1]
+        # JSON labelled a form: its recipient may read it as JSON (escapes decoded) or as a form
+        new = _mask_json_body(body, rules, context, evidence, strict=False)[1] if _json_shaped(body) else None
+        if new is None:
+            new = _mask_form(_text(body), rules, context, evidence)
     elif declared_json or _json_shaped(body):
         # JSON whatever the declared type: read as text, an escaped `\u0040` would hide an
         # `@` from a recipient that parses it.
@@ -86,7 +106,124 @@ def _mask_body(
             new = _mask_plain(body, rules, context, evidence, part)
     else:
         new = _mask_plain(body, rules, context, evidence, part)
-    return new, evidence.records(part)
+    return new
+
+
+class UnsupportedMedia(MaskError):
+    """A body of a binary media type (`media_type`) that masking would have to read:
+    no codec for it, and it is never rewritten as text."""
+
+    def __init__(self, media_type: str) -> None:
+        super().__init__(f"a body of type '{media_type}' is binary and cannot be inspected; no codec reads it")
+        self.media_type = media_type
+
+
+_BINARY_TYPES = frozenset({
+    "application/octet-stream", "application/x-protobuf", "application/protobuf", "application/vnd.google.protobuf",
+    "application/pdf", "application/zip", "application/gzip", "application/x-gzip", "application/x-tar",
+    "application/x-7z-compressed", "application/x-bzip2", "application/zstd", "application/wasm",
+    "application/msgpack", "application/x-msgpack", "application/vnd.msgpack", "application/cbor",
+    "application/vnd.apache.avro", "application/avro", "application/vnd.apache.parquet", "application/java-archive",
+    "application/x-sqlite3", "application/vnd.apache.arrow.stream", "application/vnd.apache.arrow.file",
+})
+_BINARY_PREFIXES = ("image/", "audio/", "video/", "font/", "application/grpc")
+_BINARY_SUFFIXES = ("+proto", "+protobuf", "+cbor", "+msgpack", "+zip", "+gzip")
+
+
+def is_binary(mime: str) -> bool:
+    """Whether a media type (lower case, no parameters) is binary: protobuf and gRPC
+    (`application/grpc`, `+proto`), `application/octet-stream`, images (not SVG, which
+    is XML text), audio, video, fonts, PDF, archives, MessagePack, CBOR, Avro, Parquet."""
+    if mime in _BINARY_TYPES or mime.endswith(_BINARY_SUFFIXES):
+        return True
+    return mime.startswith(_BINARY_PREFIXES) and mime != "image/svg+xml"
+
+
+MAX_MULTIPART_DEPTH = 4
+"""Deepest nesting of multipart bodies inspected; deeper ones are refused."""
+
+
+def _boundary(content_type: str) -> bytes:
+    """The `boundary` parameter of a multipart Content-Type (RFC 2046 §5.1.1)."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "boundary":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if 1 <= len(value) <= 70:
+                return value.encode()
+    raise MaskError("multipart body has no valid boundary parameter")
+
+
+def _mask_multipart(
+    body: bytes, content_type: str, rules: Sequence[MaskRule], part: str, context: MaskContext, evidence: Evidence,
+    depth: int,
+) -> bytes | None:
+    """A multipart body (RFC 2046 §5.1, RFC 7578 form-data): each part by its own
+    Content-Type (a JSON part as JSON, a nested multipart as multipart), its content
+    decoded from `Content-Transfer-Encoding: base64` first and re-encoded after; the
+    part headers (a filename) as text by the rules without paths. A binary part
+    (`is_binary`) is passed untouched: no codec reads it. Bytes outside what was
+    masked, the preamble and the epilogue stay as they are. Raises `MaskError` on a
+    missing boundary or closing delimiter, bad base64, or nesting deeper than
+    `MAX_MULTIPART_DEPTH`."""
+    if depth >= MAX_MULTIPART_DEPTH:
+        raise MaskError(f"multipart bodies are nested deeper than {MAX_MULTIPART_DEPTH} levels")
+    delimiter = b"--" + _boundary(content_type)
+    start = 0 if body.startswith(delimiter) else body.find(b"\r\n" + delimiter) + 2
+    if start < 2 and not body.startswith(delimiter):
+        raise MaskError("multipart body has no part")
+    segments = body[start + len(delimiter) :].split(b"\r\n" + delimiter)
+    out: list[bytes] = []  # the segments between delimiters, masked
+    changed = closed = False
+    whole = [r for r in rules if not r.paths]
+    for segment in segments:
+        if closed or segment.startswith(b"--"):  # the closing delimiter, then the epilogue: kept
+            closed = True
+            out.append(segment)
+            continue
+        line_end = segment.find(b"\r\n")
+        head_end = segment.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+        if head_end < 0:
+            raise MaskError("a multipart part has no header section end")
+        head, content = segment[line_end:head_end], segment[head_end + 4 :]
+        headers = {}
+        for line in _text(head).split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        new_head = _mask_plain(head, whole, context, evidence, f"{part} multipart header") if whole else None
+        new_content = _mask_part(content, headers, rules, part, context, evidence, depth)
+        changed |= new_head is not None or new_content is not None
+        out.append(segment[:line_end] + (new_head or head) + b"\r\n\r\n" + (content if new_content is None else new_content))
+    if not closed:
+        raise MaskError("multipart body has no closing delimiter (truncated)")
+    return body[:start] + delimiter + (b"\r\n" + delimiter).join(out) if changed else None
+
+
+def _mask_part(
+    content: bytes, headers: dict[str, str], rules: Sequence[MaskRule], part: str, context: MaskContext,
+    evidence: Evidence, depth: int,
+) -> bytes | None:
+    """One multipart part's content masked by its own type and transfer encoding, or None."""
+    ctype = headers.get("content-type", "text/plain")
+    if is_binary(ctype.split(";", 1)[0].strip().lower()):
+        return None  # no codec reads it, and no rule applies to it: passed untouched
+    encoding = headers.get("content-transfer-encoding", "").lower()
+    if encoding == "base64":
+        try:
+            decoded = base64.b64decode(b"".join(content.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise MaskError("a multipart part's base64 content is invalid") from None
+        new = _mask_into(decoded, ctype, rules, part, context, evidence, depth + 1)
+        if new is None:
+            return None
+        encoded = base64.b64encode(new)
+        if b"\n" in content:  # line-wrapped as MIME does (RFC 2045 §6.8: at most 76 characters)
+            encoded = b"\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+        return encoded
+    return _mask_into(content, ctype, rules, part, context, evidence, depth + 1)
 
 
 def _mask_json_body(

@@ -13,8 +13,12 @@ Sources, and what keeps each precise:
 - payment_card: ISO/IEC 7812 (13 to 19 digits, Luhn check digit per ISO/IEC 7812-1
   Annex B) and a major-industry identifier of 2 to 6 (cards), so a millisecond
   timestamp (1...) is not a card.
-- us_ssn: SSA's rules (no area 000, 666 or 9xx, no group 00, no serial 0000).
-- iban: ISO 13616 (country, 2 check digits, up to 30 alphanumerics, mod-97 == 1).
+- us_ssn: SSA's rules (no area 000, 666 or 9xx, no group 00, no serial 0000), with
+  dashes, spaces or dots between the groups.
+- iban: ISO 13616 (country, 2 check digits, up to 30 alphanumerics, mod-97 == 1),
+  compact or in groups of four (spaces or dots).
+- Cards, SSNs and IBANs written with NBSP, thin spaces or zero-width characters
+  between groups are found in the text as read (`hoop_addon.masking.normalize`).
 - ipv4 / ipv6: RFC 791 dotted quad, RFC 4291 §2.2 text forms (validated by
   `ipaddress`, so `12:30:45` is not an address).
 - secrets, by their published prefixes: AWS access key ids (IAM identifiers
@@ -50,6 +54,10 @@ class Detector:
     candidate counts only if one of them occurs, in any case, within `window`
     characters before it. `max_length` (characters) bounds a value that may contain
     spaces or quotes, so that a stream holds enough of its tail to catch one split there.
+    `grouped` (characters) marks a value written in groups of those characters with
+    one separator between groups (cards, IBANs): a failed candidate is retried over
+    its run of groups (see `Scanner`). `claims` marks a shape specific enough that a
+    failed candidate is one invalid value: nothing inside it is masked as another.
     """
 
     name: str
@@ -59,13 +67,15 @@ class Detector:
     keywords: tuple[str, ...] = ()
     window: int = 40
     max_length: int | None = None
+    grouped: str = ""
+    claims: bool = False
     _hash: int = field(default=0, init=False, compare=False, repr=False)
 
     def __hash__(self) -> int:
         return self._hash  # computed once: detectors key the scanners' lookups of every match
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.name, self.label, self.pattern, self.keywords, self.window, self.max_length)))
+        object.__setattr__(self, "_hash", hash((self.name, self.label, self.pattern, self.keywords, self.window, self.max_length, self.grouped, self.claims)))
         try:
             compiled = re2.compile(self.pattern)
         except re2.error as exc:
@@ -110,7 +120,7 @@ def ssn_valid(ssn: str) -> bool:
 
 def iban_valid(iban: str) -> bool:
     """ISO 13616 / ISO 7064 mod 97-10: the rearranged number modulo 97 is 1."""
-    compact = iban.replace(" ", "").upper()
+    compact = iban.replace(" ", "").replace(".", "").upper()
     if not 15 <= len(compact) <= 34:
         return False
     digits = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
@@ -161,15 +171,31 @@ BUILTIN: dict[str, Detector] = {
             r"|(?:\([2-9][0-9]{2}\) ?|\b[2-9][0-9]{2}[-. ])[2-9][0-9]{2}[-. ][0-9]{4}\b)",
             phone_valid,
         ),
-        Detector("payment_card", "CARD", r"\b(?:\d[ -]?){12,18}\d\b", card_valid),
-        Detector("us_ssn", "SSN", r"\b\d{3}-\d{2}-\d{4}\b", ssn_valid),
-        Detector("iban", "IBAN", r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", iban_valid),
+        Detector(
+            "payment_card",
+            "CARD",
+            # spaces or dashes anywhere; dots only between the printed groups (4-4-4-4, Amex 4-6-5),
+            # so that a list of IPv4 addresses or a version string does not read as one number
+            r"\b(?:(?:\d[ -]?){12,18}\d|\d{4}(?:\.\d{4}){2,3}(?:\.\d{1,3})?|\d{4}\.\d{6}\.\d{4,5})\b",
+            card_valid,
+            grouped="0123456789",
+        ),
+        Detector("us_ssn", "SSN", r"\b(?:\d{3}-\d{2}-\d{4}|\d{3} \d{2} \d{4}|\d{3}\.\d{2}\.\d{4})\b", ssn_valid),
+        Detector(
+            "iban",
+            "IBAN",
+            r"\b[A-Z]{2}[0-9]{2}(?:[ .]?[A-Z0-9]{4}){2,7}(?:[ .]?[A-Z0-9]{1,4})?\b",
+            iban_valid,
+            grouped="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+            claims=True,
+        ),
         Detector("ipv4", "IPV4", rf"\b{_OCTET}(?:\.{_OCTET}){{3}}\b", ip_valid),
         Detector(
             "ipv6",
             "IPV6",
             r"(?:\b[0-9A-Fa-f]{1,4}|:)(?::[0-9A-Fa-f]{0,4}){2,7}(?:\b|::)(?:\.[0-9]{1,3}){0,3}",
             ip_valid,
+            claims=True,
         ),
         Detector("aws_access_key_id", "AWS_KEY", r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b"),
         Detector(

@@ -20,6 +20,7 @@ nothing is forwarded unmasked.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -33,6 +34,7 @@ import orjson
 import re2
 
 from hoop_addon.masking.detectors import Detector
+from hoop_addon.masking.normalize import escape, unescape, view
 from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
@@ -89,6 +91,16 @@ class MaskContext:
         return _redacted
 
 
+def operate(replace: Replace, value: str, detector: Detector) -> str:
+    """`replace(value, detector)` for a matched span of the original text: a span
+    holding JSON escapes (found in the text as read, see `Scanner.spans`) is given to
+    the operator decoded, so `hash` and `tokenize` see the value itself, and its
+    replacement is escaped again for the JSON text it goes into."""
+    if "\\" not in value:
+        return replace(value, detector)
+    return escape(replace(unescape(value), detector))
+
+
 def _redacted(value: str, detector: Detector) -> str:
     return f"[REDACTED:{detector.label}]"
 
@@ -106,48 +118,26 @@ class Scanner:
     merged into one span that belongs to the detector listed first (callers list the
     enforcing rules' detectors before the shadow rules'). A text with no sensitive
     value, the common case, costs the one set pass. Validators (Luhn, ...) run on
-    candidate matches only."""
+    candidate matches only; what a failed candidate means is `_found`'s."""
 
     def __init__(self, detectors: Sequence[Detector]) -> None:
         self.detectors = tuple(detectors)
-        self.rank = {d: i for i, d in enumerate(self.detectors)}
         self.regexes = tuple(re2.compile(d.pattern, _OPTIONS) for d in self.detectors)
         self.present = re2.Set.SearchSet(_OPTIONS)
-        self.which = re2.Set.FullMatchSet(_OPTIONS)
         for d in self.detectors:
             self.present.Add(d.pattern)
-            self.which.Add(d.pattern)
         self.present.Compile()
-        self.which.Compile()
-
-    def _matching(self, value: str) -> list[Detector]:
-        """The detectors whose pattern matches all of `value`, in rule order."""
-        if len(self.detectors) == 1:
-            return list(self.detectors)
-        return [self.detectors[i] for i in sorted(self.which.Match(value.encode()) or ())]
 
     def spans(self, text: str) -> list[Span]:
         """The validated matches in `text`: (start, end, detector), in order, disjoint
-        (overlapping ones merged, see the class). Offsets are in characters."""
-        data = text.encode()
-        present = range(1) if len(self.detectors) == 1 else sorted(self.present.Match(data) or ())
-        ascii_only = len(data) == len(text)
-        found: list[tuple[int, int, int]] = []  # (start, end, rank of the detector)
-        for rank in present:
-            detector = self.detectors[rank]
-            last_byte = last_char = 0
-            for m in self.regexes[rank].finditer(data):
-                start, end = m.span()
-                if not ascii_only:  # byte offsets to character offsets, in one pass over the text
-                    start_char = last_char + len(data[last_byte:start].decode())
-                    end_char = start_char + len(data[start:end].decode())
-                    last_byte, last_char = end, end_char
-                    start, end = start_char, end_char
-                value = text[start:end]
-                if (detector.validator is None or detector.validator(value)) and detector.in_context(text, start):
-                    found.append((start, end, rank))
-                elif inner := self._inner(text, start, end):
-                    found.append((inner[0], inner[1], self.rank[inner[2]]))
+        (overlapping ones merged, see the class). Offsets are in characters. A value
+        written with JSON escapes, compatibility characters (NBSP, fullwidth digits)
+        or zero-width characters is found in the text as read (`normalize.view`) and
+        its span is the one it has in `text`."""
+        found = self._found(text)
+        if (read := view(text)) is not None:
+            shown, starts, ends = read
+            found += [(starts[s], ends[e - 1], rank) for s, e, rank in self._found(shown)]
         found.sort()
         merged: list[tuple[int, int, int]] = []
         for start, end, rank in found:
@@ -158,25 +148,105 @@ class Scanner:
                 merged.append((start, end, rank))
         return [(start, end, self.detectors[rank]) for start, end, rank in merged]
 
-    def _inner(self, text: str, start: int, end: int) -> Span | None:
-        """The longest validated match of any detector inside a candidate that failed
-        validation: a greedy candidate may have swallowed digits around a valid value
-        (`4111 1111 1111 1111 12`), or be another detector's value (an SSN read as a
-        too-short card). Tries spans between word boundaries only; runs on failures only."""
-        if end - start > 256:  # long candidates (PEM blocks, base64) only fail as a whole
-            return None
-        cuts = [k for k in range(start, end + 1) if k in (start, end) or _wordchar(text[k - 1]) != _wordchar(text[k])]
-        for i, j in sorted(((i, j) for i in cuts for j in cuts if i < j and (i, j) != (start, end)), key=lambda c: c[0] - c[1]):
-            value = text[i:j]
-            for detector in self._matching(value):
-                if (detector.validator is None or detector.validator(value)) and detector.in_context(text, i):
-                    return i, j, detector
-        return None
+    def _found(self, text: str) -> list[tuple[int, int, int]]:
+        """The validated matches in `text` as (start, end, rank of the detector), unsorted.
+
+        Two rules keep this linear and precise. A failed candidate of a detector whose
+        values are digit groups (`Detector.grouped`: cards, IBANs) is retried on the
+        whole run of groups it belongs to, window by window of consecutive groups, so a
+        greedy candidate that swallowed digits around a valid value, or stopped short of
+        one running past its end, does not hide it. A failed candidate of a detector that
+        `claims` its shape (an IBAN-shaped value with a bad check, a malformed IPv6
+        address) is one invalid value: no other detector's match strictly inside it counts."""
+        data = text.encode()
+        present = range(1) if len(self.detectors) == 1 else sorted(self.present.Match(data) or ())
+        ascii_only = len(data) == len(text)
+        found: list[tuple[int, int, int]] = []
+        claimed: dict[int, list[tuple[int, int]]] = {}  # rank -> failed candidates, in order
+        for rank in present:
+            detector = self.detectors[rank]
+            last_byte = last_char = 0
+            covered = 0  # end of the last run of groups retried: candidates inside it are done
+            for m in self.regexes[rank].finditer(data):
+                start, end = m.span()
+                if not ascii_only:  # byte offsets to character offsets, in one pass over the text
+                    start_char = last_char + len(data[last_byte:start].decode())
+                    end_char = start_char + len(data[start:end].decode())
+                    last_byte, last_char = end, end_char
+                    start, end = start_char, end_char
+                if start < covered:
+                    continue
+                value = text[start:end]
+                if (detector.validator is None or detector.validator(value)) and detector.in_context(text, start):
+                    found.append((start, end, rank))
+                else:
+                    before = len(found)
+                    if detector.grouped:
+                        covered = self._groups(text, start, end, rank, found)
+                    if detector.claims and len(found) == before:  # nothing valid in it: one invalid value
+                        claimed.setdefault(rank, []).append((start, end))
+        return _unclaimed(found, claimed) if claimed else found
+
+    def _groups(self, text: str, start: int, end: int, rank: int, found: list[tuple[int, int, int]]) -> int:
+        """Retry a failed candidate `text[start:end]` of a grouped detector over its whole
+        run of groups (one separator of ` .-` between groups of `Detector.grouped`
+        characters): from each group, the longest window of consecutive groups that the
+        detector matches whole and validates is added to `found` and the search goes on
+        after it. Windows are at most `_MAX_GROUPED` characters long, so this is linear
+        in the run. Returns where the run ends."""
+        detector, regex = self.detectors[rank], self.regexes[rank]
+        chars = detector.grouped
+        bounds: list[tuple[int, int]] = []  # (start, end) of each group
+        i, n = start, len(text)
+        while i < n and text[i] in chars:
+            j = i
+            while j < n and text[j] in chars:
+                j += 1
+            bounds.append((i, j))
+            if j + 1 < n and text[j] in " .-" and text[j + 1] in chars:
+                i = j + 1
+            else:
+                i = j
+                break
+        run_end = max(i, end)
+        g = 0
+        while g < len(bounds):
+            best = None
+            for h in range(g, len(bounds)):
+                s, e = bounds[g][0], bounds[h][1]
+                if e - s > _MAX_GROUPED:
+                    break
+                value = text[s:e]
+                if regex.fullmatch(value) and (detector.validator is None or detector.validator(value)) and detector.in_context(text, s):
+                    best = (s, e, h)
+            if best is None:
+                g += 1
+                continue
+            found.append((best[0], best[1], rank))
+            g = best[2] + 1
+        return run_end
 
 
-def _wordchar(c: str) -> bool:
-    """RE2's `\\w` (ASCII), which its `\\b` is defined by."""
-    return c.isascii() and (c.isalnum() or c == "_")
+def _unclaimed(found: list[tuple[int, int, int]], claimed: dict[int, list[tuple[int, int]]]) -> list[tuple[int, int, int]]:
+    """`found` without the matches strictly inside a failed candidate of another
+    detector that claims its shape (`claimed`: rank -> sorted, disjoint spans)."""
+    starts = {rank: [s for s, _ in spans] for rank, spans in claimed.items()}
+    kept = []
+    for f in found:
+        for rank, spans in claimed.items():
+            if rank == f[2]:
+                continue
+            i = bisect.bisect_right(starts[rank], f[0]) - 1
+            if i >= 0 and spans[i][1] >= f[1] and spans[i] != f[:2]:
+                break
+        else:
+            kept.append(f)
+    return kept
+
+
+_MAX_GROUPED = 48
+"""Longest window of digit groups retried (characters): a 19-digit card with a
+separator between every digit is 37."""
 
 
 def spread(pieces: Sequence[str], spans: Sequence[Span], replace: Replace = _redacted) -> list[str]:
@@ -305,7 +375,7 @@ def mask_text(
         evidence.add(rule, rule_counts, located)
     if not (enforced := [s for s in spans if not owner[s[2]].shadow]):
         return text  # shadow rules' matches only: counted, not replaced
-    return spread([text], enforced, lambda value, detector: context.replacer(owner[detector])(value, detector))[0]
+    return spread([text], enforced, lambda value, detector: operate(context.replacer(owner[detector]), value, detector))[0]
 
 
 def mask_json(

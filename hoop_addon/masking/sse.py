@@ -1,4 +1,5 @@
-"""Masking a server-sent event stream (WHATWG HTML §9.2) as it passes, chunk by chunk.
+"""Masking a server-sent event stream (WHATWG HTML §9.2) or an NDJSON stream as it
+passes, chunk by chunk.
 
 LLM APIs stream a reply as many events, each carrying a piece of text at the same
 place (`$.choices[0].delta.content`, Anthropic's `$.delta.text`, tool-call
@@ -13,7 +14,13 @@ carry no text (pings, usage or role-only chunks) pass while the tail stays held;
 event carries text elsewhere, or ends the text (`finish_reason`, `content_block_stop`,
 ...), or the stream ends, the tail is sent first in an extra event built from the last
 one that had it. So time to first token is not held back by a window, and
-nothing is buffered beyond the current word.
+nothing is buffered beyond the current word. The held text is read as its reader
+reads it (JSON escapes in tool-call arguments decoded, see `normalize`), a PEM key is
+held until its whole END line, and the last characters sent stay in view for a
+keyword-gated detector (`aws_secret_access_key`) whose keyword went out earlier.
+
+NDJSON streams (`application/x-ndjson`: Ollama's `/api/chat` and `/api/generate`)
+are masked the same way with `framing="ndjson"`: each line is one event's data.
 
 Tokens of the `tokenize` operator (`<EMAIL_1>`) in the stream are restored for the
 session, split or not; `recorded` then keeps the masked, unrestored bytes, which is
@@ -30,7 +37,10 @@ from typing import Any
 
 import orjson
 
-from hoop_addon.masking.engine import Evidence, Leaf, Location, MaskContext, MaskError, combined, evidence_path, leaves, mask_text
+from hoop_addon.masking.engine import (
+    Evidence, Leaf, Location, MaskContext, MaskError, combined, evidence_path, leaves, mask_text, operate,
+)
+from hoop_addon.masking.normalize import partial_escape, view
 from hoop_addon.masking.vault import TokenSession
 from hoop_addon.policy.model import MaskRule
 
@@ -41,13 +51,15 @@ MAX_EVENT = 8 * 1024 * 1024
 
 # Fixed, linear patterns of our own (RE2 is for policy-written ones): stdlib `re` is
 # faster on short Python strings.
-_TERMINATOR = re.compile(r"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+# A line end is CRLF, LF or CR (WHATWG §9.2.5); a CR before a LF is not a line end of its own.
+_TERMINATOR = re.compile(r"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 # Characters that never occur inside a detected value: a held tail starts after them.
 _SEPARATORS = frozenset(" \t\r\n\"',;[]{}\\|")
 # Digit groups (cards, phones, IBANs) span spaces and punctuation.
 _GROUPED = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ +().-/")
 _PEM = "-----BEGIN "
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 def is_delta(location: Location) -> bool:
@@ -55,10 +67,12 @@ def is_delta(location: Location) -> bool:
     `choices[i].delta.content` / `.refusal` / `.tool_calls[j].function.arguments`,
     OpenAI completions `choices[i].text`, OpenAI Responses `delta`, Anthropic
     `delta.text` / `delta.partial_json` / `delta.thinking`, Gemini
-    `candidates[i].content.parts[j].text`."""
+    `candidates[i].content.parts[j].text`, Ollama `message.content` / `.thinking`
+    (chat) and `response` / `thinking` (generate)."""
     n = len(location)
     return (
-        location == ("delta",)
+        location in _TOP_DELTAS
+        or (n == 2 and location[0] == "message" and location[1] in ("content", "thinking"))
         or (n == 2 and location[0] == "delta" and location[1] in ("text", "partial_json", "thinking"))
         or (n == 3 and location[0] == "choices" and location[2] == "text")
         or (n == 4 and location[0] == "choices" and location[2] == "delta" and location[3] in ("content", "refusal"))
@@ -85,9 +99,26 @@ def safe_cut(text: str, hold: int = 0) -> int:
         j -= 1
     if any(c.isalnum() for c in text[j:i]):
         i = j
-    if (pem := text.rfind(_PEM)) >= 0 and text.find("-----END ", pem) < 0:
+    if (pem := text.rfind(_PEM)) >= 0 and not _PEM_END.search(text, pem):  # held until its whole END line
         i = min(i, pem)
     return max(i, len(text) - MAX_HOLD)
+
+
+_TOP_DELTAS = frozenset({("delta",), ("response",), ("thinking",)})
+
+
+def _cut(pending: str, hold: int) -> int:
+    """`safe_cut` of a stream's pending text as its reader reads it (`normalize.view`:
+    escaped JSON in tool-call arguments, NBSP between digit groups), never inside an
+    escape sequence cut short at the end."""
+    if (partial := partial_escape(pending)) is not None:  # read without it: its backslash is no separator
+        return min(_cut(pending[:partial], hold), partial)
+    read = view(pending)
+    if read is None:
+        return safe_cut(pending, hold)
+    shown, starts, _ = read
+    c = safe_cut(shown, hold)
+    return starts[c] if c < len(shown) else len(pending)
 
 
 @dataclass
@@ -97,6 +128,8 @@ class _Stream:
     held: str = ""
     rules: list[MaskRule] = field(default_factory=list)
     hold: int = 0  # the longest max_length of the rules' detectors
+    window: int = 0  # the longest keyword window of the rules' detectors
+    before: str = ""  # the last `window` characters sent: a keyword the held text's value needs
     template: tuple[list[str], str, Any] | None = None  # (other lines, line ending, masked data)
 
 
@@ -110,7 +143,8 @@ class _Event:
 
 
 class EventStreamMasker:
-    """Masks a `text/event-stream` body fed in arbitrary chunks.
+    """Masks a `text/event-stream` body (`framing="sse"`) or an NDJSON stream
+    (`framing="ndjson"`, one JSON document a line) fed in arbitrary chunks.
 
     `rules` apply with `context` (operators); `evidence` collects what was masked;
     `restore` is the session whose tokens are put back (None: no restoring); with
@@ -127,7 +161,11 @@ class EventStreamMasker:
         evidence: Evidence,
         restore: TokenSession | None = None,
         record: bool = False,
+        framing: str = "sse",
     ) -> None:
+        if framing not in ("sse", "ndjson"):
+            raise ValueError(f"unknown stream framing {framing!r}")
+        self.framing = framing
         self.rules = [r for r in rules if r.body]
         self._whole = [r for r in self.rules if not r.paths]
         self.context, self.evidence, self.restore = context, evidence, restore
@@ -151,7 +189,14 @@ class EventStreamMasker:
         out: list[str] = []
         recorded: list[str] = []
         pos = 0
-        while m := _TERMINATOR.search(self._buffer, pos):
+        if self.framing == "ndjson":
+            while (end := self._buffer.find("\n", pos)) >= 0:
+                self._line(self._buffer[pos : end + 1], out, recorded)
+                pos = end + 1
+            if final and pos < len(self._buffer):  # a last line without its newline: given one
+                self._line(self._buffer[pos:] + "\n", out, recorded)
+                pos = len(self._buffer)
+        while self.framing == "sse" and (m := _TERMINATOR.search(self._buffer, pos)):
             if m.end() == len(self._buffer) and self._buffer[-1] == "\r" and not final:
                 break  # a CR that a LF may follow in the next chunk
             self._event(self._buffer[pos : m.end()], out, recorded)
@@ -167,6 +212,26 @@ class EventStreamMasker:
         if self.recorded is not None:
             self.recorded += "".join(recorded).encode()
         return "".join(out).encode()
+
+    def _line(self, raw: str, out: list[str], recorded: list[str]) -> None:
+        """One NDJSON line (with its line end): a JSON document, masked like an event's data."""
+        text = raw.rstrip("\r\n")
+        if not text.strip():
+            out.append(raw)
+            recorded.append(raw)
+            return
+        event = _Event([], raw[len(text) :])
+        try:
+            event.doc = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            if all(r.shadow for r in self.rules):
+                out.append(raw)
+                recorded.append(raw)
+                return
+            raise MaskError("an NDJSON line is not valid JSON") from None
+        if not self._mask_event(event, out, recorded):
+            out.append(raw)
+            recorded.append(raw)
 
     def _event(self, raw: str, out: list[str], recorded: list[str]) -> None:
         lines = _LINE.findall(raw)
@@ -265,6 +330,7 @@ class EventStreamMasker:
             if stream.rules != rules:
                 stream.rules = rules
                 stream.hold = max((d.max_length or 0 for r in rules for d in r.detectors), default=0)
+                stream.window = max((d.window for r in rules for d in r.detectors if d.keywords), default=0)
             emitted = self._advance(stream, location, piece, final=ends)  # the last piece holds nothing back
             if emitted != piece:
                 changed = True
@@ -284,8 +350,11 @@ class EventStreamMasker:
         may go out now, keep the rest held."""
         pending = stream.held + piece
         scanner, owner = combined(stream.rules)
-        spans = scanner.spans(pending) if scanner else []
-        cut = len(pending) if final else safe_cut(pending, stream.hold)
+        spans = []
+        if scanner:  # what was sent before is read too: a keyword-gated value's keyword may be there
+            before = len(stream.before)
+            spans = [(s - before, e - before, d) for s, e, d in scanner.spans(stream.before + pending) if s >= before]
+        cut = len(pending) if final else _cut(pending, stream.hold)
         for s, e, _ in spans:
             if s < cut < e:
                 cut = s
@@ -295,13 +364,15 @@ class EventStreamMasker:
             if e > cut:
                 break
             rule = owner[detector]
-            parts += (pending[pos:s], self.context.replacer(rule)(pending[s:e], detector))
+            parts += (pending[pos:s], operate(self.context.replacer(rule), pending[s:e], detector))
             pos = e
             self.evidence.add(rule, {detector.name: 1}, evidence_path(location, stream.rules) if location != ("data",) else "data")
             if not rule.shadow:  # a shadow rule's match is evidence, not a masked value
                 self.masked += 1
         parts.append(pending[pos:cut])
         stream.held = pending[cut:]
+        if stream.window:
+            stream.before = (stream.before + pending[:cut])[-stream.window :]
         return "".join(parts)
 
     def _flush(self, continuing: set[Location], out: list[str], recorded: list[str]) -> None:
@@ -352,6 +423,8 @@ class EventStreamMasker:
 
     def _serialize(self, event: _Event, doc: Any) -> str:
         eol = event.eol
+        if self.framing == "ndjson":
+            return orjson.dumps(doc).decode() + eol
         if isinstance(doc, str):
             data = "".join(f"data: {line}{eol}" for line in doc.split("\n"))
         else:
@@ -373,6 +446,8 @@ def _ends_text(doc: Any) -> bool:
     `response.completed`)."""
     if not isinstance(doc, dict):
         return False
+    if doc.get("done") is True:  # Ollama's last line
+        return True
     kind = doc.get("type")
     if isinstance(kind, str) and (kind in _END_TYPES or kind.endswith(".done")):
         return True

@@ -8,11 +8,12 @@ import weakref
 from collections.abc import Hashable
 from typing import Any
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.utils import human
 
-from hoop_addon.masking.body import mask_body
+from hoop_addon.masking.body import NDJSON_TYPES, UnsupportedMedia, mask_body
 from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_text
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.masking.vault import TokenSession, Vault
@@ -34,7 +35,7 @@ class Mask(Stage):
 
     Bodies are decoded from their content-encoding, masked, and re-encoded; the
     `query`, `headers` and `cookies` a rule names are masked too. `text/event-stream`
-    responses are masked as they stream (`flow.response.stream` is a masking
+    and NDJSON responses are masked as they stream (`flow.response.stream` is a masking
     callable; content-encoding is decoded and dropped); other responses are buffered.
     Anything that cannot be inspected, and any error of the masker, is never passed
     on: the request is refused (422, nothing reaches the upstream), the response
@@ -103,11 +104,11 @@ class Mask(Stage):
             key: Hashable = ("header", subject, label) if label else (flow.client_conn.id, subject)
             self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
         try:
-            if flow.request.stream:
+            if flow.request.stream and any(not r.shadow for r in rules):
                 raise MaskError("request body was streamed and cannot be inspected")
             self._mask(flow, flow.request, rules, "request")
         except Exception as exc:  # fail closed: whatever went wrong, nothing goes upstream
-            self._fail(flow, "request", exc)
+            self._fail(flow, "request", exc, rules)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or (route := route_of(flow)) is None or not hoop(flow).get("forwarded"):
@@ -117,7 +118,8 @@ class Mask(Stage):
         if not rules and not session:
             return
         response = flow.response
-        if _mime(response) != "text/event-stream":
+        mime = _mime(response)
+        if mime != "text/event-stream" and mime not in NDJSON_TYPES:
             response.stream = False  # buffered, so that `response` masks the whole body
             return
         try:
@@ -128,10 +130,15 @@ class Mask(Stage):
         context = MaskContext(self.secret, session)
         masker = EventStreamMasker(
             rules, context, Evidence(), restore=session, record=getattr(ctx.options, "store_streamed_bodies", False),
+            framing="sse" if mime == "text/event-stream" else "ndjson",
         )
         # A streamed response's headers go now, before `response` would see them (if this
         # raises, the stage guard kills the flow: nothing reaches the client).
         _mask_named(response.headers, "headers", rules, context, masker.evidence)
+        if session is None and all(r.shadow for r in rules):
+            response.stream = self._observer(flow, decoder, masker)
+            self.streams[flow] = masker
+            return
         response.headers.pop("Content-Encoding", None)
         if response.headers.pop("Content-Length", None) is not None and flow.request.http_version == "HTTP/1.1":
             response.headers["Transfer-Encoding"] = "chunked"  # the masked length is not known yet
@@ -161,6 +168,26 @@ class Mask(Stage):
 
         response.stream = stream
 
+    @staticmethod
+    def _observer(flow: http.HTTPFlow, decoder: Decoder, masker: EventStreamMasker):
+        """The stream callable of a shadow-only stream (`action: log` rules, nothing to
+        restore): the chunks go on as the upstream sent them, and a decoded copy goes
+        through the masker for the evidence. What it cannot read ends the observing,
+        never the stream: shadow rules do not decide what passes."""
+        watching = True
+
+        def stream(chunk: bytes) -> list[bytes]:
+            nonlocal watching
+            if watching:
+                try:
+                    masker.feed(decoder.feed(chunk), final=not chunk)
+                except Exception as exc:
+                    watching = False
+                    logger.warning(f"hoop: mask: stream of {_where(flow)} not inspected by shadow rules: {_message(exc)}")
+            return [chunk] if chunk else []  # never b"" before the end: an empty HTTP/1.1 chunk ends it
+
+        return stream
+
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or not hoop(flow).get("forwarded") or (route := route_of(flow)) is None:
             return
@@ -175,7 +202,7 @@ class Mask(Stage):
         try:
             self._mask(flow, flow.response, rules, "response")
         except Exception as exc:
-            self._fail(flow, "response", exc)
+            self._fail(flow, "response", exc, rules)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """A stream that ends in an error (most often the client closing it once it had
@@ -223,23 +250,35 @@ class Mask(Stage):
         context = MaskContext(self.secret, self.sessions.get(flow))
         evidence = Evidence()
         if isinstance(message, http.Request):
-            _mask_query(message, rules, context, evidence)
+            _mask_target(message, rules, context, evidence)
             _mask_named(message.cookies, "cookies", rules, context, evidence)
         _mask_named(message.headers, "headers", rules, context, evidence)
+        _mask_trailers(message, rules, context, evidence)
         records = evidence.records(part)
         raw = message.raw_content
         if raw and any(r.body for r in rules):
-            body = decode(raw, message.headers.get("Content-Encoding", ""), self.max_body)
-            new, body_records = mask_body(body, message.headers.get("Content-Type", ""), rules, part, context)
-            if new is not None:
-                message.content = new  # re-encoded with the message's Content-Encoding
-            records = _merge(records, body_records)
+            try:
+                body = decode(raw, message.headers.get("Content-Encoding", ""), self.max_body)
+            except MaskError:
+                if any(r.body and not r.shadow for r in rules):
+                    raise
+                body = None  # shadow rules do not decide what passes: what they cannot read goes on
+            if body is not None:
+                new, body_records = mask_body(body, message.headers.get("Content-Type", ""), rules, part, context)
+                if new is not None:
+                    message.content = new  # re-encoded with the message's Content-Encoding
+                records = _merge(records, body_records)
         hoop(flow).setdefault("masked", []).extend(records)
 
-    def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception) -> None:
+    def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception, rules: tuple[MaskRule, ...]) -> None:
         message = _message(exc)
+        if all(r.shadow for r in rules):  # shadow mode (`action: log`) never refuses
+            logger.warning(f"hoop: mask: {part} of {_where(flow)} not inspected by shadow rules: {message}")
+            return
         logger.error(f"hoop: mask: {part} of {_where(flow)} refused: {message}")
-        if part == "request":
+        if isinstance(exc, UnsupportedMedia) and part == "request":
+            refuse(flow, 415, "mask", "unsupported_media_type", f"request could not be inspected: {message}")
+        elif part == "request":
             refuse(flow, 422, "mask", "unmaskable_request", f"request could not be inspected: {message}")
         else:
             refuse(flow, 502, "mask", "unmaskable_response", f"upstream response withheld: it could not be inspected: {message}")
@@ -320,14 +359,57 @@ def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: M
             fields.set_all(name, [mask_text(v, covering, context, evidence, where) for v in values])
 
 
-def _mask_query(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+def _mask_target(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+    """Mask the request target (RFC 9110 §7.1) by the rules with `query: true`: each
+    path segment, percent-decoded (`/v1/users/jane@example.com`), and the query's
+    parameter names and values. A masked segment is percent-encoded again (RFC 3986
+    pchar); the others keep their bytes. The audit log's `path`, mitmdump's flow line
+    and the recording then show the masked target. Raises `MaskError` for a path
+    segment that does not decode as UTF-8 (it cannot be inspected)."""
     chosen = [r for r in rules if r.query]
-    if not chosen or not request.query:
+    if not chosen:
+        return
+    path, sep, query = request.path.partition("?")
+    segments = path.split("/")
+    changed = False
+    for i, segment in enumerate(segments):
+        if not segment:
+            continue
+        try:
+            decoded = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            raise MaskError("a URL path segment is not UTF-8 once percent-decoded and cannot be inspected") from None
+        masked = mask_text(decoded, chosen, context, evidence, "path")
+        if masked is not decoded:
+            segments[i] = quote(masked, safe="!$&'()*+,;=:@-._~")
+            changed = True
+    if changed:
+        request.path = "/".join(segments) + sep + query
+    if not request.query:
         return
     items = list(request.query.items(multi=True))
-    masked = [(k, mask_text(v, chosen, context, evidence, "query")) for k, v in items]
-    if masked != items:
-        request.query = masked
+    masked_items = [
+        (mask_text(k, chosen, context, evidence, "query name"), mask_text(v, chosen, context, evidence, "query"))
+        for k, v in items
+    ]
+    if masked_items != items:
+        request.query = masked_items
+
+
+def _mask_trailers(message: http.Message, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
+    """Mask HTTP trailer fields (RFC 9110 §6.5), sent after the content: those a rule
+    names in `headers`, as headers are, and every trailer value by the rules that read
+    the whole body (no paths), since trailers travel with it (gRPC's `grpc-message`)."""
+    if not message.trailers:
+        return
+    _mask_named(message.trailers, "headers", rules, context, evidence)
+    whole = [r for r in rules if r.body and not r.paths]
+    if whole:
+        for name in list(message.trailers):
+            values = message.trailers.get_all(name)
+            masked = [mask_text(v, whole, context, evidence, f"trailer:{name.lower()}") for v in values]
+            if masked != values:
+                message.trailers.set_all(name, masked)
 
 
 def _where(flow: http.HTTPFlow) -> str:
