@@ -124,13 +124,14 @@ def evaluate(
     return None, shadow, None
 
 
-def request_key(secret: bytes, subject: str, route: str | None, method: str, url: str, body: bytes) -> str:
+def request_key(secret: bytes, issuer: str, subject: str, route: str | None, method: str, url: str, body: bytes) -> str:
     """What makes two requests "the same request" for ticket mode: HMAC-SHA256 (RFC
-    2104) under a per-process `secret` of the identity, route, method, URL and body.
+    2104) under a per-process `secret` of the identity (issuer URL and subject: a
+    subject is only unique at its issuer), route, method, URL and body.
     Keyed, so it can be written to flow metadata without letting anyone test guesses
     of an unmasked body against it. Returns 64 hex characters."""
     mac = hmac.new(secret, digestmod=hashlib.sha256)
-    for part in (subject, route or "", method.upper(), url):
+    for part in (issuer, subject, route or "", method.upper(), url):
         mac.update(part.encode() + b"\0")
     mac.update(body)
     return mac.hexdigest()

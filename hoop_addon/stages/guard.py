@@ -70,5 +70,5 @@ class Guard(Stage):
             record["decision"]["rule"] = block.name
             return
         if approval is not None:
-            key = request_key(self.secret, identity["subject"], record.get("route"), request.method, request.url, body)
+            key = request_key(self.secret, identity["issuer"], identity["subject"], record.get("route"), request.method, request.url, body)
             record["approval"] = {"rule": approval.name, "status": "required", "key": key}

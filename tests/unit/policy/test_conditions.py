@@ -198,17 +198,18 @@ approvals:
 
 
 def test_request_key_covers_identity_request_and_body() -> None:
-    key = request_key(b"s", "agent", "llm", "POST", "https://a/v1", b"{}")
+    key = request_key(b"s", "https://idp", "agent", "llm", "POST", "https://a/v1", b"{}")
     assert len(key) == 64
     for changed in (
-        request_key(b"t", "agent", "llm", "POST", "https://a/v1", b"{}"),
-        request_key(b"s", "other", "llm", "POST", "https://a/v1", b"{}"),
-        request_key(b"s", "agent", "llm", "PUT", "https://a/v1", b"{}"),
-        request_key(b"s", "agent", "llm", "POST", "https://a/v2", b"{}"),
-        request_key(b"s", "agent", "llm", "POST", "https://a/v1", b"{ }"),
+        request_key(b"t", "https://idp", "agent", "llm", "POST", "https://a/v1", b"{}"),
+        request_key(b"s", "https://idp", "other", "llm", "POST", "https://a/v1", b"{}"),
+        request_key(b"s", "https://other-idp", "agent", "llm", "POST", "https://a/v1", b"{}"),  # the same subject elsewhere
+        request_key(b"s", "https://idp", "agent", "llm", "PUT", "https://a/v1", b"{}"),
+        request_key(b"s", "https://idp", "agent", "llm", "POST", "https://a/v2", b"{}"),
+        request_key(b"s", "https://idp", "agent", "llm", "POST", "https://a/v1", b"{ }"),
     ):
         assert changed != key
-    assert request_key(b"s", "agent", "llm", "post", "https://a/v1", b"{}") == key
+    assert request_key(b"s", "https://idp", "agent", "llm", "post", "https://a/v1", b"{}") == key
 
 
 class TestGuardStage:
