@@ -83,7 +83,7 @@ class Readiness:
             self._task = asyncio.get_running_loop().create_task(self._check(), name="hoop readiness")
 
     async def _check(self) -> None:
-        from tornado.httpclient import AsyncHTTPClient
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
         control = self.master.options.hoop_control
         if not control:
@@ -93,7 +93,12 @@ class Readiness:
         problems: list[str] = ["/healthz did not answer"]
         try:
             while time.monotonic() < deadline:
-                answer = await client.fetch(f"http://{control}/healthz", raise_error=False, request_timeout=2.0)
+                try:
+                    answer = await client.fetch(f"http://{control}/healthz", raise_error=False, request_timeout=2.0)
+                except (HTTPClientError, OSError) as exc:  # not answering (yet): ask again until the deadline
+                    problems = [f"/healthz did not answer: {exc}"]
+                    await asyncio.sleep(READY_POLL_S)
+                    continue
                 if answer.code == 200:
                     proxy = ", ".join(f"{h}:{p}" for h, p, *_ in self.master.addons.get("proxyserver").listen_addrs())
                     print(f"hoop: ready: proxy on {proxy}, control API on http://{control}", flush=True)
