@@ -10,8 +10,10 @@ unapplied, so the setting meant is silently ignored). So the chain's first addon
 the Sentinel refuses every flow (503 `gateway_incomplete`) unless the chain it was
 given is registered with the master and not unloaded since; before the proxy
 serves (its `running` hook), a chain that is not registered, or a `hoop_` option
-nobody registered, is logged as an error, which makes mitmproxy exit with status 1
-before accepting traffic.
+nobody registered, or an option or mode that relays traffic without an HTTP layer (hosts
+passed through or relayed as TCP/UDP, a `reverse:tcp://` or DNS mode: see
+`around_the_chain`), is logged as an error, which makes mitmproxy exit with status 1
+before accepting traffic; raw TCP and UDP flows are killed whatever the state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.addonmanager import traverse
 
 logger = logging.getLogger("hoop")
@@ -46,6 +48,26 @@ def complete(master: Any) -> bool:
     return all(id(s) in registered and id(s) in _state["live"] for s in chain)
 
 
+_BYPASS_OPTIONS = {"ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts", "mode"}
+_HTTP_SCHEMES = {"http", "https", "http3", "tls"}  # reverse-mode upstreams whose traffic is HTTP (tls: HTTP inside)
+
+
+def around_the_chain(options: Any) -> str | None:
+    """What in mitmproxy's `options` would relay traffic without an HTTP layer, so past
+    every stage (None when nothing does): hosts passed through (`ignore_hosts`,
+    `allow_hosts`), relayed as raw TCP/UDP (`tcp_hosts`, `udp_hosts`), or a mode that
+    carries no HTTP (DNS, a `reverse:tcp://`/`udp://`/`dns://` upstream)."""
+    for name in ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts"):
+        if getattr(options, name, None):
+            return f"option {name} is set"
+    for spec in getattr(options, "mode", ()) or ():
+        kind, _, rest = spec.partition(":")
+        scheme = rest.partition("://")[0] if "://" in rest else "https"
+        if kind == "dns" or (kind == "reverse" and scheme not in _HTTP_SCHEMES):
+            return f"mode {spec!r} carries traffic that is not HTTP"
+    return None
+
+
 class Sentinel:
     """Installed once per process into the master's addon chain (first). Refuses every
     flow while the hoop chain is incomplete: not registered with the master, or
@@ -65,7 +87,9 @@ class Sentinel:
         if not chain or not all(id(s) in registered for s in chain):
             hint = f" (options not applied: {', '.join(pending)}: given twice, or a value that does not parse?)" if pending else ""
             logger.error(f"hoop: the gateway's chain did not load completely{hint}; refusing to run open")
-        elif pending:
+        if bypass := around_the_chain(self.master.options):
+            logger.error(f"hoop: {bypass}: that traffic would pass around the chain, unauthenticated and unaudited; refusing to run")
+        if pending and chain and all(id(s) in registered for s in chain):
             # every hoop option is registered by now: these are misspelt, and the
             # setting meant (a signing key, a recordings directory) would be ignored
             logger.error(f"hoop: unknown option(s) {', '.join(pending)}; see `mitmdump -s hoop_addon/addon.py --options`")
@@ -91,13 +115,15 @@ class Sentinel:
             flow.websocket.messages[-1].drop()
             flow.kill()
 
+    def configure(self, updated: set[str]) -> None:
+        if updated & _BYPASS_OPTIONS and (bypass := around_the_chain(self.master.options)):
+            raise exceptions.OptionsError(f"hoop: {bypass}: that traffic would pass around the chain")
+
     def tcp_start(self, flow: Any) -> None:
-        if not complete(self.master):
-            flow.kill()
+        flow.kill()  # bytes that are not HTTP never reach a stage: never relayed
 
     def udp_start(self, flow: Any) -> None:
-        if not complete(self.master):
-            flow.kill()
+        flow.kill()
 
 
 class ChainGuard:

@@ -37,6 +37,12 @@ FRONT_DOORS = [pytest.param(False, id="mitmdump-s"), pytest.param(True, id="hoop
         pytest.param(["--set", "hoop_reload=soon"], "hoop_reload", id="an-option-value-that-does-not-parse"),
         pytest.param(["--set", "hoop_mask_max_body=huge"], "hoop_mask_max_body", id="a-size-that-does-not-parse"),
         pytest.param(["--set", "hoop_recordngs=/tmp/x"], r"unknown option\(s\) hoop_recordngs", id="a-misspelt-option"),
+        # traffic relayed without an HTTP layer would pass every stage (found by attack testing)
+        pytest.param(["--set", "ignore_hosts=.*"], "option ignore_hosts is set", id="hosts-passed-through"),
+        pytest.param(["--set", "allow_hosts=nomatch"], "option allow_hosts is set", id="hosts-not-allowed-passed-through"),
+        pytest.param(["--set", "tcp_hosts=.*"], "option tcp_hosts is set", id="hosts-relayed-as-tcp"),
+        pytest.param(["--mode", "reverse:tcp://127.0.0.1:9"], "carries traffic that is not HTTP", id="a-raw-tcp-mode"),
+        pytest.param(["--mode", "dns"], "carries traffic that is not HTTP", id="a-dns-mode"),
         # mitmdump refuses the same script twice, and mitmproxy two addons of one name
         # (hoop serve has the chain built in already)
         pytest.param(["-s", str(ADDON)], "Duplicate script|'chainguard' already exists", id="the-chain-loaded-twice"),
