@@ -29,9 +29,10 @@ from hoop_addon.policy.model import (
     DEFAULT_OUTPUT_TOKENS, ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Names, Policy,
     RecordingPolicy, Route,
 )
+from hoop_addon.providers.errors import APIS
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
-TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer")
+TOKEN_SOURCES = ("authorization", "proxy_password", "proxy_bearer", "x_api_key")
 VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_valid, "us_ssn": ssn_valid, "iban": iban_valid}
 OPERATORS = ("redact", "partial", "hash", "tokenize")
 # A secret reference: ${ENV_VAR}, or ${file:PATH} (PATH relative to the policy file).
@@ -455,8 +456,11 @@ def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_e
         masking.append(rules[rule])
     credential = _credential(m.sub("credential"), resolve_env) if m.has("credential") else None
     retention = _duration(m, "retention") if m.has("retention") else None
+    api = m.text("api") if m.has("api") else None
+    if api is not None and api not in APIS:
+        raise m.loc.at("api").error(m.node("api"), f"unknown api '{api}': one of {', '.join(APIS)}")
     m.finish()
-    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes, retention)
+    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes, retention, api)
 
 
 CREDENTIAL_KINDS = ("header", "bearer", "basic", "query")

@@ -15,7 +15,7 @@ from jsonpath_rfc9535 import JSONPathQuery
 
 from hoop_addon.masking.detectors import Detector
 
-TokenSource = Literal["authorization", "proxy_password", "proxy_bearer"]
+TokenSource = Literal["authorization", "proxy_password", "proxy_bearer", "x_api_key"]
 Direction = Literal["request", "response"]
 Operator = Literal["redact", "partial", "hash", "tokenize"]
 
@@ -138,7 +138,9 @@ class Route:
 
     `hosts` and `paths` are shell-style globs (`fnmatch`, case-insensitive for hosts,
     `*` also matches `/` in paths); a host glob with a `:` is matched against
-    `host:port`. `methods` is empty for any method. `tokenizes` (derived) is whether an
+    `host:port`. `methods` is empty for any method. `api` names the provider API the
+    route serves (`hoop_addon.providers.errors.APIS`), whose error shape refusals take.
+    `tokenizes` (derived) is whether an
     enforcing rule of the route tokenizes: its flows then need a vault session.
     """
 
@@ -153,6 +155,7 @@ class Route:
     allow_client_ids: Names = Names()
     allow_scopes: Names = Names()
     retention: int | None = None
+    api: str | None = None  # `openai` | `anthropic`: refusals in that provider's error shape
     _rules: dict[str, tuple[MaskRule, ...]] = field(init=False, repr=False, compare=False)
     tokenizes: bool = field(init=False, repr=False, compare=False)
 

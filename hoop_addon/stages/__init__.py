@@ -15,12 +15,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from mitmproxy import exceptions, http
 
 from hoop_addon.control.metrics import STAGE_SECONDS
-from hoop_addon.stages.sentinel import mark
 from hoop_addon.policy.model import Route
+from hoop_addon.providers.errors import error_body
+from hoop_addon.stages.sentinel import mark
 
 logger = logging.getLogger("hoop")
 
@@ -44,10 +44,18 @@ def client_session(flow: http.HTTPFlow) -> str | None:
     return record["client_session"]
 
 
+def note_api(flow: http.HTTPFlow, route: Route | None) -> None:
+    """Note the provider API `route` declares (`hoop.api`), whose error shape the flow's
+    refusals then take (`refuse`); nothing when it declares none."""
+    if route is not None and route.api is not None:
+        hoop(flow)["api"] = route.api
+
+
 def mark_admitted(flow: http.HTTPFlow, route: Route | None) -> None:
     """Mark the flow allowed under `route` (None: no route matched, policy allows it)."""
     if route is not None:
         _routes[flow] = route
+        note_api(flow, route)
     hoop(flow)["route"] = route.name if route else None
     hoop(flow)["decision"] = {"outcome": "allow"}
 
@@ -74,10 +82,11 @@ def refuse(
 
     `reason` is a short code (`expired`, `no_route`, ...); `message` is shown to the
     client and must not contain secrets or policy internals beyond the rule's name.
-    Body: `{"error": reason, "message": message, "stage": stage}`. The decision keeps
-    the shadow rules noted before (`decision.shadow`).
+    Body: `{"error": reason, "message": message, "stage": stage}`, or the error shape of
+    the provider API noted by `note_api` (`hoop_addon.providers.errors`). The decision
+    keeps the shadow rules noted before (`decision.shadow`).
     """
-    body = orjson.dumps({"error": reason, "message": message, "stage": stage})
+    body = error_body(hoop(flow).get("api"), status, reason, message, stage)
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json", **(headers or {})})
     decision = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
     if shadow := hoop(flow).get("decision", {}).get("shadow"):

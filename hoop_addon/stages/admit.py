@@ -8,7 +8,7 @@ import re
 from mitmproxy import http
 from mitmproxy.net.http.url import parse_authority
 
-from hoop_addon.stages import Stage, hoop, mark_admitted, refuse
+from hoop_addon.stages import Stage, hoop, mark_admitted, note_api, refuse
 from hoop_addon.stages.policy import PolicyStage
 
 
@@ -129,6 +129,7 @@ class Admit(Stage):
             else:
                 refuse(flow, 403, "route", "no_route", "no route of the policy matches this request")
             return
+        note_api(flow, route)
         identity = record["identity"]
         if not route.admits(identity["issuer"], identity["subject"], identity["groups"], identity["client_id"], identity["scopes"]):
             record["route"] = route.name

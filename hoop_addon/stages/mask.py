@@ -19,6 +19,7 @@ from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.masking.vault import TokenSession, Vault
 from hoop_addon.masking.codec import Decoder, decode
 from hoop_addon.policy.model import Direction, MaskRule
+from hoop_addon.providers.errors import error_body, stream_error_event
 from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse, route_of
 
 _TEXT_TYPES = ("application/json", "application/x-ndjson", "application/x-www-form-urlencoded")
@@ -164,7 +165,10 @@ class Mask(Stage):
                     "outcome": "deny", "stage": "mask", "reason": "unmaskable_response",
                     "message": f"upstream stream ended: it could not be inspected: {message}",
                 }
-                return [b'event: error\ndata: {"error":"unmaskable_response","stage":"mask"}\n\n']
+                said = "the upstream's stream could not be inspected; the gateway ended it"
+                if masker.framing == "sse":
+                    return [stream_error_event(hoop(flow).get("api"), "unmaskable_response", said, "mask")]
+                return [error_body(hoop(flow).get("api"), 502, "unmaskable_response", said, "mask") + b"\n"]
 
         response.stream = stream
 

@@ -54,9 +54,12 @@ class TestExampleRules:
             "dev", "hoop-dev", ("hoop-gateway",), ("ES256",)
         )
         assert issuer.jwks == str((RULES.parent / ".hoop/dev-issuer/jwks.json").resolve())
-        assert policy.token_sources == {"authorization", "proxy_password"}
+        assert policy.token_sources == {"authorization", "x_api_key", "proxy_password"}
         assert policy.unmatched == "deny"
-        assert [r.name for r in policy.routes] == ["openai", "local-llm"]
+        assert [r.name for r in policy.routes] == ["openai", "anthropic", "local-anthropic", "local-llm"]
+        assert [r.api for r in policy.routes] == ["openai", "anthropic", "anthropic", "openai"]
+        anthropic = policy.routes[1]
+        assert anthropic.credential is not None and anthropic.credential.header == "x-api-key"
         openai = policy.routes[0]
         assert [m.name for m in openai.masking] == ["pii-in-prompts", "secrets-in-prompts", "pii-in-completions"]
         assert openai.credential is not None
@@ -71,6 +74,12 @@ class TestExampleRules:
         assert route.admits("https://idp.example", "anyone", ("agents",))
         assert not route.admits("https://idp.example", "anyone", ("developers",))
         assert [r.name for r in route.rules_for("response")] == ["pii-in-completions"]
+
+    def test_an_unknown_api_is_refused(self, tmp_path: Path) -> None:
+        (tmp_path / "p.yaml").write_text(
+            "version: 1\nroutes:\n  - name: r\n    api: gemini\n    match: {hosts: [h]}\n    allow: {groups: [g]}\n")
+        with pytest.raises(PolicyError, match="unknown api 'gemini': one of openai, anthropic"):
+            load_policy(tmp_path, resolve_env=False)
 
     def test_digest_changes_when_a_file_changes(self, tmp_path: Path) -> None:
         path = write(tmp_path, "defaults:\n  unmatched: deny\n")

@@ -183,7 +183,10 @@ def test_a_masking_failure_ends_the_stream_and_is_recorded_as_a_denial(monkeypat
     with Through([COMPLETIONS]) as through:
         out, flow = through(events)
 
-    assert out == b'event: error\ndata: {"error":"unmaskable_response","stage":"mask"}\n\n'  # and nothing after it
+    head, data = out.split(b"\n", 1)  # one event, and nothing after it
+    assert head == b"event: error" and data.startswith(b"data: ") and data.endswith(b"\n\n") and data.count(b"\n") == 2
+    assert orjson.loads(data[6:]) == {"error": "unmaskable_response", "stage": "mask",
+                                      "message": "the upstream's stream could not be inspected; the gateway ended it"}
     assert hoop(flow)["decision"]["reason"] == "unmaskable_response"
 
 
