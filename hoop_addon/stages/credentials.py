@@ -13,10 +13,17 @@ from hoop_addon.stages import Stage, allowed, hoop, logger, route_of
 from hoop_addon.stages.mask import Mask
 
 
+# Where agents and their SDKs put an API key (OpenAI and most: Authorization; Anthropic:
+# X-Api-Key; Azure OpenAI: Api-Key; Google: X-Goog-Api-Key). On a route whose
+# credential the gateway holds, none of them is the agent's to send.
+AGENT_CREDENTIAL_HEADERS = ("Authorization", "X-Api-Key", "Api-Key", "X-Goog-Api-Key")
+
+
 class InjectCredential(Stage):
-    """Last stage before the upstream: removes the agent's credential (the route's
-    credential header, and the query parameter for the query kind) and sets the
-    route's credential, then marks the flow `hoop.forwarded`.
+    """Last stage before the upstream: on a route with a credential, removes every
+    credential the agent sent (`AGENT_CREDENTIAL_HEADERS`, the route's credential
+    header, and the query parameter for the query kind) and sets the route's
+    credential, then marks the flow `hoop.forwarded`.
 
     Once the request has gone (`responseheaders`, or `error`), the credential is
     replaced by `[SCRUBBED]` in the flow itself, so that nothing later (recording,
@@ -40,11 +47,12 @@ class InjectCredential(Stage):
         record = hoop(flow)
         if (route := route_of(flow)) is not None and (credential := route.credential) is not None:
             request = flow.request
+            for name in (*AGENT_CREDENTIAL_HEADERS, credential.header):
+                request.headers.pop(name, None)
             if credential.param is None:
                 request.headers[credential.header] = credential.value
                 record["credential"] = credential.header
             else:
-                request.headers.pop(credential.header, None)
                 request.query[credential.param] = credential.value
                 record["credential"] = f"query:{credential.param}"
         record["forwarded"] = True

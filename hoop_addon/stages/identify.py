@@ -10,7 +10,7 @@ import weakref
 from mitmproxy import connection, http
 
 from hoop_addon.identity.verifier import Identity, TokenError, Verifier
-from hoop_addon.stages import Stage, hoop, refuse
+from hoop_addon.stages import Stage, hoop, note_api, refuse
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 
 REALM = "hoop"
@@ -18,6 +18,10 @@ REALM = "hoop"
 QUERY_TOKEN_NAMES = frozenset({"access_token", "id_token"})
 _JWS_SHAPED = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _PROXY_SCHEMES = {"basic": "proxy_password", "bearer": "proxy_bearer"}
+# The token sources of a request itself (not of the proxy), and the header each names.
+_REQUEST_SOURCES = {"authorization": "Authorization: Bearer <JWT>", "x_api_key": "X-Api-Key: <JWT>"}
+# Headers that may carry a gateway token: each must appear at most once.
+_TOKEN_HEADERS = ("Authorization", "Proxy-Authorization", "X-Api-Key")
 
 
 class Identify(Stage):
@@ -28,6 +32,7 @@ class Identify(Stage):
       for `HTTPS_PROXY=http://agent:<JWT>@host:port`.
     - `proxy_bearer`: `Proxy-Authorization: Bearer <JWT>`.
     - `authorization`: `Authorization: Bearer <JWT>` (RFC 6750 §2.1).
+    - `x_api_key`: `X-Api-Key: <JWT>`, where Anthropic's SDKs put their API key.
     Proxy credentials on CONNECT bind the identity to the client connection for every
     request in the tunnel. The header that carried the token is removed before
     forwarding. A token in the query string (RFC 6750 §2.3) is always refused (401,
@@ -37,11 +42,13 @@ class Identify(Stage):
     refused flow keeps no token. A tunnel's token is verified again when the policy in
     force changes or its signing key leaves the issuer's JWKS (an issuer removed by a
     reload, a key removed at the IdP end the tunnel's access). When
-    the identity came from proxy credentials, an `Authorization: Bearer` holding a JWT of
-    a trusted issuer is removed too: a gateway token never travels upstream. A request
-    whose target or headers are not valid UTF-8, or that has more than one
-    `Authorization` or `Proxy-Authorization` header, is refused (400) before anything reads
-    them, so every later stage, the recording and the audit log can represent it.
+    the identity came from proxy credentials, an `Authorization: Bearer` or `X-Api-Key`
+    holding a JWT of a trusted issuer is removed too: a gateway token never travels
+    upstream. A request whose target or headers are not valid UTF-8, or that has more
+    than one `Authorization`, `Proxy-Authorization` or `X-Api-Key` header, is refused
+    (400) before anything reads them, so every later stage, the recording and the audit
+    log can represent it. A refusal of a request that a route declaring an `api` would
+    serve takes that provider's error shape.
     `hoop.identity.jwks_stale` is true when the issuer's JWKS could not be refreshed
     and the last good keys were used.
     """
@@ -66,7 +73,7 @@ class Identify(Stage):
             token = _proxy_token(header, sources)
             identity = await active.verifier.verify(token)
         except TokenError as exc:
-            self._refuse(flow, True, exc, sources)
+            self._refuse(flow, True, exc, active)
             return
         self.tunnels[flow.client_conn] = token
         hoop(flow)["identity"] = _record(identity, active.verifier)
@@ -79,11 +86,11 @@ class Identify(Stage):
             _drop_tokens(flow.request)
             refuse(flow, 400, "identity", "malformed_request", "the request target or a header is not valid UTF-8")
             return
-        if any(len(flow.request.headers.get_all(name)) > 1 for name in ("Authorization", "Proxy-Authorization")):
+        if any(len(flow.request.headers.get_all(name)) > 1 for name in _TOKEN_HEADERS):
             # Only one would be checked (and removed), and another forwarded: a gateway
             # token could travel upstream behind an innocuous first header.
             _drop_tokens(flow.request)
-            refuse(flow, 400, "identity", "malformed_request", "more than one Authorization or Proxy-Authorization header")
+            refuse(flow, 400, "identity", "malformed_request", "more than one Authorization, Proxy-Authorization or X-Api-Key header")
             return
         if (active := self.policy.active) is None:
             refuse(flow, 503, "identity", "policy_not_loaded", "the gateway has no policy loaded")
@@ -92,27 +99,35 @@ class Identify(Stage):
         headers = flow.request.headers
         sources = active.policy.token_sources
         if _scrub_query_tokens(flow.request):
-            self._refuse(flow, False, TokenError("token_in_query", "tokens in the URL are refused: send them in a header"), sources)
+            self._refuse(flow, False, TokenError("token_in_query", "tokens in the URL are refused: send them in a header"), active)
             return
         # Challenge for proxy credentials when they were sent or are the only ones accepted.
-        proxy = "Proxy-Authorization" in headers or "authorization" not in sources
+        own = sorted(sources & _REQUEST_SOURCES.keys())  # the request's own token sources accepted
+        proxy = "Proxy-Authorization" in headers or not own
         try:
             if (tunnel := self.tunnels.get(flow.client_conn)) is not None:
                 proxy = True
                 identity = await self._tunnel_identity(flow.client_conn, tunnel, active)
             elif "Proxy-Authorization" in headers:
                 identity = await active.verifier.verify(_proxy_token(headers["Proxy-Authorization"], sources))
-            elif "authorization" in sources:
-                identity = await active.verifier.verify(_bearer(headers.get("Authorization")))
+            elif "authorization" in sources and "Authorization" in headers:
+                identity = await active.verifier.verify(_bearer(headers["Authorization"]))
                 del headers["Authorization"]
+            elif "x_api_key" in sources and "X-Api-Key" in headers:
+                identity = await active.verifier.verify(_api_key(headers["X-Api-Key"]))
+                del headers["X-Api-Key"]
+            elif own:
+                raise TokenError("missing", f"a token is required ({' or '.join(_REQUEST_SOURCES[s] for s in own)})")
             else:
                 raise TokenError("missing", "proxy credentials are required")
         except TokenError as exc:
-            self._refuse(flow, proxy, exc, sources)
+            self._refuse(flow, proxy, exc, active)
             return
         headers.pop("Proxy-Authorization", None)
         if proxy and active.verifier.names_trusted_issuer(_bearer_value(headers.get("Authorization", ""))):
             del headers["Authorization"]
+        if active.verifier.names_trusted_issuer(headers.get("X-Api-Key", "").strip()):
+            del headers["X-Api-Key"]  # a second gateway token beside the one verified
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
     async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
@@ -126,7 +141,11 @@ class Identify(Stage):
             del self.tunnels[client]
             raise
 
-    def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError, sources: frozenset[str]) -> None:
+    def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError, active: Enforcement) -> None:
+        sources = active.policy.token_sources
+        if flow.request.method != "CONNECT":  # the refusal in the error shape of the route's API
+            request = flow.request
+            note_api(flow, active.policy.route_for(request.host, request.port, request.path.split("?", 1)[0], request.method))
         _drop_tokens(flow.request)
         hoop(flow)["auth_failure"] = exc.reason
         if proxy:
@@ -173,7 +192,7 @@ def _bearer_value(header: str) -> str:
 def _drop_tokens(request: http.Request) -> None:
     """Remove what may carry a token from a flow that is not forwarded: it is still
     shown in mitmproxy's UIs and output, and may be saved by them."""
-    for name in ("Authorization", "Proxy-Authorization"):
+    for name in _TOKEN_HEADERS:
         request.headers.pop(name, None)
 
 
@@ -209,6 +228,13 @@ def _bearer(header: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise TokenError("malformed", "the Authorization header is not a bearer token")
     return token.strip()
+
+
+def _api_key(header: str) -> str:
+    """The token of an `X-Api-Key` header; raises `TokenError`."""
+    if not (token := header.strip()):
+        raise TokenError("missing", "the X-Api-Key header holds no token")
+    return token
 
 
 def _basic_password(encoded: str) -> str:
