@@ -8,6 +8,9 @@ HOME_DIR ?= .hoop
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 ARGS    ?=
+# Base-URL listeners (`hoop serve --reverse UPSTREAM@PORT`): an SDK's base URL points at
+# the port, and every request there goes through the chain to that upstream.
+REVERSE ?= http://127.0.0.1:9000@8090 https://api.openai.com@8091 https://api.anthropic.com@8092
 
 # A Python >= 3.12 (mitmproxy 12 needs it): $PYTHON if given, else the first fit on
 # PATH, else a pyenv-installed one.
@@ -45,19 +48,27 @@ init: venv
 
 run: init
 	@echo
-	@echo "hoop gateway on http://$(HOST):$(PORT). Point an agent at it:"
+	@echo "hoop gateway: forward proxy on http://$(HOST):$(PORT); base URLs (upstream@port): $(REVERSE)"
+	@echo "Point an agent at it (README: Point an agent at the gateway):"
 	@echo "  export HTTPS_PROXY=http://agent:\$$($(PY) -m hoop_addon dev-token --subject my-agent --groups agents)@$(HOST):$(PORT)"
 	@echo "  export SSL_CERT_FILE=$(CURDIR)/$(HOME_DIR)/mitmproxy/mitmproxy-ca-cert.pem"
+	@echo "or, with a base URL: OPENAI_BASE_URL=http://$(HOST):8091/v1 OPENAI_API_KEY=<token>"
 	@echo "Recordings and the audit log go to recordings/; check them with"
 	@echo "  $(PY) -m hoop_addon verify recordings --public-key $(HOME_DIR)/signing.pub"
 	@[ -n "$$OPENAI_API_KEY" ] || echo "note: OPENAI_API_KEY is not set: requests to api.openai.com will carry a placeholder key"
+	@[ -n "$$ANTHROPIC_API_KEY" ] || echo "note: ANTHROPIC_API_KEY is not set: requests to api.anthropic.com will carry a placeholder key"
 	@echo
 	OPENAI_API_KEY=$${OPENAI_API_KEY:-unset-set-OPENAI_API_KEY} \
+	ANTHROPIC_API_KEY=$${ANTHROPIC_API_KEY:-unset-set-ANTHROPIC_API_KEY} \
 	HOOP_LOCAL_LLM_KEY=$${HOOP_LOCAL_LLM_KEY:-local-llm-key} \
 	$(VENV)/bin/hoop serve --rules rules --home $(HOME_DIR) \
-		--listen-host $(HOST) --listen-port $(PORT) $(ARGS)
+		--listen-host $(HOST) --listen-port $(PORT) $(foreach r,$(REVERSE),--reverse $(r)) $(ARGS)
 
-test: venv
+# Node agents (the `openai` npm package) for the end-to-end tests, when Node is here.
+tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --silent; fi
+
+test: venv tests/node/node_modules/.package-lock.json
 	$(PY) -m pytest
 
 demo: init

@@ -338,7 +338,7 @@ def main() -> int:
             [sys.executable, "-m", "hoop_addon.dev.upstream", "--port", str(port), "--cert", str(cert), "--key", str(key)],
             stdout=subprocess.PIPE,
         )
-        upstream.stdout.readline()  # "fake OpenAI upstream on ..." once it listens
+        upstream.stdout.readline()  # "fake LLM upstream on ..." once it listens
         url = f"https://127.0.0.1:{port}"
         (work / "rules").mkdir()
         dev = issuer.ensure(work / "home")

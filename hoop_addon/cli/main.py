@@ -11,6 +11,7 @@
     hoop approvals list | approve ID | deny ID   decide requests waiting for approval
     hoop serve [--rules DIR] [mitmdump options...]
                                         run the gateway: see `hoop_addon.cli.serve`
+    hoop dev-upstream [--port 9000]     a fake OpenAI/Anthropic upstream, offline
 
 Exit codes: 0 success, 1 invalid input found, 2 usage or I/O error.
 """
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from hoop_addon.cli import approvals, evidence, serve
+from hoop_addon.dev import upstream
 from hoop_addon.cli import policy as policy_commands
 from hoop_addon.policy.loader import PolicyError, load_policy
 
@@ -100,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     evidence.register(sub)
     approvals.register(sub)
     serve.register(sub)
+    upstream.register(sub)
     return p
 
 

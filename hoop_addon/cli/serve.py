@@ -2,7 +2,7 @@
 
     hoop serve [--rules DIR] [--home DIR] [--confdir DIR] [--signing-key FILE]
                [--recordings DIR] [--listen-host H] [--listen-port P] [--control H:P]
-               [--ready-timeout SECONDS] [mitmdump options...]
+               [--reverse URL@PORT ...] [--ready-timeout SECONDS] [mitmdump options...]
 
 The chain (`hoop_addon.stages.chain`) is added to the master before any option is read,
 so every hoop option is known when the command line is applied: an option given twice or
@@ -12,6 +12,14 @@ control API's `/healthz`; "hoop: ready ..." is printed (stdout) only when it ans
 and a gateway that is not ready within `--ready-timeout` seconds stops with status 1,
 naming what failed. Other arguments go to mitmdump as they are (`--set NAME=VALUE`,
 `--mode reverse:URL`, `-s` scripts of one's own, ...).
+
+Base-URL mode: each `--reverse https://api.openai.com@8090` adds a listener on that port
+(mitmproxy's `reverse:` mode) whose requests all go to that upstream, beside the forward
+proxy on `--listen-port`: an agent sets its SDK's base URL to
+`http://127.0.0.1:8090/v1` (no proxy settings, no CA on loopback) and its gateway token
+as the API key. The same chain judges both ways in. Streamed bodies are kept for the
+recording by default (`store_streamed_bodies`; `--set store_streamed_bodies=false`
+turns it off): streams are most of an agent's traffic.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--listen-host", default="127.0.0.1", help="proxy address (default 127.0.0.1)")
     p.add_argument("--listen-port", type=int, default=8080, help="proxy port (default 8080)")
     p.add_argument("--control", default="127.0.0.1:8081", help="control API HOST:PORT on loopback (default 127.0.0.1:8081)")
+    p.add_argument("--reverse", action="append", default=[], metavar="URL@PORT", type=_reverse,
+                   help="base-URL mode: also listen on PORT, sending every request to URL (repeatable)")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /healthz (default 30)")
     p.set_defaults(run=serve, passthrough=True)
 
@@ -60,11 +70,26 @@ def mitmdump_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
         "hoop_recordings": args.recordings,
         "hoop_control": args.control,
     }
+    # the forward proxy stays on --listen-port beside the base-URL listeners
+    modes = ["regular", *(f"reverse:{spec}" for spec in args.reverse)] if args.reverse else []
     return [
         "--listen-host", args.listen_host, "--listen-port", str(args.listen_port),
+        *(arg for mode in modes for arg in ("--mode", mode)),
         *(arg for name, value in options.items() for arg in ("--set", f"{name}={value}")),
         *extra,
     ]
+
+
+def _reverse(spec: str) -> str:
+    """A `--reverse` value, `http(s)://HOST[:PORT]@LISTEN_PORT`, checked; raises
+    `argparse.ArgumentTypeError` naming what is wrong."""
+    url, at, port = spec.rpartition("@")
+    if not at or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected URL@PORT, e.g. https://api.openai.com@8090")
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+        raise argparse.ArgumentTypeError(f"{spec!r}: the upstream is an http:// or https:// origin, without a path")
+    return f"{url.rstrip('/')}@{port}"
 
 
 class Readiness:
@@ -100,7 +125,8 @@ class Readiness:
                     await asyncio.sleep(READY_POLL_S)
                     continue
                 if answer.code == 200:
-                    proxy = ", ".join(f"{h}:{p}" for h, p, *_ in self.master.addons.get("proxyserver").listen_addrs())
+                    addresses = dict.fromkeys(f"{h}:{p}" for h, p, *_ in self.master.addons.get("proxyserver").listen_addrs())
+                    proxy = ", ".join(addresses)  # each once: a listener may report an address per socket
                     print(f"hoop: ready: proxy on {proxy}, control API on http://{control}", flush=True)
                     return None
                 if answer.code == 503 and answer.body:
@@ -135,6 +161,7 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
 
         def __init__(self, options: Any) -> None:
             super().__init__(options)
+            options.store_streamed_bodies = True  # a default: the command line may turn it off
             self.addons.add(*build())
             readiness.append(Readiness(self, args.ready_timeout))
             self.addons.add(readiness[0])

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             ROOT / "rules",
             home / "demo-gateway",
             ca.cert_path,
-            env={"HOOP_LOCAL_LLM_KEY": "demo-upstream-key-held-by-the-gateway", "OPENAI_API_KEY": "unused-in-demo"},
+            env={"HOOP_LOCAL_LLM_KEY": "demo-upstream-key-held-by-the-gateway", "OPENAI_API_KEY": "unused-in-demo",
+                 "ANTHROPIC_API_KEY": "unused-in-demo"},
             recordings=args.recordings.resolve(),
             options={"hoop_signing_key": str(ensure_signing_key(home / "signing.key"))},
         )

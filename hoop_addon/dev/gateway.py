@@ -43,7 +43,8 @@ class Gateway:
     `hoop_signing_key`, the gateway signs with `workdir/signing.key` (created if
     missing; its public half `public_key` is what `hoop verify` trusts). `bare` runs mitmdump without
     the addon (the benchmark's baseline): `rules` and `recordings` are then unused.
-    `serve` runs `hoop serve` (the chain built in) instead of `mitmdump -s`.
+    `serve` runs `hoop serve` (the chain built in) instead of `mitmdump -s`; `args` are
+    added to its command line as they are (e.g. `--reverse URL@PORT`).
 
     `start()` returns once the proxy port accepts connections (`serve`: once it
     printed that it is ready) (or raises
@@ -60,6 +61,7 @@ class Gateway:
         options: dict[str, str] | None = None,
         bare: bool = False,
         serve: bool = False,
+        args: list[str] | None = None,
     ) -> None:
         self.rules, self.workdir = rules, workdir
         self.recordings = recordings or workdir / "recordings"
@@ -82,11 +84,11 @@ class Gateway:
             self.argv = [
                 sys.executable, "-m", "hoop_addon", "serve", "--rules", str(rules), "--recordings", str(self.recordings),
                 "--confdir", str(self.confdir), *(["--signing-key", str(key)] if key else []),
-                *(["--control", control] if control else []), *listen, *trust, *extra,
+                *(["--control", control] if control else []), *listen, *trust, *extra, *(args or []),
             ]
             return
         hoop = [] if bare else ["-s", str(ADDON), "--set", f"hoop_rules={rules}", "--set", f"hoop_recordings={self.recordings}"]
-        self.argv = [str(MITMDUMP), *hoop, *listen, "--set", f"confdir={self.confdir}", *trust, *extra]
+        self.argv = [str(MITMDUMP), *hoop, *listen, "--set", f"confdir={self.confdir}", *trust, *extra, *(args or [])]
         if key:
             self.argv += ["--set", f"hoop_signing_key={key}"]
         if control:

@@ -1,4 +1,5 @@
-"""A fake OpenAI-compatible HTTPS upstream for the demo, the tests and benchmarks.
+"""A fake LLM upstream (OpenAI- and Anthropic-compatible), over HTTPS or plain HTTP,
+for the demo, the first run, the tests and benchmarks.
 
 Endpoints:
 
@@ -8,11 +9,19 @@ Endpoints:
   A last message of ``whoami`` is answered with the request's Authorization
   header, in the reply and in an ``X-Echo-Authorization`` header, as a debug
   endpoint or a careless error message would.
+* ``POST /v1/responses``: OpenAI's Responses API (``input`` as a string or messages,
+  ``instructions``), the same echo as one ``output_text``; ``"stream": true`` gives
+  its typed events (``response.created``, ``response.output_text.delta`` ...
+  ``response.completed``).
+* ``POST /v1/messages``: Anthropic's Messages API (``system``, ``messages`` with
+  string or text-block content), the same echo as one text block; ``"stream": true``
+  gives its events (``message_start``, ``content_block_delta`` ... ``message_stop``).
 * ``POST /v1/echo``: returns the request body with the same Content-Type.
 * ``GET /healthz``: ``ok``.
 * anything else: 404 with an OpenAI-style JSON error.
 
-Run standalone with ``python -m hoop_addon.dev.upstream --cert C --key K``.
+Run standalone with ``hoop dev-upstream`` (plain HTTP on 127.0.0.1:9000) or
+``python -m hoop_addon.dev.upstream --cert C --key K`` (HTTPS).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import http.server
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -78,7 +88,7 @@ class _Server(http.server.ThreadingHTTPServer):
     # clients retry only after 1, 3, 7, 15, 31 s. A real API server's backlog is large.
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, owner: FakeOpenAI) -> None:
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext | None, owner: FakeOpenAI) -> None:
         self.context = context
         self.owner = owner
         self.connections: set[ssl.SSLSocket] = set()
@@ -91,10 +101,11 @@ class _Server(http.server.ThreadingHTTPServer):
         Doing it here would stall the accept loop behind slow clients.
         """
         sock, address = self.socket.accept()
-        tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        if self.context is not None:
+            sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self.connections_lock:
-            self.connections.add(tls)
-        return tls, address
+            self.connections.add(sock)
+        return sock, address
 
     def shutdown_request(self, request: Any) -> None:
         with self.connections_lock:
@@ -128,7 +139,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         """Complete the TLS handshake in this connection's thread, within ``timeout``."""
         self.request.settimeout(self.timeout)
-        self.request.do_handshake()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -190,6 +202,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         route = (self.command, urlsplit(self.path).path)
         if route == ("POST", "/v1/chat/completions"):
             self._chat(body, self.headers.get("Authorization", ""))
+        elif route == ("POST", "/v1/responses"):
+            self._responses(body)
+        elif route == ("POST", "/v1/messages"):
+            self._messages(body)
         elif route == ("POST", "/v1/echo"):
             self._send(200, body, self.headers.get("Content-Type", "application/octet-stream"))
         elif route == ("GET", "/healthz"):
@@ -214,10 +230,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         content = last.get("content") if isinstance(last, dict) else last
         if not isinstance(content, str):
             content = orjson.dumps(content).decode()
-        reply = (
-            f"Echo: {content}. Reach support at help@upstream.example "
-            "or card 4111 1111 1111 1111."
-        )
+        reply = _echo(content)
         echo = content == "whoami"
         if echo:
             reply = f"You sent Authorization: {authorization} ."
@@ -251,20 +264,113 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         self._send(200, orjson.dumps(completion), headers={"X-Echo-Authorization": authorization} if echo else None)
 
-    def _stream(self, meta: dict[str, Any], reply: str, usage: tuple[int, int] | None = None) -> None:
-        """Send ``reply`` as SSE ``chat.completion.chunk`` events, one HTTP chunk each;
-        with ``usage`` (prompt, completion tokens), a last chunk reports it, as OpenAI
-        does for ``stream_options: {"include_usage": true}``."""
+    def _request_json(self, body: bytes, messages_key: str) -> dict[str, Any] | None:
+        """The JSON request with a non-empty list at ``messages_key`` (``None``: the
+        request was answered with a 400)."""
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            self._send(400, _error_body(f"Invalid JSON body: {e}"))
+            return None
+        items = request.get(messages_key) if isinstance(request, dict) else None
+        if not (isinstance(items, list) and items) and not (messages_key == "input" and isinstance(items, str)):
+            self._send(400, _error_body(f"'{messages_key}' must be a non-empty array"))
+            return None
+        return request
+
+    def _responses(self, body: bytes) -> None:
+        """Answer an OpenAI Responses API request, streamed or not."""
+        if (request := self._request_json(body, "input")) is None:
+            return
+        items = request["input"]
+        reply = _echo(items if isinstance(items, str) else _text(items[-1].get("content") if isinstance(items[-1], dict) else items[-1]))
+        prompt_tokens = _rough_tokens(orjson.dumps(items).decode())
+        response = {
+            "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
+            "model": request.get("model", "fake-model"), "status": "completed",
+            "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": reply, "annotations": []}]}],
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": _rough_tokens(reply),
+                      "total_tokens": prompt_tokens + _rough_tokens(reply)},
+        }
+        if request.get("stream") is not True:
+            self._send(200, orjson.dumps(response))
+            return
+        item = response["output"][0]["id"]
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": {**response, "status": "in_progress", "output": []}}),
+        ]
+        events += [("response.output_text.delta", {"item_id": item, "output_index": 0, "content_index": 0,
+                                                   "delta": reply[i : i + STREAM_PIECE_CHARS]})
+                   for i in range(0, len(reply), STREAM_PIECE_CHARS)]
+        events += [("response.output_text.done", {"item_id": item, "output_index": 0, "content_index": 0, "text": reply}),
+                   ("response.completed", {"response": response})]
+        self._send_events(b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps({"type": name, "sequence_number": n, **doc}))
+                          for n, (name, doc) in enumerate(events))
+
+    def _messages(self, body: bytes) -> None:
+        """Answer an Anthropic Messages API request, streamed or not."""
+        if (request := self._request_json(body, "messages")) is None:
+            return
+        last = request["messages"][-1]
+        reply = _echo(_text(last.get("content") if isinstance(last, dict) else last))
+        prompt_tokens = _rough_tokens(orjson.dumps([request.get("system"), request["messages"]]).decode())
+        message = {
+            "id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+            "model": request.get("model", "fake-model"), "content": [{"type": "text", "text": reply}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": _rough_tokens(reply)},
+        }
+        if request.get("stream") is not True:
+            self._send(200, orjson.dumps(message))
+            return
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                           "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ]
+        events += [("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": reply[i : i + STREAM_PIECE_CHARS]}})
+                   for i in range(0, len(reply), STREAM_PIECE_CHARS)]
+        events += [("content_block_stop", {"index": 0}),
+                   ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                      "usage": {"output_tokens": _rough_tokens(reply)}}),
+                   ("message_stop", {})]
+        self._send_events(b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps({"type": name, **doc}))
+                          for name, doc in events)
+
+    def _send_events(self, events: Iterator[bytes]) -> None:
+        """Send SSE ``events`` (each a complete event), one HTTP chunk each."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for event in _sse_events(meta, reply, usage):
+        for event in events:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _stream(self, meta: dict[str, Any], reply: str, usage: tuple[int, int] | None = None) -> None:
+        """Send ``reply`` as SSE ``chat.completion.chunk`` events, one HTTP chunk each;
+        with ``usage`` (prompt, completion tokens), a last chunk reports it, as OpenAI
+        does for ``stream_options: {"include_usage": true}``."""
+        self._send_events(_sse_events(meta, reply, usage))
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string, or the ``text`` of its content blocks
+    (OpenAI ``input_text`` parts, Anthropic ``text`` blocks); else its JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return " ".join(p["text"] for p in content)
+    return orjson.dumps(content).decode()
+
+
+def _echo(content: str) -> str:
+    """The reply to ``content``: it, echoed, with planted PII for response masking."""
+    return f"Echo: {content}. Reach support at help@upstream.example or card 4111 1111 1111 1111."
 
 
 def _sse_events(meta: dict[str, Any], reply: str, usage: tuple[int, int] | None = None) -> Iterator[bytes]:
@@ -290,11 +396,11 @@ def _sse_events(meta: dict[str, Any], reply: str, usage: tuple[int, int] | None 
 
 
 class FakeOpenAI:
-    """A fake OpenAI-compatible HTTPS server running in a daemon thread.
+    """A fake OpenAI- and Anthropic-compatible server running in a daemon thread.
 
     Args:
-        cert: PEM server certificate (chain) file.
-        key: PEM private key file for ``cert``.
+        cert: PEM server certificate (chain) file; None serves plain HTTP.
+        key: PEM private key file for ``cert`` (None with ``cert``).
         host: address to bind.
         port: TCP port to bind; 0 picks a free one at :meth:`start`.
 
@@ -302,9 +408,11 @@ class FakeOpenAI:
         OSError, ssl.SSLError: the certificate or key cannot be loaded.
     """
 
-    def __init__(self, cert: Path, key: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._context.load_cert_chain(cert, key)
+    def __init__(self, cert: Path | None, key: Path | None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._context: ssl.SSLContext | None = None
+        if cert is not None:
+            self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._context.load_cert_chain(cert, key)
         self._host = host
         self._requested_port = port
         self._server: _Server | None = None
@@ -352,8 +460,9 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
-        """Base URL, ``https://localhost:<port>`` (no trailing slash)."""
-        return f"https://localhost:{self.port}"
+        """Base URL, ``https://localhost:<port>`` (plain HTTP: ``http://127.0.0.1:<port>``;
+        no trailing slash)."""
+        return f"https://localhost:{self.port}" if self._context else f"http://127.0.0.1:{self.port}"
 
     @property
     def received(self) -> list[Received]:
@@ -382,26 +491,38 @@ class FakeOpenAI:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; returns the exit status (0).
+def register(sub: Any) -> None:
+    """Add `dev-upstream` to the `hoop` subcommands (`sub`: argparse subparsers)."""
+    p = sub.add_parser("dev-upstream", help="serve the fake OpenAI/Anthropic upstream (offline first run, demos)",
+                       description="A fake LLM upstream: chat completions, Responses and Messages APIs, echoing with planted PII.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9000, help="TCP port (default 9000; 0 = any free port)")
+    p.add_argument("--cert", type=Path, help="PEM server certificate: serve HTTPS (with --key)")
+    p.add_argument("--key", type=Path, help="PEM private key of --cert")
+    p.set_defaults(run=serve)
 
-    Prints ``fake OpenAI upstream on https://localhost:PORT`` once listening.
-    """
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible HTTPS upstream.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--port", type=int, default=8443, help="TCP port (0 = any free port)")
-    parser.add_argument("--cert", type=Path, required=True, help="PEM server certificate")
-    parser.add_argument("--key", type=Path, required=True, help="PEM private key")
-    args = parser.parse_args(argv)
 
+def serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; returns the exit status (0; 2 for --cert without
+    --key or the reverse). Prints ``fake LLM upstream on URL`` once listening."""
+    if (args.cert is None) != (args.key is None):
+        print("error: --cert and --key go together", file=sys.stderr)
+        return 2
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Block before starting the server thread so it inherits the mask and the
     # signals are delivered only to sigwait below.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     with FakeOpenAI(args.cert, args.key, args.host, args.port) as upstream:
-        print(f"fake OpenAI upstream on {upstream.url}", flush=True)
+        print(f"fake LLM upstream on {upstream.url}", flush=True)
         signal.sigwait(stop_signals)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hoop_addon.dev.upstream`: as `hoop dev-upstream`."""
+    parser = argparse.ArgumentParser(prog="python -m hoop_addon.dev.upstream")
+    register(parser.add_subparsers(dest="command", required=True))
+    return serve(parser.parse_args(["dev-upstream", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
