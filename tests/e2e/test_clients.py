@@ -1,0 +1,233 @@
+"""Every agent can use the gateway: provider SDKs in base-URL mode (`hoop serve
+--reverse`) and through the forward proxy, the Responses and Anthropic Messages APIs,
+the gateway token where each SDK puts its key, and refusals in each provider's error
+shape, so that the SDK's exception carries the gateway's reason."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+import requests
+
+from hoop_addon.dev.gateway import Gateway, free_port
+from hoop_addon.dev.upstream import FakeOpenAI
+from tests.conftest import UPSTREAM_KEY, write_policy
+from tests.support.agents import assert_absent, header, recorded_bytes
+from tests.support.idp import LocalIdP
+
+PLANTED = ("jane.doe@example.com", "4242 4242 4242 4242", "help@upstream.example", "4111 1111 1111 1111")
+PROMPT = "I am jane.doe@example.com, card 4242 4242 4242 4242"
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+POLICY = """\
+version: 1
+issuers:
+  - name: test-idp
+    issuer: {issuer}
+    audience: hoop-gateway
+    jwks: {jwks}
+    algorithms: [RS256, ES256]
+identity:
+  token_sources: [authorization, x_api_key, proxy_password]
+masking:
+  - name: pii-anthropic
+    direction: both
+    paths: [$.messages, $.system, $.content, $.content_block, $.delta.text]
+    detectors: [email, payment_card]
+  - name: pii
+    direction: both
+    paths:
+      - $.messages[*].content
+      - $.system
+      - $.input
+      - $.instructions
+      - $.choices[*].message.content
+      - $.choices[*].delta.content
+      - $.output[*].content[*].text
+      - $.delta
+      - $.text
+      - $.response.output[*].content[*].text
+    detectors: [email, payment_card]
+limits:
+  - name: burst
+    per: [subject]
+    when: {{subjects: [bursty]}}
+    requests_per_minute: 2
+routes:
+  - name: anthropic
+    api: anthropic
+    match: {{hosts: [localhost], paths: [/v1/messages], methods: [POST]}}
+    allow: {{groups: [agents]}}
+    masking: [pii-anthropic]
+    credential: {{header: x-api-key, value: "${{HOOP_TEST_UPSTREAM_KEY}}"}}
+  - name: openai
+    api: openai
+    match: {{hosts: [localhost], paths: [/v1/*], methods: [POST]}}
+    allow: {{groups: [agents]}}
+    masking: [pii]
+    credential: {{header: Authorization, value: "Bearer ${{HOOP_TEST_UPSTREAM_KEY}}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki, upstream_server: FakeOpenAI) -> Iterator[tuple[Gateway, str]]:
+    """`hoop serve --reverse <upstream>@PORT`: the gateway, and the base URL agents use."""
+    work = tmp_path_factory.mktemp("clients")
+    port = free_port()
+    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path,
+                 env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, serve=True, args=["--reverse", f"{upstream_server.url}@{port}"])
+    gw.start()
+    yield gw, f"http://127.0.0.1:{port}"
+    gw.stop()
+
+
+def _check_exchange(gw: Gateway, upstream: FakeOpenAI, got: str, token: str, key_header: str) -> None:
+    """What the client got, what the upstream received and what was recorded."""
+    assert "[REDACTED:EMAIL]" in got and "Echo:" in got
+    assert_absent(got, PLANTED)
+    received = upstream.received[-1]
+    assert_absent(received.body, PLANTED)
+    assert b"[REDACTED:EMAIL]" in received.body
+    expected = f"Bearer {UPSTREAM_KEY}" if key_header == "Authorization" else UPSTREAM_KEY
+    assert header(received, key_header) == expected
+    for name, value in received.headers:  # the gateway token, and no other agent credential
+        assert token not in value and "agent-own-key" not in value, name
+    assert [n for n, _ in received.headers if n.lower() in ("authorization", "x-api-key")] == [key_header.lower()] or \
+        [n.lower() for n, _ in received.headers if n.lower() in ("authorization", "x-api-key")] == [key_header.lower()]
+    entry = gw.wait_audit(1)[-1]
+    assert entry["decision"]["outcome"] == "allow" and entry["masked"]
+    data = recorded_bytes(gw)
+    assert_absent(data, (*PLANTED, token, UPSTREAM_KEY))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_base_url_chat_and_responses(base, upstream: FakeOpenAI, idp: LocalIdP, stream: bool) -> None:
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": PROMPT}], stream=True) if c.choices)
+    else:
+        text = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}]).choices[0].message.content
+    _check_exchange(gw, upstream, text, token, "Authorization")
+
+    if stream:
+        events = list(client.responses.create(model="m", input=PROMPT, instructions="be brief", stream=True))
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert events[-1].type == "response.completed"
+        assert_absent(events[-1].response.output_text, PLANTED)
+    else:
+        text = client.responses.create(model="m", input=[{"role": "user", "content": PROMPT}], instructions="be brief").output_text
+    _check_exchange(gw, upstream, text, token, "Authorization")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("slot", ["api_key", "auth_token"])
+def test_anthropic_sdk_base_url(base, upstream: FakeOpenAI, idp: LocalIdP, stream: bool, slot: str) -> None:
+    """The token as the SDK's API key (`X-Api-Key`) or auth token (`Authorization: Bearer`)."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    client = anthropic.Anthropic(base_url=url, max_retries=0, **{slot: token})
+    args = {"model": "claude", "max_tokens": 64, "system": "user: jane.doe@example.com",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]}
+    if stream:
+        with client.messages.stream(**args) as events:
+            text = "".join(events.text_stream)
+    else:
+        text = client.messages.create(**args).content[0].text
+    _check_exchange(gw, upstream, text, token, "x-api-key")
+
+
+def test_anthropic_sdk_forward_proxy_own_key_removed(gateway: Gateway, upstream: FakeOpenAI, idp: LocalIdP,
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Through HTTPS_PROXY (token as the proxy password), the SDK's own key never reaches
+    the upstream: on a route with a credential every agent-sent credential header goes."""
+    work = tmp_path / "gw"
+    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, upstream_ca(gateway), env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, serve=True)
+    gw.start()
+    try:
+        token = idp.mint(groups=["agents"])
+        monkeypatch.setenv("HTTPS_PROXY", gw.proxy(token))
+        monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca_cert))
+        client = anthropic.Anthropic(base_url=upstream.url, api_key="agent-own-key", max_retries=0)
+        text = client.messages.create(model="c", max_tokens=9, messages=[{"role": "user", "content": PROMPT}],
+                                      extra_headers={"Api-Key": "agent-own-key"}).content[0].text
+        _check_exchange(gw, upstream, text, token, "x-api-key")
+        assert header(upstream.received[-1], "api-key") is None
+    finally:
+        gw.stop()
+
+
+def upstream_ca(gateway: Gateway) -> Path:
+    """The upstream CA the shared gateway trusts (from its command line)."""
+    arg = next(a for a in gateway.argv if a.startswith("ssl_verify_upstream_trusted_ca="))
+    return Path(arg.split("=", 1)[1])
+
+
+def test_requests_base_url(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """`requests` ignores SSL_CERT_FILE: base-URL mode on loopback needs no CA at all."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    answer = requests.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                           json={"model": "m", "messages": [{"role": "user", "content": PROMPT}]}, timeout=10)
+    assert answer.status_code == 200
+    _check_exchange(gw, upstream, answer.json()["choices"][0]["message"]["content"], token, "Authorization")
+
+
+def test_refusals_in_each_sdk_carry_the_reason(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    gw, url = base
+    outsider = idp.mint(groups=["interns"])
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        openai.OpenAI(base_url=f"{url}/v1", api_key=outsider, max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+    assert "not_admitted" in str(caught.value) and "route 'openai'" in str(caught.value)
+    assert caught.value.body["code"] == "not_admitted"
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        anthropic.Anthropic(base_url=url, api_key=outsider, max_retries=0).messages.create(
+            model="c", max_tokens=9, messages=[{"role": "user", "content": "hi"}])
+    assert "not_admitted" in str(refused.value) and refused.value.body["error"]["type"] == "permission_error"
+    with pytest.raises(anthropic.AuthenticationError) as bad:
+        anthropic.Anthropic(base_url=url, api_key="not-a-token", max_retries=0).messages.create(
+            model="c", max_tokens=9, messages=[{"role": "user", "content": "hi"}])
+    assert "(hoop: malformed)" in str(bad.value)
+    with pytest.raises(openai.AuthenticationError) as expired:
+        openai.OpenAI(base_url=f"{url}/v1", api_key=idp.mint(groups=["agents"], expires_in=-3600), max_retries=0).responses.create(
+            model="m", input="hi")
+    assert "expired" in str(expired.value)
+    assert not any(r.path.endswith(("/messages", "/responses", "/completions")) for r in upstream.received)
+
+
+def test_rate_limit_is_a_429_in_the_provider_shape(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    gw, url = base
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=idp.mint(subject="bursty", groups=["agents"]), max_retries=0)
+    for _ in range(2):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert "rate_limited" in str(limited.value) and int(limited.value.response.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node is not installed")
+@pytest.mark.parametrize("stream", [False, True])
+def test_node_openai_package_base_url(base, upstream: FakeOpenAI, idp: LocalIdP, stream: bool) -> None:
+    """Node's fetch ignores HTTPS_PROXY: the `openai` npm package reaches the gateway by
+    its base URL (tests/node/agent.mjs; `make test` installs tests/node's packages)."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    done = subprocess.run(["node", str(NODE_DIR / "agent.mjs"), f"{url}/v1", PROMPT, "stream" if stream else "plain"],
+                          env={"OPENAI_API_KEY": token, "PATH": "/usr/bin:/bin:/usr/local/bin"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    _check_exchange(gw, upstream, done.stdout, token, "Authorization")
+    refused = subprocess.run(["node", str(NODE_DIR / "agent.mjs"), f"{url}/v1", "hi", "plain"],
+                             env={"OPENAI_API_KEY": idp.mint(groups=["interns"]), "PATH": "/usr/bin:/bin:/usr/local/bin"},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "not_admitted" in refused.stderr
+
