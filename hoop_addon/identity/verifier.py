@@ -351,9 +351,10 @@ class Verifier:
         if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
             return False
         try:
-            return jwt.get_unverified_claims(token).get("iss") in self.issuers
-        except (JWTError, AttributeError):
+            issuer = jwt.get_unverified_claims(token).get("iss")
+        except (JWTError, AttributeError, TypeError, ValueError):
             return False
+        return isinstance(issuer, str) and issuer in self.issuers
 
     async def verify(self, token: str) -> Identity:
         """Verify `token` (compact JWS) and return who it identifies.

@@ -9,14 +9,10 @@ from mitmproxy import http
 from hoop_addon.masking.codec import decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.masking.literal import SCRUBBED, StreamScrubber, forms, scrub
+from hoop_addon.providers import CREDENTIAL_HEADERS
 from hoop_addon.stages import Stage, allowed, hoop, logger, route_of
 from hoop_addon.stages.mask import Mask
 
-
-# Where agents and their SDKs put an API key (OpenAI and most: Authorization; Anthropic:
-# X-Api-Key; Azure OpenAI: Api-Key; Google: X-Goog-Api-Key). On a route whose
-# credential the gateway holds, none of them is the agent's to send.
-AGENT_CREDENTIAL_HEADERS = ("Authorization", "X-Api-Key", "Api-Key", "X-Goog-Api-Key")
 
 
 class InjectCredential(Stage):
@@ -47,7 +43,7 @@ class InjectCredential(Stage):
         record = hoop(flow)
         if (route := route_of(flow)) is not None and (credential := route.credential) is not None:
             request = flow.request
-            for name in (*AGENT_CREDENTIAL_HEADERS, credential.header):
+            for name in (*CREDENTIAL_HEADERS, credential.header):
                 request.headers.pop(name, None)
             if credential.param is None:
                 request.headers[credential.header] = credential.value

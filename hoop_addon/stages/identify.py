@@ -10,6 +10,7 @@ import weakref
 from mitmproxy import connection, http
 
 from hoop_addon.identity.verifier import Identity, TokenError, Verifier
+from hoop_addon.providers import CREDENTIAL_HEADERS
 from hoop_addon.stages import Stage, hoop, note_api, refuse
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 
@@ -21,7 +22,8 @@ _PROXY_SCHEMES = {"basic": "proxy_password", "bearer": "proxy_bearer"}
 # The token sources of a request itself (not of the proxy), and the header each names.
 _REQUEST_SOURCES = {"authorization": "Authorization: Bearer <JWT>", "x_api_key": "X-Api-Key: <JWT>"}
 # Headers that may carry a gateway token: each must appear at most once.
-_TOKEN_HEADERS = ("Authorization", "Proxy-Authorization", "X-Api-Key")
+_TOKEN_HEADERS = ("Proxy-Authorization", *CREDENTIAL_HEADERS)
+_JWS_IN_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 class Identify(Stage):
@@ -42,10 +44,11 @@ class Identify(Stage):
     refused flow keeps no token. A tunnel's token is verified again when the policy in
     force changes or its signing key leaves the issuer's JWKS (an issuer removed by a
     reload, a key removed at the IdP end the tunnel's access). When
-    the identity came from proxy credentials, an `Authorization: Bearer` or `X-Api-Key`
-    holding a JWT of a trusted issuer is removed too: a gateway token never travels
-    upstream. A request whose target or headers are not valid UTF-8, or that has more
-    than one `Authorization`, `Proxy-Authorization` or `X-Api-Key` header, is refused
+    the identity is verified, every other credential header (`providers.CREDENTIAL_HEADERS`)
+    holding a JWT of a trusted issuer, whatever its scheme (Bearer, Basic's password, a
+    bare value), is removed too: a gateway token never travels upstream. A request whose
+    target or headers are not valid UTF-8, or that has more than one
+    `Proxy-Authorization` or credential header, is refused
     (400) before anything reads them, so every later stage, the recording and the audit
     log can represent it. A refusal of a request that a route declaring an `api` would
     serve takes that provider's error shape.
@@ -90,7 +93,7 @@ class Identify(Stage):
             # Only one would be checked (and removed), and another forwarded: a gateway
             # token could travel upstream behind an innocuous first header.
             _drop_tokens(flow.request)
-            refuse(flow, 400, "identity", "malformed_request", "more than one Authorization, Proxy-Authorization or X-Api-Key header")
+            refuse(flow, 400, "identity", "malformed_request", "more than one Proxy-Authorization header, or more than one of a credential header (Authorization, X-Api-Key, Api-Key, X-Goog-Api-Key)")
             return
         if (active := self.policy.active) is None:
             refuse(flow, 503, "identity", "policy_not_loaded", "the gateway has no policy loaded")
@@ -124,10 +127,9 @@ class Identify(Stage):
             self._refuse(flow, proxy, exc, active)
             return
         headers.pop("Proxy-Authorization", None)
-        if proxy and active.verifier.names_trusted_issuer(_bearer_value(headers.get("Authorization", ""))):
-            del headers["Authorization"]
-        if active.verifier.names_trusted_issuer(headers.get("X-Api-Key", "").strip()):
-            del headers["X-Api-Key"]  # a second gateway token beside the one verified
+        for name in CREDENTIAL_HEADERS:  # a gateway token never travels upstream, in any form
+            if name in headers and _holds_gateway_token(headers[name], active.verifier):
+                del headers[name]
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
     async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
@@ -184,9 +186,17 @@ def _proxy_token(header: str, sources: frozenset[str]) -> str:
     return token
 
 
-def _bearer_value(header: str) -> str:
-    scheme, _, value = header.strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
+def _holds_gateway_token(value: str, verifier: Verifier) -> bool:
+    """True when header `value` holds a JWT of an issuer `verifier` trusts anywhere in
+    it, or in the password of Basic credentials (RFC 7617)."""
+    texts = [value]
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            texts.append(base64.b64decode(rest.strip(), validate=True).decode("utf-8", "replace"))
+        except binascii.Error:
+            pass
+    return any(verifier.names_trusted_issuer(m.group()) for text in texts for m in _JWS_IN_TEXT.finditer(text))
 
 
 def _drop_tokens(request: http.Request) -> None:

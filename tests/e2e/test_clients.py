@@ -5,6 +5,7 @@ shape, so that the SDK's exception carries the gateway's reason."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -61,6 +62,9 @@ limits:
     when: {{subjects: [bursty]}}
     requests_per_minute: 2
 routes:
+  - name: no-credential      # the agent's own keys pass here; gateway tokens never
+    match: {{hosts: [localhost], paths: [/v1/echo]}}
+    allow: {{groups: [agents]}}
   - name: anthropic
     api: anthropic
     match: {{hosts: [localhost], paths: [/v1/messages], methods: [POST]}}
@@ -180,6 +184,30 @@ def test_requests_base_url(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
                            json={"model": "m", "messages": [{"role": "user", "content": PROMPT}]}, timeout=10)
     assert answer.status_code == 200
     _check_exchange(gw, upstream, answer.json()["choices"][0]["message"]["content"], token, "Authorization")
+
+
+@pytest.mark.parametrize("identity_header", ["Authorization", "X-Api-Key"])
+def test_a_gateway_token_never_travels_upstream_in_any_credential_header(base, upstream: FakeOpenAI, idp: LocalIdP,
+                                                                         identity_header: str) -> None:
+    """On a route without a credential the agent's own keys pass, but a gateway token in
+    any credential header (any scheme: Bearer, Basic's password, bare) is removed."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    other = idp.mint(subject="someone-else", groups=["agents"])
+    carried = {"Authorization": f"Bearer {token}"} if identity_header == "Authorization" else {"X-Api-Key": token}
+    extra = {
+        "X-Api-Key": f"Bearer {other}", "Api-Key": other, "X-Goog-Api-Key": f"key={other}",
+    } if identity_header == "Authorization" else {
+        "Api-Key": "Basic " + base64.b64encode(f"a:{other}".encode()).decode(), "X-Goog-Api-Key": "agent-own-google-key",
+    }
+    answer = httpx.post(f"{url}/v1/echo", headers={**carried, **extra}, content=b"{}", timeout=10)
+    assert answer.status_code == 200
+    received = upstream.received[-1]
+    for name, value in received.headers:
+        assert token not in value and other.split(".")[1] not in value and "ZXlK" not in value, name
+    if identity_header == "X-Api-Key":
+        assert header(received, "X-Goog-Api-Key") == "agent-own-google-key"  # not a gateway token: the agent's to send
+    assert_absent(recorded_bytes(gw), (token, other.split(".")[1]))
 
 
 def test_refusals_in_each_sdk_carry_the_reason(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
