@@ -84,12 +84,13 @@ def _reverse(spec: str) -> str:
     """A `--reverse` value, `http(s)://HOST[:PORT]@LISTEN_PORT`, checked; raises
     `argparse.ArgumentTypeError` naming what is wrong."""
     url, at, port = spec.rpartition("@")
-    if not at or not port.isdigit() or not 0 < int(port) < 65536:
+    if not at or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{spec!r}: expected URL@PORT, e.g. https://api.openai.com@8090")
     scheme, sep, rest = url.partition("://")
-    if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
-        raise argparse.ArgumentTypeError(f"{spec!r}: the upstream is an http:// or https:// origin, without a path")
-    return f"{url.rstrip('/')}@{port}"
+    origin = rest.removesuffix("/")
+    if scheme not in ("http", "https") or not sep or not origin or any(c in origin for c in "/?#@ "):
+        raise argparse.ArgumentTypeError(f"{spec!r}: the upstream is an http:// or https:// origin (no path, query or user)")
+    return f"{scheme}://{origin}@{port}"
 
 
 class Readiness:
