@@ -173,6 +173,19 @@ def test_tokens_are_restored_across_every_chunk_boundary_and_recorded_as_tokens(
             assert EMAIL.encode() not in flow.response.content and b"<EMAIL_1>" in flow.response.content
 
 
+def test_a_recorded_stream_past_the_body_limit_is_ended() -> None:
+    """A kept stream (`store_streamed_bodies`) is held in memory until it ends: past
+    `hoop_mask_max_body` decoded bytes it is ended (and audited), never kept growing."""
+    events = sse_events(REPLY * 40)
+    with Through([COMPLETIONS]) as through:
+        through.mask.max_body = 2048
+        out, flow = through(events)
+    assert out.endswith(b"\n\n") and b"event: error" in out and b"unmaskable_response" in out
+    assert len(out) < 2048 + 2048  # one piece past the limit, then the error event
+    assert hoop(flow)["decision"]["reason"] == "unmaskable_response"
+    assert "decoded body exceeds 2048 bytes" in hoop(flow)["decision"]["message"]
+
+
 def test_a_masking_failure_ends_the_stream_and_is_recorded_as_a_denial(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(self: Scanner, text: str) -> list:
         raise RuntimeError("boom")
