@@ -44,9 +44,9 @@ class Identify(Stage):
     refused flow keeps no token. A tunnel's token is verified again when the policy in
     force changes or its signing key leaves the issuer's JWKS (an issuer removed by a
     reload, a key removed at the IdP end the tunnel's access). When
-    the identity is verified, every other credential header (`providers.CREDENTIAL_HEADERS`)
-    holding a JWT of a trusted issuer, whatever its scheme (Bearer, Basic's password, a
-    bare value), is removed too: a gateway token never travels upstream. A request whose
+    the identity is verified, every other header holding a JWT of a trusted issuer,
+    whatever its form (Bearer, Basic's password, a bare value, inside a cookie), is
+    removed too: a gateway token never travels upstream. A request whose
     target or headers are not valid UTF-8, or that has more than one
     `Proxy-Authorization` or credential header, is refused
     (400) before anything reads them, so every later stage, the recording and the audit
@@ -127,9 +127,9 @@ class Identify(Stage):
             self._refuse(flow, proxy, exc, active)
             return
         headers.pop("Proxy-Authorization", None)
-        for name in CREDENTIAL_HEADERS:  # a gateway token never travels upstream, in any form
-            if name in headers and _holds_gateway_token(headers[name], active.verifier):
-                del headers[name]
+        # a gateway token never travels upstream, in any header or form
+        for name in {n for n, v in headers.items(multi=True) if _holds_gateway_token(v, active.verifier)}:
+            del headers[name]
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
     async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
@@ -189,6 +189,8 @@ def _proxy_token(header: str, sources: frozenset[str]) -> str:
 def _holds_gateway_token(value: str, verifier: Verifier) -> bool:
     """True when header `value` holds a JWT of an issuer `verifier` trusts anywhere in
     it, or in the password of Basic credentials (RFC 7617)."""
+    if "eyJ" not in value and value[:6].lower() != "basic ":
+        return False  # most headers: one substring test
     texts = [value]
     scheme, _, rest = value.strip().partition(" ")
     if scheme.lower() == "basic":

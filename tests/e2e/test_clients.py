@@ -190,13 +190,14 @@ def test_requests_base_url(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
 def test_a_gateway_token_never_travels_upstream_in_any_credential_header(base, upstream: FakeOpenAI, idp: LocalIdP,
                                                                          identity_header: str) -> None:
     """On a route without a credential the agent's own keys pass, but a gateway token in
-    any credential header (any scheme: Bearer, Basic's password, bare) is removed."""
+    any header (any form: Bearer, Basic's password, bare, in a cookie) is removed."""
     gw, url = base
     token = idp.mint(groups=["agents"])
     other = idp.mint(subject="someone-else", groups=["agents"])
     carried = {"Authorization": f"Bearer {token}"} if identity_header == "Authorization" else {"X-Api-Key": token}
     extra = {
         "X-Api-Key": f"Bearer {other}", "Api-Key": other, "X-Goog-Api-Key": f"key={other}",
+        "Cookie": f"theme=dark; session={other}", "X-Custom-Auth": f"Token {other}",
     } if identity_header == "Authorization" else {
         "Api-Key": "Basic " + base64.b64encode(f"a:{other}".encode()).decode(), "X-Goog-Api-Key": "agent-own-google-key",
     }
