@@ -119,6 +119,12 @@ def jwt(rng: Rng, signed: bool) -> str:
     return f"{header}.{payload}." + (_rand(rng, B64URL, 43) if signed else "")
 
 
+def jwt_spaced(rng: Rng) -> str:
+    """A JWS whose header JSON has white space after `{` (`ew...`), as some libraries write it."""
+    header = base64.urlsafe_b64encode(b'{\n  "alg": "ES256"\n}').rstrip(b"=").decode()
+    return f"{header}.{_rand(rng, B64URL, 40)}.{_rand(rng, B64URL, 86)}"
+
+
 def pem(rng: Rng, kind: str) -> str:
     lines = [_rand(rng, ALNUM + "+/", 64) for _ in range(rng.randint(3, 6))]
     label = f"{kind} PRIVATE KEY" if kind else "PRIVATE KEY"
@@ -137,6 +143,10 @@ def ipv6(rng: Rng, form: str) -> str:
         return f"2001:db8:{groups[1]}::"
     if form == "prefix":
         return f"2001:db8:{groups[1]}::/48"
+    if form == "ipv4-mapped":
+        return f"::ffff:192.0.2.{rng.randint(1, 254)}"
+    if form == "host prefix":
+        return f"2001:db8::{groups[4]}/128"
     return f"fe80::{groups[2]}:{groups[3]}%eth0"  # zone id (RFC 6874)
 
 
@@ -164,35 +174,51 @@ VALID: dict[str, dict[str, Callable[[Rng], str]]] = {
         "zwsp": lambda r: iban(r, "\u200b"),
     },
     "ipv4": {"dotted": lambda r: ".".join(str(r.randint(1, 254)) for _ in range(4))},
-    "ipv6": {f: (lambda f: lambda r: ipv6(r, f))(f) for f in ("full", "compressed", "loopback", "trailing", "prefix", "zone")},
-    "aws_access_key_id": {p: (lambda p: lambda r: p + _rand(r, string.ascii_uppercase + string.digits, 16))(p) for p in ("AKIA", "ASIA")},
+    "ipv6": {f: (lambda f: lambda r: ipv6(r, f))(f) for f in ("full", "compressed", "loopback", "trailing", "prefix", "zone", "ipv4-mapped", "host prefix")},
+    "aws_access_key_id": {p: (lambda p: lambda r: p + _rand(r, string.ascii_uppercase + string.digits, 16))(p) for p in ("AKIA", "ASIA", "ABIA", "ACCA")},
     "aws_secret_access_key": {"keyword": lambda r: "aws_secret_access_key=" + aws_secret(r)},
     "openai_api_key": {
         "sk": lambda r: "sk-" + _rand(r, ALNUM, 48),
         "sk-proj": lambda r: "sk-proj-" + _rand(r, B64URL, 60),
+        "sk-svcacct": lambda r: "sk-svcacct-" + _rand(r, B64URL, 60),
+        "sk-admin": lambda r: "sk-admin-" + _rand(r, B64URL, 60),
     },
-    "anthropic_api_key": {"sk-ant": lambda r: "sk-ant-api03-" + _rand(r, B64URL, 80)},
+    "anthropic_api_key": {
+        "sk-ant-api03": lambda r: "sk-ant-api03-" + _rand(r, B64URL, 80),
+        "sk-ant-admin01": lambda r: "sk-ant-admin01-" + _rand(r, B64URL, 80),
+    },
     "github_token": {
         **{p: (lambda p: lambda r: p + _rand(r, ALNUM, 36))(p) for p in ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")},
         "github_pat_": lambda r: "github_pat_" + _rand(r, ALNUM, 22) + "_" + _rand(r, ALNUM, 59),
     },
     "gitlab_token": {
         p: (lambda p: lambda r: p + _rand(r, B64URL, 20))(p)
-        for p in ("glpat-", "glrt-", "gldt-", "glcbt-", "glft-", "gloas-", "glptt-", "glimt-", "glagent-", "glsoat-", "glffct-", "glwt-")
+        for p in ("glpat-", "glrt-", "glrtr-", "gldt-", "glcbt-", "glft-", "gloas-", "glptt-", "glimt-", "glagent-", "glsoat-", "glffct-", "glwt-")
+    }
+    | {
+        "routable": lambda r: "glpat-" + _rand(r, B64URL, 27) + ".01." + _rand(r, ALNUM.lower(), 9),
+        "instance prefix": lambda r: "acme-glpat-" + _rand(r, B64URL, 20),
+        "GR1348941": lambda r: "GR1348941" + _rand(r, B64URL, 20),
     },
     "slack_token": {
         **{p: (lambda p: lambda r: f"{p}{r.randint(10**10, 10**11)}-{r.randint(10**10, 10**11)}-{_rand(r, ALNUM, 24)}")(p)
-           for p in ("xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-")},
+           for p in ("xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-", "xoxo-", "xoxc-", "xoxd-")},
         "xoxe": lambda r: "xoxe.xoxp-1-" + _rand(r, ALNUM, 140),
         "xoxe-": lambda r: "xoxe-1-" + _rand(r, ALNUM, 140),
         "xapp": lambda r: f"xapp-1-A{_rand(r, string.ascii_uppercase + string.digits, 10)}-{r.randint(10**12, 10**13)}-{_rand(r, string.hexdigits.lower(), 64)}",
+        "workflow": lambda r: "https://hooks.slack.com/workflows/T" + _rand(r, string.ascii_uppercase + string.digits, 8)
+        + "/A" + _rand(r, string.ascii_uppercase + string.digits, 10) + "/" + str(r.randint(10**17, 10**18)) + "/" + _rand(r, ALNUM, 24),
         "webhook": lambda r: "https://hooks.slack.com/services/T" + _rand(r, string.ascii_uppercase + string.digits, 8)
         + "/B" + _rand(r, string.ascii_uppercase + string.digits, 8) + "/" + _rand(r, ALNUM, 24),
     },
-    "stripe_key": {p: (lambda p: lambda r: p + _rand(r, ALNUM, 24))(p) for p in ("sk_live_", "rk_test_", "pk_live_")},
-    "google_api_key": {"AIza": lambda r: "AIza" + _rand(r, B64URL, 35)},
-    "jwt": {"signed": lambda r: jwt(r, True), "unsigned": lambda r: jwt(r, False)},
-    "pem_private_key": {k or "pkcs8": (lambda k: lambda r: pem(r, k))(k) for k in ("RSA", "EC", "OPENSSH", "")},
+    "stripe_key": {p: (lambda p: lambda r: p + _rand(r, ALNUM, 24))(p) for p in ("sk_live_", "rk_test_", "pk_live_", "whsec_")},
+    "google_api_key": {
+        "AIza": lambda r: "AIza" + _rand(r, B64URL, 35),
+        "GOCSPX": lambda r: "GOCSPX-" + _rand(r, B64URL, 28),
+        "ya29": lambda r: "ya29." + _rand(r, B64URL, 120),
+    },
+    "jwt": {"signed": lambda r: jwt(r, True), "unsigned": lambda r: jwt(r, False), "spaced header": jwt_spaced},
+    "pem_private_key": {k or "pkcs8": (lambda k: lambda r: pem(r, k))(k) for k in ("RSA", "EC", "OPENSSH", "ENCRYPTED", "")},
 }
 
 # look-alikes that no detector may alter
@@ -205,6 +231,10 @@ LOOKALIKES: dict[str, Callable[[Rng], str]] = {
     "timestamp": lambda r: f"2025-{r.randint(1, 12):02d}-{r.randint(10, 28)}T12:30:45Z",
     "order id": lambda r: f"order-{r.choice('1789')}{r.randint(10**14, 10**15)}",  # no card starts so (ISO/IEC 7812 MII)
     "bad ipv6": lambda r: f"2001:db8:{r.randint(1, 0xFFFF):x}:::{r.randint(1, 0xFFFF):x}:1",
+    "c++ scope": lambda r: f"std::{r.choice(['add', 'bad', 'face', 'fee'])}(x)",
+    "mac address": lambda r: ":".join(f"{r.randint(0, 255):02x}" for _ in range(6)),
+    "jwt-like, no alg": lambda r: base64.urlsafe_b64encode(b'{"typ":"JWT"}').rstrip(b"=").decode() + "." + _rand(r, B64URL, 20) + ".",
+    "slack word": lambda r: f"xoxb-{r.choice(['svg', 'png'])}",
     "clock": lambda r: f"{r.randint(10, 23)}:{r.randint(10, 59)}:{r.randint(10, 59)}",
 }
 

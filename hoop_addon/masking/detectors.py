@@ -15,29 +15,34 @@ Sources, and what keeps each precise:
   timestamp (1...) is not a card.
 - us_ssn: SSA's rules (no area 000, 666 or 9xx, no group 00, no serial 0000), with
   dashes, spaces or dots between the groups.
-- iban: ISO 13616 (country, 2 check digits, up to 30 alphanumerics, mod-97 == 1),
+- iban: ISO 13616 (the registry's length and format per country, mod-97 == 1),
   compact or in groups of four (spaces or dots).
 - Cards, SSNs and IBANs written with NBSP, thin spaces or zero-width characters
   between groups are found in the text as read (`hoop_addon.masking.normalize`).
 - ipv4 / ipv6: RFC 791 dotted quad, RFC 4291 §2.2 text forms (validated by
   `ipaddress`, so `12:30:45` is not an address).
-- secrets, by their published prefixes: AWS access key ids (IAM identifiers
-  documentation: AKIA/ASIA/...) and secret access keys (40 base64 characters with the
-  word `aws` or `secret` nearby, mixed case and a digit, so a git SHA is not one);
-  OpenAI `sk-`/`sk-proj-`; Anthropic `sk-ant-`; GitHub `ghp_`/`gho_`/`ghu_`/`ghs_`/
-  `ghr_`/`github_pat_`; GitLab `glpat-`; Slack `xox?-`; Stripe `sk_live_`/`rk_test_`...;
-  Google API keys `AIza` + 35; JWTs (RFC 7519 compact JWS: two base64url `eyJ` parts);
-  PEM private keys (RFC 7468 `-----BEGIN ... PRIVATE KEY-----` to its END line).
+- secrets, by the formats their issuers document (the whole table, with sources:
+  docs/detectors.md): AWS access key ids (AKIA/ASIA/ABIA/ACCA) and secret access keys
+  (40 base64 characters with the word `aws` or `secret` nearby, mixed case and a
+  digit, so a git SHA is not one); OpenAI `sk-`/`sk-proj-`/`sk-svcacct-`/`sk-admin-`;
+  Anthropic `sk-ant-`; GitHub `ghp_`/`gho_`/`ghu_`/`ghs_`/`ghr_`/`github_pat_`; every
+  GitLab token prefix; Slack tokens, app tokens and webhook URLs; Stripe keys and
+  webhook secrets; Google API keys, OAuth client secrets and access tokens; JWTs (RFC
+  7515 compact JWS and RFC 7519 unsecured JWTs); PEM private keys (RFC 7468).
 Version strings (`1.2.3`), git SHAs and timestamps match none of these.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import re2
+from stdnum import iban as stdnum_iban
 
 
 class DetectorError(ValueError):
@@ -57,7 +62,7 @@ class Detector:
     `grouped` (characters) marks a value written in groups of those characters with
     one separator between groups (cards, IBANs): a failed candidate is retried over
     its run of groups (see `Scanner`). `claims` marks a shape specific enough that a
-    failed candidate is one invalid value: nothing inside it is masked as another.
+    candidate is one value, valid or not: nothing inside it is masked as another.
     """
 
     name: str
@@ -119,12 +124,10 @@ def ssn_valid(ssn: str) -> bool:
 
 
 def iban_valid(iban: str) -> bool:
-    """ISO 13616 / ISO 7064 mod 97-10: the rearranged number modulo 97 is 1."""
-    compact = iban.replace(" ", "").replace(".", "").upper()
-    if not 15 <= len(compact) <= 34:
-        return False
-    digits = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
-    return int(digits) % 97 == 1
+    """ISO 13616: the country's registered length and BBAN format, and the ISO 7064
+    mod 97-10 check (python-stdnum's copy of the IBAN registry), so that the first
+    groups of a longer invalid IBAN are not a valid IBAN by chance (1 in 97)."""
+    return stdnum_iban.is_valid(iban.replace(" ", "").replace(".", ""), check_country=False)
 
 
 def phone_valid(phone: str) -> bool:
@@ -134,12 +137,28 @@ def phone_valid(phone: str) -> bool:
 
 
 def ip_valid(text: str) -> bool:
-    """A valid IPv4 or IPv6 address (RFC 791 / RFC 4291), not the unspecified `::`."""
+    """A valid IPv4 or IPv6 address (RFC 791 / RFC 4291 §2.2, a zone id per RFC 6874),
+    optionally with a prefix length (`/48`, RFC 4291 §2.3) no longer than the
+    address; not the unspecified `::` or `0.0.0.0`."""
+    address, _, prefix = text.partition("/")
     try:
-        address = ipaddress.ip_address(text)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return not address.is_unspecified
+    if prefix and int(prefix) > parsed.max_prefixlen:  # the pattern admits ASCII digits only
+        return False
+    return not parsed.is_unspecified
+
+
+def jwt_valid(token: str) -> bool:
+    """A compact JWS (RFC 7515 §7.1) or unsecured JWT (RFC 7519 §6: `alg: none`, empty
+    signature) whose header decodes to a JSON object naming its `alg`."""
+    header = token.partition(".")[0]
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, binascii.Error):
+        return False
+    return isinstance(decoded, dict) and isinstance(decoded.get("alg"), str)
 
 
 def aws_secret_valid(key: str) -> bool:
@@ -193,7 +212,10 @@ BUILTIN: dict[str, Detector] = {
         Detector(
             "ipv6",
             "IPV6",
-            r"(?:\b[0-9A-Fa-f]{1,4}|:)(?::[0-9A-Fa-f]{0,4}){2,7}(?:\b|::)(?:\.[0-9]{1,3}){0,3}",
+            # a group ends in a hex digit at a word boundary, or in `::` before a non-word
+            # character; `::` opens only after a non-word character (not C++'s `std::add`)
+            r"(?:\b[0-9A-Fa-f]{1,4}|\B:)(?::[0-9A-Fa-f]{0,4}){0,6}"
+            r"(?::[0-9A-Fa-f]{1,4}\b(?:\.[0-9]{1,3}){0,3}|:\B)(?:%[0-9A-Za-z._~-]+)?(?:/[0-9]{1,3}\b)?",
             ip_valid,
             claims=True,
         ),
@@ -201,21 +223,46 @@ BUILTIN: dict[str, Detector] = {
         Detector(
             "aws_secret_access_key",
             "AWS_SECRET",
-            r"\b[A-Za-z0-9/+]{40}\b",
+            # a word boundary where the key begins or ends with a letter or digit; a key
+            # may begin or end with `/` or `+` too
+            r"(?:\b[A-Za-z0-9]|\B[/+])[A-Za-z0-9/+]{38}(?:[A-Za-z0-9]\b|[/+]\B)",
             aws_secret_valid,
             keywords=("aws", "secret"),
         ),
         Detector("openai_api_key", "OPENAI_KEY", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", openai_key_valid),
         Detector("anthropic_api_key", "ANTHROPIC_KEY", r"\bsk-ant-[A-Za-z0-9_-]{20,}"),
         Detector("github_token", "GITHUB_TOKEN", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"),
-        Detector("gitlab_token", "GITLAB_TOKEN", r"\bglpat-[A-Za-z0-9_-]{20,}"),
-        Detector("slack_token", "SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-        Detector("stripe_key", "STRIPE_KEY", r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"),
-        Detector("google_api_key", "GOOGLE_KEY", r"\bAIza[0-9A-Za-z_-]{35}"),
+        Detector(
+            "gitlab_token",
+            "GITLAB_TOKEN",
+            # every prefix of GitLab's token-prefix table, an instance prefix before it
+            # (`acme-glpat-`), the routable form's `.<version>.<crc>` tail; legacy runner
+            # registration tokens `GR1348941`
+            r"\b(?:(?:[A-Za-z0-9]+-)?gl(?:pat|oas|dt|rt|rtr|cbt|ptt|ft|imt|agent|soat|ffct|wt)-[A-Za-z0-9_-]{20,}"
+            r"(?:\.[0-9A-Za-z]{2}\.[0-9A-Za-z]{7,10}\b)?|GR1348941[A-Za-z0-9_-]{20,})",
+        ),
+        Detector(
+            "slack_token",
+            "SLACK_TOKEN",
+            # xoxb/xoxp/xoxa/xoxr/xoxs/xoxo, browser xoxc/xoxd, rotating xoxe.xoxp-/xoxe-,
+            # app-level xapp-, and incoming webhook, workflow and trigger URLs
+            r"\b(?:xox(?:[abposrcd]|e(?:\.xox[bp])?)-[A-Za-z0-9-]{10,}|xapp-[0-9]+-[A-Za-z0-9-]{10,}"
+            r"|https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]{16,})",
+        ),
+        Detector("stripe_key", "STRIPE_KEY", r"\b(?:(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}|whsec_[A-Za-z0-9]{24,})"),
+        Detector(
+            "google_api_key",
+            "GOOGLE_KEY",
+            # API keys, OAuth 2.0 client secrets, OAuth 2.0 access tokens
+            r"\b(?:AIza[0-9A-Za-z_-]{35}|GOCSPX-[0-9A-Za-z_-]{28}|ya29\.[0-9A-Za-z_-]{20,})",
+        ),
         Detector(
             "jwt",
             "JWT",
-            r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}",
+            # a JSON header (`{"` or `{` and white space), any payload, a signature or
+            # none (`alg: none`); jwt_valid reads the header
+            r"\be[wy][A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.(?:[A-Za-z0-9_-]{16,})?",
+            jwt_valid,
         ),
         Detector(
             "pem_private_key",

@@ -155,9 +155,9 @@ class Scanner:
         values are digit groups (`Detector.grouped`: cards, IBANs) is retried on the
         whole run of groups it belongs to, window by window of consecutive groups, so a
         greedy candidate that swallowed digits around a valid value, or stopped short of
-        one running past its end, does not hide it. A failed candidate of a detector that
-        `claims` its shape (an IBAN-shaped value with a bad check, a malformed IPv6
-        address) is one invalid value: no other detector's match strictly inside it counts."""
+        one running past its end, does not hide it. A candidate of a detector that
+        `claims` its shape (an IBAN-shaped value, an IPv6-shaped one) is one value, valid
+        or not: no other detector's match strictly inside it counts."""
         data = text.encode()
         present = range(1) if len(self.detectors) == 1 else sorted(self.present.Match(data) or ())
         ascii_only = len(data) == len(text)
@@ -179,6 +179,8 @@ class Scanner:
                 value = text[start:end]
                 if (detector.validator is None or detector.validator(value)) and detector.in_context(text, start):
                     found.append((start, end, rank))
+                    if detector.claims:  # a valid IBAN's digits are not also a card number
+                        claimed.setdefault(rank, []).append((start, end))
                 else:
                     before = len(found)
                     if detector.grouped:
