@@ -379,3 +379,27 @@ def test_values_in_the_url_path_and_query_names_are_masked_upstream_in_the_audit
     entries = [e for e in leak_gateway.wait_audit(1) if "/v1/users/" in e.get("path", "")]
     assert entries and "[REDACTED:EMAIL]" in httpx.URL("https://x" + entries[-1]["path"]).path
     assert_nowhere((EMAIL, "jane.doe%40example.com", "4111%201111", "078-05-1120"), received.path, evidence(leak_gateway))
+
+
+# --- item 9: every format the providers issue ------------------------------------------
+
+
+def test_every_provider_token_format_is_masked_both_ways_and_in_the_recording(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    """One seeded value of every format of every built-in detector (bench/corpus.py's
+    generators, docs/detectors.md's table) in a request and in the response."""
+    from tests.unit.masking.test_detectors import CORPUS
+
+    rng = CORPUS.Rng("e2e formats")
+    values = {f"{d}:{f}": make(rng) for d, formats in CORPUS.VALID.items() for f, make in formats.items()}
+    scripted.replies["/formats"] = ("application/json", orjson.dumps({"echo": list(values.values())}))
+
+    reply = agent.post(f"{scripted.url}/formats", json={"notes": [f"note {v} end" for v in values.values()]})
+
+    assert reply.status_code == 200, reply.text
+    sent, received = orjson.loads(scripted.received[-1].body)["notes"], reply.json()["echo"]
+    for got in (sent, received):
+        left = [name for name, text in zip(values, got, strict=True) if CORPUS.survived(values[name], text)]
+        assert left == [], f"{len(left)} of {len(values)} formats left in clear: {left}"
+    assert_nowhere(tuple(v for v in values.values() if len(v) >= 12), evidence(leak_gateway))
