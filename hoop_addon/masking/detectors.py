@@ -46,7 +46,15 @@ from stdnum import iban as stdnum_iban
 
 
 class DetectorError(ValueError):
-    """A detector's pattern does not compile under RE2 (message says why)."""
+    """A detector's pattern does not compile under RE2, or compiles to too large a
+    program (message says why)."""
+
+
+MAX_PROGRAM_SIZE = 2000
+"""Most RE2 program instructions a detector's pattern may compile to. Every body is
+scanned with every detector, and the cost per byte grows with the program where RE2's
+DFA cannot cache it (`.{300}x` is 2,405 instructions; the largest built-in, 355);
+what the limit cannot see, the masking stage's time budget per body bounds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,11 @@ class Detector:
             raise DetectorError(f"invalid RE2 pattern: {reason}") from None
         if compiled.groups:
             raise DetectorError("pattern must not contain capturing groups; use (?:...)")
+        if compiled.programsize > MAX_PROGRAM_SIZE:
+            raise DetectorError(
+                f"pattern compiles to an RE2 program of {compiled.programsize} instructions, more than "
+                f"{MAX_PROGRAM_SIZE}: it would cost too much per byte scanned (shorten counted repetitions)"
+            )
 
     def in_context(self, text: str, start: int) -> bool:
         """True when the detector has no keywords, or one occurs in the `window`

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,14 +56,28 @@ class MaskError(Exception):
     it never contains body content)."""
 
 
+class MaskBudgetExceeded(MaskError):
+    """Masking one body (or one piece of a stream) took longer than its time budget."""
+
+
 @dataclass(slots=True)
 class MaskContext:
     """What operators need beyond the rule: `secret`, the HMAC key of `hash`
-    (bytes), and `tokens`, the session's vault of `tokenize` (and of restoring)."""
+    (bytes), and `tokens`, the session's vault of `tokenize` (and of restoring); and
+    `deadline`, a `time.monotonic()` instant (seconds) past which masking stops
+    (`charge` raises), or None for no budget."""
 
     secret: bytes | None = None
     tokens: TokenSession | None = None
+    deadline: float | None = None
     _replacers: dict[str, Replace] = dataclasses.field(default_factory=dict, repr=False)
+
+    def charge(self) -> None:
+        """Called after each scan: raises `MaskBudgetExceeded` once the deadline has
+        passed, so that one body cannot hold the event loop for long (a scan runs to
+        its end: its cost is bounded by the detectors' program size and the body size)."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise MaskBudgetExceeded("masking took longer than its time budget (hoop_mask_budget)")
 
     def replacer(self, rule: MaskRule) -> Replace:
         """The function giving a match's replacement under `rule.operator` (the value
@@ -365,6 +380,7 @@ def mask_text(
     only when something matched."""
     scanner, owner = combined(rules)
     spans = scanner.spans(text) if scanner else None
+    context.charge()
     if not spans:
         return text
     counts: dict[str, tuple[MaskRule, dict[str, int]]] = {}

@@ -354,6 +354,7 @@ class EventStreamMasker:
         if scanner:  # what was sent before is read too: a keyword-gated value's keyword may be there
             before = len(stream.before)
             spans = [(s - before, e - before, d) for s, e, d in scanner.spans(stream.before + pending) if s >= before]
+            self.context.charge()
         cut = len(pending) if final else _cut(pending, stream.hold)
         for s, e, _ in spans:
             if s < cut < e:

@@ -4,6 +4,7 @@ last stage, `Restore`, which puts `tokenize` tokens back in the client's respons
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections.abc import Hashable
 from typing import Any
@@ -14,7 +15,7 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.utils import human
 
 from hoop_addon.masking.body import NDJSON_TYPES, UnsupportedMedia, mask_body
-from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_text
+from hoop_addon.masking.engine import Evidence, MaskBudgetExceeded, MaskContext, MaskError, mask_text
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.masking.vault import TokenSession, Vault
 from hoop_addon.masking.codec import Decoder, decode
@@ -32,7 +33,10 @@ class Mask(Stage):
     Owns options `hoop_mask_secret` (where the `hash` operator's HMAC key is:
     `env:NAME` or a file path; default `env:HOOP_MASK_SECRET`) and
     `hoop_mask_max_body` (most bytes a body may decode to, e.g. `16m`: a larger one,
-    a decompression bomb, is refused).
+    a decompression bomb, is refused) and `hoop_mask_budget` (seconds masking one
+    body, one WebSocket message or one piece of a stream may take: past it the flow is
+    refused as `mask_budget_exceeded`, so one costly pattern cannot stall the event
+    loop for every other flow).
 
     Bodies are decoded from their content-encoding, masked, and re-encoded; the
     `query`, `headers` and `cookies` a rule names are masked too. `text/event-stream`
@@ -50,6 +54,7 @@ class Mask(Stage):
     def __init__(self) -> None:
         self.secret: bytes | None = None
         self.max_body = 16 * 1024 * 1024
+        self.budget = 2.0
         self.vault = Vault()
         self.sessions: weakref.WeakKeyDictionary[http.HTTPFlow, TokenSession] = weakref.WeakKeyDictionary()
         self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, EventStreamMasker] = weakref.WeakKeyDictionary()
@@ -60,6 +65,10 @@ class Mask(Stage):
             "HMAC key of the `hash` masking operator: env:NAME or a file path.",
         )
         loader.add_option("hoop_mask_max_body", str, "16m", "Most bytes a body may decode to before it is refused.")
+        loader.add_option(
+            "hoop_mask_budget", str, "2",
+            "Seconds masking one body, message or stream piece may take before the flow is refused.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
@@ -75,6 +84,15 @@ class Mask(Stage):
                 self.config_error(f"hoop: hoop_mask_max_body: not a size: {ctx.options.hoop_mask_max_body!r}")
                 return
             self.max_body = size
+        if "hoop_mask_budget" in updated:
+            try:
+                budget = float(ctx.options.hoop_mask_budget)
+            except ValueError:
+                budget = 0.0
+            if not 0 < budget <= 60:  # also refuses nan and inf
+                self.config_error(f"hoop: hoop_mask_budget: not a number of seconds in (0, 60]: {ctx.options.hoop_mask_budget!r}")
+                return
+            self.budget = budget
         if "hoop_mask_secret" in updated:
             where = ctx.options.hoop_mask_secret
             if where.startswith("env:"):
@@ -152,6 +170,7 @@ class Mask(Stage):
             if failed:
                 return []
             try:
+                context.deadline = time.monotonic() + self.budget
                 if chunk:  # b"" is mitmproxy's end of stream
                     out = masker.feed(decoder.feed(chunk))
                 else:
@@ -161,14 +180,15 @@ class Mask(Stage):
                 failed = True
                 message = _message(exc)
                 logger.error(f"hoop: mask: stream of {_where(flow)} ended: {message}")
+                reason = "mask_budget_exceeded" if isinstance(exc, MaskBudgetExceeded) else "unmaskable_response"
                 hoop(flow)["decision"] = {
-                    "outcome": "deny", "stage": "mask", "reason": "unmaskable_response",
+                    "outcome": "deny", "stage": "mask", "reason": reason,
                     "message": f"upstream stream ended: it could not be inspected: {message}",
                 }
                 said = "the upstream's stream could not be inspected; the gateway ended it"
                 if masker.framing == "sse":
-                    return [stream_error_event(hoop(flow).get("api"), "unmaskable_response", said, "mask")]
-                return [error_body(hoop(flow).get("api"), 502, "unmaskable_response", said, "mask") + b"\n"]
+                    return [stream_error_event(hoop(flow).get("api"), reason, said, "mask")]
+                return [error_body(hoop(flow).get("api"), 502, reason, said, "mask") + b"\n"]
 
         response.stream = stream
 
@@ -241,7 +261,8 @@ class Mask(Stage):
                     return
                 raise MaskError("a binary message that is not UTF-8 cannot be inspected")
             kind = "application/json" if content.lstrip()[:1] in (b"{", b"[") else "text/plain"
-            new, records = mask_body(content, kind, rules, part, MaskContext(self.secret, self.sessions.get(flow)))
+            context = MaskContext(self.secret, self.sessions.get(flow), time.monotonic() + self.budget)
+            new, records = mask_body(content, kind, rules, part, context)
             hoop(flow).setdefault("masked", []).extend(records)
             if new is not None:
                 message.content = new
@@ -251,7 +272,7 @@ class Mask(Stage):
             flow.kill()
 
     def _mask(self, flow: http.HTTPFlow, message: http.Message, rules: tuple[MaskRule, ...], part: Direction) -> None:
-        context = MaskContext(self.secret, self.sessions.get(flow))
+        context = MaskContext(self.secret, self.sessions.get(flow), time.monotonic() + self.budget)
         evidence = Evidence()
         if isinstance(message, http.Request):
             _mask_target(message, rules, context, evidence)
@@ -280,7 +301,10 @@ class Mask(Stage):
             logger.warning(f"hoop: mask: {part} of {_where(flow)} not inspected by shadow rules: {message}")
             return
         logger.error(f"hoop: mask: {part} of {_where(flow)} refused: {message}")
-        if isinstance(exc, UnsupportedMedia) and part == "request":
+        if isinstance(exc, MaskBudgetExceeded):
+            status, where = (422, "request could not be inspected") if part == "request" else (502, "upstream response withheld")
+            refuse(flow, status, "mask", "mask_budget_exceeded", f"{where}: {message}")
+        elif isinstance(exc, UnsupportedMedia) and part == "request":
             refuse(flow, 415, "mask", "unsupported_media_type", f"request could not be inspected: {message}")
         elif part == "request":
             refuse(flow, 422, "mask", "unmaskable_request", f"request could not be inspected: {message}")

@@ -403,3 +403,58 @@ def test_every_provider_token_format_is_masked_both_ways_and_in_the_recording(
         left = [name for name, text in zip(values, got, strict=True) if CORPUS.survived(values[name], text)]
         assert left == [], f"{len(left)} of {len(values)} formats left in clear: {left}"
     assert_nowhere(tuple(v for v in values.values() if len(v) >= 12), evidence(leak_gateway))
+
+
+# --- item 7: one costly pattern cannot stall the event loop -----------------------------
+
+SLOW_POLICY = POLICY.replace("masking:\n", """\
+detectors:
+  - name: costly
+    pattern: '(?:a|e).{{40}}z\\b'
+masking:
+  - name: slow
+    direction: both
+    detectors: [costly, email]
+""", 1).replace("    masking: [everything]\n", "    masking: [slow]\n")
+
+
+@pytest.fixture(scope="module")
+def budget_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
+    work = tmp_path_factory.mktemp("budget-gateway")
+    gw = Gateway(write_policy(work / "rules", idp, SLOW_POLICY), work, pki[0].cert_path, options={"hoop_mask_budget": "0.05"})
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def test_a_body_past_the_masking_time_budget_is_refused_and_counted_never_forwarded(
+    budget_gateway: Gateway, scripted: Scripted, idp: LocalIdP
+) -> None:
+    """A pattern RE2's DFA cannot cache costs ~0.4 s per MB; a 4 MB body of words
+    (with an email in each value) takes far past a 0.05 s budget: refused 422, not
+    forwarded, audited and counted; a small body under the same policy passes."""
+    import random
+    import string
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rng = random.Random(7)
+    words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9))) for _ in range(8000))
+    trust = ssl.create_default_context(cafile=str(budget_gateway.ca_cert))
+    token = idp.mint(subject="budget-agent", groups=["agents"])
+    with httpx.Client(proxy=budget_gateway.proxy(token), verify=trust, timeout=30) as client:
+        before = len(scripted.received)
+        large = client.post(f"{scripted.url}/budget", json={"notes": [f"{words} {EMAIL}"] * 64})
+        forwarded = scripted.received[before:]
+        small = client.post(f"{scripted.url}/budget", json={"notes": [f"hello {EMAIL}"]})
+
+    assert large.status_code == 422, large.text
+    assert "mask_budget_exceeded" in large.text and "time budget" in large.text
+    assert forwarded == []
+    assert small.status_code == 200 and orjson.loads(scripted.received[-1].body) == {"notes": ["hello [REDACTED:EMAIL]"]}
+    refused = [e["decision"] for e in budget_gateway.wait_audit(2) if e["decision"]["outcome"] == "deny"]
+    assert [(d["stage"], d["reason"]) for d in refused] == [("mask", "mask_budget_exceeded")]
+    metrics = httpx.get(f"{budget_gateway.control_url}/metrics").text
+    counted = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+               if s.name == "hoop_refusals_total" and s.labels.get("reason") == "mask_budget_exceeded"]
+    assert counted == [1.0]

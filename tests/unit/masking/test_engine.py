@@ -324,3 +324,31 @@ class TestOperators:
         assert vault.session("a", create=False) is None
 
 
+
+
+class TestBudget:
+    """A masking time budget (`MaskContext.deadline`): past it, masking stops with
+    `MaskBudgetExceeded` (the stage refuses the flow), buffered bodies and streams alike."""
+
+    def test_a_body_masked_past_its_deadline_raises(self) -> None:
+        body = orjson.dumps({"notes": [f"hello {EMAIL}"] * 3})
+        late = MaskContext(deadline=0.0)  # time.monotonic() is past 0 already
+
+        with pytest.raises(engine.MaskBudgetExceeded, match="time budget"):
+            mask_body(body, "application/json", [PII], "request", late)
+        assert mask_body(body, "application/json", [PII], "request", MaskContext(deadline=float("inf")))[0] is not None
+
+    def test_a_stream_piece_masked_past_its_deadline_raises(self) -> None:
+        from hoop_addon.masking.sse import EventStreamMasker
+
+        masker = EventStreamMasker([rule(DELTA)], MaskContext(deadline=0.0), engine.Evidence())
+
+        with pytest.raises(engine.MaskBudgetExceeded):
+            masker.feed(stream([f"write to {EMAIL}"]))
+
+    def test_a_pattern_too_large_for_its_cost_is_refused_when_defined(self) -> None:
+        from hoop_addon.masking.detectors import MAX_PROGRAM_SIZE, DetectorError
+
+        with pytest.raises(DetectorError, match=rf"RE2 program of \d+ instructions, more than {MAX_PROGRAM_SIZE}"):
+            Detector("wide", "WIDE", r".{300}x")
+        Detector("fits", "FITS", r"[A-Z]{2}[0-9]{6}")

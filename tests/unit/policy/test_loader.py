@@ -165,6 +165,14 @@ class TestExampleRules:
         ),
         pytest.param(
             """\
+            detectors:
+              - name: wide
+                pattern: .{300}x
+            """,
+            3, "detectors[0].pattern", "pattern compiles to an RE2 program of 2405 instructions, more than 2000", id="program-too-large",
+        ),
+        pytest.param(
+            """\
             masking:
               - name: m
                 paths:
