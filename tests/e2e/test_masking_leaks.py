@@ -72,7 +72,6 @@ class Scripted:
     key: Path
     received: list[Received] = field(default_factory=list)
     replies: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    trailers: dict[str, bytes] = field(default_factory=dict)  # path -> raw trailer section
 
     def __post_init__(self) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -92,14 +91,11 @@ class Scripted:
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Transfer-Encoding", "chunked")
-                trailers = outer.trailers.get(self.path.split("?")[0], b"")
-                if trailers:
-                    self.send_header("Trailer", trailers.split(b":")[0].decode())
                 self.end_headers()
                 for i in range(0, len(reply), 5):
                     piece = reply[i : i + 5]
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.write(b"0\r\n" + trailers + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_POST = do_PUT = _answer
 
@@ -458,3 +454,73 @@ def test_a_body_past_the_masking_time_budget_is_refused_and_counted_never_forwar
     counted = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
                if s.name == "hoop_refusals_total" and s.labels.get("reason") == "mask_budget_exceeded"]
     assert counted == [1.0]
+
+
+class H2Trailers:
+    """An HTTP/2 upstream (h2, TLS with ALPN `h2`) that answers every request with a
+    small body and a trailer section `trailers` (RFC 9113 §8.1), as gRPC does."""
+
+    def __init__(self, cert: Path, key: Path, trailers: list[tuple[str, str]]) -> None:
+        import socket
+
+        self.trailers = trailers
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.context.set_alpn_protocols(["h2"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://localhost:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
+
+    def _connection(self, raw) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        with self.context.wrap_socket(raw, server_side=True) as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.initiate_connection()
+            tls.sendall(conn.data_to_send())
+            while data := tls.recv(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "text/plain")])
+                        conn.send_data(event.stream_id, b"body without values")
+                        conn.send_headers(event.stream_id, self.trailers, end_stream=True)
+                tls.sendall(conn.data_to_send())
+
+
+def test_http2_response_trailers_are_masked_for_the_agent_and_the_recording(
+    leak_gateway: Gateway, pki: tuple[CA, Path, Path], idp: LocalIdP
+) -> None:
+    """HTTP/2 trailers after the body (gRPC's `grpc-message`): a value in a trailer is
+    masked like one in a header, for the agent (curl writes trailers with the headers)
+    and in the recording. (mitmproxy cannot read HTTP/1.1 trailers at all: such a
+    message ends the connection, nothing of it is forwarded.)"""
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    upstream = H2Trailers(pki[1], pki[2], [("grpc-status", "2"), ("grpc-message", f"no account for {EMAIL}")])
+    token = idp.mint(subject="trailer-agent", groups=["agents"])
+
+    run = subprocess.run(
+        [curl, "-sS", "--max-time", "10", "--http2", "-D", "-", "--proxy", leak_gateway.proxy(token),
+         "--cacert", str(leak_gateway.ca_cert), f"{upstream.url}/trailers"],
+        capture_output=True, timeout=20,
+    )
+    upstream.listener.close()
+
+    assert run.returncode == 0, run.stderr
+    assert b"body without values" in run.stdout
+    assert b"grpc-message: no account for [REDACTED:EMAIL]" in run.stdout, run.stdout
+    assert_nowhere((EMAIL,), run.stdout, evidence(leak_gateway))
