@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -134,10 +134,12 @@ class Mask(Stage):
             return
         rules = route.rules_for("response")
         session = self.sessions.get(flow)
-        if not rules and not session:
-            return
         response = flow.response
         mime = _mime(response)
+        if not rules and not session:
+            if (mime == "text/event-stream" or mime in NDJSON_TYPES) and not _encoded(response):
+                response.stream = self._passthrough(flow, mime)
+            return
         if mime != "text/event-stream" and mime not in NDJSON_TYPES:
             response.stream = False  # buffered, so that `response` masks the whole body
             return
@@ -155,7 +157,7 @@ class Mask(Stage):
         # raises, the stage guard kills the flow: nothing reaches the client).
         _mask_named(response.headers, "headers", rules, context, masker.evidence)
         if session is None and all(r.shadow for r in rules):
-            response.stream = self._observer(flow, decoder, masker)
+            response.stream = self._passthrough(flow, mime, self._observer(flow, decoder, masker))
             self.streams[flow] = masker
             return
         response.headers.pop("Content-Encoding", None)
@@ -192,15 +194,50 @@ class Mask(Stage):
 
         response.stream = stream
 
-    @staticmethod
-    def _observer(flow: http.HTTPFlow, decoder: Decoder, masker: EventStreamMasker):
-        """The stream callable of a shadow-only stream (`action: log` rules, nothing to
-        restore): the chunks go on as the upstream sent them, and a decoded copy goes
-        through the masker for the evidence. What it cannot read ends the observing,
-        never the stream: shadow rules do not decide what passes."""
-        watching = True
+    def _passthrough(self, flow: http.HTTPFlow, mime: str, observe: Callable[[bytes], None] | None = None):
+        """The stream callable of an event stream that goes on as the upstream sends it,
+        chunk by chunk as it arrives (LLM tokens, MCP progress), not at the stream's end:
+        one no response rule reads (identity-encoded only: the credential echo scrubber,
+        which wraps this callable, reads the bytes as sent), or one only shadow rules
+        read, each chunk then given to `observe` too. Where streamed bodies are
+        recorded, a stream longer than `hoop_mask_max_body` ends with an error
+        (`response_too_large`): the recording cannot keep it (mitmproxy would hold it
+        all in memory)."""
+        limit = self.max_body if getattr(ctx.options, "store_streamed_bodies", False) else None
+        size, ended = 0, False
 
         def stream(chunk: bytes) -> list[bytes]:
+            nonlocal size, ended
+            if ended:
+                return []
+            if observe is not None:
+                observe(chunk)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                ended = True
+                logger.error(f"hoop: mask: stream of {_where(flow)} ended: longer than hoop_mask_max_body ({limit} bytes)")
+                hoop(flow)["decision"] = {
+                    "outcome": "deny", "stage": "mask", "reason": "response_too_large",
+                    "message": f"upstream stream ended: longer than the {limit} bytes the recording keeps",
+                }
+                said = "the upstream's stream is longer than the gateway records; the gateway ended it"
+                api = hoop(flow).get("api")
+                if mime == "text/event-stream":  # after a blank line, so a cut event does not swallow it
+                    return [b"\n\n" + stream_error_event(api, "response_too_large", said, "mask")]
+                return [b"\n" + error_body(api, 502, "response_too_large", said, "mask") + b"\n"]
+            return [chunk] if chunk else []  # never b"" before the end: an empty HTTP/1.1 chunk ends it
+
+        return stream
+
+    @staticmethod
+    def _observer(flow: http.HTTPFlow, decoder: Decoder, masker: EventStreamMasker) -> Callable[[bytes], None]:
+        """What watches a shadow-only stream (`action: log` rules, nothing to restore):
+        a decoded copy of each chunk goes through the masker for the evidence. What it
+        cannot read ends the watching, never the stream: shadow rules do not decide
+        what passes."""
+        watching = True
+
+        def observe(chunk: bytes) -> None:
             nonlocal watching
             if watching:
                 try:
@@ -208,9 +245,8 @@ class Mask(Stage):
                 except Exception as exc:
                     watching = False
                     logger.warning(f"hoop: mask: stream of {_where(flow)} not inspected by shadow rules: {_message(exc)}")
-            return [chunk] if chunk else []  # never b"" before the end: an empty HTTP/1.1 chunk ends it
 
-        return stream
+        return observe
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or not hoop(flow).get("forwarded") or (route := route_of(flow)) is None:
@@ -346,6 +382,11 @@ def _utf8(data: bytes) -> bool:
 
 def _mime(message: http.Message) -> str:
     return message.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def _encoded(message: http.Message) -> bool:
+    """Whether the message has a content-coding other than identity."""
+    return message.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity")
 
 
 def _textual(mime: str) -> bool:
