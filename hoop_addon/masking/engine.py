@@ -491,11 +491,13 @@ def _mask_members(
 
 @dataclass(slots=True)
 class _Selection:
-    """What a rule's paths select in a document: the strings and numbers (`leaves`)
-    and the objects whose member names it masks (`objects`), each once."""
+    """What a rule's paths select in a document: the strings and numbers (`leaves`),
+    the objects whose member names it masks (`objects`), each once, and the locations
+    the paths select themselves (`roots`; `()`, the document, for a rule without paths)."""
 
     leaves: list[Leaf]
     objects: list[tuple[Location, dict[str, Any]]]
+    roots: frozenset[Location]
 
 
 def leaves(doc: Any, rule: MaskRule, numbers: bool = True) -> list[Leaf]:
@@ -504,6 +506,14 @@ def leaves(doc: Any, rule: MaskRule, numbers: bool = True) -> list[Leaf]:
     document, parent container, key); a scalar root's parent is a one-item list.
     Raises `MaskError` beyond `MAX_DEPTH`."""
     return _select([doc], rule, numbers).leaves
+
+
+def selected(doc: Any, rule: MaskRule) -> tuple[list[Leaf], frozenset[Location]]:
+    """`leaves(doc, rule)`, and the locations `rule`'s paths select themselves (a leaf
+    among them was named by a path; one not among them is inside a selected object or
+    array)."""
+    selection = _select([doc], rule)
+    return selection.leaves, selection.roots
 
 
 def _select(box: list[Any], rule: MaskRule, numbers: bool = True) -> _Selection:
@@ -530,7 +540,7 @@ def _select(box: list[Any], rule: MaskRule, numbers: bool = True) -> _Selection:
         for step in (0, *root)[:-1]:
             parent = parent[step]
         walk(parent, (0, *root)[-1], tuple(root))
-    return _Selection(list(found.values()), list(objects.items()))
+    return _Selection(list(found.values()), list(objects.items()), frozenset(tuple(r) for r in roots))
 
 
 def evidence_path(location: Sequence[str | int], rules: Sequence[MaskRule]) -> str:

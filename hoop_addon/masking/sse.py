@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from hoop_addon.masking.engine import (
-    Evidence, Leaf, Location, MaskContext, MaskError, combined, evidence_path, leaves, mask_text, operate,
+    Evidence, Leaf, Location, MaskContext, MaskError, combined, evidence_path, leaves, mask_text, operate, selected,
 )
 from hoop_addon.masking.normalize import partial_escape, view
 from hoop_addon.masking.vault import TokenSession
@@ -292,14 +292,18 @@ class EventStreamMasker:
             parents = {("data",): (box, 0)}
         else:
             parents = {}
-            selections: dict[tuple[str, ...], list[Leaf]] = {}  # rules often share their paths
+            selections: dict[tuple[str, ...], tuple[list[Leaf], frozenset[Location]]] = {}  # rules often share paths
             whole: dict[Location, tuple[Any, str | int, list[MaskRule]]] = {}  # masked at once, not streamed
             for rule in self.rules:
                 selection = tuple(p for p, _ in rule.paths)
                 if (found := selections.get(selection)) is None:
-                    found = selections[selection] = leaves(box[0], rule)
-                for location, parent, key in found:
-                    if isinstance(parent[key], str) and (rule.paths or is_delta(location)):
+                    found = selections[selection] = selected(box[0], rule)
+                found_leaves, named = found
+                for location, parent, key in found_leaves:
+                    # A string is one text across events where a path names it, or where it
+                    # is a known delta field; the other strings of a selected object (a
+                    # `type`, a `role`) are masked event by event, never joined.
+                    if isinstance(parent[key], str) and ((rule.paths and location in named) or is_delta(location)):
                         event.streamed.setdefault(location, []).append(rule)
                         parents[location] = (parent, key)
                     else:

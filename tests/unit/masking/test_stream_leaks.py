@@ -111,3 +111,50 @@ def test_a_buffered_ndjson_response_without_values_is_forwarded_byte_for_byte() 
 def test_a_buffered_ndjson_response_is_masked_as_a_stream() -> None:
     new, _ = mask_body(ollama([f"mail {EMAIL[:6]}", f"{EMAIL[6:]} ok"]), "application/x-ndjson", [ALL], "response")
     assert new is not None and EMAIL[6:].encode() not in new and b"[REDACTED:EMAIL]" in new
+
+
+# A path to an object: its known delta field is one text across events; its other
+# strings (`type`, `role`, ids) stay in their own events, whole.
+CONTAINER_STREAMS = {
+    "anthropic $.delta": ("$.delta", lambda i, p: {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "text_delta", "text": p}}),
+    "openai $.choices[*].delta": ("$.choices[*].delta", lambda i, p: {"id": "c1", "choices": [
+        {"index": 0, "delta": ({"role": "assistant"} if i == 0 else {}) | {"content": p}}]}),
+    "openai $": ("$", lambda i, p: {"id": "c1", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": p}}]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTAINER_STREAMS))
+def test_a_path_to_an_object_streams_its_text_and_keeps_its_other_strings_in_place(name: str) -> None:
+    path, event = CONTAINER_STREAMS[name]
+    text = f"write to {EMAIL} today"
+    tried = 0
+    for a in range(1, len(text) - 1):
+        for b in range(a + 1, len(text)):
+            pieces = [text[:a], text[a:b], text[b:]]
+            docs = [event(i, p) for i, p in enumerate(pieces)]
+            body = "".join(f"data: {orjson.dumps(d).decode()}\n\n" for d in docs).encode()
+            masker = EventStreamMasker([rule(path)], MaskContext(), Evidence())
+            out = masker.feed(body) + masker.feed(b"", final=True)
+            got = [orjson.loads(line[6:]) for line in out.decode().split("\n") if line.startswith("data: ")]
+            streamed = "".join(_text(g) for g in got)
+            assert streamed == "write to [REDACTED:EMAIL] today", (name, a, b)
+            for original, masked in zip(docs, got, strict=False):  # structure of each event kept
+                assert _structure(masked) == _structure(original), (name, a, b)
+            tried += 1
+    assert tried == (len(text) - 2) * (len(text) - 1) // 2
+
+
+def _text(doc: dict) -> str:
+    return doc["delta"]["text"] if "delta" in doc else doc["choices"][0]["delta"].get("content", "")
+
+
+def _structure(doc: dict) -> dict:
+    """The event without its streamed text."""
+    copy = json.loads(json.dumps(doc))
+    if "delta" in copy:
+        copy["delta"]["text"] = ""
+    else:
+        copy["choices"][0]["delta"]["content"] = ""
+    return copy
