@@ -217,21 +217,18 @@ class EventStreamMasker:
         """One NDJSON line (with its line end): a JSON document, masked like an event's data."""
         text = raw.rstrip("\r\n")
         if not text.strip():
-            out.append(raw)
-            recorded.append(raw)
+            _unchanged(raw, out, recorded)
             return
         event = _Event([], raw[len(text) :])
         try:
             event.doc = orjson.loads(text)
         except orjson.JSONDecodeError:
             if all(r.shadow for r in self.rules):
-                out.append(raw)
-                recorded.append(raw)
+                _unchanged(raw, out, recorded)
                 return
             raise MaskError("an NDJSON line is not valid JSON") from None
         if not self._mask_event(event, out, recorded):
-            out.append(raw)
-            recorded.append(raw)
+            _unchanged(raw, out, recorded)
 
     def _event(self, raw: str, out: list[str], recorded: list[str]) -> None:
         lines = _LINE.findall(raw)
@@ -240,16 +237,14 @@ class EventStreamMasker:
             lines = [ln if ln in data else self._mask_line(ln) for ln in lines]
             raw = "".join(lines)
         if not data:
-            out.append(raw)
-            recorded.append(raw)
+            _unchanged(raw, out, recorded)
             return
         value = "\n".join(_field(ln) for ln in data)
         eol = data[0][len(data[0].rstrip("\r\n")) :] or "\n"
         event = _Event([ln for ln in lines if ln not in data], eol)
         if not value.strip() or value == "[DONE]":
             self._flush(set(), out, recorded)
-            out.append(raw)
-            recorded.append(raw)
+            _unchanged(raw, out, recorded)
             return
         # Only enforcing rules decide what passes: what shadow rules cannot inspect goes on.
         if value.lstrip()[:1] in ("{", "["):
@@ -257,8 +252,7 @@ class EventStreamMasker:
                 event.doc = orjson.loads(value)
             except orjson.JSONDecodeError:
                 if all(r.shadow for r in self.rules):
-                    out.append(raw)
-                    recorded.append(raw)
+                    _unchanged(raw, out, recorded)
                     return
                 raise MaskError("an event's data is not valid JSON") from None
         else:
@@ -268,8 +262,7 @@ class EventStreamMasker:
             event.text = value
         changed = self._mask_event(event, out, recorded)
         if not changed:
-            out.append(raw)
-            recorded.append(raw)
+            _unchanged(raw, out, recorded)
 
     def _mask_line(self, line: str) -> str:
         """A line other than `data:` (a comment, `event:`, `id:`), masked by the rules
@@ -460,6 +453,12 @@ def _ends_text(doc: Any) -> bool:
         if isinstance(items := doc.get(key), list) and any(isinstance(i, dict) and i.get(finish) for i in items):
             return True
     return False
+
+
+def _unchanged(raw: str, out: list[str], recorded: list[str]) -> None:
+    """An event or line that goes on as it came: to the client and to the recording."""
+    out.append(raw)
+    recorded.append(raw)
 
 
 def _field(line: str) -> str:
