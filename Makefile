@@ -79,6 +79,7 @@ soak: venv
 
 bench: venv
 	$(PY) bench/chain.py $(if $(QUICK),--quick)
+	$(PY) bench/streams.py $(if $(QUICK),--streams 100 --rounds 1)
 
 bench-engine: venv
 	$(PY) bench/engine.py
