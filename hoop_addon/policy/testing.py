@@ -32,7 +32,7 @@ import orjson
 import yaml
 from yaml.nodes import Node
 
-from hoop_addon.policy.loader import _CONSTRUCTOR, PolicyError, _compose, _Loc, _Map, _seq
+from hoop_addon.policy.loader import _CONSTRUCTOR, _compose, _Loc, _Map, _seq
 from hoop_addon.policy.model import Policy
 from hoop_addon.policy.simulate import Caller, Exchange, Outcome, simulate
 

@@ -29,6 +29,7 @@ from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
 from tests.e2e.test_approvals import wait_for
 from tests.support.idp import LocalIdP
+from tests.support.upstreams import serve_connections
 
 EMAIL = "jane.doe@example.com"
 RULES = POLICY + """\
@@ -49,19 +50,11 @@ class RawUpstream:
         context.load_cert_chain(pki[1], pki[2])
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.context, self.reply, self.requests = context, reply, 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_connections(self.listener, self._one)
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.listener.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
 
     def _one(self, raw: socket.socket) -> None:
         try:

@@ -22,6 +22,7 @@ from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
 from tests.e2e.test_approvals import wait_for
 from tests.support.agents import chat
 from tests.support.idp import LocalIdP
+from tests.support.upstreams import https_server
 
 LIMITS = """\
 limits:
@@ -175,13 +176,7 @@ class HeldUpstream:
                 self.end_headers()
                 self.wfile.write(answer)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = https_server(Handler, cert, key, host="127.0.0.1")
 
     def stop(self) -> None:
         self.release.set()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.server
 import json
 import ssl
-import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import write_policy
 from tests.support.idp import LocalIdP
+from tests.support.upstreams import https_server
 
 EMAIL, CARD = "jane.doe@example.com", "4242 4242 4242 4242"
 PLANTED = ("help@upstream.example", "4111 1111 1111 1111")  # in every FakeOpenAI reply
@@ -100,8 +100,6 @@ class ScriptedUpstream:
     in one piece with a Content-Length instead."""
 
     def __init__(self, cert: Path, key: Path) -> None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -128,10 +126,7 @@ class ScriptedUpstream:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 self.wfile.write(b"0\r\n\r\n")
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://localhost:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = https_server(Handler, cert, key)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.server
 import json
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from hoop_addon.dev.gateway import Gateway
 from hoop_addon.dev.tls import CA
 from tests.conftest import write_policy
 from tests.support.idp import LocalIdP
+from tests.support.upstreams import https_server, serve_connections
 
 EMAIL = "jane.doe@example.com"
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n-----END RSA PRIVATE KEY-----"
@@ -74,8 +74,6 @@ class Scripted:
     replies: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.cert, self.key)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -99,10 +97,7 @@ class Scripted:
 
             do_GET = do_POST = do_PUT = _answer
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://localhost:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = https_server(Handler, self.cert, self.key)
 
 
 @pytest.fixture(scope="module")
@@ -469,15 +464,7 @@ class H2Trailers:
         self.context.set_alpn_protocols(["h2"])
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"https://localhost:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(raw,), daemon=True).start()
+        serve_connections(self.listener, self._connection)
 
     def _connection(self, raw) -> None:
         import h2.config

@@ -22,6 +22,7 @@ from hoop_addon.dev.gateway import Gateway
 from hoop_addon.dev.tls import CA
 from tests.conftest import write_policy
 from tests.support.idp import LocalIdP
+from tests.support.upstreams import https_server
 
 POLICY = """\
 version: 1
@@ -84,12 +85,7 @@ class Handshake:
                     self._chunk(REST)
                 self.wfile.write(b"0\r\n\r\n")
 
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://localhost:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = https_server(Handler, cert, key)
 
 
 @pytest.fixture(scope="module")

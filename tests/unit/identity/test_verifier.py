@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hashlib
-import hmac
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
-from jose import jwk, jwt
+from jose import jwt
 from jose.exceptions import JWTError
 
 from hoop_addon.identity.verifier import JWKS_MAX_AGE_S, REFETCH_COOLDOWN_S, Identity, JwksError, KeySet, TokenError, Verifier
