@@ -1,0 +1,1 @@
+"""Model Context Protocol (MCP) over streamable HTTP: pure parsing and checks, no mitmproxy."""
