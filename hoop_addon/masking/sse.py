@@ -441,10 +441,12 @@ def _ends_text(doc: Any) -> bool:
     """Whether an event ends the streamed text: a `finish_reason` (OpenAI) or
     `finishReason` (Gemini) in a choice or candidate, or an end event type (Anthropic's
     `content_block_stop`, `message_delta`, `message_stop`; OpenAI Responses' `*.done`,
-    `response.completed`)."""
+    `response.completed`), or a JSON-RPC 2.0 message (MCP's streamable HTTP: each event
+    is a whole message, which no later event continues; a tail held back would go out
+    in an extra event that the client drops as a second answer to the same id)."""
     if not isinstance(doc, dict):
         return False
-    if doc.get("done") is True:  # Ollama's last line
+    if doc.get("done") is True or doc.get("jsonrpc") == "2.0":  # Ollama's last line; a JSON-RPC message
         return True
     kind = doc.get("type")
     if isinstance(kind, str) and (kind in _END_TYPES or kind.endswith(".done")):

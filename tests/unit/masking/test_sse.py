@@ -145,3 +145,17 @@ class TestEventStream:
             mask_body(stream(["contact", "me"], text_event), "text/event-stream", [rule(DELTA)], "response")
 
 
+
+
+@pytest.mark.parametrize("text", ["echo: hello", f"customer {EMAIL}", f"{EMAIL} then more"])
+def test_a_jsonrpc_message_is_masked_whole_in_its_own_event(text: str) -> None:
+    """MCP's streamable HTTP sends each JSON-RPC message as one event: nothing of a
+    result is held back for a later event, which the client would drop as a second
+    answer to the same id."""
+    message = {"jsonrpc": "2.0", "id": 3, "result": {"content": [{"type": "text", "text": text}], "isError": False}}
+    body = b"event: message\ndata: " + orjson.dumps(message) + b"\n\n"
+    out = masked(body, "text/event-stream", [rule("$.result.content[*].text")])
+    events = [e for e in out.decode().split("\n\n") if e]
+    assert len(events) == 1
+    got = orjson.loads(events[0].split("data: ", 1)[1])["result"]["content"][0]["text"]
+    assert got == text.replace(EMAIL, "[REDACTED:EMAIL]")
