@@ -83,21 +83,27 @@ def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bo
                 parsed["json"] = orjson.loads(facts.body)
             except orjson.JSONDecodeError:
                 raise UninspectableBody("the body is not JSON, and a rule inspects it with JSONPath") from None
-        document = parsed["json"]
-        try:
-            found = any(
-                isinstance(value, str) and pattern.search(value)
-                for _, query, pattern in when.json
-                for value in query.find(document).values()
-            )
-        except (JSONPathRecursionError, RecursionError):
-            # a descendant query (`$..x`) on a deeply nested body hits the JSONPath
-            # library's depth limit: the body cannot be inspected, so it is refused
-            # (422), not an unexpected error (500)
-            raise UninspectableBody("the body is nested too deep to inspect with JSONPath") from None
-        if not found:
+        if not json_found(when.json, parsed["json"]):
             return False
     return True
+
+
+def json_found(conditions: Sequence[tuple[str, Any, Any]], document: Any) -> bool:
+    """True when one of `conditions` ((JSONPath source, compiled RFC 9535 query, RE2
+    pattern) triples) selects a string value of `document` (parsed JSON) that its
+    pattern is found in. Raises `UninspectableBody` when `document` is nested too deep
+    for a query."""
+    try:
+        return any(
+            isinstance(value, str) and bool(pattern.search(value))
+            for _, query, pattern in conditions
+            for value in query.find(document).values()
+        )
+    except (JSONPathRecursionError, RecursionError):
+        # a descendant query (`$..x`) on a deeply nested body hits the JSONPath
+        # library's depth limit: the body cannot be inspected, so it is refused
+        # (422), not an unexpected error (500)
+        raise UninspectableBody("the body is nested too deep to inspect with JSONPath") from None
 
 
 def evaluate(

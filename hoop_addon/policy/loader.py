@@ -26,8 +26,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from hoop_addon.identity.verifier import key_url_allowed
 from hoop_addon.masking.detectors import BUILTIN, Detector, DetectorError, iban_valid, luhn_valid, ssn_valid
 from hoop_addon.policy.model import (
-    DEFAULT_OUTPUT_TOKENS, ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, Names, Policy,
-    RecordingPolicy, Route,
+    DEFAULT_OUTPUT_TOKENS, ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, McpPolicy, Names,
+    Policy, RecordingPolicy, Route, ToolRule,
 )
 from hoop_addon.providers.errors import APIS
 
@@ -274,9 +274,10 @@ def load_policy(path: str | os.PathLike[str], *, resolve_env: bool = True) -> Po
     rules = {r.name: r for r in (_mask_rule(m, names, detectors) for _, m in sections("masking"))}
     names = {}
     by_name = {i.name: i.issuer for i in issuers}  # what `<issuer name>:<name>` refers to
-    routes = tuple(_route(m, names, rules, resolve_env, by_name) for _, m in sections("routes"))
+    mcp_names: dict[str, str] = {}  # MCP rule names: one namespace with block and approval rules
+    routes = tuple(_route(m, names, rules, resolve_env, by_name, mcp_names) for _, m in sections("routes"))
     route_names = {r.name for r in routes}
-    names = {}
+    names = dict(mcp_names)
     block_rules = tuple(_block_rule(m, names, route_names, by_name) for _, m in sections("block"))
     approval_rules = tuple(_approval_rule(m, names, route_names, by_name) for _, m in sections("approvals"))
     names = {}
@@ -433,7 +434,10 @@ def _names(m: _Map, key: str, issuers: dict[str, str]) -> Names:
     return Names(frozenset(anywhere), frozenset(scoped))
 
 
-def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_env: bool, issuers: dict[str, str]) -> Route:
+def _route(
+    m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_env: bool, issuers: dict[str, str],
+    mcp_names: dict[str, str],
+) -> Route:
     name = _name(m, names, "route")
     match = m.sub("match")
     hosts = tuple(h.lower() for h in match.texts("hosts"))
@@ -459,8 +463,75 @@ def _route(m: _Map, names: dict[str, str], rules: dict[str, MaskRule], resolve_e
     api = m.text("api") if m.has("api") else None
     if api is not None and api not in APIS:
         raise m.loc.at("api").error(m.node("api"), f"unknown api '{api}': one of {', '.join(APIS)}")
+    mcp = _mcp(m.sub("mcp"), name, issuers, mcp_names) if m.has("mcp") else None
     m.finish()
-    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes, retention, api)
+    return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes, retention, api, mcp)
+
+
+MCP_ACTIONS = ("allow", "deny", "approve")
+MCP_TARGETS = ("tools", "prompts", "resources")
+
+
+def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> McpPolicy:
+    """A route's `mcp:` block: `default` (allow | deny; default deny) and `rules`, each
+    with `name`, at least one of `tools` / `prompts` / `resources` (globs of tool
+    names, prompt names, resource URIs), an optional `when` (`issuers`: issuer names;
+    `groups`; `subjects`; `arguments`: a list of `{path: JSONPath, matches: RE2}` on
+    the call's `params.arguments`), `action` (allow | deny | approve), `reason`, and for
+    `approve` only: `approvers` (`groups`, `subjects`), `timeout` (seconds, 1..86400),
+    `min_approvals` (1..10)."""
+    default = _choice(m.text("default", "deny"), ("allow", "deny"), m.loc.at("default"), m.where("default"))
+    tool_rules = []
+    if m.has("rules"):
+        rloc = m.loc.at("rules")
+        tool_rules = [_tool_rule(_Map(node, rloc.at(i)), route, issuers, names) for i, node in _seq(m.node("rules"), rloc)]
+    m.finish(("default", "rules"))
+    return McpPolicy(tuple(tool_rules), default)  # type: ignore[arg-type]
+
+
+def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> ToolRule:
+    name = _name(m, names, "MCP rule")
+    globs = {key: m.texts(key, ()) for key in MCP_TARGETS}
+    if not any(globs.values()):
+        raise m.loc.error(m.mapping, "an MCP rule names what it governs: tools, prompts or resources (globs)")
+    action = _choice(m.text("action"), MCP_ACTIONS, m.loc.at("action"), m.node("action"))
+    when: dict[str, Any] = {}
+    if m.has("when"):
+        w = m.sub("when")
+        known = [(v, loc, n) for v, loc, n in w.listed("issuers")]
+        for value, loc, node in known:
+            if value not in issuers:
+                raise loc.error(node, f"unknown issuer '{value}': one of {', '.join(sorted(issuers))}")
+        arguments = []
+        if w.has("arguments"):
+            aloc = w.loc.at("arguments")
+            for i, node in _seq(w.node("arguments"), aloc):
+                item = _Map(node, aloc.at(i))
+                path = item.text("path")
+                query = _jsonpath(path, item.loc.at("path"), item.node("path"))
+                arguments.append((path, query, _re2(item.text("matches"), item.loc.at("matches"), item.node("matches"))))
+                item.finish()
+        when = {"issuers": frozenset(issuers[v] for v, _, _ in known), "groups": _names(w, "groups", issuers),
+                "subjects": _names(w, "subjects", issuers), "arguments": tuple(arguments)}
+        w.finish(("issuers", "groups", "subjects", "arguments"))
+    reason = m.text("reason", {"allow": "allowed", "deny": "denied", "approve": "needs approval"}[action] + f" by rule {name}")
+    approval = None
+    if action == "approve":
+        approvers = m.sub("approvers")
+        groups, subjects = _names(approvers, "groups", issuers), _names(approvers, "subjects", issuers)
+        approvers.finish()
+        if not groups and not subjects:
+            raise approvers.loc.error(approvers.mapping, "nobody can approve: name approvers.groups or approvers.subjects")
+        approval = ApprovalRule(
+            name=name, when=Conditions(routes=frozenset({route})), approver_groups=groups, approver_subjects=subjects,
+            reason=reason, min_approvals=_bounded(m, "min_approvals", 1, 1, 10), timeout=_bounded(m, "timeout", 300, 1, 86_400),
+        )
+    else:
+        for key in ("approvers", "timeout", "min_approvals"):
+            if m.has(key):
+                raise m.loc.at(key).error(m.items[key][0], f"only an 'approve' rule has {key} (this one is '{action}')")
+    m.finish(("name", *MCP_TARGETS, "when", "action", "reason", "approvers", "timeout", "min_approvals"))
+    return ToolRule(name, action, reason, globs["tools"], globs["prompts"], globs["resources"], approval=approval, **when)  # type: ignore[arg-type]
 
 
 CREDENTIAL_KINDS = ("header", "bearer", "basic", "query")

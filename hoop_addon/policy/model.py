@@ -132,6 +132,56 @@ class Names:
         return self.anywhere <= held and all(i == issuer and n in held for i, n in self.scoped)
 
 
+McpAction = Literal["allow", "deny", "approve"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRule:
+    """A rule of a route's `mcp:` block, applied to each governed MCP call: `tools/call`
+    (its tool name is matched against the `tools` globs), `prompts/get` (`prompts`) and
+    `resources/read` (its URI against `resources`); globs are `fnmatch`, case-sensitive.
+    A call matches when a glob of its kind matches and every condition given holds:
+    the identity is of one of `issuers` (URLs), holds one of `groups`, is one of
+    `subjects`, and one of `arguments` ((JSONPath source, compiled RFC 9535 query, RE2
+    pattern) triples, evaluated on `params.arguments`) selects a string it is found in.
+    `action` "approve" holds the call for `approval` (an `ApprovalRule` of the same
+    name, hold mode)."""
+
+    name: str
+    action: McpAction
+    reason: str
+    tools: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    issuers: frozenset[str] = frozenset()
+    groups: Names = Names()
+    subjects: Names = Names()
+    arguments: tuple[tuple[str, JSONPathQuery, Any], ...] = ()
+    approval: ApprovalRule | None = None
+
+    def globs(self, method: str) -> tuple[str, ...]:
+        """The globs this rule has for the target of MCP `method` (empty: not governed)."""
+        return {"tools/call": self.tools, "prompts/get": self.prompts, "resources/read": self.resources}.get(method, ())
+
+    def holds_for(self, issuer: str | None, subject: str, groups: Iterable[str]) -> bool:
+        """True when the identity conditions (issuers, subjects, groups) hold."""
+        return (
+            (not self.issuers or issuer in self.issuers)
+            and (not self.subjects or self.subjects.has(issuer, subject))
+            and (not self.groups or self.groups.any_of(issuer, groups))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class McpPolicy:
+    """A route's `mcp:` block: the route carries MCP (JSON-RPC 2.0 over streamable
+    HTTP); `rules` apply to governed calls in order (first match), `default` ("allow"
+    or "deny") to a call no rule matches."""
+
+    rules: tuple[ToolRule, ...] = ()
+    default: Literal["allow", "deny"] = "deny"
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A route: which requests it matches, who it admits, what it masks.
@@ -140,6 +190,7 @@ class Route:
     `*` also matches `/` in paths); a host glob with a `:` is matched against
     `host:port`. `methods` is empty for any method. `api` names the provider API the
     route serves (`hoop_addon.providers.errors.APIS`), whose error shape refusals take.
+    `mcp` makes it an MCP route (see `McpPolicy` and `hoop_addon.stages.mcp`).
     `tokenizes` (derived) is whether an
     enforcing rule of the route tokenizes: its flows then need a vault session.
     """
@@ -156,6 +207,7 @@ class Route:
     allow_scopes: Names = Names()
     retention: int | None = None
     api: str | None = None  # `openai` | `anthropic`: refusals in that provider's error shape
+    mcp: McpPolicy | None = None  # an MCP route: its calls are governed by these rules
     _rules: dict[str, tuple[MaskRule, ...]] = field(init=False, repr=False, compare=False)
     tokenizes: bool = field(init=False, repr=False, compare=False)
 
@@ -364,6 +416,18 @@ class Policy:
     max_pending: int = 100
     recording: RecordingPolicy = RecordingPolicy()
     limits: tuple[Limit, ...] = ()
+
+    def approval_rule(self, name: str) -> ApprovalRule | None:
+        """The approval rule named `name`: of `approval_rules`, or of an MCP rule of a
+        route (`action: approve`); None when no rule has that name."""
+        for rule in self.approval_rules:
+            if rule.name == name:
+                return rule
+        for route in self.routes:
+            for tool_rule in route.mcp.rules if route.mcp else ():
+                if tool_rule.name == name and tool_rule.approval is not None:
+                    return tool_rule.approval
+        return None
 
     def route_for(self, host: str, port: int, path: str, method: str) -> Route | None:
         """The first route, in file order, that matches the request; None if none does."""
