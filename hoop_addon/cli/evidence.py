@@ -6,7 +6,7 @@
                                                exit 0 valid, 1 invalid (or nothing to verify), 2 usage or I/O error
                 (a directory with audit logs given apart, `hoop verify REC LOG`, is one body of evidence)
     hoop audit [--log FILE] [--subject S] [--group G] [--route R] [--since T] [--until T]
-               [--decision D] [--rule R] [--event E] [--json]
+               [--decision D] [--rule R] [--event E] [--tool NAME] [--json]
     hoop evidence --since T --until T -o FILE --public-key FILE [--recordings DIR] [--log FILE]
 """
 
@@ -133,7 +133,7 @@ def audit(args: argparse.Namespace) -> int:
             return 1
         entries.append(entry)
     chosen = select(entries, subject=args.subject, group=args.group, route=args.route, since=args.since,
-                    until=args.until, decision=args.decision, rule=args.rule, event=args.event)
+                    until=args.until, decision=args.decision, rule=args.rule, event=args.event, tool=args.tool)
     if args.json:
         for entry in chosen:
             print(orjson.dumps(entry).decode())
@@ -184,6 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     aud.add_argument("--log", help="audit log (default <recordings>/audit.jsonl)")
     for name in ("subject", "group", "route", "decision", "rule", "event"):
         aud.add_argument(f"--{name}")
+    aud.add_argument("--tool", help="MCP tool (or prompt name, resource URI) an entry's calls name")
     aud.add_argument("--since", type=_time, help="ISO 8601 date or time (UTC unless an offset is given)")
     aud.add_argument("--until", type=_time)
     aud.add_argument("--json", action="store_true", help="JSON lines (for tools) instead of a table")

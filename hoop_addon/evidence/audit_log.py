@@ -235,11 +235,13 @@ def select(
     decision: str | None = None,
     rule: str | None = None,
     event: str | None = None,
+    tool: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The entries matching every filter given. `since`/`until` are RFC 3339 UTC
     strings (`YYYY-MM-DDTHH:MM:SSZ`, inclusive); `decision` is an outcome (`allow`,
     `deny`, ...); `rule` matches a masking rule that masked something, or the rule named
-    in the decision or approval."""
+    in the decision or approval; `tool` matches an entry whose MCP calls (`mcp.calls`)
+    include one of that tool, prompt or resource (`target`)."""
     for e in entries:
         identity, decided = as_object(e.get("identity")), as_object(e.get("decision"))
         masked = e.get("masked") if isinstance(e.get("masked"), list) else []
@@ -247,6 +249,8 @@ def select(
             decided.get("rule"), as_object(e.get("approval") or decided.get("approval")).get("rule"), e.get("rule")]
         rules = {r for r in named if isinstance(r, str)}
         groups = identity.get("groups") if isinstance(identity.get("groups"), list) else []
+        calls = as_object(e.get("mcp")).get("calls")
+        targets = {as_object(c).get("target") for c in calls} if isinstance(calls, list) else set()
         if (
             (subject is None or identity.get("subject") == subject)
             and (group is None or group in groups)
@@ -256,6 +260,7 @@ def select(
             and (decision is None or decided.get("outcome") == decision)
             and (rule is None or rule in rules)
             and (event is None or e.get("event") == event)
+            and (tool is None or tool in targets)
         ):
             yield e
 

@@ -123,3 +123,33 @@ def check_headers(messages: list[Message], is_batch: bool, mcp_method: str | Non
 def error_response(mid: Any, code: int, message: str) -> dict[str, Any]:
     """A JSON-RPC 2.0 error response object for request id `mid` (None when unknown)."""
     return {"jsonrpc": "2.0", "id": mid, "error": {"code": code, "message": message}}
+
+
+# A server-defined code (JSON-RPC 2.0 §5.1 reserves -32000..-32099 for them): the
+# gateway refused the call.
+REFUSED = -32001
+
+
+def refusal(note: dict[str, Any], status: int, reason: str, message: str, stage: str) -> tuple[int, bytes] | None:
+    """A gateway refusal of an MCP POST as JSON-RPC expects it, or None to answer with
+    the HTTP refusal (nothing in the body is a request that awaits an answer).
+
+    `note` is the MCP stage's `hoop.mcp`: `{"invalid": code}` for a body that is not
+    valid JSON-RPC (answered HTTP 400 with one error, id null, as the streamable-HTTP
+    transport asks), else `{"batch": bool, "calls": [{"id", "has_id", "message"?}]}`:
+    each call with an id gets an error response carrying it (code `REFUSED`; its own
+    `message` when the stage gave it one, else `message`), with HTTP 200, since MCP
+    clients report an HTTP error status as a transport failure and drop the reason.
+    `status`, `reason` and `stage` go into each error's `data`. Returns (HTTP status,
+    UTF-8 JSON body)."""
+    if (code := note.get("invalid")) is not None:
+        return 400, orjson.dumps(error_response(None, code, message))
+    answers = []
+    for call in note.get("calls") or ():
+        if call.get("has_id"):
+            answer = error_response(call["id"], REFUSED, call.get("message") or message)
+            answer["error"]["data"] = {"reason": reason, "stage": stage, "status": status}
+            answers.append(answer)
+    if not answers:
+        return None
+    return 200, orjson.dumps(answers if note.get("batch") else answers[0])

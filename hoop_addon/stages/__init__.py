@@ -18,6 +18,8 @@ from typing import Any
 from mitmproxy import exceptions, http
 
 from hoop_addon.control.metrics import STAGE_SECONDS
+from hoop_addon.mcp.jsonrpc import refusal
+from hoop_addon.mcp.jsonrpc import refusal
 from hoop_addon.policy.model import Route
 from hoop_addon.providers.errors import error_body
 from hoop_addon.stages.sentinel import mark
@@ -83,10 +85,14 @@ def refuse(
     `reason` is a short code (`expired`, `no_route`, ...); `message` is shown to the
     client and must not contain secrets or policy internals beyond the rule's name.
     Body: `{"error": reason, "message": message, "stage": stage}`, or the error shape of
-    the provider API noted by `note_api` (`hoop_addon.providers.errors`). The decision
+    the provider API noted by `note_api` (`hoop_addon.providers.errors`). On an MCP
+    POST (noted `hoop.mcp` by the MCP stage) it is a JSON-RPC error response instead,
+    HTTP 200, carrying the request's id (`hoop_addon.mcp.jsonrpc.refusal`). The decision
     keeps the shadow rules noted before (`decision.shadow`).
     """
     body = error_body(hoop(flow).get("api"), status, reason, message, stage)
+    if (note := hoop(flow).get("mcp")) is not None and (answer := refusal(note, status, reason, message, stage)) is not None:
+        status, body = answer
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json", **(headers or {})})
     decision = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
     if shadow := hoop(flow).get("decision", {}).get("shadow"):

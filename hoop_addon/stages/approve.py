@@ -94,7 +94,7 @@ class Approve(Stage):
             return
         key = need.pop("key")
         active = self.policy.active
-        rule = next((r for r in active.policy.approval_rules if r.name == need["rule"]), None) if active else None
+        rule = active.policy.approval_rule(need["rule"]) if active else None
         if rule is None:
             _refuse(flow, 503, "approval_unavailable", "the approval rule is no longer in force; retry")
             return
@@ -107,6 +107,8 @@ class Approve(Stage):
             "route": record.get("route"), "method": flow.request.method,
             "url": flow.request.pretty_url.split("?", 1)[0], "preview": preview[:PREVIEW_CHARS],
         }
+        if calls := (record.get("mcp") or {}).get("calls"):  # an MCP call: the approver sees which tool
+            summary["mcp"] = {"method": calls[0]["method"], "target": calls[0]["target"]}
         try:
             item = self.queue.open(rule, record["identity"], summary, key, active.policy.max_pending)  # type: ignore[union-attr]
         except QueueFull as exc:

@@ -188,6 +188,7 @@ class Audit(Stage):
                 recording=record.get("recording"),
                 recording_flow=record.get("recording_flow"),
                 error=flow.error.msg if flow.error else None,
+                **({"mcp": record["mcp"]} if "mcp" in record else {}),  # MCP routes: methods, tools, outcomes
             )
         except OSError as exc:
             logger.error(f"hoop: audit log write failed, response withheld: {exc}")

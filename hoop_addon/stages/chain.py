@@ -2,7 +2,7 @@
 gives mitmdump as a script and what `hoop serve` adds to its master itself.
 
 In hook order: identify -> admit (route) -> guard (block rules; approval needed?) ->
-mask request -> rate limits and budgets -> approve (hold or ticket) -> inject
+MCP calls (tool rules; tools/list answers filtered) -> mask request -> rate limits and budgets -> approve (hold or ticket) -> inject
 credential -> upstream -> mask response -> count the response's token usage -> record
 -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for the
 client only). (Rate limits count requests in `requestheaders`, before any body is
@@ -24,6 +24,7 @@ from hoop_addon.stages.guard import Guard
 from hoop_addon.stages.identify import Identify
 from hoop_addon.stages.limit import RateLimit
 from hoop_addon.stages.mask import Mask, Restore
+from hoop_addon.stages.mcp import Mcp
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
 from hoop_addon.stages.sentinel import guarded
@@ -38,7 +39,7 @@ def build() -> list[Any]:
     control = Control()  # the control API; stages add their handlers to it
     mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
     return guarded([
-        policy, Identify(policy), Admit(policy), Guard(policy, mask), mask, RateLimit(policy, mask),
+        policy, Identify(policy), Admit(policy), Guard(policy, mask), Mcp(mask), mask, RateLimit(policy, mask),
         Approve(policy, control, audit), InjectCredential(mask), Record(policy, audit), audit, control,
         Telemetry(policy, audit, control), Restore(mask),
     ])

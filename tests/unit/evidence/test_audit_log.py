@@ -73,6 +73,9 @@ def test_select_filters() -> None:
     assert seqs(subject="b") == [2, 3] and seqs(group="x") == [1] and seqs(route="r") == [1, 2]
     assert seqs(decision="deny") == [2] and seqs(rule="pii") == [1] and seqs(rule="no-export") == [2] and seqs(rule="big-spend") == [3]
     assert seqs(since="2026-01-15T00:00:00Z", until="2026-02-15T00:00:00Z") == [2] and seqs(event="approval_decided") == [3]
+    log[1]["mcp"] = {"batch": False, "calls": [{"method": "tools/call", "target": "delete_bucket", "outcome": "deny"}]}
+    log[2]["mcp"] = "not an object"  # a malformed field matches no filter
+    assert seqs(tool="delete_bucket") == [2] and seqs(tool="echo") == []
 
 
 def test_one_writer_per_chain(tmp_path: Path) -> None:

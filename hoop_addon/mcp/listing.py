@@ -1,0 +1,95 @@
+"""Filter a `tools/list` response so that an identity sees only the tools it may call.
+
+The response is the body of the POST that carried the request: one JSON-RPC message
+(`application/json`) or a server-sent event stream (`text/event-stream`, the
+streamable-HTTP transport; WHATWG HTML §9.2 event stream format) whose events' data
+are JSON-RPC messages. Anything that cannot be read so is refused, never passed on
+unfiltered (fail closed).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from hoop_addon.masking.engine import MaskError, unique_members
+from hoop_addon.mcp.jsonrpc import INVALID_REQUEST, PARSE_ERROR, JsonRpcError
+
+_LINE = re.compile(r"\r\n|\r|\n")
+
+
+def _load(data: bytes) -> Any:
+    try:
+        doc = orjson.loads(data)
+        unique_members(data)
+    except (orjson.JSONDecodeError, MaskError) as exc:
+        raise JsonRpcError(PARSE_ERROR, f"the response is not valid JSON: {exc}") from None
+    return doc
+
+
+def _filter_message(doc: Any, visible: Callable[[str], bool], hidden: list[str]) -> bool:
+    """Remove the tools `visible` refuses from `doc` if it is a response carrying a tool
+    list (`result.tools`); True when it changed. Raises `JsonRpcError` for a tool list
+    that is not a list of objects with a string `name`."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("result"), dict) or "tools" not in doc["result"]:
+        return False
+    tools = doc["result"]["tools"]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise JsonRpcError(INVALID_REQUEST, "result.tools is not a list of tools with names")
+    kept = [t for t in tools if visible(t["name"])]
+    hidden.extend(t["name"] for t in tools if not visible(t["name"]))
+    doc["result"]["tools"] = kept
+    return len(kept) != len(tools)
+
+
+def _filter_events(text: str, visible: Callable[[str], bool], hidden: list[str]) -> str | None:
+    """The event stream `text` with every tool list filtered, or None when unchanged.
+    An event's data lines are joined (newline) and read as one JSON-RPC message; events
+    without data (comments, `retry`, priming events) pass as they are."""
+    lines = _LINE.split(text)
+    out: list[str] = []
+    changed = False
+    event: list[str] = []
+    for line in lines + [""]:
+        if line:
+            event.append(line)
+            continue
+        if not event:
+            continue
+        data = [ln[5:].removeprefix(" ") for ln in event if ln.startswith("data:") or ln == "data"]
+        if data and "\n".join(data).strip():
+            doc = _load("\n".join(data).encode())
+            if _filter_message(doc, visible, hidden):
+                changed = True
+                event = [ln for ln in event if not (ln.startswith("data:") or ln == "data")]
+                event.append("data: " + orjson.dumps(doc).decode())
+        out.append("\n".join(event) + "\n\n")
+        event = []
+    return "".join(out) if changed else None
+
+
+def filter_tools_list(body: bytes, mime: str, visible: Callable[[str], bool]) -> tuple[bytes | None, list[str]]:
+    """Filter the tool lists in response `body` (decoded bytes) of media type `mime`
+    (`application/json` or `text/event-stream`, lower case, no parameters): keep the
+    tools whose name `visible` accepts. Returns (the new body, or None when nothing was
+    removed; the names removed). Raises `JsonRpcError` for a body of another type, not
+    UTF-8, not JSON (or repeating a member name), or with a malformed tool list."""
+    hidden: list[str] = []
+    if mime == "application/json":
+        doc = _load(body)
+        if isinstance(doc, list):  # a batch's answers (a batch never carries tools/list: refused before)
+            changed = any([_filter_message(d, visible, hidden) for d in doc])
+        else:
+            changed = _filter_message(doc, visible, hidden)
+        return (orjson.dumps(doc) if changed else None), hidden
+    if mime == "text/event-stream":
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise JsonRpcError(PARSE_ERROR, "the event stream is not UTF-8") from None
+        new = _filter_events(text, visible, hidden)
+        return (new.encode() if new is not None else None), hidden
+    raise JsonRpcError(PARSE_ERROR, f"a tools/list response of type {mime or '(none)'!r} cannot be filtered")

@@ -1,0 +1,148 @@
+"""Stage 3b (after block rules, before masking): govern MCP calls on routes with an
+`mcp:` block (Model Context Protocol, JSON-RPC 2.0 over streamable HTTP)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from mitmproxy import http
+
+from hoop_addon.masking.codec import BodyTooLarge, decode
+from hoop_addon.masking.engine import MaskError
+from hoop_addon.mcp.jsonrpc import JsonRpcError, check_headers, parse_body
+from hoop_addon.mcp.listing import filter_tools_list
+from hoop_addon.mcp.rules import decide, may_list
+from hoop_addon.policy.conditions import UninspectableBody, request_key
+from hoop_addon.stages import Stage, allowed, hoop, refuse, route_of
+from hoop_addon.stages.mask import Mask
+
+
+class Mcp(Stage):
+    """On a route with an `mcp:` block, reads every POST body as JSON-RPC 2.0
+    (`hoop_addon.mcp.jsonrpc`: one message or a batch, strictly) and judges each
+    governed call (`tools/call`, `prompts/get`, `resources/read`) by the route's MCP
+    rules (`hoop_addon.mcp.rules`), on the body as the agent sent it (before masking).
+
+    - A body that is not valid JSON-RPC, or whose `Mcp-Method` / `Mcp-Name` headers
+      disagree with it, is answered HTTP 400 with a JSON-RPC error (-32700 or -32600,
+      id null) and never forwarded.
+    - A denied call is answered HTTP 200 with a JSON-RPC error carrying its id and a
+      message naming the rule (every later refusal of the flow takes that shape too,
+      see `hoop_addon.stages.refuse`); an `approve` call is held by the Approve stage
+      (`hoop.approval`), its approver seeing the tool name and the masked arguments.
+    - Batches fail closed: a batch is forwarded only if every call in it is allowed;
+      otherwise no part of it is, and each of its requests is answered with an error
+      (the refused call's naming its rule, the others saying why they were not sent).
+      A call needing approval or a `tools/list` must come alone, not in a batch.
+    - The response to a lone `tools/list` (JSON, or the event stream of the
+      streamable-HTTP transport) is buffered (within `hoop_mask_max_body` once decoded)
+      and rewritten so that the identity sees only the tools it may call; a response
+      that cannot be read is withheld (a JSON-RPC error), never passed unfiltered.
+    - GET streams pass (out of scope), except a resumption (`Last-Event-ID`), which
+      could replay an unfiltered `tools/list` answer: refused.
+
+    `hoop.mcp` records `{"batch", "calls": [{"method", "target", "id", "has_id",
+    "outcome", "rule"}], "list", "hidden"}`, which the audit entry carries.
+    """
+
+    def __init__(self, mask: Mask) -> None:
+        self.mask = mask  # the Mask stage owns the decoded-size limit
+        self.secret = secrets.token_bytes(32)  # approval keys: per process, never written down
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not allowed(flow) or (route := route_of(flow)) is None or route.mcp is None:
+            return
+        record, request = hoop(flow), flow.request
+        if request.method == "GET" and "Last-Event-ID" in request.headers:
+            refuse(flow, 400, "mcp", "mcp_resumption",
+                   "resuming an MCP event stream is not supported through the gateway; send the request again")
+            return
+        if request.method != "POST":
+            return
+        try:
+            body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
+        except BodyTooLarge as exc:
+            refuse(flow, 413, "mcp", "request_too_large", f"request body could not be inspected: {exc}")
+            return
+        except MaskError as exc:
+            refuse(flow, 415, "mcp", "uninspectable_request", f"request body could not be inspected: {exc}")
+            return
+        try:
+            messages, batch = parse_body(body)
+            check_headers(messages, batch, request.headers.get("Mcp-Method"), request.headers.get("Mcp-Name"))
+        except JsonRpcError as exc:
+            record["mcp"] = {"invalid": exc.code}
+            refuse(flow, 400, "mcp", "invalid_jsonrpc", exc.message)
+            return
+        calls: list[dict[str, Any]] = [
+            {"method": m.method, "target": m.target, "id": m.id, "has_id": m.has_id} for m in messages
+        ]
+        record["mcp"] = {"batch": batch, "calls": calls}
+        identity = record["identity"]
+        refused: dict[str, Any] | None = None  # the first call refused, which names why
+        approval: dict[str, Any] | None = None
+        for message, call in zip(messages, calls):
+            if message.method == "tools/list" and batch:
+                call.update(outcome="deny", message="tools/list must be sent alone, not in a batch (its answer is filtered)")
+                refused = refused or call
+            if message.target is None:
+                continue
+            what = f"{message.method} '{message.target}'"
+            try:
+                outcome, rule = decide(route.mcp, message, identity)
+            except UninspectableBody as exc:
+                call.update(outcome="deny", rule=None, message=f"{what} could not be inspected: {exc}")
+                refused = refused or call
+                continue
+            call.update(outcome=outcome, rule=rule.name if rule else None)
+            if outcome == "deny":
+                call["message"] = (f"{what} denied by rule '{rule.name}': {rule.reason}" if rule else
+                                   f"{what} denied: no MCP rule of route '{route.name}' allows it")
+                refused = refused or call
+            elif outcome == "approve" and batch:
+                call["message"] = f"{what} needs approval (rule '{rule.name}'): send it alone, not in a batch"  # type: ignore[union-attr]
+                refused = refused or call
+            elif outcome == "approve":
+                approval = call
+        if refused is not None:
+            for call in calls:
+                if call is not refused and "message" not in call:
+                    call["message"] = f"not forwarded: another call in this batch was refused ({refused['message']})"
+            refuse(flow, 403, "mcp", "mcp_denied", refused["message"])
+            record["decision"]["rule"] = refused.get("rule")
+            return
+        if len(messages) == 1 and messages[0].method == "tools/list" and messages[0].kind == "request":
+            record["mcp"]["list"] = True  # the Mask stage buffers its answer too
+        if approval is not None and not record.get("approval"):  # one approval per request: a Guard rule's comes first
+            key = request_key(self.secret, identity["issuer"], identity["subject"], record.get("route"), request.method,
+                              request.url, body)
+            record["approval"] = {"rule": approval["rule"], "status": "required", "key": key}
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self._listing(flow):
+            flow.response.stream = False  # type: ignore[union-attr]  # buffered: filtered whole, in `response`
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not self._listing(flow) or not allowed(flow):
+            return
+        response, record = flow.response, hoop(flow)
+        if response is None or not 200 <= response.status_code < 300:
+            return  # an HTTP error carries no tool list the client would read
+        mime = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        identity, route = record["identity"], route_of(flow)
+        try:
+            body = decode(response.raw_content or b"", response.headers.get("Content-Encoding", ""), self.mask.max_body)
+            new, hidden = filter_tools_list(body, mime, lambda tool: may_list(route.mcp, tool, identity))  # type: ignore[union-attr]
+        except (JsonRpcError, MaskError) as exc:
+            message = exc.message if isinstance(exc, JsonRpcError) else str(exc)
+            refuse(flow, 502, "mcp", "unfilterable_response", f"the MCP server's tools/list answer was withheld: {message}")
+            return
+        record["mcp"]["hidden"] = hidden
+        if new is not None:
+            response.content = new  # re-encoded with the response's Content-Encoding
+
+    @staticmethod
+    def _listing(flow: http.HTTPFlow) -> bool:
+        """True for the upstream's answer to a lone tools/list on an MCP route."""
+        return flow.response is not None and bool(hoop(flow).get("forwarded")) and bool((hoop(flow).get("mcp") or {}).get("list"))

@@ -1,0 +1,385 @@
+"""MCP tool calls governed end to end: a real MCP server (the `mcp` SDK's MCPServer,
+FastMCP's successor, over streamable HTTP) on loopback behind the real gateway in
+base-URL mode (`hoop serve --reverse`), called by the SDK's own client
+(`streamable_http_client` + `ClientSession`, revision 2025-11-25). The server counts
+what reaches it; each test asserts on what the client got, what the server saw, the
+audit log and the recording."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import orjson
+import pytest
+import uvicorn
+from mitmproxy import io
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+
+from hoop_addon.dev.gateway import Gateway, free_port
+from tests.conftest import write_policy
+from tests.support.agents import assert_absent, recorded_bytes
+from tests.support.idp import LocalIdP
+
+MCP_KEY = "mcp-server-key-0123456789abcdef"
+EMAIL = "jane.doe@example.com"
+
+POLICY = """\
+version: 1
+issuers:
+  - name: test-idp
+    issuer: {issuer}
+    audience: hoop-gateway
+    jwks: {jwks}
+    algorithms: [RS256, ES256]
+identity:
+  token_sources: [authorization]
+masking:
+  - name: pii
+    direction: both
+    paths: ["$.params.arguments.*", "$.result.content[*].text", "$.result.structuredContent.result"]
+    detectors: [email]
+routes:
+  - name: tools
+    match: {{hosts: [127.0.0.1], paths: [/mcp]}}
+    allow: {{groups: [agents]}}
+    masking: [pii]
+    credential: {{header: Authorization, value: "Bearer ${{HOOP_TEST_MCP_KEY}}"}}
+    mcp:
+      default: deny
+      rules:
+        - name: interns-no-deletes
+          tools: ["delete_*"]
+          when: {{groups: [interns]}}
+          action: deny
+          reason: interns may not delete
+        - name: deletes-need-review
+          tools: ["delete_*"]
+          action: approve
+          approvers: {{groups: [reviewers]}}
+          timeout: 60
+        - name: no-drop
+          tools: [drop_table]
+          action: deny
+          reason: tables are never dropped by agents
+        - name: everyday
+          tools: [echo, lookup_customer]
+          action: allow
+"""
+
+
+class McpServer:
+    """An MCPServer with four tools on a loopback port, in a thread; `calls` counts the
+    tool calls that reached it, `requests` holds every HTTP request it got (method,
+    headers, body)."""
+
+    def __init__(self, json_response: bool = False) -> None:
+        self.calls: Counter[str] = Counter()
+        self.requests: list[dict[str, Any]] = []
+        server = MCPServer("hoop-test")
+
+        @server.tool()
+        def echo(text: str) -> str:
+            """Echo the text back."""
+            self.calls["echo"] += 1
+            return f"echo: {text}"
+
+        @server.tool()
+        def lookup_customer(customer_id: str) -> str:
+            """A customer's contact (PII)."""
+            self.calls["lookup_customer"] += 1
+            return f"customer {customer_id}: {EMAIL}"
+
+        @server.tool()
+        def delete_bucket(bucket: str) -> str:
+            """Delete a bucket (needs approval)."""
+            self.calls["delete_bucket"] += 1
+            return f"deleted {bucket}"
+
+        @server.tool()
+        def drop_table(table: str) -> str:
+            """Drop a table (always denied)."""
+            self.calls["drop_table"] += 1
+            return f"dropped {table}"
+
+        app = server.streamable_http_app(json_response=json_response)
+
+        async def recorder(scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            entry = {"method": scope["method"], "headers": [(k.decode(), v.decode()) for k, v in scope["headers"]], "body": bytearray()}
+            self.requests.append(entry)
+
+            async def received() -> dict:
+                message = await receive()
+                entry["body"] += message.get("body", b"")
+                return message
+
+            await app(scope, received, send)
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> McpServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def bodies(self) -> bytes:
+        return b"\n".join(bytes(r["body"]) for r in self.requests)
+
+
+def start(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki, server: McpServer) -> tuple[Gateway, str]:
+    work = tmp_path_factory.mktemp("mcp")
+    port = free_port()
+    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path, env={"HOOP_TEST_MCP_KEY": MCP_KEY},
+                 serve=True, args=["--reverse", f"{server.url}@{port}"])
+    gw.start()
+    return gw, f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.fixture(scope="module")
+def mcp_server() -> Iterator[McpServer]:
+    with McpServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mcp_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki, mcp_server: McpServer) -> Iterator[tuple[Gateway, str]]:
+    gw, url = start(tmp_path_factory, idp, pki, mcp_server)
+    yield gw, url
+    gw.stop()
+
+
+def session[T](url: str, token: str, work: Callable[[ClientSession], Awaitable[T]]) -> T:
+    """Run `work` in an initialized MCP client session through the gateway at `url`,
+    the gateway token as the client's bearer token."""
+
+    async def main() -> T:
+        timeout = httpx2.Timeout(30.0, read=90.0)
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as client:
+            async with streamable_http_client(url, http_client=client) as (read, write):
+                async with ClientSession(read, write) as s:
+                    await s.initialize()
+                    return await work(s)
+
+    return asyncio.run(main())
+
+
+def entry_for(gw: Gateway, tool: str, count: int = 1) -> list[dict[str, Any]]:
+    """The audit entries of the calls of `tool`, once there are `count`."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [e for e in gw.audit() if any(c.get("target") == tool for c in (e.get("mcp") or {}).get("calls", []))]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def recorded_flows(gw: Gateway, entry: dict[str, Any]) -> list[Any]:
+    with open(gw.recordings / Path(entry["recording"]).name, "rb") as f:
+        return [x for x in io.FlowReader(f).stream() if x.id == entry["flow"]]
+
+
+def test_allowed_call_reaches_the_server_with_the_gateway_credential_only(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    token = idp.mint(subject="agent-1", groups=["agents"])
+    before = mcp_server.calls["echo"]
+    result = session(url, token, lambda s: s.call_tool("echo", {"text": "hello"}))
+    assert result.content[0].text == "echo: hello" and not result.is_error
+    assert mcp_server.calls["echo"] == before + 1
+    for request in mcp_server.requests:  # initialize, the call, the GET stream, DELETE: none carries the token
+        assert ("authorization", f"Bearer {MCP_KEY}") in request["headers"]
+        for name, value in request["headers"]:
+            assert token not in value and token.split(".")[1] not in value, name
+    (entry,) = entry_for(gw, "echo")[-1:]
+    assert entry["decision"]["outcome"] == "allow" and entry["status"] == 200
+    assert entry["mcp"]["calls"][0] | {"id": None} == {
+        "method": "tools/call", "target": "echo", "id": None, "has_id": True, "outcome": "allow", "rule": "everyday"}
+    (flow,) = recorded_flows(gw, entry)
+    assert orjson.loads(flow.request.content)["params"] == {"name": "echo", "arguments": {"text": "hello"}}
+    assert_absent(recorded_bytes(gw), (token, MCP_KEY))
+
+
+def test_pii_in_arguments_and_results_is_masked_for_server_client_and_recording(mcp_gateway, mcp_server: McpServer,
+                                                                                idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    result = session(url, idp.mint(groups=["agents"]), lambda s: s.call_tool("lookup_customer", {"customer_id": EMAIL}))
+    assert result.content[0].text == "customer [REDACTED:EMAIL]: [REDACTED:EMAIL]"
+    assert EMAIL.encode() not in mcp_server.bodies()
+    (entry,) = entry_for(gw, "lookup_customer")[-1:]
+    assert {m["rule"] for m in entry["masked"]} == {"pii"}
+    assert_absent(recorded_bytes(gw), (EMAIL,))
+
+
+def test_denied_call_gets_the_rules_message_and_never_reaches_the_server(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    token = idp.mint(subject="agent-1", groups=["agents"])
+
+    async def work(s: ClientSession) -> tuple[MCPError, str]:
+        with pytest.raises(MCPError) as denied:
+            await s.call_tool("drop_table", {"table": "customers"})
+        after = await s.call_tool("echo", {"text": "still here"})  # the session survives a denial
+        return denied.value, after.content[0].text
+
+    error, after = session(url, token, work)
+    assert error.message == "tools/call 'drop_table' denied by rule 'no-drop': tables are never dropped by agents"
+    assert error.data == {"reason": "mcp_denied", "stage": "mcp", "status": 403} and after == "echo: still here"
+    assert mcp_server.calls["drop_table"] == 0 and b"drop_table" not in mcp_server.bodies()
+    (entry,) = entry_for(gw, "drop_table")[-1:]
+    assert entry["decision"] | {"message": None} == {"outcome": "deny", "stage": "mcp", "reason": "mcp_denied", "rule": "no-drop",
+                                                     "message": None}
+    assert entry["mcp"]["calls"][0]["outcome"] == "deny" and entry["status"] == 200
+    assert entry["recording"] is None  # refused before the server: the audit entry is its record
+    audit = subprocess.run([sys.executable, "-m", "hoop_addon", "audit", "--recordings", str(gw.recordings), "--tool", "drop_table",
+                            "--json"], capture_output=True, text=True, timeout=30)
+    assert audit.returncode == 0, audit.stderr
+    listed = [orjson.loads(line) for line in audit.stdout.splitlines()]
+    assert listed and all(any(c["target"] == "drop_table" for c in e["mcp"]["calls"]) for e in listed)
+    assert entry["seq"] in [e["seq"] for e in listed]
+
+
+def test_tools_list_shows_each_identity_only_what_it_may_call(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+
+    async def names(s: ClientSession) -> list[str]:
+        return sorted(t.name for t in (await s.list_tools()).tools)
+
+    assert session(url, idp.mint(groups=["agents"]), names) == ["delete_bucket", "echo", "lookup_customer"]
+    assert session(url, idp.mint(subject="intern-1", groups=["agents", "interns"]), names) == ["echo", "lookup_customer"]
+    entry = [e for e in gw.audit() if any(c.get("method") == "tools/list" for c in (e.get("mcp") or {}).get("calls", []))][-1]
+    assert entry["mcp"]["hidden"] == ["delete_bucket", "drop_table"] and entry["decision"]["outcome"] == "allow"
+
+
+def test_tools_list_as_a_json_answer_is_filtered_too(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki) -> None:
+    with McpServer(json_response=True) as server:
+        gw, url = start(tmp_path_factory, idp, pki, server)
+        try:
+            tools = session(url, idp.mint(groups=["agents"]), lambda s: s.list_tools())
+            assert sorted(t.name for t in tools.tools) == ["delete_bucket", "echo", "lookup_customer"]
+        finally:
+            gw.stop()
+
+
+def approvals(gw: Gateway, token: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{gw.control_url}/approvals", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["approvals"]
+
+
+def decide(gw: Gateway, token: str, approval_id: str, verdict: str) -> httpx.Response:
+    return httpx.post(f"{gw.control_url}/approvals/{approval_id}/{verdict}", headers={"Authorization": f"Bearer {token}"},
+                      json={"reason": "checked"}, timeout=10)
+
+
+@pytest.mark.parametrize("verdict", ["approve", "deny"])
+def test_approve_rule_holds_the_call_until_a_reviewer_decides(mcp_gateway, mcp_server: McpServer, idp: LocalIdP, verdict: str) -> None:
+    gw, url = mcp_gateway
+    alice = idp.mint(subject="alice", groups=["reviewers"])
+    before = mcp_server.calls["delete_bucket"]
+    seen: dict[str, Any] = {}
+
+    async def work(s: ClientSession) -> Any:
+        call = asyncio.ensure_future(s.call_tool("delete_bucket", {"bucket": f"logs of {EMAIL}"}))
+        while not (pending := await asyncio.to_thread(approvals, gw, alice)):
+            await asyncio.sleep(0.05)
+        seen["item"] = pending[0]
+        seen["calls_while_held"] = mcp_server.calls["delete_bucket"]
+        answer = await asyncio.to_thread(decide, gw, alice, pending[0]["id"], verdict)
+        seen["decided"] = answer.status_code
+        try:
+            return await call
+        except MCPError as exc:
+            return exc
+
+    result = session(url, idp.mint(subject="agent-1", groups=["agents"]), work)
+    item = seen["item"]
+    assert item["rule"] == "deletes-need-review" and item["request"]["mcp"] == {"method": "tools/call", "target": "delete_bucket"}
+    assert "[REDACTED:EMAIL]" in item["request"]["preview"] and EMAIL not in orjson.dumps(item).decode()  # masked arguments
+    assert seen["calls_while_held"] == before and seen["decided"] == 200
+    (entry,) = entry_for(gw, "delete_bucket", before + 1)[-1:]
+    assert entry["decision"]["approval"]["rule"] == "deletes-need-review"
+    if verdict == "approve":
+        assert result.content[0].text == "deleted logs of [REDACTED:EMAIL]"
+        assert mcp_server.calls["delete_bucket"] == before + 1 and entry["decision"]["outcome"] == "allow"
+    else:
+        assert isinstance(result, MCPError) and result.message.startswith("an approver denied this request (approval ")
+        assert "rule 'deletes-need-review'" in result.message and result.data["reason"] == "approval_denied"
+        assert mcp_server.calls["delete_bucket"] == before and entry["decision"]["outcome"] == "deny"
+
+
+def test_a_denied_group_gets_the_rule_not_an_approval(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+
+    async def work(s: ClientSession) -> MCPError:
+        with pytest.raises(MCPError) as denied:
+            await s.call_tool("delete_bucket", {"bucket": "b"})
+        return denied.value
+
+    before = mcp_server.calls["delete_bucket"]
+    error = session(url, idp.mint(subject="intern-1", groups=["agents", "interns"]), work)
+    assert error.message == "tools/call 'delete_bucket' denied by rule 'interns-no-deletes': interns may not delete"
+    assert mcp_server.calls["delete_bucket"] == before
+
+
+def raw(url: str, token: str, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(url, content=body, timeout=10, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream", **headers})
+
+
+@pytest.mark.parametrize(("body", "headers", "code"), [
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"drop_table"}}', {}, -32700),
+    (b'{"jsonrpc":"1.0","id":1,"method":"tools/call","params":{"name":"echo"}}', {}, -32600),
+    (b'{"jsonrpc":"2.0","id":{"a":1},"method":"tools/call","params":{"name":"echo"}}', {}, -32600),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":["echo"]}}', {}, -32600),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}', {"Mcp-Name": "drop_table"}, -32600),
+    (b"[]", {}, -32600),
+    (b"not json", {}, -32700),
+])
+def test_invalid_jsonrpc_is_answered_and_never_forwarded(mcp_gateway, mcp_server: McpServer, idp: LocalIdP, body: bytes,
+                                                         headers: dict[str, str], code: int) -> None:
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    answer = raw(url, idp.mint(groups=["agents"]), body, **headers)
+    assert answer.status_code == 400 and answer.json()["id"] is None and answer.json()["error"]["code"] == code
+    assert len(mcp_server.requests) == seen
+
+
+def test_a_batch_with_a_denied_call_is_refused_whole(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "a"}}},
+             {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}},
+             {"jsonrpc": "2.0", "id": "two", "method": "tools/call", "params": {"name": "drop_table", "arguments": {}}}]
+    answer = raw(url, idp.mint(groups=["agents"]), orjson.dumps(batch))
+    assert answer.status_code == 200 and [a["id"] for a in answer.json()] == [1, "two"]
+    first, second = (a["error"]["message"] for a in answer.json())
+    assert second == "tools/call 'drop_table' denied by rule 'no-drop': tables are never dropped by agents"
+    assert first.startswith("not forwarded: another call in this batch was refused")
+    assert len(mcp_server.requests) == seen
