@@ -383,3 +383,86 @@ def test_a_batch_with_a_denied_call_is_refused_whole(mcp_gateway, mcp_server: Mc
     assert second == "tools/call 'drop_table' denied by rule 'no-drop': tables are never dropped by agents"
     assert first.startswith("not forwarded: another call in this batch was refused")
     assert len(mcp_server.requests) == seen
+
+
+def test_the_2026_revision_client_is_governed_the_same(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    """The SDK's `Client` pinned to revision 2026-07-28: no handshake and no session,
+    `Mcp-Method` / `Mcp-Name` headers repeating the body (checked against it)."""
+    from mcp import Client
+
+    gw, url = mcp_gateway
+    token = idp.mint(subject="agent-1", groups=["agents"])
+    before = dict(mcp_server.calls)
+    seen = len(mcp_server.requests)
+
+    async def main() -> tuple[list[str], str, MCPError]:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+            async with Client(streamable_http_client(url, http_client=http), mode="2026-07-28", cache=None) as client:
+                tools = sorted(t.name for t in (await client.list_tools()).tools)
+                echoed = (await client.call_tool("echo", {"text": "modern"})).content[0].text
+                with pytest.raises(MCPError) as denied:
+                    await client.call_tool("drop_table", {"table": "t"})
+                return tools, echoed, denied.value
+
+    tools, echoed, denied = asyncio.run(main())
+    assert tools == ["delete_bucket", "echo", "lookup_customer"] and echoed == "echo: modern"
+    assert denied.message == "tools/call 'drop_table' denied by rule 'no-drop': tables are never dropped by agents"
+    assert mcp_server.calls["drop_table"] == before.get("drop_table", 0) == 0
+    sent = mcp_server.requests[seen:]
+    assert any(("mcp-method", "tools/call") in r["headers"] and ("mcp-name", "echo") in r["headers"] for r in sent)
+
+
+class BrokenLister:
+    """An MCP server stand-in whose tools/list answer is not a readable event stream;
+    `answered` counts the requests it answered."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+
+        async def app(scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] != "http":
+                return
+            self.answered += 1
+            body = b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"drop_table"}]\n\n'
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": body})
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    url = McpServer.url
+    __enter__ = McpServer.__enter__
+    __exit__ = McpServer.__exit__
+
+
+def test_a_tools_list_answer_that_cannot_be_read_is_withheld(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki) -> None:
+    with BrokenLister() as server:
+        gw, url = start(tmp_path_factory, idp, pki, server)  # type: ignore[arg-type]
+        try:
+            listing = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+            answer = raw(url, idp.mint(groups=["agents"]), listing)
+            assert server.answered == 1 and answer.status_code == 200
+            error = answer.json()
+            assert error["id"] == 1 and error["error"]["data"]["reason"] == "unfilterable_response"
+            assert error["error"]["message"].startswith("the MCP server's tools/list answer was withheld: the response is not valid JSON")
+            assert b"drop_table" not in answer.content
+            (entry,) = gw.wait_audit(1)
+            assert entry["decision"]["outcome"] == "deny" and entry["decision"]["reason"] == "unfilterable_response"
+        finally:
+            gw.stop()
+
+
+def test_a_governed_notification_and_a_stream_resumption_are_refused(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    token = idp.mint(groups=["agents"])
+    seen = len(mcp_server.requests)
+    # a tools/call without an id has no answer to carry an error: the HTTP status says it
+    notification = raw(url, token, orjson.dumps({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "drop_table"}}))
+    assert notification.status_code == 403 and "denied by rule 'no-drop'" in notification.json()["message"]
+    resumed = httpx.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream", "Last-Event-ID": "7"},
+                        timeout=10)
+    assert resumed.status_code == 400 and resumed.json()["error"] == "mcp_resumption"
+    assert len(mcp_server.requests) == seen and mcp_server.calls["drop_table"] == 0
