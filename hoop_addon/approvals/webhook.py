@@ -46,6 +46,8 @@ def payload(record: dict[str, Any], control_url: str | None) -> dict[str, Any]:
         f":raised_hand: Approval needed (rule {slack_quote(record['rule'])}, id {slack_quote(record['id'])})",
         f"Requester: {slack_quote(record['requester'].get('subject'))}",
         f"Request: {slack_quote(request.get('method'))} {slack_quote(request.get('url'))}",
+        *([f"MCP call: {slack_quote(call.get('method'))} {slack_quote(call.get('target'))}"]
+          if isinstance(call := request.get("mcp"), dict) else []),
         f"Preview (masked): {slack_quote(request.get('preview', ''))}",
         f"Decide before {slack_quote(record['deadline'])}: "
         f"`hoop approvals approve {record['id']}` or `hoop approvals deny {record['id']}`",

@@ -66,8 +66,10 @@ def list_approvals(args: argparse.Namespace) -> int:
         # Everything shown comes from the request or its requester: inert for the terminal.
         request = item["request"]
         preview = inert(" ".join(str(request.get("preview", "")).split(" "))[:100])
+        call = request.get("mcp")  # an MCP call: which tool (prompt, resource) it is
+        mcp = f"  mcp={call.get('method')} {call.get('target')}" if isinstance(call, dict) else ""
         print(inert(f"{item['id']}  rule={item['rule']}  requester={item['requester']['subject']}  "
-                    f"{request['method']} {request['url']}  until {item['deadline']}") + f"\n    {preview}")
+                    f"{request['method']} {request['url']}{mcp}  until {item['deadline']}") + f"\n    {preview}")
     if not answer["approvals"]:
         print("no pending approvals for you")
     return 0

@@ -310,6 +310,9 @@ def test_approve_rule_holds_the_call_until_a_reviewer_decides(mcp_gateway, mcp_s
             await asyncio.sleep(0.05)
         seen["item"] = pending[0]
         seen["calls_while_held"] = mcp_server.calls["delete_bucket"]
+        seen["listed"] = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "hoop_addon", "approvals", "list"], capture_output=True, text=True, timeout=30,
+            env={"HOOP_CONTROL_URL": gw.control_url, "HOOP_APPROVER_TOKEN": alice, "PATH": ""})
         answer = await asyncio.to_thread(decide, gw, alice, pending[0]["id"], verdict)
         seen["decided"] = answer.status_code
         try:
@@ -322,6 +325,8 @@ def test_approve_rule_holds_the_call_until_a_reviewer_decides(mcp_gateway, mcp_s
     assert item["rule"] == "deletes-need-review" and item["request"]["mcp"] == {"method": "tools/call", "target": "delete_bucket"}
     assert "[REDACTED:EMAIL]" in item["request"]["preview"] and EMAIL not in orjson.dumps(item).decode()  # masked arguments
     assert seen["calls_while_held"] == before and seen["decided"] == 200
+    assert seen["listed"].returncode == 0 and "mcp=tools/call delete_bucket" in seen["listed"].stdout  # the CLI names the tool
+    assert EMAIL not in seen["listed"].stdout
     (entry,) = entry_for(gw, "delete_bucket", before + 1)[-1:]
     assert entry["decision"]["approval"]["rule"] == "deletes-need-review"
     if verdict == "approve":

@@ -179,5 +179,11 @@ class TestWebhookPayload:
         assert "<!channel>" not in body["text"] and "&lt;!channel&gt;" in body["text"]
         assert "`a'b`" in body["text"]
 
+    def test_payload_names_the_mcp_call(self, queue: ApprovalQueue) -> None:
+        summary = {**SUMMARY, "mcp": {"method": "tools/call", "target": "delete_`bucket\n<!here>"}}
+        body = payload(queue.open(rule(), REQUESTER, summary, "k", 10).record(), None)
+        (line,) = [ln for ln in body["text"].split("\n") if ln.startswith("MCP call: ")]
+        assert line == "MCP call: `tools/call` `delete_'bucket\\x0a&lt;!here&gt;`"  # inert: no new line, no mention
+
     def test_long_values_are_cut(self) -> None:
         assert len(slack_quote("x" * 5000)) == 300 + 3

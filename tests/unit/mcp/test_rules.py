@@ -194,3 +194,20 @@ def test_an_mcp_rule_name_is_not_reused_by_an_approval_rule(tmp_path: Path) -> N
         """)
     with pytest.raises(PolicyError, match="duplicate block/approval rule name 'shared'"):
         load(tmp_path, text)
+
+
+def test_the_readme_example_loads(tmp_path: Path) -> None:
+    """The policy of README's "Governing MCP tool calls" section is accepted, and says
+    what the section says it does."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("## Governing MCP tool calls", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "policy.yaml").write_text(example)
+    policy = load_policy(tmp_path / "policy.yaml", resolve_env=False)
+    (route,) = policy.routes
+    assert route.mcp is not None and [r.name for r in route.mcp.rules] == ["no-prod-deletes", "deletes-need-review", "readers"]
+    agent = {"issuer": "https://corp.okta.com/oauth2/default", "subject": "a", "groups": ["agents"]}
+    assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "prod-x"}), agent)[0] == "deny"
+    assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "dev-x"}), agent)[0] == "approve"
+    assert decide(route.mcp, message("resources/read", "ticket://42"), agent)[0] == "allow"
+    assert decide(route.mcp, message("tools/call", "shell"), agent)[0] == "deny"
