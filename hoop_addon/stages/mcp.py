@@ -34,7 +34,8 @@ class Mcp(Stage):
     - Batches fail closed: a batch is forwarded only if every call in it is allowed;
       otherwise no part of it is, and each of its requests is answered with an error
       (the refused call's naming its rule, the others saying why they were not sent).
-      A call needing approval or a `tools/list` must come alone, not in a batch.
+      A call needing approval must come alone and as a request (with an id), and a
+      `tools/list` alone.
     - The response to a lone `tools/list` (JSON, or the event stream of the
       streamable-HTTP transport) is buffered (within `hoop_mask_max_body` once decoded)
       and rewritten so that the identity sees only the tools it may call; a response
@@ -100,8 +101,10 @@ class Mcp(Stage):
                 call["message"] = (f"{what} denied by rule '{rule.name}': {rule.reason}" if rule else
                                    f"{what} denied: no MCP rule of route '{route.name}' allows it")
                 refused = refused or call
-            elif outcome == "approve" and batch:
-                call["message"] = f"{what} needs approval (rule '{rule.name}'): send it alone, not in a batch"  # type: ignore[union-attr]
+            elif outcome == "approve" and (batch or not message.has_id):
+                # held alone, as a request: a batch's other calls would wait too, and a
+                # notification has no answer to carry a denial
+                call["message"] = f"{what} needs approval (rule '{rule.name}'): send it alone, as a request with an id"  # type: ignore[union-attr]
                 refused = refused or call
             elif outcome == "approve":
                 approval = call
