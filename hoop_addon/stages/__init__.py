@@ -19,7 +19,6 @@ from mitmproxy import exceptions, http
 
 from hoop_addon.control.metrics import STAGE_SECONDS
 from hoop_addon.mcp.jsonrpc import refusal
-from hoop_addon.mcp.jsonrpc import refusal
 from hoop_addon.policy.model import Route
 from hoop_addon.providers.errors import error_body
 from hoop_addon.stages.sentinel import mark

@@ -2,8 +2,9 @@
 gives mitmdump as a script and what `hoop serve` adds to its master itself.
 
 In hook order: identify -> admit (route) -> guard (block rules; approval needed?) ->
-MCP calls (tool rules; tools/list answers filtered) -> mask request -> rate limits and budgets -> approve (hold or ticket) -> inject
-credential -> upstream -> mask response -> count the response's token usage -> record
+MCP calls (tool rules; tools/list answers filtered) -> mask request -> rate limits
+and budgets -> approve (hold or ticket) -> inject credential -> upstream -> mask
+response -> count the response's token usage -> record
 -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for the
 client only). (Rate limits count requests in `requestheaders`, before any body is
 read; they sit after masking so as to read a stream's usage as masking emits it.)
