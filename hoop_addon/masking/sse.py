@@ -86,6 +86,21 @@ def is_delta(location: Location) -> bool:
     )
 
 
+_EVENT_FIELDS = frozenset({
+    "type", "object", "role", "id", "item_id", "call_id", "responseId", "model", "modelVersion", "name", "status",
+    "finish_reason", "finishReason", "stop_reason", "stop_sequence", "done_reason", "system_fingerprint",
+    "service_tier", "created_at", "event", "jsonrpc", "method",
+})
+"""Member names of the strings that name or type a stream's event or its parts (OpenAI
+chat and Responses, Anthropic, Gemini, Ollama, JSON-RPC): whole in each event, never
+pieces of a text running across events."""
+
+
+def _names_event(location: Location) -> bool:
+    """Whether the string at `location` names or types its event (`_EVENT_FIELDS`)."""
+    return bool(location) and location[-1] in _EVENT_FIELDS
+
+
 def safe_cut(text: str, hold: int = 0) -> int:
     """Where `text` (a stream's pending text) may be cut: everything before the
     offset cannot be part of a value that continues in the next piece. `hold` is the
@@ -293,10 +308,13 @@ class EventStreamMasker:
                     found = selections[selection] = selected(box[0], rule)
                 found_leaves, named = found
                 for location, parent, key in found_leaves:
-                    # A string is one text across events where a path names it, or where it
-                    # is a known delta field; the other strings of a selected object (a
-                    # `type`, a `role`) are masked event by event, never joined.
-                    if isinstance(parent[key], str) and ((rule.paths and location in named) or is_delta(location)):
+                    # A string is one text across events (a value split between two
+                    # events is caught) unless it names or types its event (`type`,
+                    # `role`, `id`...) and no path names it: those are masked in their
+                    # own event, never held and joined into a later one.
+                    if isinstance(parent[key], str) and (
+                        (rule.paths and location in named) or is_delta(location) or not _names_event(location)
+                    ):
                         event.streamed.setdefault(location, []).append(rule)
                         parents[location] = (parent, key)
                     else:

@@ -113,8 +113,9 @@ def test_a_buffered_ndjson_response_is_masked_as_a_stream() -> None:
     assert new is not None and EMAIL[6:].encode() not in new and b"[REDACTED:EMAIL]" in new
 
 
-# A path to an object: its known delta field is one text across events; its other
-# strings (`type`, `role`, ids) stay in their own events, whole.
+# A path to an object, or a rule without paths: its text fields, known or not, are one
+# text across events; the strings that name or type the event (`type`, `role`, ids)
+# stay in their own events, whole.
 CONTAINER_STREAMS = {
     "anthropic $.delta": ("$.delta", lambda i, p: {"type": "content_block_delta", "index": 0,
                                                     "delta": {"type": "text_delta", "text": p}}),
@@ -122,6 +123,11 @@ CONTAINER_STREAMS = {
         {"index": 0, "delta": ({"role": "assistant"} if i == 0 else {}) | {"content": p}}]}),
     "openai $": ("$", lambda i, p: {"id": "c1", "object": "chat.completion.chunk", "choices": [
         {"index": 0, "delta": {"content": p}}]}),
+    # a text field no list knows (DeepSeek's reasoning): still one text across events
+    "deepseek $.choices[*].delta": ("$.choices[*].delta", lambda i, p: {"id": "c1", "model": "deepseek-reasoner",
+                                    "choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": p}}]}),
+    "deepseek, no path": (None, lambda i, p: {"id": "c1", "model": "deepseek-reasoner",
+                          "choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": p}}]}),
 }
 
 
@@ -135,7 +141,7 @@ def test_a_path_to_an_object_streams_its_text_and_keeps_its_other_strings_in_pla
             pieces = [text[:a], text[a:b], text[b:]]
             docs = [event(i, p) for i, p in enumerate(pieces)]
             body = "".join(f"data: {orjson.dumps(d).decode()}\n\n" for d in docs).encode()
-            masker = EventStreamMasker([rule(path)], MaskContext(), Evidence())
+            masker = EventStreamMasker([rule(path) if path else rule()], MaskContext(), Evidence())
             out = masker.feed(body) + masker.feed(b"", final=True)
             got = [orjson.loads(line[6:]) for line in out.decode().split("\n") if line.startswith("data: ")]
             streamed = "".join(_text(g) for g in got)
@@ -147,7 +153,10 @@ def test_a_path_to_an_object_streams_its_text_and_keeps_its_other_strings_in_pla
 
 
 def _text(doc: dict) -> str:
-    return doc["delta"]["text"] if "delta" in doc else doc["choices"][0]["delta"].get("content", "")
+    if "delta" in doc:
+        return doc["delta"]["text"]
+    delta = doc["choices"][0]["delta"]
+    return delta.get("content", delta.get("reasoning_content", ""))
 
 
 def _structure(doc: dict) -> dict:
@@ -156,5 +165,6 @@ def _structure(doc: dict) -> dict:
     if "delta" in copy:
         copy["delta"]["text"] = ""
     else:
-        copy["choices"][0]["delta"]["content"] = ""
+        delta = copy["choices"][0]["delta"]
+        delta["content" if "content" in delta else "reasoning_content"] = ""
     return copy
