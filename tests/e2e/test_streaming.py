@@ -44,7 +44,11 @@ routes:
     allow:
       groups: [agents]
     masking: [prompts]
+    credential:
+      header: Authorization
+      value: Bearer ${{HOOP_STREAM_KEY}}
 """
+KEY = "sk-stream-upstream-key-0123456789"
 
 FIRST = b'data: {"choices":[{"index":0,"delta":{"content":"first"}}]}\n\n'
 REST = b'data: {"choices":[{"index":0,"delta":{"content":" rest"}}]}\n\ndata: [DONE]\n\n'
@@ -75,7 +79,10 @@ class Handshake:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                if self.path == "/long":
+                if self.path == "/echo":  # a debug endpoint streaming back the credential it got
+                    echoed = self.headers.get("Authorization", "")
+                    self._chunk(b'data: {"choices":[{"index":0,"delta":{"content":"you sent ' + echoed.encode() + b'"}}]}\n\n')
+                elif self.path == "/long":
                     event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 200 + b'"}}]}\n\n'
                     for _ in range(outer.size // len(event) + 1):
                         self._chunk(event)
@@ -99,7 +106,7 @@ def upstream(pki: tuple[CA, Path, Path]) -> Iterator[Handshake]:
 @pytest.fixture(scope="module")
 def stream_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("stream-gateway")
-    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path,
+    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path, env={"HOOP_STREAM_KEY": KEY},
                  options={"store_streamed_bodies": "true", "hoop_mask_max_body": "64k"})
     gw.start()
     yield gw
@@ -149,3 +156,16 @@ def test_a_stream_longer_than_the_recording_keeps_ends_with_an_error_event(
     assert len(_recorded(stream_gateway, "/long")) <= 64 * 1024 + 1024
     denied = [e["decision"] for e in stream_gateway.wait_audit(2) if e.get("path") == "/long"]
     assert denied[-1]["reason"] == "response_too_large"
+
+
+def test_a_credential_the_upstream_echoes_in_a_passing_stream_never_reaches_the_agent(
+    stream_gateway: Gateway, upstream: Handshake, idp: LocalIdP
+) -> None:
+    """A stream no response rule reads still passes the credential-echo scrubber."""
+    with _client(stream_gateway, idp) as client:
+        reply = client.post(f"{upstream.url}/echo", json={"stream": True})
+
+    assert reply.status_code == 200
+    assert b"you sent Bearer [SCRUBBED]" in reply.content
+    assert KEY.encode() not in reply.content
+    assert KEY.encode() not in _recorded(stream_gateway, "/echo")
