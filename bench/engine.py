@@ -1,7 +1,9 @@
 """Benchmark of the masking engine alone (no proxy): MB/s of `mask_body` on 8 KB,
 64 KB and 1 MB bodies of ordinary English text, with few and with many sensitive
-values, as plain text, as an OpenAI chat request (JSONPath rule) and as a streamed
-completion (`text/event-stream`, fed in 1 KB network chunks through the SSE masker).
+values, as plain text, as an OpenAI chat request (JSONPath rule), as a streamed
+completion (`text/event-stream`, fed in 1 KB network chunks through the SSE masker),
+and as an OTLP/HTTP trace export (protobuf and OTLP/JSON; a rule without paths: every
+string value; spans of 1 KB, conversations as JSON in `gen_ai.input.messages`).
 
 Run: `make bench-engine` (or `python bench/engine.py [--seconds S]`). Prints one
 line per case; "typical text" is the plain-text row with few matches.
@@ -15,10 +17,13 @@ import time
 
 import jsonpath_rfc9535
 import orjson
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from hoop_addon.masking.detectors import BUILTIN
 from hoop_addon.masking.body import mask_body
 from hoop_addon.masking.engine import Evidence, MaskContext
+from hoop_addon.masking.otlp import parse_protobuf, to_dict
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.policy.model import MaskRule
 
@@ -59,6 +64,22 @@ def sse(body: str) -> bytes:
     ) + b"data: [DONE]\n\n"
 
 
+def otlp_export(body: str, rng: random.Random) -> bytes:
+    """An ExportTraceServiceRequest (protobuf) carrying `body` in spans of about 1 KB."""
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.append(KeyValue(key="service.name", value=AnyValue(string_value="agent")))
+    spans = rs.scope_spans.add().spans
+    for i in range(0, len(body), 900):
+        span = spans.add(name="chat model", kind=3, start_time_unix_nano=1_700_000_000_000_000_000 + i)
+        span.trace_id, span.span_id = rng.randbytes(16), rng.randbytes(8)
+        messages = orjson.dumps([{"role": "user", "content": body[i : i + 900]}]).decode()
+        for key, value in (("gen_ai.input.messages", messages), ("gen_ai.request.model", "m"), ("user.id", str(i))):
+            span.attributes.append(KeyValue(key=key, value=AnyValue(string_value=value)))
+        span.attributes.append(KeyValue(key="gen_ai.usage.input_tokens", value=AnyValue(int_value=i)))
+    return req.SerializeToString()
+
+
 def throughput(fn, size: int, seconds: float) -> float:
     fn()  # warm up: scanners compile on first use
     runs, start = 0, time.perf_counter()
@@ -77,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"masking engine, {len(DETECTORS)} detectors; MB/s of input body")
     print(f"{'shape':<14}{'matches':<10}" + "".join(f"{s:>10}" for s in SIZES))
     for density, every in (("few", 4096), ("many", 128)):
-        rows: dict[str, list[float]] = {"text": [], "json (chat)": [], "sse stream": []}
+        rows: dict[str, list[float]] = {"text": [], "json (chat)": [], "sse stream": [], "otlp protobuf": [], "otlp json": []}
         for size in SIZES.values():
             body = text(size, every, rng)
             raw = body.encode()
@@ -93,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
                 masker.feed(b"", final=True)
 
             rows["sse stream"].append(throughput(streamed, len(stream), args.seconds))
+            export = otlp_export(body, rng)
+            rows["otlp protobuf"].append(throughput(
+                lambda: mask_body(export, "application/x-protobuf", [plain], "request", path="/v1/traces"), len(export), args.seconds))
+            as_json = orjson.dumps(to_dict(parse_protobuf(export, ExportTraceServiceRequest)))
+            rows["otlp json"].append(throughput(
+                lambda: mask_body(as_json, "application/json", [plain], "request", path="/v1/traces"), len(as_json), args.seconds))
         for shape, figures in rows.items():
             print(f"{shape:<14}{density:<10}" + "".join(f"{f:>10.1f}" for f in figures))
         per_event = len(stream) / stream.count(b"\n\n") / (rows["sse stream"][-1] * 1e6) * 1e6

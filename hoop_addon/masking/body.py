@@ -1,5 +1,5 @@
-"""Masking an HTTP body by its media type: JSON, forms, NDJSON, server-sent events and
-text, each read as its recipient will read it and masked with the engine
+"""Masking an HTTP body by its media type: JSON, forms, NDJSON, server-sent events,
+OTLP/HTTP exports (`hoop_addon.masking.otlp`) and text, each read as its recipient will read it and masked with the engine
 (`hoop_addon.masking.engine`); SSE through the stream masker (`hoop_addon.masking.sse`).
 Pure: bytes in, bytes out, no mitmproxy.
 """
@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
+from hoop_addon.masking import otlp
 from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_json, mask_text, unique_members
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.policy.model import MaskRule
@@ -28,21 +29,26 @@ def mask_body(
     rules: Sequence[MaskRule],
     part: str,
     context: MaskContext | None = None,
+    path: str | None = None,
 ) -> tuple[bytes | None, list[dict[str, Any]]]:
     """Mask a decoded HTTP body.
 
     `content_type` is the raw header value; `part` is "request" or "response" (for the
-    evidence); `context` carries the `hash` secret and `tokenize` session. Returns (the
-    body to forward, or None to forward `body` as it is; the evidence records).
+    evidence); `context` carries the `hash` secret and `tokenize` session; `path` is the
+    request's URL path (None: not an HTTP exchange, e.g. a WebSocket message). Returns
+    (the body to forward, or None to forward `body` as it is; the evidence records).
 
-    How the body is read: `text/event-stream` responses event by event; NDJSON line by
+    How the body is read: on an OTLP/HTTP traces or logs path (`otlp.message_for`),
+    protobuf and JSON bodies as the export message, in the OTLP/JSON shape (see
+    `otlp.mask_otlp`); `text/event-stream` responses event by event; NDJSON line by
     line; JSON when declared so, when a rule selects JSONPath, or when the body looks
     like JSON (`{` or `[` first) and parses, whatever its declared type; forms as
     fields (and, if unchanged but JSON, as JSON too); anything else as UTF-8 text. A
     JSON document is re-encoded only when masked; one forwarded as it is must not
     repeat a member name (parsers differ on which value counts).
 
-    Raises `MaskError` when an enforcing rule cannot inspect the body: not UTF-8 or
+    Raises `MaskError` when an enforcing rule cannot inspect the body: not a valid OTLP
+    export on an OTLP path, a binary type otherwise (`UnsupportedMedia`), not UTF-8 or
     holding NUL characters (UTF-16, binary), not JSON although declared JSON or a rule
     selects JSONPath (unless every rule says `on_invalid_json: text`), a repeated
     member name, nested deeper than `MAX_DEPTH`. Shadow rules (`action: log`) do not
@@ -54,20 +60,26 @@ def mask_body(
         return None, []
     context = context or MaskContext()
     try:
-        return _mask_body(body, content_type, rules, part, context)
+        return _mask_body(body, content_type, rules, part, context, path)
     except MaskError:
         enforcing = [r for r in rules if not r.shadow]
         if len(enforcing) == len(rules):
             raise
-        return _mask_body(body, content_type, enforcing, part, context) if enforcing else (None, [])
+        return _mask_body(body, content_type, enforcing, part, context, path) if enforcing else (None, [])
 
 
 def _mask_body(
-    body: bytes, content_type: str, rules: Sequence[MaskRule], part: str, context: MaskContext
+    body: bytes, content_type: str, rules: Sequence[MaskRule], part: str, context: MaskContext, path: str | None
 ) -> tuple[bytes | None, list[dict[str, Any]]]:
     """`mask_body` for non-empty `rules`."""
     evidence = Evidence()
-    return _mask_into(body, content_type, rules, part, context, evidence), evidence.records(part)
+    mime = content_type.split(";", 1)[0].strip().lower()
+    message = otlp.message_for(path, part)
+    if message is not None and (mime in otlp.PROTOBUF_TYPES or mime == otlp.JSON_TYPE):
+        new = otlp.mask_otlp(body, mime, message, rules, context, evidence)
+    else:
+        new = _mask_into(body, content_type, rules, part, context, evidence)
+    return new, evidence.records(part)
 
 
 def _mask_into(

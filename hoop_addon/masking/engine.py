@@ -326,6 +326,7 @@ class Evidence:
 
     def __init__(self) -> None:
         self._rules: dict[str, tuple[MaskRule, dict[str, int], list[str]]] = {}
+        self._notes: dict[str, dict[str, Any]] = {}
 
     def add(self, rule: MaskRule, counts: dict[str, int], where: str) -> None:
         if not counts:
@@ -336,13 +337,19 @@ class Evidence:
         if where not in paths and len(paths) < MAX_EVIDENCE_PATHS:
             paths.append(where)
 
+    def annotate(self, rule: str, key: str, value: Any) -> None:
+        """Adds `key: value` (JSON-safe counts, never values) to the record of the rule
+        named `rule`, e.g. what a codec counted (`hoop_addon.masking.otlp`)."""
+        self._notes.setdefault(rule, {})[key] = value
+
     def records(self, part: str) -> list[dict[str, Any]]:
         """One record per rule that masked something: `{"rule", "part", "operator",
         "count", "detectors": {name: count}, "where": [JSONPath or part, ...]}`, plus
-        `"shadow": true` for a shadow (`action: log`) rule, which masked nothing."""
+        `"shadow": true` for a shadow (`action: log`) rule, which masked nothing, and what
+        `annotate` added."""
         return [
             {"rule": name, "part": part, "operator": rule.operator, "count": sum(c.values()), "detectors": c, "where": w,
-             **({"shadow": True} if rule.shadow else {})}
+             **({"shadow": True} if rule.shadow else {}), **self._notes.get(name, {})}
             for name, (rule, c, w) in self._rules.items()
         ]
 
@@ -397,13 +404,17 @@ def mask_text(
 
 
 def mask_json(
-    doc: Any, rules: Iterable[MaskRule], evidence: Evidence, context: MaskContext | None = None
+    doc: Any, rules: Iterable[MaskRule], evidence: Evidence, context: MaskContext | None = None,
+    changed_at: list[Location] | None = None,
 ) -> tuple[Any, bool]:
     """Mask a parsed JSON document (in place where it is a container): each string
     (and number) once, by all the rules selecting it; then member names.
 
     Returns (the masked document, whether anything changed): a scalar root is
-    replaced, not mutated. Raises `MaskError` on nesting deeper than `MAX_DEPTH`.
+    replaced, not mutated. `changed_at`, when given, gets the location of each value
+    replaced and of each object whose member names changed (for a codec that writes
+    the edits back into its own form, `hoop_addon.masking.otlp`). Raises `MaskError` on
+    nesting deeper than `MAX_DEPTH`.
     """
     context = context or MaskContext()
     box = [doc]
@@ -427,6 +438,8 @@ def mask_json(
             if inner_changed:
                 parent[key] = orjson.dumps(new_inner).decode()
                 changed = True
+                if changed_at is not None:
+                    changed_at.append(location)
             else:
                 unique_members(value)  # left as it is: see `hoop_addon.masking.body`
             continue
@@ -435,8 +448,13 @@ def mask_json(
         if masked is not text:
             parent[key] = masked
             changed = True
+            if changed_at is not None:
+                changed_at.append(location)
     for location, (node, covering) in objects.items():
-        changed |= _mask_members(node, location, covering, context, evidence)
+        if _mask_members(node, location, covering, context, evidence):
+            changed = True
+            if changed_at is not None:
+                changed_at.append(location)
     return box[0], changed
 
 

@@ -1,36 +1,232 @@
-"""OTLP/HTTP export bodies (traces and logs) as the OTLP/JSON shape, and back.
+"""OTLP/HTTP export bodies (traces and logs), masked in the OTLP/JSON shape.
 
 Masking rules read one shape for both OTLP encodings: the proto3 JSON mapping with the
-OTLP/JSON exceptions (OpenTelemetry Protocol spec, "JSON Protobuf Encoding"): lowerCamelCase
-field names, enums as integers, and trace/span ids as hex strings, not base64. Protobuf
-bodies (`application/x-protobuf`) are parsed with `opentelemetry-proto`; a body that does
-not parse raises `MaskError` (fail closed: nothing is forwarded that was not understood).
+OTLP/JSON exceptions (OpenTelemetry Protocol spec, "OTLP/HTTP" and "JSON Protobuf
+Encoding"): lowerCamelCase field names, enums as integers, 64-bit integers as strings,
+and trace/span ids as hex strings, not base64. So one JSONPath rule, e.g.
+`$..spans[*].attributes[?@.key=='user.email'].value.stringValue`, serves
+`application/x-protobuf` (parsed with `opentelemetry-proto`) and `application/json`.
 
-Not yet wired into the masking stage (see the issue-18 report).
+Fail closed: a body that does not parse as the export message of its path, or carries
+fields this version of opentelemetry-proto does not know, raises `MaskError`; nothing is
+forwarded that was not understood. A body nothing was masked in goes on as it came; a
+masked one is re-encoded from the message, every other field, id and order unchanged.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import copy
+import functools
+import dataclasses
+import re
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from jsonpath_rfc9535 import compile as jsonpath
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
-from hoop_addon.masking.engine import MaskError
+from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_json, unique_members
+from hoop_addon.policy.model import MaskRule
 
-#: OTLP/HTTP paths and the request message each carries.
-MESSAGES: dict[str, type[Message]] = {
-    "/v1/traces": ExportTraceServiceRequest,
-    "/v1/logs": ExportLogsServiceRequest,
+#: OTLP/HTTP paths (the spec's defaults, also matched as the end of a longer path: trace
+#: stores mount OTLP under a prefix, e.g. `/api/public/otel/v1/traces`) and the
+#: (request, response) messages each carries.
+SIGNALS: dict[str, tuple[type[Message], type[Message]]] = {
+    "/v1/traces": (ExportTraceServiceRequest, ExportTraceServiceResponse),
+    "/v1/logs": (ExportLogsServiceRequest, ExportLogsServiceResponse),
 }
+PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
+JSON_TYPE = "application/json"
 
+#: What a rule without paths masks in an OTLP body: every string value (`AnyValue`, so
+#: attribute values of spans, events, links, resources and scopes, array and kvlist
+#: items, log bodies), span and event names, status and partial-success messages; never
+#: ids, keys, timestamps or other fields a detector could match but the format needs.
+STRING_PATHS = (
+    "$..stringValue",
+    "$.resourceSpans[*].scopeSpans[*].spans[*].name",
+    "$.resourceSpans[*].scopeSpans[*].spans[*].events[*].name",
+    "$.resourceSpans[*].scopeSpans[*].spans[*].status.message",
+    "$.partialSuccess.errorMessage",
+)
+_STRING_QUERIES = tuple((p, jsonpath(p)) for p in STRING_PATHS)
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
+
+
+def message_for(path: str | None, part: str) -> type[Message] | None:
+    """The OTLP export message class a body carries: `path` is the request's URL path
+    (query ignored; None: not an HTTP request), `part` "request" or "response". None
+    when the path is not an OTLP/HTTP traces or logs endpoint."""
+    if not path:
+        return None
+    path = path.split("?", 1)[0]
+    for suffix, messages in SIGNALS.items():
+        if path.endswith(suffix):
+            return messages[part == "response"]
+    return None
+
+
+def mask_otlp(
+    body: bytes, mime: str, message: type[Message], rules: Sequence[MaskRule], context: MaskContext, evidence: Evidence
+) -> bytes | None:
+    """Mask one OTLP export body (decoded from its content-encoding) of media type
+    `mime` (`PROTOBUF_TYPES` or `application/json`) carrying `message` (see
+    `message_for`) in its OTLP/JSON shape: rules with paths mask what the paths select,
+    rules without mask `STRING_PATHS`; a string holding JSON (GenAI conversation
+    attributes) is masked as JSON. Returns the body re-encoded in its own encoding, or
+    None when nothing changed: masked text is written into the parsed message, so every
+    other field, id and order stays as it came. Evidence records of the rules that masked get
+    `"otlp": {"spans" | "log_records": n, "attributes": n}` (how many spans or log records
+    and attributes they masked in). Raises `MaskError` for a body that is not a valid
+    `message`, and for a rule whose masking made it invalid (a number field masked)."""
+    if mime in PROTOBUF_TYPES:
+        msg = parse_protobuf(body, message)
+    else:
+        try:
+            raw = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise MaskError("OTLP/JSON body is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise MaskError("OTLP/JSON body is not an object")
+        _camel_case(raw)
+        msg = parse_json(raw, message)
+    doc = to_dict(msg)  # canonical: enum names as numbers, defaults left out
+    tally, changed_at = _Tally(evidence), []
+    doc, changed = mask_json(doc, [_otlp_rule(r) for r in rules], tally, context, changed_at)
+    tally.finish("log_records" if "resourceLogs" in doc else "spans")
+    if not changed:
+        if mime not in PROTOBUF_TYPES:
+            unique_members(body)  # forwarded as it is: one value per member name
+        return None
+    for location in changed_at:  # the edits into the message: what is not text there is refused
+        _write(msg, doc, location)
+    return msg.SerializeToString() if mime in PROTOBUF_TYPES else orjson.dumps(doc)
+
+
+def _write(msg: Message, doc: dict, location: tuple[str | int, ...]) -> None:
+    """Sets the string field at `location` (OTLP/JSON names and indexes) of `msg` to the
+    value `doc` has there. Raises `MaskError` if that is not a singular string field (an
+    id, a number, a renamed field: masking made the export invalid, so it is refused,
+    never forwarded)."""
+    try:
+        *steps, last = location
+        node: Any = msg
+        for step in steps:
+            if isinstance(node, Message):
+                field = node.DESCRIPTOR.fields_by_camelcase_name[step]
+                if field.message_type is None:
+                    raise KeyError(step)
+                node = getattr(node, field.name)
+            else:  # a repeated message field
+                node = node[step]
+            doc = doc[step]
+        field = node.DESCRIPTOR.fields_by_camelcase_name[last]
+        new = doc[last]
+        if field.type != FieldDescriptor.TYPE_STRING or field.is_repeated or not isinstance(new, str):
+            raise KeyError(last)
+        setattr(node, field.name, new)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        where = ".".join(str(s) for s in location) or "(root)"
+        raise MaskError(f"a masking rule changed OTLP field {where!r}, which is not text; the export would be invalid") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _otlp_rule(rule: MaskRule) -> MaskRule:
+    """`rule` as it applies to an OTLP body: without paths, the `STRING_PATHS`; the same
+    object each time, so the engine's scanner cache keeps hitting."""
+    return rule if rule.paths else dataclasses.replace(rule, paths=_STRING_QUERIES)
+
+
+# Where a masked value is, from its evidence path (`engine.jsonpath`): the span or log
+# record, and the first attribute on the way (a kvlist's items belong to their attribute).
+_UNIT = re.compile(r"^\$\['resource(?:Spans|Logs)'\]\[\d+\]\['scope(?:Spans|Logs)'\]\[\d+\]\['(?:spans|logRecords)'\]\[\d+\]")
+_ATTRIBUTE = re.compile(r"^.*?\['attributes'\]\[\d+\]")
+
+
+class _Tally(Evidence):
+    """Evidence passed on to `outer`, counting per rule the spans (or log records) and
+    attributes a value was masked in."""
+
+    def __init__(self, outer: Evidence) -> None:
+        super().__init__()
+        self.outer = outer
+        self.units: dict[str, tuple[set[str], set[str]]] = {}
+
+    def add(self, rule: MaskRule, counts: dict[str, int], where: str) -> None:
+        self.outer.add(rule, counts, where)
+        if not counts:
+            return
+        units, attributes = self.units.setdefault(rule.name, (set(), set()))
+        if unit := _UNIT.match(where):
+            units.add(unit.group())
+        if attribute := _ATTRIBUTE.match(where):
+            attributes.add(attribute.group())
+
+    def finish(self, unit: str) -> None:
+        """Writes the counts to the outer evidence, spans or log records named `unit`."""
+        for name, (units, attributes) in self.units.items():
+            self.outer.annotate(name, "otlp", {unit: len(units), "attributes": len(attributes)})
+
+
+def parse_protobuf(body: bytes, message: type[Message]) -> Message:
+    """Parses a protobuf body as `message` (an OTLP export request or response class).
+    Raises `MaskError` if the body does not parse or carries fields this version of
+    opentelemetry-proto does not know (they could not be masked, nor re-encoded)."""
+    msg = message()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError:
+        raise MaskError("OTLP protobuf body does not parse") from None
+    if _has_unknown(msg):
+        raise MaskError("OTLP protobuf body carries fields unknown to opentelemetry-proto")
+    return msg
+
+
+def to_dict(msg: Message) -> dict:
+    """`msg` in the OTLP/JSON shape: proto3 JSON mapping, enums as integers, hex ids."""
+    doc = json_format.MessageToDict(msg, use_integers_for_enums=True)
+    _ids(doc, lambda v: base64.b64decode(v).hex())
+    return doc
+
+
+def parse_json(doc: dict, message: type[Message]) -> Message:
+    """`doc`, parsed OTLP/JSON (hex ids; they are rewritten in place), as a `message`.
+    Raises `MaskError` if it is not one; the error never quotes the body (protobuf's own
+    message names fields and values)."""
+
+    def hex_to_b64(v: Any) -> str:
+        if not isinstance(v, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2})*", v):
+            raise MaskError("OTLP/JSON trace or span id is not a hex string")
+        return base64.b64encode(bytes.fromhex(v)).decode()
+
+    _ids(doc, hex_to_b64)
+    try:
+        return json_format.ParseDict(doc, message())
+    except (json_format.ParseError, binascii.Error, TypeError, ValueError, RecursionError):
+        raise MaskError(f"not a valid OTLP {message.DESCRIPTOR.name} (a field of unknown name or wrong type)") from None
+
+
+def _camel_case(doc: Any) -> None:
+    """Raises `MaskError` if an object in `doc` has a member name with `_`: OTLP/JSON
+    names fields in lowerCamelCase only, while proto3 JSON parsers also take the proto
+    names (`resource_spans`), which a rule's `$.resourceSpans` would not select, and a
+    parser given both spellings keeps one of them."""
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if any("_" in k for k in node):
+                raise MaskError("OTLP/JSON body names a field in snake_case; OTLP/JSON uses lowerCamelCase")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _items(obj: Any, key: str) -> list[dict]:
@@ -56,62 +252,6 @@ def _ids(doc: Any, convert) -> None:
                 for key in _ID_KEYS:
                     if key in rec:
                         rec[key] = convert(rec[key])
-
-
-def _message(path: str) -> type[Message]:
-    try:
-        return MESSAGES[path]
-    except KeyError:
-        raise MaskError(f"'{path}' is not an OTLP/HTTP traces or logs path") from None
-
-
-def decode_protobuf(body: bytes, path: str) -> dict:
-    """Parses a protobuf export request for OTLP path `path` (`/v1/traces` or `/v1/logs`)
-    into the OTLP/JSON shape (a dict). Raises `MaskError` if the body does not parse or
-    carries fields this version of opentelemetry-proto does not know (they could not be
-    masked, nor re-encoded faithfully)."""
-    msg = _message(path)()
-    try:
-        msg.ParseFromString(body)
-    except DecodeError as e:
-        raise MaskError(f"OTLP protobuf body does not parse: {e}") from None
-    if _has_unknown(msg):
-        raise MaskError("OTLP protobuf body carries fields unknown to opentelemetry-proto")
-    doc = json_format.MessageToDict(msg, use_integers_for_enums=True)
-    _ids(doc, lambda v: base64.b64decode(v).hex())
-    return doc
-
-
-def encode_protobuf(doc: dict, path: str) -> bytes:
-    """Serialises an OTLP/JSON-shaped dict (hex ids) back to protobuf for OTLP path `path`.
-    Raises `MaskError` if `doc` is not a valid export request (e.g. a rule wrote a
-    non-string into a string field)."""
-    return _parse_json(doc, path).SerializeToString()
-
-
-def _parse_json(doc: dict, path: str) -> Message:
-    def hex_to_b64(v: Any) -> str:
-        if not isinstance(v, str):
-            raise MaskError("OTLP/JSON id is not a hex string")
-        try:
-            return base64.b64encode(bytes.fromhex(v)).decode()
-        except ValueError:
-            raise MaskError("OTLP/JSON id is not a hex string") from None
-
-    doc = copy.deepcopy(doc)
-    _ids(doc, hex_to_b64)
-    try:
-        return json_format.ParseDict(doc, _message(path)())
-    except (json_format.ParseError, binascii.Error, TypeError, ValueError) as e:
-        raise MaskError(f"not a valid OTLP export request: {e}") from None
-
-
-def validate_json(doc: Any, path: str) -> None:
-    """Checks that an OTLP/JSON body (already parsed JSON) is a valid export request for
-    `path`; raises `MaskError` if not, so a body that is not OTLP is refused, not forwarded."""
-    if not isinstance(doc, dict):
-        raise MaskError("OTLP/JSON body is not an object")
-    _parse_json(doc, path)
 
 
 def _has_unknown(msg: Message) -> bool:

@@ -111,7 +111,7 @@ def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
         parts.append(("response", exchange.response_headers, exchange.response_body))
     for part, headers, body in parts:
         try:
-            _, evidence = mask_body(body, _content_type(headers), route.rules_for(part), part, context)
+            _, evidence = mask_body(body, _content_type(headers), route.rules_for(part), part, context, url.path or "/")
         except (MaskError, JSONPathRecursionError, RecursionError):
             # a body the masker cannot handle, or a JSONPath too deep for it: refused
             return Outcome("deny", name, f"unmaskable_{part}", None, shadowed, result.masked)

@@ -39,7 +39,9 @@ class Mask(Stage):
     loop for every other flow).
 
     Bodies are decoded from their content-encoding, masked, and re-encoded; the
-    `query`, `headers` and `cookies` a rule names are masked too. `text/event-stream`
+    `query`, `headers` and `cookies` a rule names are masked too. OTLP/HTTP exports
+    (protobuf or JSON, on a `/v1/traces` or `/v1/logs` path) are masked in their
+    OTLP/JSON shape and re-encoded (`hoop_addon.masking.otlp`). `text/event-stream`
     and NDJSON responses are masked as they stream (`flow.response.stream` is a masking
     callable; content-encoding is decoded and dropped); other responses are buffered.
     Anything that cannot be inspected, and any error of the masker, is never passed
@@ -328,7 +330,9 @@ class Mask(Stage):
                     raise
                 body = None  # shadow rules do not decide what passes: what they cannot read goes on
             if body is not None:
-                new, body_records = mask_body(body, message.headers.get("Content-Type", ""), rules, part, context)
+                new, body_records = mask_body(
+                    body, message.headers.get("Content-Type", ""), rules, part, context, flow.request.path
+                )
                 if new is not None:
                     message.content = new  # re-encoded with the message's Content-Encoding
                 records = _merge(records, body_records)
@@ -414,6 +418,7 @@ def _merge(a: list[dict], b: list[dict]) -> list[dict]:
         for name, n in r["detectors"].items():
             m["detectors"][name] = m["detectors"].get(name, 0) + n
         m["where"] += [w for w in r["where"] if w not in m["where"]]
+        m.update((k, v) for k, v in r.items() if k not in m)  # what a codec counted (`otlp`)
     return list(merged.values())
 
 
