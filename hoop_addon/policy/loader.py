@@ -384,6 +384,12 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
     paths = []
     for text, loc, node in m.listed("paths"):
         paths.append((text, _jsonpath(text, loc, node)))
+    attributes = m.listed("otlp_attributes")
+    if m.has("otlp_attributes") and not attributes:
+        raise m.loc.at("otlp_attributes").error(m.node("otlp_attributes"), "name at least one attribute key")
+    for glob, loc, node in attributes:
+        text = otlp_attribute_path(glob, loc, node)
+        paths.append((text, _jsonpath(text, loc, node)))
     chosen = []
     for det, loc, node in m.listed("detectors"):
         if det not in detectors:
@@ -399,6 +405,8 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
         raise m.loc.at("keep").error(m.node("keep"), "must be 0..64 characters")
     on_invalid = _choice(m.text("on_invalid_json", "block"), ("block", "text"), m.loc.at("on_invalid_json"), m.where("on_invalid_json"))
     body = _flag(m, "body", True)
+    if attributes and not body:
+        raise m.loc.at("otlp_attributes").error(m.node("otlp_attributes"), "selects body values: not with body: false")
     query = _flag(m, "query", False)
     headers = tuple(h.lower() for h in m.texts("headers", ()))
     cookies = m.texts("cookies", ())
@@ -408,6 +416,25 @@ def _mask_rule(m: _Map, names: dict[str, str], detectors: dict[str, Detector]) -
     return MaskRule(
         name, directions, tuple(paths), tuple(chosen), operator, keep, on_invalid, body, headers, cookies, query, action,  # type: ignore[arg-type]
     )
+
+
+_ATTRIBUTE_GLOB = re.compile(r"[A-Za-z0-9_.:/@*?-]+")
+
+
+def otlp_attribute_path(glob: str, loc: _Loc, node: Node) -> str:
+    """The RFC 9535 JSONPath of a mask rule's `otlp_attributes` item: the string values
+    (arrays and kvlists included) of every OTLP attribute, of spans, events, links,
+    resources, scopes and log records, whose key matches `glob` (`*`: any characters,
+    `?`: one), in the OTLP/JSON shape (`hoop_addon.masking.otlp`). A key without
+    wildcards is compared exactly; a glob becomes an I-Regexp (RFC 9485) for `match()`.
+    Keys hold letters, digits and `_ . : / @ -` (OpenTelemetry attribute names), else a
+    `PolicyError`."""
+    if not _ATTRIBUTE_GLOB.fullmatch(glob):
+        raise loc.error(node, f"attribute key glob {glob!r}: use letters, digits, '_ . : / @ -' and the wildcards * and ?")
+    if "*" not in glob and "?" not in glob:
+        return f"$..attributes[?@.key=='{glob}'].value..stringValue"
+    pattern = glob.replace(".", "[.]").replace("*", ".*").replace("?", ".")
+    return f"$..attributes[?match(@.key, '{pattern}')].value..stringValue"
 
 
 def _flag(m: _Map, key: str, default: bool) -> bool:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import orjson
 import pytest
 
+from hoop_addon.masking.body import mask_body
 from hoop_addon.policy.loader import PolicyError, load_policy
 from hoop_addon.policy.model import Policy
 
@@ -578,3 +580,55 @@ class TestNamesPerIssuer:
 
         assert policy.routes[0].admits("https://idp.example", "x", ("agents",))
         assert policy.routes[0].admits("https://idp.example", "x", ("ops",))
+
+
+class TestOtlpAttributes:
+    """`otlp_attributes` names OTLP attributes by key (globs) instead of a JSONPath."""
+
+    def rule_of(self, tmp_path: Path, attributes: str):
+        text = ISSUER + f"masking:\n  - name: traces\n    detectors: [email]\n    otlp_attributes: {attributes}\n" + (
+            "routes:\n  - name: r\n    match: {hosts: [a.example]}\n    allow: {groups: [g]}\n    masking: [traces]\n"
+        )
+        (rule,) = load_policy(write(tmp_path, text), resolve_env=False).routes[0].masking
+        return rule
+
+    def test_keys_and_globs_select_string_values_of_matching_attributes(self, tmp_path: Path) -> None:
+        rule = self.rule_of(tmp_path, '[gen_ai.input.messages, "llm.input_messages.*", "user.?d"]')
+        assert [p for p, _ in rule.paths] == [
+            "$..attributes[?@.key=='gen_ai.input.messages'].value..stringValue",
+            "$..attributes[?match(@.key, 'llm[.]input_messages[.].*')].value..stringValue",
+            "$..attributes[?match(@.key, 'user[.].d')].value..stringValue",
+        ]
+        def attr(key: str, value: dict) -> dict:
+            return {"key": key, "value": value}
+
+        mail = {"stringValue": "a@b.example"}
+        span = {"name": "c@d.example", "attributes": [
+            attr("gen_ai.input.messages", {"stringValue": '[{"content": "e@f.example"}]'}),
+            attr("llm.input_messages.0.message.content", {"arrayValue": {"values": [mail]}}),
+            attr("llmXinput_messages.0", mail), attr("user.id", mail), attr("user.email", mail),
+        ]}
+        body = orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]})
+        new, records = mask_body(body, "application/json", [rule], "request", path="/v1/traces")
+        got = orjson.loads(new)["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+        values = [orjson.dumps(a["value"]).decode() for a in got["attributes"]]
+        assert [("example" in v) for v in values] == [False, False, True, False, True]
+        assert got["name"] == "c@d.example"  # not an attribute
+        assert records[0]["otlp"] == {"spans": 1, "attributes": 3}
+
+    @pytest.mark.parametrize(("attributes", "message"), [
+        ("[]", "name at least one attribute key"),
+        ("['gen_ai.*[0]']", "attribute key glob 'gen_ai.*[0]': use letters"),
+        ("[\"a'b\"]", "attribute key glob \"a'b\": use letters"),
+        ("{a: b}", "expected a list"),
+    ])
+    def test_bad_lists_are_policy_errors(self, tmp_path: Path, attributes: str, message: str) -> None:
+        error = load_error(write(tmp_path, f"masking:\n  - name: t\n    detectors: [email]\n    otlp_attributes: {attributes}\n"))
+        assert error.key.startswith("masking[0].otlp_attributes") and error.line == 4
+        assert error.message.startswith(message), error.message
+
+    def test_not_with_body_false(self, tmp_path: Path) -> None:
+        text = "masking:\n  - name: t\n    detectors: [email]\n    body: false\n    headers: [x]\n    otlp_attributes: [a]\n"
+        error = load_error(write(tmp_path, text))
+        assert error.message == "selects body values: not with body: false"
+
