@@ -17,6 +17,10 @@ Endpoints:
   string or text-block content), the same echo as one text block; ``"stream": true``
   gives its events (``message_start``, ``content_block_delta`` ... ``message_stop``).
 * ``POST /v1/echo``: returns the request body with the same Content-Type.
+* ``POST /v1/traces``, ``POST /v1/logs``: an OTLP/HTTP collector (a trace store): the
+  export request is parsed with ``opentelemetry-proto``, protobuf (``gzip`` too) or
+  OTLP/JSON, and answered as OTLP/HTTP answers (an empty export response, in the
+  request's encoding); a body that does not parse gets 400.
 * ``GET /healthz``: ``ok``.
 * anything else: 404 with an OpenAI-style JSON error.
 
@@ -27,6 +31,7 @@ Run standalone with ``hoop dev-upstream`` (plain HTTP on 127.0.0.1:9000) or
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.server
 import signal
 import socket
@@ -35,6 +40,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +49,9 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import orjson
+
+from hoop_addon.masking import otlp
+from hoop_addon.masking.engine import MaskError
 
 STREAM_PIECE_CHARS = 8
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -208,12 +217,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._messages(body)
         elif route == ("POST", "/v1/echo"):
             self._send(200, body, self.headers.get("Content-Type", "application/octet-stream"))
+        elif self.command == "POST" and route[1] in otlp.SIGNALS:
+            self._otlp(route[1], body)
         elif route == ("GET", "/healthz"):
             self._send(200, b"ok", "text/plain")
         else:
             self._send(404, _error_body(f"Unknown route: {self.command} {self.path}", "not_found"))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
+
+    def _otlp(self, path: str, body: bytes) -> None:
+        """Collect an OTLP/HTTP export (OTLP spec, "OTLP/HTTP"): 200 with the empty
+        export response when it parses, else 400 (as a collector refuses it)."""
+        request, response = otlp.SIGNALS[path]
+        mime = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        try:
+            if self.headers.get("Content-Encoding", "").lower() == "gzip":
+                body = gzip.decompress(body)
+            if mime in otlp.PROTOBUF_TYPES:
+                otlp.parse_protobuf(body, request)
+                self._send(200, response().SerializeToString(), "application/x-protobuf")
+            else:
+                otlp.parse_json(orjson.loads(body), request)
+                self._send(200, b"{}", "application/json")
+        except (MaskError, OSError, EOFError, zlib.error, orjson.JSONDecodeError) as exc:
+            self._send(400, _error_body(f"not an OTLP {request.DESCRIPTOR.name}: {exc}"))
 
     def _chat(self, body: bytes, authorization: str) -> None:
         """Answer a chat completion request, streamed or not."""
