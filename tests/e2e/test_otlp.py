@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +63,7 @@ routes:
     masking: [genai, ssn-anywhere]
 """
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trace_agent.py"
 EMAIL, CARD, SSN = "jane.doe@example.com", "4111 1111 1111 1111", "078-05-1120"
 PLANTED = (EMAIL, CARD, SSN, "ops@corp.example")
 MASKED_KEYS = {"gen_ai.input.messages", "user.email", "llm.input_messages.0.message.content"}
@@ -220,3 +224,19 @@ def test_bodies_the_codec_cannot_read_are_refused(base, upstream: FakeOpenAI, id
     assert EMAIL not in reply.text
     assert upstream.received == []  # nothing was forwarded
     assert_absent(recorded_bytes(gw), (EMAIL,))
+
+
+def test_the_example_agent_exports_through_the_gateway_by_otel_environment(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """README, "Governing trace stores": `examples/trace_agent.py`, configured only by
+    OpenTelemetry's environment variables (gzip), gets its spans masked into the collector."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{token}",
+           "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"}
+    run = subprocess.run([sys.executable, str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(run.stdout) == {"exported": "SUCCESS", "spans": 2}, run.stderr
+    (received,) = upstream.received
+    got = parse_protobuf(gzip.decompress(received.body), ExportTraceServiceRequest)
+    attrs = {a.key: a.value.string_value for s in got.resource_spans[0].scope_spans[0].spans for a in s.attributes}
+    assert attrs["user.email"] == "[REDACTED:EMAIL]"
+    assert json.loads(attrs["gen_ai.input.messages"]) == [{"role": "user", "content": "I am [REDACTED:EMAIL], card [REDACTED:CARD]"}]

@@ -58,8 +58,8 @@ class TestExampleRules:
         assert issuer.jwks == str((RULES.parent / ".hoop/dev-issuer/jwks.json").resolve())
         assert policy.token_sources == {"authorization", "x_api_key", "proxy_password"}
         assert policy.unmatched == "deny"
-        assert [r.name for r in policy.routes] == ["openai", "anthropic", "local-anthropic", "local-llm"]
-        assert [r.api for r in policy.routes] == ["openai", "anthropic", "anthropic", "openai"]
+        assert [r.name for r in policy.routes] == ["openai", "anthropic", "local-traces", "local-anthropic", "local-llm"]
+        assert [r.api for r in policy.routes] == ["openai", "anthropic", None, "anthropic", "openai"]
         anthropic = policy.routes[1]
         assert anthropic.credential is not None and anthropic.credential.header == "x-api-key"
         openai = policy.routes[0]
