@@ -29,6 +29,7 @@ from hoop_addon.policy.model import (
     DEFAULT_OUTPUT_TOKENS, ApprovalRule, BlockRule, Conditions, Credential, Issuer, Limit, MaskRule, McpPolicy, Names,
     Policy, RecordingPolicy, Route, ToolRule,
 )
+from hoop_addon.providers.aws import AwsSigV4
 from hoop_addon.providers.errors import APIS
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
@@ -561,13 +562,15 @@ def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, st
     return ToolRule(name, action, reason, globs["tools"], globs["prompts"], globs["resources"], approval=approval, **when)  # type: ignore[arg-type]
 
 
-CREDENTIAL_KINDS = ("header", "bearer", "basic", "query")
+CREDENTIAL_KINDS = ("header", "bearer", "basic", "query", "aws_sigv4")
+_AWS_NAME = re.compile(r"[a-z0-9-]{1,64}")
 
 
 def _credential(m: _Map, resolve_env: bool) -> Credential:
     """One of: `header: NAME` + `value: SECRET`; `bearer: SECRET`;
-    `basic: {username: TEXT, password: SECRET}`; `query: NAME` + `value: SECRET`.
-    SECRET holds `${ENV_VAR}` / `${file:PATH}` references, never the secret itself."""
+    `basic: {username: TEXT, password: SECRET}`; `query: NAME` + `value: SECRET`;
+    `aws_sigv4: {access_key_id: SECRET, secret_access_key: SECRET, session_token?: SECRET,
+    region: NAME, service: NAME}` (the gateway signs each request). SECRET holds `${ENV_VAR}` / `${file:PATH}` references, never the secret itself."""
     kinds = [k for k in CREDENTIAL_KINDS if m.has(k)]
     if len(kinds) != 1:
         raise m.loc.error(m.mapping, f"name exactly one of: {', '.join(CREDENTIAL_KINDS)}")
@@ -587,6 +590,17 @@ def _credential(m: _Map, resolve_env: bool) -> Credential:
             resolved.append(credential.value.removeprefix("Basic "))
     elif kind == "query":
         credential = Credential("Authorization", _secret(m, "value", resolve_env, resolved), param=m.text("query"))
+    elif kind == "aws_sigv4":
+        aws = m.sub("aws_sigv4")
+        key_id, secret = _secret(aws, "access_key_id", resolve_env, resolved), _secret(aws, "secret_access_key", resolve_env, resolved)
+        token = _secret(aws, "session_token", resolve_env, resolved) if aws.has("session_token") else None
+        names = {}
+        for key in ("region", "service"):
+            names[key] = aws.text(key)
+            if not _AWS_NAME.fullmatch(names[key]):
+                raise aws.loc.at(key).error(aws.node(key), "use lower-case letters, digits and '-' (e.g. us-east-1, s3)")
+        aws.finish()
+        credential = Credential("Authorization", "", aws=AwsSigV4(key_id, secret, names["region"], names["service"], token))
     else:
         credential = Credential(m.text("header"), _secret(m, "value", resolve_env, resolved))
     m.finish()

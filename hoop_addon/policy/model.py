@@ -14,6 +14,7 @@ from typing import Any, Literal
 from jsonpath_rfc9535 import JSONPathQuery
 
 from hoop_addon.masking.detectors import Detector
+from hoop_addon.providers.aws import AwsSigV4
 
 TokenSource = Literal["authorization", "proxy_password", "proxy_bearer", "x_api_key"]
 Direction = Literal["request", "response"]
@@ -94,13 +95,16 @@ class Credential:
     header value such as `Bearer sk-...` or `Basic dXNlcjpwdw==`); with `param`, the
     query parameter `param` is set to `value` instead (the agent's own one replaced).
     `secrets` are the values its `${...}` references resolved to (and, for `basic`, the
-    encoded pair): what a response must not carry back to the agent.
+    encoded pair): what a response must not carry back to the agent. With `aws`, the
+    gateway signs each request with AWS SigV4 instead (`hoop_addon.providers.aws`;
+    `header` is Authorization, `value` empty).
     """
 
     header: str
     value: str = field(repr=False)
     param: str | None = None
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    aws: AwsSigV4 | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,11 @@
 """The gateway's chain of stages, built once per process: what `hoop_addon/addon.py`
 gives mitmdump as a script and what `hoop serve` adds to its master itself.
 
-In hook order: identify -> admit (route) -> guard (block rules; approval needed?) ->
-MCP calls (tool rules; tools/list answers filtered) -> mask request -> rate limits
-and budgets -> approve (hold or ticket) -> inject credential -> upstream -> mask
-response -> count the response's token usage -> record
+In hook order: identify -> admit (route) -> AWS unsign (de-chunk, drop the agent's
+signature; `aws_sigv4` routes) -> guard (block rules; approval needed?) -> MCP calls
+(tool rules; tools/list answers filtered) -> mask request -> rate limits and budgets ->
+approve (hold or ticket) -> inject credential -> upstream -> mask response -> count the
+response's token usage -> record
 -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for the
 client only). (Rate limits count requests in `requestheaders`, before any body is
 read; they sit after masking so as to read a stream's usage as masking emits it.)
@@ -20,7 +21,7 @@ from hoop_addon.stages.admit import Admit
 from hoop_addon.stages.approve import Approve
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
-from hoop_addon.stages.credentials import InjectCredential
+from hoop_addon.stages.credentials import AwsUnsign, InjectCredential
 from hoop_addon.stages.guard import Guard
 from hoop_addon.stages.identify import Identify
 from hoop_addon.stages.limit import RateLimit
@@ -40,7 +41,8 @@ def build() -> list[Any]:
     control = Control()  # the control API; stages add their handlers to it
     mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
     return guarded([
-        policy, Identify(policy), Admit(policy), Guard(policy, mask), Mcp(mask), mask, RateLimit(policy, mask),
+        policy, Identify(policy), Admit(policy), AwsUnsign(), Guard(policy, mask), Mcp(mask), mask,
+        RateLimit(policy, mask),
         Approve(policy, control, audit), InjectCredential(mask), Record(policy, audit), audit, control,
         Telemetry(policy, audit, control), Restore(mask),
     ])

@@ -9,10 +9,49 @@ from mitmproxy import http
 from hoop_addon.masking.codec import decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.masking.literal import SCRUBBED, StreamScrubber, forms, scrub
-from hoop_addon.providers import CREDENTIAL_HEADERS
-from hoop_addon.stages import Stage, allowed, hoop, logger, route_of
+from hoop_addon.providers import CREDENTIAL_HEADERS, aws
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
 from hoop_addon.stages.mask import Mask
 
+
+class AwsUnsign(Stage):
+    """Right after the route is known, on a route whose credential is `aws_sigv4`:
+    the request is made what the gateway will sign. A presigned URL (query
+    authentication) is refused (400 `presigned_url`: its signature cannot be replaced);
+    an `aws-chunked` body (boto3 over HTTPS) is de-chunked into its payload (400
+    `unsignable_request` if malformed); the agent's signature, payload hash and
+    checksum headers are removed (`aws.SIGNATURE_HEADERS`, `x-amz-checksum-*`) and the
+    checksum algorithms asked for kept in `hoop.aws_checksums`, for `InjectCredential`
+    to recompute over the masked body. So block rules and masking read the payload, and
+    nothing forwarded vouches for a body it does not match."""
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not allowed(flow) or (route := route_of(flow)) is None:
+            return
+        if route.credential is None or route.credential.aws is None:
+            return
+        request = flow.request
+        if aws.presigned(request.query.keys()):
+            refuse(flow, 400, "credential", "presigned_url",
+                   "presigned URLs (query authentication) are refused on a route whose AWS credential the gateway holds")
+            return
+        trailers: dict[str, str] = {}
+        try:
+            if aws.chunked(request.headers):
+                payload, trailers = aws.dechunk(request.raw_content or b"")
+                rest = [e for e in request.headers.get("content-encoding", "").split(",") if e.strip() and e.strip().lower() != "aws-chunked"]
+                if rest:
+                    request.headers["content-encoding"] = ",".join(e.strip() for e in rest)
+                else:
+                    request.headers.pop("content-encoding", None)
+                request.raw_content = payload
+                request.headers["content-length"] = str(len(payload))
+        except aws.SigningError as exc:
+            refuse(flow, 400, "credential", "unsignable_request", f"request cannot be signed: {exc}")
+            return
+        hoop(flow)["aws_checksums"] = sorted(aws.requested_checksums(request.headers, trailers))
+        for name in (*aws.SIGNATURE_HEADERS, *aws.checksum_headers(list(request.headers.keys()))):
+            request.headers.pop(name, None)
 
 
 class InjectCredential(Stage):
@@ -45,13 +84,27 @@ class InjectCredential(Stage):
             request = flow.request
             for name in (*CREDENTIAL_HEADERS, credential.header):
                 request.headers.pop(name, None)
-            if credential.param is None:
+            if credential.aws is not None:
+                self._sign(request, credential.aws, record)
+            elif credential.param is None:
                 request.headers[credential.header] = credential.value
                 record["credential"] = credential.header
             else:
                 request.query[credential.param] = credential.value
                 record["credential"] = f"query:{credential.param}"
         record["forwarded"] = True
+
+    @staticmethod
+    def _sign(request: http.Request, credential: aws.AwsSigV4, record: dict[str, Any]) -> None:
+        """Checksums the client asked for (`AwsUnsign`), recomputed over the body as it
+        goes (masked, content-encoded), then the SigV4 signature over it all."""
+        body = request.raw_content or b""
+        for name, value in aws.checksums(record.get("aws_checksums", ()), body).items():
+            request.headers[name] = value
+        signed = {k: v for k, v in request.headers.items() if k.lower().startswith("x-amz-") or k.lower() in ("content-type", "content-md5")}
+        for name, value in aws.sign(request.method, request.url, request.host_header or request.host, signed, body, credential).items():
+            request.headers[name] = value
+        record["credential"] = "aws_sigv4"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._withdraw(flow)
@@ -76,6 +129,29 @@ class InjectCredential(Stage):
             response.stream = stream
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self._scrub_echo(flow)
+        self._aws_checksums(flow)
+
+    @staticmethod
+    def _aws_checksums(flow: http.HTTPFlow) -> None:
+        """On an `aws_sigv4` route, a response body the gateway changed (masked, or a
+        credential scrubbed) gets its `x-amz-checksum-*` headers recomputed or dropped
+        (`aws.response_checksums`): the client validates them (boto3 by default)."""
+        route, response, record = route_of(flow), flow.response, hoop(flow)
+        if route is None or route.credential is None or route.credential.aws is None or response is None or response.stream:
+            return
+        changed = record.get("credential_echoed") or any(
+            m.get("part") == "response" and not m.get("shadow") for m in record.get("masked", ())
+        )
+        if not changed:
+            return
+        for name, value in aws.response_checksums(response.headers, response.raw_content or b"").items():
+            if value is None:
+                response.headers.pop(name, None)
+            else:
+                response.headers[name] = value
+
+    def _scrub_echo(self, flow: http.HTTPFlow) -> None:
         if (secret_forms := self._echo_forms(flow)) is None or (response := flow.response) is None or not response.raw_content:
             return
         # A streamed body was scrubbed as it passed; what is kept of it for the recording
@@ -103,6 +179,8 @@ class InjectCredential(Stage):
             return
         if credential.param is None:
             flow.request.headers[credential.header] = SCRUBBED
+            if credential.aws is not None and "X-Amz-Security-Token" in flow.request.headers:
+                flow.request.headers["X-Amz-Security-Token"] = SCRUBBED
         elif credential.param in flow.request.query:
             flow.request.query[credential.param] = SCRUBBED
 

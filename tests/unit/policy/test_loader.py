@@ -632,3 +632,37 @@ class TestOtlpAttributes:
         error = load_error(write(tmp_path, text))
         assert error.message == "selects body values: not with body: false"
 
+
+
+class TestAwsSigV4:
+    ROUTE = """\
+    - name: bucket
+      match: {{hosts: [s3.amazonaws.com]}}
+      allow: {{groups: [agents]}}
+      credential:
+        aws_sigv4: {body}
+    """
+
+    def test_keys_resolve_from_the_environment(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("KEY_ID", "AKIDEXAMPLE")
+        monkeypatch.setenv("SECRET", "wJalrXUtnFEMI")
+        body = "{access_key_id: '${KEY_ID}', secret_access_key: '${SECRET}', region: eu-west-1, service: s3}"
+        policy = route_policy(self.ROUTE.format(body=body), resolve_env=True, directory=tmp_path)
+        credential = policy.routes[0].credential
+        assert credential.aws is not None and (credential.aws.region, credential.aws.service) == ("eu-west-1", "s3")
+        assert credential.aws.secret_access_key == "wJalrXUtnFEMI" and "wJalrXUtnFEMI" in credential.secrets
+        assert "wJalrXUtnFEMI" not in repr(credential.aws)
+
+    @pytest.mark.parametrize(("body", "key", "message"), [
+        ("{access_key_id: AKID, secret_access_key: '${S}', region: us-east-1, service: s3}",
+         "aws_sigv4.access_key_id", "write secrets as ${ENV_VAR} references"),
+        ("{access_key_id: '${K}', secret_access_key: '${S}', service: s3}", "aws_sigv4.region", "required key is missing"),
+        ("{access_key_id: '${K}', secret_access_key: '${S}', region: US East, service: s3}", "aws_sigv4.region",
+         "use lower-case letters"),
+        ("{access_key_id: '${K}', secret_access_key: '${S}', region: us-east-1, service: s3, token: x}", "aws_sigv4.token",
+         "unknown key"),
+    ])
+    def test_errors_name_the_key(self, tmp_path: Path, body: str, key: str, message: str) -> None:
+        with pytest.raises(PolicyError) as caught:
+            route_policy(self.ROUTE.format(body=body), directory=tmp_path)
+        assert caught.value.key.endswith(key) and caught.value.message.startswith(message), str(caught.value)
