@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from jsonpath_rfc9535 import JSONPathRecursionError
 
+from hoop_addon.masking import otlp
+from hoop_addon.masking.engine import MaskError
 from hoop_addon.policy.model import ApprovalRule, BlockRule, Conditions
 
 
@@ -28,7 +30,8 @@ class UninspectableBody(ValueError):
 class RequestFacts:
     """What conditions look at. `route` is the route name (None: no route), `method`
     upper case, `issuer` the URL of the identity's issuer, `headers` (name, value) pairs with any name case, `body` the decoded
-    (content-encoding removed) bytes."""
+    (content-encoding removed) bytes, `path` the URL path (None: unknown), by which an
+    OTLP/HTTP protobuf export is read in its OTLP/JSON shape (`hoop_addon.masking.otlp`)."""
 
     route: str | None
     method: str
@@ -37,6 +40,7 @@ class RequestFacts:
     groups: Sequence[str]
     headers: Sequence[tuple[str, str]]
     body: bytes
+    path: str | None = None
 
 
 def estimate_tokens(body: bytes | int) -> int:
@@ -79,10 +83,7 @@ def matches(when: Conditions, facts: RequestFacts, parsed: dict[str, Any]) -> bo
         if not facts.body.strip():
             return False
         if "json" not in parsed:
-            try:
-                parsed["json"] = orjson.loads(facts.body)
-            except orjson.JSONDecodeError:
-                raise UninspectableBody("the body is not JSON, and a rule inspects it with JSONPath") from None
+            parsed["json"] = _document(facts)
         if not json_found(when.json, parsed["json"]):
             return False
     return True
@@ -104,6 +105,22 @@ def json_found(conditions: Sequence[tuple[str, Any, Any]], document: Any) -> boo
         # library's depth limit: the body cannot be inspected, so it is refused
         # (422), not an unexpected error (500)
         raise UninspectableBody("the body is nested too deep to inspect with JSONPath") from None
+
+
+def _document(facts: RequestFacts) -> Any:
+    """The body as JSONPath conditions read it: JSON, or an OTLP/HTTP protobuf export in
+    its OTLP/JSON shape (the shape masking rules read). `UninspectableBody` otherwise."""
+    message = otlp.message_for(facts.path, "request")
+    mime = next((v for k, v in facts.headers if k.lower() == "content-type"), "").split(";", 1)[0].strip().lower()
+    if message is not None and mime in otlp.PROTOBUF_TYPES:
+        try:
+            return otlp.to_dict(otlp.parse_protobuf(facts.body, message))
+        except MaskError as exc:
+            raise UninspectableBody(str(exc)) from None
+    try:
+        return orjson.loads(facts.body)
+    except orjson.JSONDecodeError:
+        raise UninspectableBody("the body is not JSON, and a rule inspects it with JSONPath") from None
 
 
 def evaluate(

@@ -93,7 +93,8 @@ def simulate(policy: Policy, exchange: Exchange, caller: Caller) -> Outcome:
     elif not route.admits(issuer, caller.subject, caller.groups, caller.client_id, caller.scopes):
         return Outcome("deny", route.name, "not_admitted")
     name = route.name if route else None
-    facts = RequestFacts(name, method, issuer, caller.subject, caller.groups, list(exchange.headers), exchange.body)
+    facts = RequestFacts(name, method, issuer, caller.subject, caller.groups, list(exchange.headers), exchange.body,
+                         url.path or "/")
     try:
         block, shadow, approval = evaluate(policy.block_rules, policy.approval_rules, facts)
     except (UninspectableBody, JSONPathRecursionError, RecursionError):

@@ -50,7 +50,7 @@ class Guard(Stage):
             body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
             facts = RequestFacts(
                 record.get("route"), request.method, identity["issuer"], identity["subject"], identity["groups"],
-                list(request.headers.items(multi=True)), body,
+                list(request.headers.items(multi=True)), body, request.path,
             )
             block, shadow, approval = evaluate(policy.block_rules, policy.approval_rules, facts)
         except BodyTooLarge as exc:

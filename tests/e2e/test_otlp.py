@@ -58,9 +58,21 @@ masking:
     detectors: [us_ssn]
 routes:
   - name: traces
-    match: {{hosts: [localhost], paths: [/v1/traces, /v1/logs, /v1/metrics], methods: [POST]}}
+    match: {{hosts: [localhost], paths: [/v1/traces, /v1/logs], methods: [POST]}}
     allow: {{groups: [agents]}}
     masking: [genai, ssn-anywhere]
+  - name: metrics             # no block rule reads its bodies: masking alone refuses protobuf
+    match: {{hosts: [localhost], paths: [/v1/metrics], methods: [POST]}}
+    allow: {{groups: [agents]}}
+    masking: [ssn-anywhere]
+block:
+  - name: no-keys-in-traces
+    when:
+      routes: [traces]
+      json:
+        - path: "$..attributes[?@.key=='gen_ai.input.messages'].value.stringValue"
+          matches: 'BEGIN [A-Z ]*PRIVATE KEY'
+    reason: a private key in a conversation trace
 """
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trace_agent.py"
@@ -207,6 +219,23 @@ def test_otlp_json_export_is_masked_like_protobuf(base, upstream: FakeOpenAI, id
                                                                "ssn-anywhere": {"spans": 1, "attributes": 1}}
     for data in (*_recorded_requests(gw), recorded_bytes(gw)):
         assert_absent(data, PLANTED[:3])
+
+
+def test_a_block_rule_reads_the_protobuf_export_as_otlp_json(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    before = len(gw.audit())
+    provider = TracerProvider()
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with provider.get_tracer("agent").start_as_current_span("chat") as span:
+        span.set_attribute("gen_ai.input.messages", json.dumps([{"role": "user", "content": "-----BEGIN RSA PRIVATE KEY----- x"}]))
+    exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert exporter.export(memory.get_finished_spans()) == SpanExportResult.FAILURE
+    exporter.shutdown()
+    assert upstream.received == []
+    entry = gw.wait_audit(before + 1)[-1]
+    assert entry["decision"]["outcome"] == "deny" and entry["decision"]["rule"] == "no-keys-in-traces"
 
 
 @pytest.mark.parametrize(("path", "ctype", "body", "status"), [

@@ -275,3 +275,45 @@ class TestGuardStage:
         assert flow.response is not None and flow.response.status_code == 422
         doc = json.loads(flow.response.content)
         assert doc["error"] == "uninspectable_request" and "nested too deep" in doc["message"]
+
+
+class TestOtlpExports:
+    """A JSONPath condition reads an OTLP/HTTP protobuf export in its OTLP/JSON shape,
+    as masking rules do: a trace rule works for the Python exporter's protobuf too."""
+
+    POLICY = """\
+block:
+  - name: no-keys-in-traces
+    when:
+      routes: [store]
+      json:
+        - path: "$..attributes[?@.key=='gen_ai.input.messages'].value.stringValue"
+          matches: 'BEGIN [A-Z ]*PRIVATE KEY'
+    reason: a private key in a conversation trace
+"""
+
+    @staticmethod
+    def export(text: str) -> bytes:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+        req = ExportTraceServiceRequest()
+        span = req.resource_spans.add().scope_spans.add().spans.add(name="chat", trace_id=bytes(16), span_id=bytes(8))
+        span.attributes.append(KeyValue(key="gen_ai.input.messages", value=AnyValue(string_value=text)))
+        return req.SerializeToString()
+
+    def facts(self, body: bytes, path: str = "/v1/traces") -> RequestFacts:
+        return RequestFacts("store", "POST", "https://idp.example", "a", ["agents"],
+                            [("Content-Type", "application/x-protobuf")], body, path)
+
+    def test_protobuf_export_matches_by_attribute(self, tmp_path: Path) -> None:
+        policy = load(tmp_path, self.POLICY)
+        key = self.export('[{"content": "-----BEGIN RSA PRIVATE KEY----- abc"}]')
+        assert evaluate(policy.block_rules, (), self.facts(key))[0].name == "no-keys-in-traces"
+        assert evaluate(policy.block_rules, (), self.facts(self.export("hello")))[0] is None
+
+    @pytest.mark.parametrize(("body", "path"), [(b"\xff\xff", "/v1/traces"), (b"\x0a\x00", "/v1/metrics")])
+    def test_what_is_not_an_otlp_export_is_uninspectable(self, tmp_path: Path, body: bytes, path: str) -> None:
+        policy = load(tmp_path, self.POLICY)
+        with pytest.raises(UninspectableBody):
+            evaluate(policy.block_rules, (), self.facts(body, path))
