@@ -58,7 +58,9 @@ class InjectCredential(Stage):
     """Last stage before the upstream: on a route with a credential, removes every
     credential the agent sent (`AGENT_CREDENTIAL_HEADERS`, the route's credential
     header, and the query parameter for the query kind) and sets the route's
-    credential, then marks the flow `hoop.forwarded`.
+    credential, then marks the flow `hoop.forwarded`. An `aws_sigv4` credential signs
+    the request as it goes, masked (`_sign`), and a masked response's
+    `x-amz-checksum-*` are recomputed or dropped (`_aws_checksums`).
 
     Once the request has gone (`responseheaders`, or `error`), the credential is
     replaced by `[SCRUBBED]` in the flow itself, so that nothing later (recording,
