@@ -4,8 +4,9 @@ to moto's S3 with IAM authentication on, behind a layer that checks, as real S3 
 that the payload hash and every checksum header match the body that arrived
 (`tests.support.s3`). Plain HTTP (boto3 sends a CRC32 header) and HTTPS (boto3 sends
 `aws-chunked` with a trailing checksum): put, get back with checksum validation on,
-list, multipart upload; a wrong gateway-held secret is refused by moto; the agent
-never sees the keys; the recordings hold no secret and no signature."""
+list, multipart upload; a read held for a reviewer (access review) and then masked and
+recorded; a wrong gateway-held secret is refused by moto; the agent never sees the keys;
+the recordings hold no secret and no signature."""
 
 from __future__ import annotations
 
@@ -38,7 +39,23 @@ identity:
 masking:
   - name: pii
     detectors: [email, payment_card]
+approvals:
+  - name: trace-read-review
+    when: {{routes: [reviewed-reads]}}
+    approvers: {{groups: [reviewers]}}
+    timeout: 60
+    mode: hold
 routes:
+  - name: reviewed-reads           # reads of these buckets wait for a reviewer
+    match: {{hosts: [localhost], paths: ["/reviewed-*"], methods: [GET]}}
+    allow: {{groups: [agents]}}
+    masking: [pii]
+    credential:
+      aws_sigv4:
+        access_key_id: ${{HOOP_TEST_AWS_KEY_ID}}
+        secret_access_key: ${{HOOP_TEST_AWS_SECRET}}
+        region: us-east-1
+        service: s3
   - name: trace-bucket
     match: {{hosts: [localhost]}}
     allow: {{groups: [agents]}}
@@ -173,3 +190,45 @@ def test_a_wrong_gateway_held_secret_is_refused_by_s3(s3, tmp_path_factory, idp:
         assert caught.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
     finally:
         gw.stop()
+
+
+def test_a_read_of_a_reviewed_bucket_waits_for_a_reviewer_and_comes_back_masked(gateway_s3, idp: LocalIdP, pki) -> None:
+    """Access review on reads: a GetObject on the `reviewed-reads` route is held until a
+    reviewer approves it through the control API; the object then reaches the agent
+    masked, and the recording keeps the masked read with its approval."""
+    import concurrent.futures
+
+    import httpx
+    from mitmproxy import io
+
+    from tests.e2e.test_approvals import api, pending, request_entry
+
+    gw, server, key_id, secret = gateway_s3
+    direct = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id=key_id,
+                          aws_secret_access_key=secret, verify=str(pki[0].cert_path),
+                          config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"))
+    bucket = f"reviewed-{server.scheme}"
+    direct.create_bucket(Bucket=bucket)
+    direct.put_object(Bucket=bucket, Key="run-7.json", Body=json.dumps(TRACE).encode(), ContentType="application/json")
+    server.clear()
+    agent = _agent(gw, server, idp.mint(subject="trace-reader", groups=["agents"]))
+    alice = idp.mint(subject="alice", groups=["reviewers"])
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        read = pool.submit(lambda: agent.get_object(Bucket=bucket, Key="run-7.json")["Body"].read())
+        (item,) = pending(gw, alice)
+        assert not any(a.method == "GET" for a in server.received)  # held: S3 has not been asked
+        assert item["rule"] == "trace-read-review" and item["request"]["url"].endswith(f"/{bucket}/run-7.json")
+        assert api(gw, "POST", f"/approvals/{item['id']}/approve", alice, {"reason": "incident INC-7"}).status_code == 200
+        data = read.result(timeout=30)
+
+    assert json.loads(data) == MASKED
+    entry = request_entry(gw, item["id"])
+    approval = entry["decision"]["approval"]
+    assert approval["status"] == "approved" and [(d["approver"], d["reason"]) for d in approval["decisions"]] == [
+        ("alice", "incident INC-7")]
+    with open(entry["recording"], "rb") as f:
+        (flow,) = [x for x in io.FlowReader(f).stream() if x.request.path.startswith(f"/{bucket}/run-7.json")]
+    assert json.loads(flow.response.content) == MASKED
+    assert_absent(recorded_bytes(gw), (EMAIL, CARD, secret))
+    assert httpx.get(f"{gw.control_url}/healthz").status_code == 200
