@@ -41,7 +41,7 @@ def build() -> list[Any]:
     control = Control()  # the control API; stages add their handlers to it
     mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
     return guarded([
-        policy, Identify(policy), Admit(policy), AwsUnsign(), Guard(policy, mask), Mcp(mask), mask,
+        policy, Identify(policy, mask), Admit(policy), AwsUnsign(), Guard(policy, mask), Mcp(mask), mask,
         RateLimit(policy, mask),
         Approve(policy, control, audit), InjectCredential(mask), Record(policy, audit), audit, control,
         Telemetry(policy, audit, control), Restore(mask),

@@ -9,9 +9,13 @@ import weakref
 
 from mitmproxy import connection, http
 
+from hoop_addon.identity.smuggling import encoded_forms, holds_encoded, holds_token
 from hoop_addon.identity.verifier import Identity, TokenError, Verifier
+from hoop_addon.masking.codec import decode
+from hoop_addon.masking.engine import MaskError
 from hoop_addon.providers import CREDENTIAL_HEADERS
 from hoop_addon.stages import Stage, hoop, note_api, refuse
+from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 
 REALM = "hoop"
@@ -23,9 +27,6 @@ _PROXY_SCHEMES = {"basic": "proxy_password", "bearer": "proxy_bearer"}
 _REQUEST_SOURCES = {"authorization": "Authorization: Bearer <JWT>", "x_api_key": "X-Api-Key: <JWT>"}
 # Headers that may carry a gateway token: each must appear at most once.
 _TOKEN_HEADERS = ("Proxy-Authorization", *CREDENTIAL_HEADERS)
-_JWS_IN_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-
-
 class Identify(Stage):
     """Attaches a verified `Identity` to each flow (`hoop.identity`), or refuses it.
 
@@ -56,8 +57,11 @@ class Identify(Stage):
     and the last good keys were used.
     """
 
-    def __init__(self, policy: PolicyStage) -> None:
+    def __init__(self, policy: PolicyStage, mask: Mask) -> None:
         self.policy = policy
+        self.mask = mask  # the Mask stage owns the decoded-size limit
+        # identified flow -> its token's base64 forms, until its body is checked
+        self.forms: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[bytes, ...]] = weakref.WeakKeyDictionary()
         # client connection -> the token its CONNECT authenticated with
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
 
@@ -101,7 +105,7 @@ class Identify(Stage):
         hoop(flow)["policy_hash"] = active.policy.digest
         headers = flow.request.headers
         sources = active.policy.token_sources
-        if _scrub_query_tokens(flow.request):
+        if _scrub_query_tokens(flow.request, active.verifier):
             self._refuse(flow, False, TokenError("token_in_query", "tokens in the URL are refused: send them in a header"), active)
             return
         # Challenge for proxy credentials when they were sent or are the only ones accepted.
@@ -109,15 +113,18 @@ class Identify(Stage):
         proxy = "Proxy-Authorization" in headers or not own
         try:
             if (tunnel := self.tunnels.get(flow.client_conn)) is not None:
-                proxy = True
+                proxy, token = True, tunnel
                 identity = await self._tunnel_identity(flow.client_conn, tunnel, active)
             elif "Proxy-Authorization" in headers:
-                identity = await active.verifier.verify(_proxy_token(headers["Proxy-Authorization"], sources))
+                token = _proxy_token(headers["Proxy-Authorization"], sources)
+                identity = await active.verifier.verify(token)
             elif "authorization" in sources and "Authorization" in headers:
-                identity = await active.verifier.verify(_bearer(headers["Authorization"]))
+                token = _bearer(headers["Authorization"])
+                identity = await active.verifier.verify(token)
                 del headers["Authorization"]
             elif "x_api_key" in sources and "X-Api-Key" in headers:
-                identity = await active.verifier.verify(_api_key(headers["X-Api-Key"]))
+                token = _api_key(headers["X-Api-Key"])
+                identity = await active.verifier.verify(token)
                 del headers["X-Api-Key"]
             elif own:
                 raise TokenError("missing", f"a token is required ({' or '.join(_REQUEST_SOURCES[s] for s in own)})")
@@ -130,7 +137,26 @@ class Identify(Stage):
         # a gateway token never travels upstream, in any header or form
         for name in {n for n, v in headers.items(multi=True) if _holds_gateway_token(v, active.verifier)}:
             del headers[name]
+        self.forms[flow] = encoded_forms(token)
         hoop(flow)["identity"] = _record(identity, active.verifier)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The body of an identified request must not hold a gateway token either (an
+        `api_key` field, a prompt quoting it): refused, 400 `token_in_body`. The body is
+        read decoded (gzip, br, ...: bounded by `hoop_mask_max_body`; one that cannot be
+        decoded is read as sent), percent- and JSON-decoded, and searched for the
+        caller's own token base64-encoded too."""
+        forms = self.forms.pop(flow, None)
+        if forms is None or flow.response is not None or not (raw := flow.request.raw_content):
+            return
+        try:
+            body = decode(raw, flow.request.headers.get("Content-Encoding", ""), self.mask.max_body)
+        except MaskError:
+            body = raw
+        active = self.policy.active
+        if active is not None and (holds_token(body, active.verifier.trusts_issuer, base64_runs=False) or holds_encoded(body, forms)):
+            refuse(flow, 400, "identity", "token_in_body",
+                   "the request body holds a gateway token: it is never sent upstream; send it only where the gateway reads it")
 
     async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
         """The tunnel's identity, verified again for each request: a hit of the
@@ -187,18 +213,10 @@ def _proxy_token(header: str, sources: frozenset[str]) -> str:
 
 
 def _holds_gateway_token(value: str, verifier: Verifier) -> bool:
-    """True when header `value` holds a JWT of an issuer `verifier` trusts anywhere in
-    it, or in the password of Basic credentials (RFC 7617)."""
-    if "eyJ" not in value and value[:6].lower() != "basic ":
-        return False  # most headers: one substring test
-    texts = [value]
-    scheme, _, rest = value.strip().partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            texts.append(base64.b64decode(rest.strip(), validate=True).decode("utf-8", "replace"))
-        except binascii.Error:
-            pass
-    return any(verifier.names_trusted_issuer(m.group()) for text in texts for m in _JWS_IN_TEXT.finditer(text))
+    """True when header `value` holds a JWT of an issuer `verifier` trusts, in any form
+    (`hoop_addon.identity.smuggling`: with anything around it, percent-, JSON- or
+    base64-encoded, in a Basic password)."""
+    return holds_token(value.encode("utf-8", "surrogateescape"), verifier.trusts_issuer)
 
 
 def _drop_tokens(request: http.Request) -> None:
@@ -221,12 +239,19 @@ def _utf8(request: http.Request) -> bool:
     return True
 
 
-def _scrub_query_tokens(request: http.Request) -> bool:
-    """Remove query parameters that carry a token; True if there were any."""
-    if b"?" not in request.data.path:
+def _scrub_query_tokens(request: http.Request, verifier: Verifier) -> bool:
+    """Remove query parameters that carry a token (by name, by shape, or a gateway
+    token in any form, `holds_token`); True if there were any, or if the path holds a
+    gateway token (then the request is refused whole: nothing of it is forwarded)."""
+    path, _, query_text = request.data.path.partition(b"?")
+    if holds_token(path, verifier.trusts_issuer):
+        request.data.path = b"/"  # refused: the token is not kept in the flow either
+        return True
+    if not query_text:
         return False  # most requests: no query to parse
     query = request.query
-    found = {k for k, v in query.items(multi=True) if k.lower() in QUERY_TOKEN_NAMES or _JWS_SHAPED.match(v)}
+    found = {k for k, v in query.items(multi=True)
+             if k.lower() in QUERY_TOKEN_NAMES or _JWS_SHAPED.match(v) or holds_token(f"{k}={v}".encode(), verifier.trusts_issuer)}
     for name in found:
         del query[name]
     return bool(found)

@@ -260,3 +260,76 @@ def test_node_openai_package_base_url(base, upstream: FakeOpenAI, idp: LocalIdP,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "not_admitted" in refused.stderr
 
+
+
+def _smuggled(token: str, rng) -> list[tuple[str, dict[str, str], str, bytes]]:
+    """Seeded smuggling attempts of `token`: (name, headers, path and query, body)."""
+    import json as _json
+    from urllib.parse import quote
+
+    def partly_escaped(text: str) -> str:
+        cut = rng.randint(3, 40)
+        return "".join(f"%{ord(c):02X}" for c in text[:cut]) + text[cut:]
+
+    def b64(text: str, urlsafe: bool) -> str:
+        data = (rng.choice(["", "a:", "xy:"]) + text).encode()
+        return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode()
+
+    wrappers = {
+        "suffix": lambda t: t + rng.choice(["xyz", "AAA", "-x", "_9"]),
+        "prefix+suffix": lambda t: rng.choice(["v1:", "id=", "x"]) + t + rng.choice(["xyz", ";x=1", ""]),
+        "percent, part": partly_escaped,
+        "percent, all": lambda t: quote(t, safe=""),
+        "base64": lambda t: b64(t, False),
+        "base64url": lambda t: b64(t, True),
+    }
+    attempts = []
+    for wrap_name, wrap in wrappers.items():
+        carried = wrap(token)
+        attempts += [
+            (f"header {wrap_name}", {"X-Custom": carried}, "/v1/echo", b"{}"),
+            (f"cookie {wrap_name}", {"Cookie": f"theme=dark; s={carried}"}, "/v1/echo", b"{}"),
+            (f"json body {wrap_name}", {}, "/v1/echo", _json.dumps({"api_key": carried}).encode()),
+            (f"query {wrap_name}", {}, f"/v1/echo?q={quote(carried, safe='%')}", b"{}"),
+        ]
+    escaped = "".join(f"\\u{ord(c):04x}" if i % 7 == 0 else c for i, c in enumerate(token))
+    attempts.append(("json body \\u-escaped", {}, "/v1/echo", ('{"api_key": "' + escaped + '"}').encode()))
+    attempts.append(("url path", {}, f"/v1/echo/{token}x", b"{}"))
+    return attempts
+
+
+def test_a_gateway_token_smuggled_in_any_form_never_reaches_the_upstream_or_the_recording(
+    base, upstream: FakeOpenAI, idp: LocalIdP
+) -> None:
+    """Seeded: the caller's token with text around it, percent-encoded (all or part),
+    base64 / base64url (at every offset), JSON-escaped, in a custom header, a cookie,
+    a JSON body field, a query value or the path. Each request is either forwarded
+    without it in any form or refused with nothing forwarded; the recording never holds
+    it. (An outside review found a suffix, base64 and partial percent-encoding passing.)"""
+    import random
+
+    from hoop_addon.identity.smuggling import encoded_forms
+
+    gw, url = base
+    rng = random.Random(16)
+    token = idp.mint(subject="smuggler", groups=["agents"])
+    signing_input = token.rsplit(".", 1)[0]
+    looks_for = (signing_input.encode(), *encoded_forms(token))
+    outcomes: dict[str, int] = {}
+    for name, headers, target, body in _smuggled(token, rng):
+        before = len(upstream.received)
+        answer = httpx.post(f"{url}{target}", headers={"Authorization": f"Bearer {token}", **headers}, content=body, timeout=10)
+        forwarded = upstream.received[before:]
+        if answer.status_code in (400, 401):
+            assert forwarded == [], name
+        else:
+            assert answer.status_code in (200, 404), (name, answer.status_code, answer.text)
+            (received,) = forwarded
+            seen = (received.path.encode() + repr(received.headers).encode() + received.body)
+            from urllib.parse import unquote_to_bytes
+            for form in looks_for:
+                assert form not in seen and form not in unquote_to_bytes(seen), name
+        outcomes[name] = answer.status_code
+    assert_absent(recorded_bytes(gw), (signing_input, token))
+    assert len(outcomes) == 26 and set(outcomes.values()) <= {200, 400, 401, 404}
+    print(f"smuggling attempts: {len(outcomes)}; refused {sum(v != 200 for v in outcomes.values())}")
