@@ -45,6 +45,7 @@ from hoop_addon.masking.detectors import BUILTIN  # noqa: E402
 from hoop_addon.masking.engine import MaskError  # noqa: E402
 from hoop_addon.policy.model import MaskRule  # noqa: E402
 from hoop_addon.stages import mask as mask_stage  # noqa: E402
+from tests.support.hooks import call  # noqa: E402
 
 Rng = random.Random
 ALNUM = string.ascii_letters + string.digits
@@ -275,7 +276,7 @@ def run_request(build: Callable[[http.Request], None]) -> http.Request:
     """A request built by `build`, through the masking stage; `Refused` if it refused."""
     flow = _flow()
     build(flow.request)
-    _STAGE.request(flow)
+    call(_STAGE.request, flow)
     if flow.response is not None and flow.response.status_code >= 400:
         raise Refused
     return flow.request
@@ -291,7 +292,7 @@ def run_stream(content_type: str, chunks: list[bytes]) -> bytes:
     stream = flow.response.stream
     if not callable(stream):  # the stage buffers this type: mask the whole body
         flow.response.content = b"".join(chunks)
-        _STAGE.response(flow)
+        call(_STAGE.response, flow)
         if flow.response.status_code >= 400:
             raise Refused
         return flow.response.content

@@ -3,6 +3,9 @@ last stage, `Restore`, which puts `tokenize` tokens back in the client's respons
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import os
 import time
 import weakref
@@ -23,6 +26,8 @@ from hoop_addon.policy.model import Direction, MaskRule
 from hoop_addon.providers.errors import error_body, stream_error_event
 from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse, route_of
 
+OFFLOAD_BYTES = 64 * 1024
+"""Bodies of at least this many bytes (as sent) are masked on the stage's worker thread."""
 _TEXT_TYPES = ("application/json", "application/x-ndjson", "application/x-www-form-urlencoded")
 
 
@@ -57,6 +62,8 @@ class Mask(Stage):
         self.secret: bytes | None = None
         self.max_body = 16 * 1024 * 1024
         self.budget = 2.0
+        # large bodies are masked here, off the event loop (see `_off_loop`): one at a time
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hoop-mask")
         self.vault = Vault()
         self.sessions: weakref.WeakKeyDictionary[http.HTTPFlow, TokenSession] = weakref.WeakKeyDictionary()
         self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, EventStreamMasker] = weakref.WeakKeyDictionary()
@@ -112,7 +119,10 @@ class Mask(Stage):
     def client_disconnected(self, client: connection.Client) -> None:
         self.vault.drop((client.id,))
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def done(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not allowed(flow) or (route := route_of(flow)) is None:
             return
         label = client_session(flow)
@@ -127,7 +137,7 @@ class Mask(Stage):
         try:
             if flow.request.stream and any(not r.shadow for r in rules):
                 raise MaskError("request body was streamed and cannot be inspected")
-            self._mask(flow, flow.request, rules, "request")
+            await self._mask(flow, flow.request, rules, "request")
         except Exception as exc:  # fail closed: whatever went wrong, nothing goes upstream
             self._fail(flow, "request", exc, rules)
 
@@ -253,7 +263,7 @@ class Mask(Stage):
 
         return observe
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or not hoop(flow).get("forwarded") or (route := route_of(flow)) is None:
             return
         if (masker := self.streams.pop(flow, None)) is not None:
@@ -265,7 +275,7 @@ class Mask(Stage):
         if not rules:
             return
         try:
-            self._mask(flow, flow.response, rules, "response")
+            await self._mask(flow, flow.response, rules, "response")
         except Exception as exc:
             self._fail(flow, "response", exc, rules)
 
@@ -312,7 +322,7 @@ class Mask(Stage):
             message.drop()
             flow.kill()
 
-    def _mask(self, flow: http.HTTPFlow, message: http.Message, rules: tuple[MaskRule, ...], part: Direction) -> None:
+    async def _mask(self, flow: http.HTTPFlow, message: http.Message, rules: tuple[MaskRule, ...], part: Direction) -> None:
         context = MaskContext(self.secret, self.sessions.get(flow), time.monotonic() + self.budget)
         evidence = Evidence()
         if isinstance(message, http.Request):
@@ -323,20 +333,47 @@ class Mask(Stage):
         records = evidence.records(part)
         raw = message.raw_content
         if raw and any(r.body for r in rules):
-            try:
-                body = decode(raw, message.headers.get("Content-Encoding", ""), self.max_body)
-            except MaskError:
-                if any(r.body and not r.shadow for r in rules):
-                    raise
-                body = None  # shadow rules do not decide what passes: what they cannot read goes on
-            if body is not None:
-                new, body_records = mask_body(
-                    body, message.headers.get("Content-Type", ""), rules, part, context, flow.request.path
-                )
+            work = functools.partial(
+                self._mask_raw, raw, message.headers.get("Content-Encoding", ""), message.headers.get("Content-Type", ""),
+                rules, part, context, flow.request.path,
+            )
+            if len(raw) < OFFLOAD_BYTES or context.tokens is not None:  # the vault is not shared across threads
+                masked = work()
+            else:
+                masked = await self._off_loop(work, context)
+            if masked is not None:
+                new, body_records = masked
                 if new is not None:
                     message.content = new  # re-encoded with the message's Content-Encoding
                 records = _merge(records, body_records)
         hoop(flow).setdefault("masked", []).extend(records)
+
+    def _mask_raw(
+        self, raw: bytes, encoding: str, content_type: str, rules: tuple[MaskRule, ...], part: Direction,
+        context: MaskContext, path: str,
+    ) -> tuple[bytes | None, list[dict[str, Any]]] | None:
+        """A body as sent (`raw`, content-encoded), decoded and masked (pure: it may run
+        on a worker thread): `mask_body`'s result, or None when only shadow rules read it
+        and it cannot be decoded (what they cannot read goes on)."""
+        try:
+            body = decode(raw, encoding, self.max_body)
+        except MaskError:
+            if any(r.body and not r.shadow for r in rules):
+                raise
+            return None
+        return mask_body(body, content_type, rules, part, context, path)
+
+    async def _off_loop(self, work: Callable[[], Any], context: MaskContext) -> Any:
+        """Run `work` (masking a large body) on the stage's worker thread, so that a
+        costly scan holds up that flow only, not the event loop and every other flow
+        (RE2 releases the GIL while it scans). Past the flow's masking deadline the flow
+        is refused (`MaskBudgetExceeded`) at once; the worker stops at its next check."""
+        remaining = max(0.0, (context.deadline or 0.0) - time.monotonic())
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work)
+        try:
+            return await asyncio.wait_for(future, remaining)
+        except TimeoutError:
+            raise MaskBudgetExceeded("masking took longer than its time budget (hoop_mask_budget)") from None
 
     def _fail(self, flow: http.HTTPFlow, part: Direction, exc: Exception, rules: tuple[MaskRule, ...]) -> None:
         message = _message(exc)

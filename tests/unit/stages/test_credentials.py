@@ -13,6 +13,7 @@ from hoop_addon.policy.model import Credential, MaskRule, Route, Names
 from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.credentials import InjectCredential
 from hoop_addon.stages.mask import Mask
+from tests.support.hooks import call
 
 KEY = "sk-upstream-real-key-0123456789abcdef"
 TOKENIZE = MaskRule("tok", frozenset({"request", "response"}), (), (BUILTIN["email"],), operator="tokenize")
@@ -35,7 +36,7 @@ def sent(mask: Mask, inject: InjectCredential) -> http.HTTPFlow:
     flow.request.content = b'{"m": "mail a@example.com"}'
     mark_admitted(flow, ROUTE)
     hoop(flow)["identity"] = {"subject": "agent"}
-    mask.request(flow)
+    call(mask.request, flow)
     inject.request(flow)
     return flow
 
@@ -51,7 +52,7 @@ def test_a_streamed_echo_is_scrubbed_for_the_client_and_the_recording(stages: tu
     inject.responseheaders(flow)
     event = f'data: {{"choices":[{{"delta":{{"content":"hi {token} key {KEY} ok"}}}}]}}\n\n'.encode()
     client = b"".join(flow.response.stream(event)) + b"".join(flow.response.stream(b""))
-    mask.response(flow)
+    call(mask.response, flow)
     inject.response(flow)
 
     assert KEY.encode() not in client and b"[SCRUBBED]" in client and b"a@example.com" in client

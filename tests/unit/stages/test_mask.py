@@ -29,6 +29,7 @@ from hoop_addon.policy.loader import PolicyError, load_policy
 from hoop_addon.policy.model import MaskRule, Route, Names
 from hoop_addon.stages import hoop, mark_admitted
 from hoop_addon.stages.mask import Mask, Restore
+from tests.support.hooks import call
 from tests.support.masking import (
     CARD,
     EMAIL,
@@ -89,7 +90,7 @@ class Through:
         flow.request.content = orjson.dumps({"v": list(self.tokens.values())})
         mark_admitted(flow, self.route)
         hoop(flow)["identity"] = {"subject": "agent"}
-        self.mask.request(flow)
+        call(self.mask.request, flow)
         hoop(flow)["forwarded"] = True
         flow.response = tflow.tresp()
         flow.response.headers = Headers(content_type="text/event-stream", **({"content_encoding": self.encoding} if self.encoding else {}))
@@ -98,7 +99,7 @@ class Through:
         assert callable(stream), "the response must be streamed"
         out = b"".join(b"".join(stream(c)) for c in chunks if c) + b"".join(stream(b""))  # b"": the end
         flow.response.content = out  # store_streamed_bodies: what mitmproxy keeps
-        self.mask.response(flow)
+        call(self.mask.response, flow)
         return out, flow
 
 
@@ -128,7 +129,7 @@ def test_a_streamed_responses_headers_are_masked_before_they_go() -> None:
         flow.response.headers = Headers(content_type="text/event-stream", x_user_email=EMAIL)
         mask.responseheaders(flow)
         assert callable(flow.response.stream) and flow.response.headers["x-user-email"] == "[REDACTED:EMAIL]"
-        mask.response(flow)
+        call(mask.response, flow)
     assert [(m["rule"], m["where"]) for m in hoop(flow)["masked"]] == [("user-header", ["header:x-user-email"])]
 
 
@@ -218,7 +219,7 @@ def test_query_named_headers_and_cookies_are_masked_in_the_request() -> None:
         flow.request.content = EMAIL.encode()
         mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
-        mask.request(flow)
+        call(mask.request, flow)
 
     assert flow.request.query["q"] == "mail [REDACTED:EMAIL]" and flow.request.query["n"] == "1"
     assert flow.request.headers["X-User"] == "[REDACTED:EMAIL]" and flow.request.headers["X-Other"] == EMAIL
@@ -355,7 +356,7 @@ def test_planted_value_never_survives_any_shape_or_encoding_through_the_stage(te
         flow.request.content = body  # encoded per Content-Encoding
         mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
-        mask.request(flow)
+        call(mask.request, flow)
 
     assert flow.response is None, "refused"
     sent = flow.request.raw_content or b""
@@ -379,12 +380,12 @@ def test_restore_puts_the_session_values_back_in_a_buffered_response(content_typ
         flow.request.content = orjson.dumps({"v": EMAIL})
         mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
-        mask.request(flow)
+        call(mask.request, flow)
         hoop(flow)["forwarded"] = True
         flow.response = tflow.tresp(content=reply.encode())
         flow.response.headers["Content-Type"] = content_type
         mask.responseheaders(flow)
-        mask.response(flow)
+        call(mask.response, flow)
         recorded = flow.response.content
         Restore(mask).response(flow)
 
@@ -406,7 +407,7 @@ def test_a_session_is_the_connection_or_the_x_hoop_session_header() -> None:
         flow.request.content = orjson.dumps({"v": value})
         mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": subject}
-        mask.request(flow)
+        call(mask.request, flow)
         return flow
 
     with taddons.context(mask):
