@@ -461,7 +461,10 @@ def _ends_text(doc: Any) -> bool:
     `content_block_stop`, `message_delta`, `message_stop`; OpenAI Responses' `*.done`,
     `response.completed`), or a JSON-RPC 2.0 message (MCP's streamable HTTP: each event
     is a whole message, which no later event continues; a tail held back would go out
-    in an extra event that the client drops as a second answer to the same id)."""
+    in an extra event that the client drops as a second answer to the same id; a
+    batch of them too)."""
+    if isinstance(doc, list):
+        return bool(doc) and all(isinstance(d, dict) and d.get("jsonrpc") == "2.0" for d in doc)
     if not isinstance(doc, dict):
         return False
     if doc.get("done") is True or doc.get("jsonrpc") == "2.0":  # Ollama's last line; a JSON-RPC message

@@ -1,7 +1,7 @@
 """The `tokenize` operator's vault: value <-> `<LABEL_n>` tokens per session, in memory.
 
 A session is the traffic of one identity on one client connection, or of one identity
-under one `X-Hoop-Session` header value (the stage decides the key). Tokens are given
+under one `X-Hoop-Session` header value or MCP session (the stage decides the key). Tokens are given
 in the request, sent upstream instead of the value, and restored in the responses of
 the same session only. The vault is bounded (sessions and tokens per session, least
 recently used first out), lives only in this process and never appears in metadata,

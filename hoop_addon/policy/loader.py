@@ -492,8 +492,22 @@ def _route(
     if api is not None and api not in APIS:
         raise m.loc.at("api").error(m.node("api"), f"unknown api '{api}': one of {', '.join(APIS)}")
     mcp = _mcp(m.sub("mcp"), name, issuers, mcp_names) if m.has("mcp") else None
+    if mcp is not None:
+        masking = [_per_message(rule) for rule in masking]
     m.finish()
     return Route(name, hosts, paths, methods, groups, subjects, tuple(masking), credential, client_ids, scopes, retention, api, mcp)
+
+
+def _per_message(rule: MaskRule) -> MaskRule:
+    """`rule` for an MCP route, whose bodies may be JSON-RPC batches (a JSON array of
+    messages): each of its JSONPaths also applies to every message of a batch (`$.a`
+    gains `$[*].a`), so a rule written for one message (`$.params.arguments.*`) masks
+    the same members in a batch instead of missing them. A rule without paths reads
+    the whole body already."""
+    if not rule.paths:
+        return rule
+    extra = [(f"$[*]{text.strip()[1:]}", jsonpath_rfc9535.compile(f"$[*]{text.strip()[1:]}")) for text, _ in rule.paths]
+    return replace(rule, paths=(*rule.paths, *extra))
 
 
 MCP_ACTIONS = ("allow", "deny", "approve")

@@ -28,6 +28,7 @@ from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, ho
 
 OFFLOAD_BYTES = 64 * 1024
 """Bodies of at least this many bytes (as sent) are masked on the stage's worker thread."""
+MCP_SESSION_HEADER = "Mcp-Session-Id"  # MCP streamable HTTP, revision 2025-11-25
 _TEXT_TYPES = ("application/json", "application/x-ndjson", "application/x-www-form-urlencoded")
 
 
@@ -55,7 +56,9 @@ class Mask(Stage):
     operator, detector counts, JSONPath; never values) goes to `hoop.masked`.
 
     A `tokenize` session is the identity on one client connection, or the identity
-    plus the `X-Hoop-Session` request header (removed before forwarding).
+    plus the `X-Hoop-Session` request header (removed before forwarding), or on an
+    MCP route the identity plus the `Mcp-Session-Id` the MCP server gave the client
+    (revision 2025-11-25; its DELETE ends the session and forgets the tokens).
     """
 
     def __init__(self) -> None:
@@ -131,8 +134,19 @@ class Mask(Stage):
         if not rules and not route.tokenizes:
             return
         if route.tokenizes:
-            subject = (hoop(flow).get("identity") or {}).get("subject", "")
-            key: Hashable = ("header", subject, label) if label else (flow.client_conn.id, subject)
+            identity = hoop(flow).get("identity") or {}
+            subject = identity.get("subject", "")
+            mcp_session = flow.request.headers.get(MCP_SESSION_HEADER) if route.mcp is not None else None
+            key: Hashable
+            if label:
+                key = ("header", subject, label)
+            elif mcp_session:
+                # an MCP client's calls of one session may come on several connections
+                key = ("mcp", identity.get("issuer"), subject, mcp_session)
+                if flow.request.method == "DELETE":  # the client ends the session (streamable HTTP)
+                    self.vault.drop(key)
+            else:
+                key = (flow.client_conn.id, subject)
             self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
         try:
             if flow.request.stream and any(not r.shadow for r in rules):

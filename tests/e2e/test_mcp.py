@@ -50,7 +50,7 @@ identity:
 masking:
   - name: pii
     direction: both
-    paths: ["$.params.arguments.*", "$.result.content[*].text", "$.result.structuredContent.result"]
+    paths: ["$.params.arguments.*", "$.result.content[*].text", "$.result.structuredContent.result", "$.result.contents[*].text"]
     detectors: [email]
 routes:
   - name: tools
@@ -77,6 +77,7 @@ routes:
           reason: tables are never dropped by agents
         - name: everyday
           tools: [echo, lookup_customer]
+          resources: ["customer://*"]
           action: allow
 """
 
@@ -114,6 +115,12 @@ class McpServer:
             """Drop a table (always denied)."""
             self.calls["drop_table"] += 1
             return f"dropped {table}"
+
+        @server.resource("customer://{customer_id}")
+        def customer(customer_id: str) -> str:
+            """A customer record (PII)."""
+            self.calls["customer"] += 1
+            return f"record {customer_id}: {EMAIL}"
 
         app = server.streamable_http_app(json_response=json_response)
 
@@ -156,10 +163,11 @@ class McpServer:
         return b"\n".join(bytes(r["body"]) for r in self.requests)
 
 
-def start(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki, server: McpServer) -> tuple[Gateway, str]:
+def start(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki, server: McpServer,
+          policy: str = POLICY) -> tuple[Gateway, str]:
     work = tmp_path_factory.mktemp("mcp")
     port = free_port()
-    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path, env={"HOOP_TEST_MCP_KEY": MCP_KEY},
+    gw = Gateway(write_policy(work / "rules", idp, policy), work, pki[0].cert_path, env={"HOOP_TEST_MCP_KEY": MCP_KEY},
                  serve=True, args=["--reverse", f"{server.url}@{port}"])
     gw.start()
     return gw, f"http://127.0.0.1:{port}/mcp"
@@ -233,9 +241,35 @@ def test_pii_in_arguments_and_results_is_masked_for_server_client_and_recording(
     gw, url = mcp_gateway
     result = session(url, idp.mint(groups=["agents"]), lambda s: s.call_tool("lookup_customer", {"customer_id": EMAIL}))
     assert result.content[0].text == "customer [REDACTED:EMAIL]: [REDACTED:EMAIL]"
+    assert result.structured_content == {"result": "customer [REDACTED:EMAIL]: [REDACTED:EMAIL]"}
     assert EMAIL.encode() not in mcp_server.bodies()
     (entry,) = entry_for(gw, "lookup_customer")[-1:]
     assert {m["rule"] for m in entry["masked"]} == {"pii"}
+    (flow,) = recorded_flows(gw, entry)
+    assert b"customer [REDACTED:EMAIL]: [REDACTED:EMAIL]" in flow.response.content  # the event stream, masked
+    assert_absent(recorded_bytes(gw), (EMAIL,))
+
+
+def test_pii_in_a_resource_read_is_masked_for_client_and_recording(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    result = session(url, idp.mint(groups=["agents"]), lambda s: s.read_resource("customer://42"))
+    assert result.contents[0].text == "record 42: [REDACTED:EMAIL]" and mcp_server.calls["customer"] >= 1
+    (entry,) = entry_for(gw, "customer://42")[-1:]
+    assert entry["mcp"]["calls"][0]["method"] == "resources/read" and entry["masked"][0]["where"] == [
+        "$['result']['contents'][0]['text']"]
+    assert_absent(recorded_bytes(gw), (EMAIL,))
+
+
+def test_a_batch_is_masked_message_by_message(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    """The rule's `$.params.arguments.*` is written for one message; in a batch (a JSON
+    array) it applies to each message, so no argument reaches the server unmasked."""
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": f"{i} {EMAIL}"}}}
+             for i in range(3)]
+    raw(url, idp.mint(groups=["agents"]), orjson.dumps(batch))
+    (received,) = [bytes(r["body"]) for r in mcp_server.requests[seen:] if r["method"] == "POST"]
+    assert [m["params"]["arguments"]["text"] for m in orjson.loads(received)] == [f"{i} [REDACTED:EMAIL]" for i in range(3)]
     assert_absent(recorded_bytes(gw), (EMAIL,))
 
 
@@ -284,6 +318,10 @@ def test_tools_list_as_a_json_answer_is_filtered_too(tmp_path_factory: pytest.Te
         try:
             tools = session(url, idp.mint(groups=["agents"]), lambda s: s.list_tools())
             assert sorted(t.name for t in tools.tools) == ["delete_bucket", "echo", "lookup_customer"]
+            # a tool result as a JSON answer (not an event stream) is masked too
+            result = session(url, idp.mint(groups=["agents"]), lambda s: s.call_tool("lookup_customer", {"customer_id": "7"}))
+            assert result.content[0].text == "customer 7: [REDACTED:EMAIL]" and server.calls["lookup_customer"] == 1
+            assert_absent(recorded_bytes(gw), (EMAIL,))
         finally:
             gw.stop()
 
@@ -559,3 +597,47 @@ def test_seeded_fuzz_nothing_half_checked_is_forwarded(mcp_gateway, mcp_server: 
     assert b"drop_table" not in received and b"delete_bucket" not in received
     # coverage of the generator: each outcome well represented
     assert min(outcomes.values()) >= 25, outcomes
+
+
+TOKENIZING = POLICY.replace("    detectors: [email]\n", "    detectors: [email]\n    operator: tokenize\n", 1)
+
+
+def mcp_session(url: str, token: str) -> str:
+    """Open an MCP session (revision 2025-11-25) with plain HTTP posts: its Mcp-Session-Id."""
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+    sid = raw(url, token, orjson.dumps(init)).headers["mcp-session-id"]
+    raw(url, token, orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}), **{"Mcp-Session-Id": sid})
+    return sid
+
+
+def echoed(url: str, token: str, sid: str, text: str) -> str:
+    """The text of an echo call in session `sid`, each call on a new connection."""
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": text}}}
+    answer = raw(url, token, orjson.dumps(call), **{"Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"})
+    (data,) = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ") and '"result"' in line]
+    return orjson.loads(data)["result"]["content"][0]["text"]
+
+
+def test_tokenized_arguments_come_back_in_results_within_their_mcp_session_only(tmp_path_factory: pytest.TempPathFactory,
+                                                                                idp: LocalIdP, pki) -> None:
+    """`tokenize`: the server gets `<EMAIL_1>`, the client its own value back, in the same
+    MCP session (Mcp-Session-Id) even across connections; another session of the same
+    agent gets the token as it is; the recording keeps only tokens."""
+    with McpServer() as server:
+        gw, url = start(tmp_path_factory, idp, pki, server, TOKENIZING)
+        try:
+            token = idp.mint(subject="agent-1", groups=["agents"])
+            first = mcp_session(url, token)
+            assert echoed(url, token, first, f"mail {EMAIL}") == f"echo: mail {EMAIL}"
+            # a new connection, the same session: the token the server kept comes back as the value
+            assert echoed(url, token, first, "<EMAIL_1>") == f"echo: {EMAIL}"
+            assert b"<EMAIL_1>" in server.bodies() and EMAIL.encode() not in server.bodies()
+            other = mcp_session(url, token)
+            assert echoed(url, token, other, "<EMAIL_1>") == "echo: <EMAIL_1>"  # not this session's token
+            sdk = session(url, token, lambda s: s.call_tool("echo", {"text": EMAIL}))  # the SDK client, its own session
+            assert sdk.content[0].text == f"echo: {EMAIL}"
+            assert_absent(recorded_bytes(gw), (EMAIL,))
+            assert b"<EMAIL_1>" in recorded_bytes(gw)
+        finally:
+            gw.stop()
