@@ -1,4 +1,5 @@
-"""Tell people a request waits for them: one POST per pending approval.
+"""Tell people a request waits for them: one POST per pending approval (and one per
+MCP tool whose definition changed, `pin_payload`).
 
 The payload is one JSON object that suits both a generic receiver (`approval`: the
 record the control API shows) and a Slack incoming webhook (`text`, Slack mrkdwn).
@@ -57,6 +58,21 @@ def payload(record: dict[str, Any], control_url: str | None) -> dict[str, Any]:
     return {"text": "\n".join(lines), "approval": record}
 
 
+def pin_payload(change: dict[str, Any], control_url: str | None) -> dict[str, Any]:
+    """The webhook body for an MCP tool whose definition changed since it was pinned:
+    `change` is `{"route", "tool", "old", "new", "action"}` (fingerprints, never the
+    definition's text); `control_url` is where it can be accepted, if served."""
+    hidden = change["action"] == "hide"
+    lines = [
+        f":warning: MCP tool definition changed (route {slack_quote(change['route'])}, tool {slack_quote(change['tool'])})",
+        f"Fingerprint: {slack_quote(change['old'])} -> {slack_quote(change['new'])}",
+        "Hidden and its calls denied until the new definition is accepted" if hidden else "Still listed and callable (pinning: alert)",
+    ]
+    if control_url:
+        lines.append(f"Review and accept: {slack_quote(control_url + '/mcp/pins')}")
+    return {"text": "\n".join(lines), "mcp_tool_changed": change}
+
+
 async def notify(url: str, body: dict[str, Any]) -> bool:
     """POST `body` as JSON to `url`; True on a 2xx answer. Never raises: failures are
     logged (the approval stays pending)."""
@@ -68,5 +84,5 @@ async def notify(url: str, body: dict[str, Any]) -> bool:
         await AsyncHTTPClient().fetch(request)
         return True
     except Exception as exc:  # HTTP status, connection, TLS...: notification is best effort
-        logger.warning(f"hoop: approval webhook failed ({exc!r}); the request keeps waiting for an approver")
+        logger.warning(f"hoop: webhook failed ({exc!r}); it decides nothing (a held request keeps waiting for an approver)")
         return False

@@ -60,6 +60,11 @@ APPROVAL_WAIT = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
+MCP_TOOL_CHANGES = Counter(
+    "hoop_mcp_tool_changes",
+    "MCP tool definitions found changed since they were pinned, by route and the policy's action (alert/hide).",
+    ["route", "action"], registry=REGISTRY,
+)
 RECORDING_BYTES = Counter("hoop_recording_bytes", "Bytes written to session recordings.", registry=REGISTRY)
 SEAL_FAILURES = Counter("hoop_recording_seal_failures", "Recordings that could not be sealed (signed).", registry=REGISTRY)
 

@@ -15,6 +15,12 @@ issuer the policy trusts, RFC 6750):
     GET  /approvals/{id}             one approval (its approvers and its requester)
     POST /approvals/{id}/approve     body (optional) {"reason": "..."}
     POST /approvals/{id}/deny        body (optional) {"reason": "..."}
+
+MCP tool pins (the same tokens; a route's `mcp.pin_approvers` may accept):
+
+    GET  /mcp/pins                   changed tool definitions awaiting acceptance
+    POST /mcp/pins/accept            body {"route", "tool", "fingerprint"}: the new
+                                     definition (that fingerprint) becomes the pin
 """
 
 from __future__ import annotations
@@ -154,6 +160,50 @@ def approval_handlers(service: ApprovalService) -> list[tuple[str, type[JSONHand
         (r"/approvals/([A-Za-z0-9_-]{1,64})", ApprovalShow, args),
         (r"/approvals/([A-Za-z0-9_-]{1,64})/(approve|deny)", ApprovalDecide, args),
     ]
+
+
+class PinService(Protocol):
+    """What the MCP pins API needs from the MCP stage."""
+
+    async def authenticate(self, token: str) -> Approver:
+        """The verified approver, or `ApprovalError` (401)."""
+
+    def changed(self, approver: Approver) -> list[dict[str, Any]]:
+        """The changed tool definitions awaiting acceptance that `approver` may accept."""
+
+    def accept(self, approver: Approver, route: str, tool: str, fingerprint: str) -> dict[str, Any]:
+        """Accept a changed definition; returns `{"route", "tool", "old", "new"}`;
+        raises `ApprovalError`."""
+
+
+class PinsList(_ApprovalHandler):
+    async def get(self) -> None:
+        if (approver := await self.approver()) is not None:
+            self.send(200, {"changed": self.service.changed(approver)})
+
+
+class PinAccept(_ApprovalHandler):
+    async def post(self) -> None:
+        if (approver := await self.approver()) is None:
+            return
+        try:
+            body = orjson.loads(self.request.body)
+        except orjson.JSONDecodeError:
+            body = None
+        fields = ("route", "tool", "fingerprint")
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in fields):
+            self.fail(400, "bad_request", 'the body must be JSON {"route": "...", "tool": "...", "fingerprint": "<sha256 hex>"}')
+            return
+        try:
+            self.send(200, self.service.accept(approver, *(body[k] for k in fields)))
+        except ApprovalError as exc:
+            self.fail(exc.status, exc.code, str(exc))
+
+
+def pin_handlers(service: PinService) -> list[tuple[str, type[JSONHandler], dict[str, Any]]]:
+    """The MCP pins API's URL patterns and handlers, for `ControlServer.add`."""
+    args = {"service": service}
+    return [(r"/mcp/pins", PinsList, args), (r"/mcp/pins/accept", PinAccept, args)]
 
 
 class MetricsHandler(tornado.web.RequestHandler):

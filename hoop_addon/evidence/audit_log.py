@@ -26,7 +26,10 @@ here): `request` (every finished flow: decision, status, masked counts, recordin
 `recording_sealed` (recording, manifest_sha256, flows), `retention_deleted`
 (recording, manifest_sha256, retention), `policy_loaded` (policy_hash),
 `key_rotated` (key_id, previous_key_id), `approval_abandoned` (approval, reason: an
-approval still open when the previous gateway process stopped uncleanly), `checkpoint`.
+approval still open when the previous gateway process stopped uncleanly),
+`mcp_tool_changed` (server, tool, old and new fingerprints, action: an MCP tool's
+definition changed since it was pinned), `mcp_tool_accepted` (server, tool, old, new,
+approver), `checkpoint`.
 
 One writer per chain: while an `AuditLog` has a log open, the log file itself is locked
 (`flock` on the file's own descriptor: the lock belongs to the inode, so a symlink or a

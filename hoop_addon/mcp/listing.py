@@ -30,22 +30,23 @@ def _load(data: bytes) -> Any:
     return doc
 
 
-def _filter_message(doc: Any, visible: Callable[[str], bool], hidden: list[str]) -> bool:
+def _filter_message(doc: Any, visible: Callable[[dict[str, Any]], bool], hidden: list[str]) -> bool:
     """Remove the tools `visible` refuses from `doc` if it is a response carrying a tool
-    list (`result.tools`); True when it changed. Raises `JsonRpcError` for a tool list
-    that is not a list of objects with a string `name`."""
+    list (`result.tools`), asking it once per tool; True when it changed. Raises
+    `JsonRpcError` for a tool list that is not a list of objects with a string `name`."""
     if not isinstance(doc, dict) or not isinstance(doc.get("result"), dict) or "tools" not in doc["result"]:
         return False
     tools = doc["result"]["tools"]
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
         raise JsonRpcError(INVALID_REQUEST, "result.tools is not a list of tools with names")
-    kept = [t for t in tools if visible(t["name"])]
-    hidden.extend(t["name"] for t in tools if not visible(t["name"]))
+    shown = [visible(t) for t in tools]
+    kept = [t for t, show in zip(tools, shown) if show]
+    hidden.extend(t["name"] for t, show in zip(tools, shown) if not show)
     doc["result"]["tools"] = kept
     return len(kept) != len(tools)
 
 
-def _filter_events(text: str, visible: Callable[[str], bool], hidden: list[str]) -> str | None:
+def _filter_events(text: str, visible: Callable[[dict[str, Any]], bool], hidden: list[str]) -> str | None:
     """The event stream `text` with every tool list filtered, or None when unchanged.
     An event's data lines are joined (newline) and read as one JSON-RPC message; events
     without data (comments, `retry`, priming events) pass as they are."""
@@ -71,11 +72,13 @@ def _filter_events(text: str, visible: Callable[[str], bool], hidden: list[str])
     return "".join(out) if changed else None
 
 
-def filter_tools_list(body: bytes, mime: str, visible: Callable[[str], bool]) -> tuple[bytes | None, list[str]]:
+def filter_tools_list(
+    body: bytes, mime: str, visible: Callable[[dict[str, Any]], bool]
+) -> tuple[bytes | None, list[str]]:
     """Filter the tool lists in response `body` (decoded bytes) of media type `mime`
     (`application/json` or `text/event-stream`, lower case, no parameters): keep the
-    tools whose name `visible` accepts. Returns (the new body, or None when nothing was
-    removed; the names removed). Raises `JsonRpcError` for a body of another type, not
+    tools `visible` accepts (it gets each tool object, with a string `name`, once).
+    Returns (the new body, or None when nothing was removed; the names removed). Raises `JsonRpcError` for a body of another type, not
     UTF-8, not JSON (or repeating a member name), or with a malformed tool list."""
     hidden: list[str] = []
     if mime == "application/json":

@@ -515,8 +515,9 @@ MCP_TARGETS = ("tools", "prompts", "resources")
 
 
 def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> McpPolicy:
-    """A route's `mcp:` block: `default` (allow | deny; default deny) and `rules`, each
-    with `name`, at least one of `tools` / `prompts` / `resources` (globs of tool
+    """A route's `mcp:` block: `default` (allow | deny; default deny), `pinning`
+    (alert | hide; default alert), `pin_approvers` (`groups`, `subjects`; required with
+    hide) and `rules`, each with `name`, at least one of `tools` / `prompts` / `resources` (globs of tool
     names, prompt names, resource URIs), an optional `when` (`issuers`: issuer names;
     `groups`; `subjects`; `arguments`: a list of `{path: JSONPath, matches: RE2}` on
     the call's `params.arguments`), `action` (allow | deny | approve), `reason`, and for
@@ -527,8 +528,16 @@ def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) ->
     if m.has("rules"):
         rloc = m.loc.at("rules")
         tool_rules = [_tool_rule(_Map(node, rloc.at(i)), route, issuers, names) for i, node in _seq(m.node("rules"), rloc)]
-    m.finish(("default", "rules"))
-    return McpPolicy(tuple(tool_rules), default)  # type: ignore[arg-type]
+    pinning = _choice(m.text("pinning", "alert"), ("alert", "hide"), m.loc.at("pinning"), m.where("pinning"))
+    groups = subjects = Names()
+    if m.has("pin_approvers"):
+        approvers = m.sub("pin_approvers")
+        groups, subjects = _names(approvers, "groups", issuers), _names(approvers, "subjects", issuers)
+        approvers.finish()
+    if pinning == "hide" and not (groups or subjects):
+        raise m.loc.error(m.mapping, "pinning: hide hides a changed tool until someone accepts it: name pin_approvers.groups or .subjects")
+    m.finish(("default", "rules", "pinning", "pin_approvers"))
+    return McpPolicy(tuple(tool_rules), default, pinning, groups, subjects)  # type: ignore[arg-type]
 
 
 def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> ToolRule:

@@ -180,10 +180,22 @@ class ToolRule:
 class McpPolicy:
     """A route's `mcp:` block: the route carries MCP (JSON-RPC 2.0 over streamable
     HTTP); `rules` apply to governed calls in order (first match), `default` ("allow"
-    or "deny") to a call no rule matches."""
+    or "deny") to a call no rule matches. `pinning` is what a tool whose definition
+    changed since it was first listed gets (`hoop_addon.mcp.pinning`): "alert" (audited,
+    counted, webhook; still listed and callable) or "hide" (also removed from
+    `tools/list` and its calls denied until accepted); `pin_approvers` may accept a
+    changed definition (groups and subjects)."""
 
     rules: tuple[ToolRule, ...] = ()
     default: Literal["allow", "deny"] = "deny"
+    pinning: Literal["alert", "hide"] = "alert"
+    pin_approver_groups: Names = Names()
+    pin_approver_subjects: Names = Names()
+
+    def may_accept(self, issuer: str | None, subject: str, groups: Iterable[str]) -> bool:
+        """True when an identity (issuer URL, subject, groups) may accept a changed tool
+        definition on this route."""
+        return self.pin_approver_subjects.has(issuer, subject) or self.pin_approver_groups.any_of(issuer, groups)
 
 
 @dataclass(frozen=True, slots=True)

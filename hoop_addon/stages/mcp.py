@@ -3,19 +3,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
+from hoop_addon.approvals import webhook
+from hoop_addon.approvals.queue import ApprovalError, Approver
+from hoop_addon.control.metrics import MCP_TOOL_CHANGES, labelled
+from hoop_addon.control.server import pin_handlers
 from hoop_addon.masking.codec import BodyTooLarge, decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.mcp.jsonrpc import JsonRpcError, check_headers, parse_body
 from hoop_addon.mcp.listing import filter_tools_list
+from hoop_addon.mcp.pinning import Change, PinError, PinStore
 from hoop_addon.mcp.rules import decide, may_list
 from hoop_addon.policy.conditions import UninspectableBody, request_key
-from hoop_addon.stages import Stage, allowed, hoop, refuse, route_of
+from hoop_addon.policy.model import McpPolicy
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
+from hoop_addon.stages.audit import Audit
+from hoop_addon.stages.control import Control
 from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.policy import PolicyStage
 
 
 class Mcp(Stage):
@@ -42,14 +53,28 @@ class Mcp(Stage):
       that cannot be read is withheld (a JSON-RPC error), never passed unfiltered.
     - GET streams pass (out of scope), except a resumption (`Last-Event-ID`), which
       could replay an unfiltered `tools/list` answer: refused.
+    - Tool definitions are pinned (`hoop_addon.mcp.pinning`, per route and tool, in
+      this process's memory) the first time a `tools/list` answer lists them; a
+      changed one is audited (`mcp_tool_changed`: tool, old and new fingerprints),
+      counted (`hoop_mcp_tool_changes_total{route,action}`) and posted to
+      `hoop_webhook`, once per new definition; under `pinning: hide` it is also
+      removed from `tools/list` and its calls denied until one of the route's
+      `pin_approvers` accepts it (control API `/mcp/pins`, audited `mcp_tool_accepted`).
 
     `hoop.mcp` records `{"batch", "calls": [{"method", "target", "id", "has_id",
-    "outcome", "rule"}], "list", "hidden"}`, which the audit entry carries.
+    "outcome", "rule"}], "list", "hidden", "changed": [{"tool", "old", "new"}]}`,
+    which the audit entry carries.
     """
 
-    def __init__(self, mask: Mask) -> None:
-        self.mask = mask  # the Mask stage owns the decoded-size limit
+    def __init__(self, policy: PolicyStage, mask: Mask, audit: Audit, control: Control,
+                 authenticate: Callable[[str], Awaitable[Approver]]) -> None:
+        self.policy, self.mask, self.audit, self.control = policy, mask, audit, control  # Mask owns the decoded-size limit
+        self.authenticate = authenticate  # approvers' tokens, verified as the approvals API does
         self.secret = secrets.token_bytes(32)  # approval keys: per process, never written down
+        self.pins = PinStore()
+        self.notifications: set[asyncio.Task[bool]] = set()
+        for pattern, handler, kwargs in pin_handlers(self):
+            control.server.add(pattern, handler, kwargs)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not allowed(flow) or (route := route_of(flow)) is None or route.mcp is None:
@@ -90,6 +115,12 @@ class Mcp(Stage):
             if message.target is None:
                 continue
             what = f"{message.method} '{message.target}'"
+            if message.method == "tools/call" and route.mcp.pinning == "hide" and self.pins.held(route.name, message.target):
+                call.update(outcome="deny", rule=None, message=(
+                    f"{what} denied: its definition changed since the gateway pinned it; it is withheld until an approver "
+                    "accepts the new definition"))
+                refused = refused or call
+                continue
             try:
                 outcome, rule = decide(route.mcp, message, identity)
             except UninspectableBody as exc:
@@ -134,16 +165,77 @@ class Mcp(Stage):
             return  # an HTTP error carries no tool list the client would read
         mime = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         identity, route = record["identity"], route_of(flow)
+        policy = route.mcp  # type: ignore[union-attr]
+        changes: list[Change] = []
+
+        def visible(tool: dict[str, Any]) -> bool:
+            if (change := self.pins.observe(route.name, tool)) is not None:  # type: ignore[union-attr]
+                changes.append(change)
+                if policy.pinning == "hide":
+                    return False
+            return may_list(policy, tool["name"], identity)
+
         try:
             body = decode(response.raw_content or b"", response.headers.get("Content-Encoding", ""), self.mask.max_body)
-            new, hidden = filter_tools_list(body, mime, lambda tool: may_list(route.mcp, tool, identity))  # type: ignore[union-attr]
-        except (JsonRpcError, MaskError) as exc:
+            new, hidden = filter_tools_list(body, mime, visible)
+        except (JsonRpcError, MaskError, PinError) as exc:
             message = exc.message if isinstance(exc, JsonRpcError) else str(exc)
             refuse(flow, 502, "mcp", "unfilterable_response", f"the MCP server's tools/list answer was withheld: {message}")
             return
         record["mcp"]["hidden"] = hidden
+        if changes:
+            record["mcp"]["changed"] = [{"tool": c.tool, "old": c.old, "new": c.new} for c in changes]
+        try:
+            for change in changes:
+                if change.first:
+                    self._changed(flow, change, policy.pinning)
+        except OSError:
+            refuse(flow, 502, "mcp", "audit_failed", "the MCP server's tools/list answer was withheld: a changed tool could not be audited")
+            return
         if new is not None:
             response.content = new  # re-encoded with the response's Content-Encoding
+
+    def _changed(self, flow: http.HTTPFlow, change: Change, action: str) -> None:
+        """Report a tool definition seen changed for the first time: audit entry (raises
+        `OSError` when it cannot be written), counter, webhook (best effort)."""
+        fields = {"server": change.route, "tool": change.tool, "old": change.old, "new": change.new, "action": action}
+        self.audit.event("mcp_tool_changed", flow, **fields)
+        labelled(MCP_TOOL_CHANGES, change.route, action).inc()
+        logger.warning(f"hoop: mcp: tool {change.tool!r} of route {change.route!r} changed since it was pinned ({action})")
+        if url := getattr(ctx.options, "hoop_webhook", ""):
+            task = asyncio.ensure_future(webhook.notify(url, webhook.pin_payload(
+                {"route": change.route, "tool": change.tool, "old": change.old, "new": change.new, "action": action},
+                self.control.url)))
+            self.notifications.add(task)
+            task.add_done_callback(self.notifications.discard)
+
+    # The pins service, for the control API.
+
+    def _policy_of(self, route: str) -> McpPolicy | None:
+        """The `mcp:` block of the route named `route` in the policy in force, if any."""
+        active = self.policy.active
+        found = next((r for r in active.policy.routes if r.name == route), None) if active else None
+        return found.mcp if found is not None else None
+
+    def changed(self, approver: Approver) -> list[dict[str, Any]]:
+        return [item for item in self.pins.pending()
+                if (policy := self._policy_of(item["route"])) is not None
+                and policy.may_accept(approver.issuer, approver.subject, approver.groups)]
+
+    def accept(self, approver: Approver, route: str, tool: str, fingerprint: str) -> dict[str, Any]:
+        policy = self._policy_of(route)
+        if policy is None or not policy.may_accept(approver.issuer, approver.subject, approver.groups):
+            raise ApprovalError("not_an_approver", 403, f"you may not accept tool definitions on route '{route}'")
+        try:
+            old, new = self.pins.accept(route, tool, fingerprint)
+        except PinError as exc:
+            raise ApprovalError(exc.code, 409, str(exc)) from None
+        try:
+            self.audit.event("mcp_tool_accepted", route=route, server=route, tool=tool, old=old, new=new,
+                             approver={"subject": approver.subject, "issuer": approver.issuer, "via": approver.via})
+        except OSError as exc:
+            logger.error(f"hoop: mcp: acceptance of tool {tool!r} on route {route!r} could not be audited: {exc}")
+        return {"route": route, "tool": tool, "old": old, "new": new}
 
     @staticmethod
     def _listing(flow: http.HTTPFlow) -> bool:

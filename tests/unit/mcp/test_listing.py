@@ -18,8 +18,8 @@ def listing(mid=1, tools=TOOLS) -> dict:
     return {"jsonrpc": "2.0", "id": mid, "result": {"tools": tools, "nextCursor": "c2"}}
 
 
-def visible(name: str) -> bool:
-    return name != "delete_bucket"
+def visible(tool: dict) -> bool:
+    return tool["name"] != "delete_bucket"
 
 
 def names(doc: dict) -> list[str]:
@@ -94,7 +94,7 @@ def test_seeded_streams_never_leak_a_hidden_tool() -> None:
             kind = rng.choice(["list", "note", "comment", "prime"])
             if kind == "list":
                 tools = [{"name": rng.choice(["echo", "delete_bucket", "get_user", "x"])} for _ in range(rng.randint(0, 5))]
-                expected.append([t["name"] for t in tools if visible(t["name"])])
+                expected.append([t["name"] for t in tools if visible(t)])
                 events.append(f"event: message\ndata: {orjson.dumps(listing(rng.randint(0, 9), tools)).decode()}")
                 lists += 1
             elif kind == "note":

@@ -178,11 +178,21 @@ RULE = "routes:\n  - name: t\n    match: {{hosts: [m]}}\n    allow: {{groups: [a
     ("      rules:\n        - {name: r, tools: [x], action: deny}\n        - {name: r, tools: [y], action: deny}\n",
      "routes[0].mcp.rules[1].name", "duplicate MCP rule name 'r'"),
     ("      rules: {name: r}\n", "routes[0].mcp.rules", "expected a list"),
+    ("      pinning: block\n", "routes[0].mcp.pinning", "one of"),
+    ("      pinning: hide\n", "routes[0].mcp", "name pin_approvers.groups"),
+    ("      pin_approvers: {grups: [a]}\n", "routes[0].mcp.pin_approvers.grups", "did you mean 'groups'"),
 ])
 def test_invalid_blocks_are_refused_with_file_line_and_key(tmp_path: Path, block: str, key: str, says: str) -> None:
     with pytest.raises(PolicyError) as caught:
         load(tmp_path, RULE.format(block=block))
     assert caught.value.key == key and says in caught.value.message and caught.value.line > 0
+
+
+def test_pinning_defaults_to_alert_and_hide_names_who_accepts(tmp_path: Path) -> None:
+    assert load(tmp_path, RULE.format(block="      default: allow\n")).routes[0].mcp.pinning == "alert"
+    mcp = load(tmp_path, RULE.format(block="      pinning: hide\n      pin_approvers: {groups: [sre], subjects: [bob]}\n")).routes[0].mcp
+    assert mcp.pinning == "hide" and mcp.may_accept(None, "bob", ()) and mcp.may_accept(None, "eve", ["sre"])
+    assert not mcp.may_accept(None, "eve", ["agents"])
 
 
 def test_an_mcp_rule_name_is_not_reused_by_an_approval_rule(tmp_path: Path) -> None:
@@ -206,6 +216,7 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
     policy = load_policy(tmp_path / "policy.yaml", resolve_env=False)
     (route,) = policy.routes
     assert route.mcp is not None and [r.name for r in route.mcp.rules] == ["no-prod-deletes", "deletes-need-review", "readers"]
+    assert route.mcp.pinning == "hide" and route.mcp.may_accept(None, "s", ["sre"])
     agent = {"issuer": "https://corp.okta.com/oauth2/default", "subject": "a", "groups": ["agents"]}
     assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "prod-x"}), agent)[0] == "deny"
     assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "dev-x"}), agent)[0] == "approve"
