@@ -73,6 +73,7 @@ class Identity:
     expires_at: int
     client_id: str | None = None
     scopes: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = ()  # the token's `aud`, for resource binding (RFC 8707); not recorded
 
     def record(self) -> dict[str, Any]:
         """The JSON-safe form written to `flow.metadata` and the audit log."""
@@ -472,5 +473,6 @@ def _identity(claims: dict[str, Any], issuer: Issuer, now: float) -> Identity:
     scopes = _words(claims["scope"] if "scope" in claims else claims.get("scp"))
     jti = claims.get("jti")
     return Identity(
-        subject, issuer.issuer, _words(groups, separated=issuer.groups_claim in _SCOPE_CLAIMS), jti if isinstance(jti, str) else None, int(exp), client_id, scopes
+        subject, issuer.issuer, _words(groups, separated=issuer.groups_claim in _SCOPE_CLAIMS), jti if isinstance(jti, str) else None, int(exp), client_id, scopes,
+        tuple(audiences),
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonpath_rfc9535
 import re2
@@ -517,7 +518,7 @@ MCP_TARGETS = ("tools", "prompts", "resources")
 def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> McpPolicy:
     """A route's `mcp:` block: `default` (allow | deny; default deny), `pinning`
     (alert | hide; default alert), `pin_approvers` (`groups`, `subjects`; required with
-    hide) and `rules`, each with `name`, at least one of `tools` / `prompts` / `resources` (globs of tool
+    hide), `resource` (the route's resource URI, RFC 8707) and `rules`, each with `name`, at least one of `tools` / `prompts` / `resources` (globs of tool
     names, prompt names, resource URIs), an optional `when` (`issuers`: issuer names;
     `groups`; `subjects`; `arguments`: a list of `{path: JSONPath, matches: RE2}` on
     the call's `params.arguments`), `action` (allow | deny | approve), `reason`, and for
@@ -536,8 +537,15 @@ def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) ->
         approvers.finish()
     if pinning == "hide" and not (groups or subjects):
         raise m.loc.error(m.mapping, "pinning: hide hides a changed tool until someone accepts it: name pin_approvers.groups or .subjects")
-    m.finish(("default", "rules", "pinning", "pin_approvers"))
-    return McpPolicy(tuple(tool_rules), default, pinning, groups, subjects)  # type: ignore[arg-type]
+    resource = m.text("resource") if m.has("resource") else None
+    if resource is not None:
+        parts = urlsplit(resource)
+        if parts.scheme not in ("https", "http") or not parts.hostname or "#" in resource:
+            raise m.loc.at("resource").error(m.node("resource"), "must be an absolute http(s) URI without a fragment (RFC 8707 §2)")
+        if not key_url_allowed(resource):
+            raise m.loc.at("resource").error(m.node("resource"), "must be https (plain http only on loopback)")
+    m.finish(("default", "rules", "pinning", "pin_approvers", "resource"))
+    return McpPolicy(tuple(tool_rules), default, pinning, groups, subjects, resource)  # type: ignore[arg-type]
 
 
 def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> ToolRule:

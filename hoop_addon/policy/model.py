@@ -184,13 +184,16 @@ class McpPolicy:
     changed since it was first listed gets (`hoop_addon.mcp.pinning`): "alert" (audited,
     counted, webhook; still listed and callable) or "hide" (also removed from
     `tools/list` and its calls denied until accepted); `pin_approvers` may accept a
-    changed definition (groups and subjects)."""
+    changed definition (groups and subjects). `resource` (RFC 8707), when set, is the
+    route's resource URI: only tokens whose `aud` holds it are accepted on the route,
+    and it is the `resource` of its protected-resource metadata (RFC 9728)."""
 
     rules: tuple[ToolRule, ...] = ()
     default: Literal["allow", "deny"] = "deny"
     pinning: Literal["alert", "hide"] = "alert"
     pin_approver_groups: Names = Names()
     pin_approver_subjects: Names = Names()
+    resource: str | None = None
 
     def may_accept(self, issuer: str | None, subject: str, groups: Iterable[str]) -> bool:
         """True when an identity (issuer URL, subject, groups) may accept a changed tool

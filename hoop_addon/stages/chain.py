@@ -1,7 +1,8 @@
 """The gateway's chain of stages, built once per process: what `hoop_addon/addon.py`
 gives mitmdump as a script and what `hoop serve` adds to its master itself.
 
-In hook order: identify -> admit (route) -> AWS unsign (de-chunk, drop the agent's
+In hook order: protected-resource metadata (RFC 9728, for MCP routes: served
+without a token) -> identify -> admit (route) -> AWS unsign (de-chunk, drop the agent's
 signature; `aws_sigv4` routes) -> guard (block rules; approval needed?) -> MCP calls
 (tool rules; tools/list answers filtered) -> mask request -> rate limits and budgets ->
 approve (hold or ticket) -> inject credential -> upstream -> mask response -> count the
@@ -27,6 +28,7 @@ from hoop_addon.stages.identify import Identify
 from hoop_addon.stages.limit import RateLimit
 from hoop_addon.stages.mask import Mask, Restore
 from hoop_addon.stages.mcp import Mcp
+from hoop_addon.stages.metadata import ResourceMetadata
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
 from hoop_addon.stages.sentinel import guarded
@@ -43,7 +45,7 @@ def build() -> list[Any]:
     approve = Approve(policy, control, audit)
     mcp = Mcp(policy, mask, audit, control, approve.authenticate)  # pins are accepted with approvers' tokens
     return guarded([
-        policy, Identify(policy, mask), Admit(policy), AwsUnsign(), Guard(policy, mask), mcp, mask,
-        RateLimit(policy, mask), approve, InjectCredential(mask), Record(policy, audit), audit, control,
+        policy, ResourceMetadata(policy), Identify(policy, mask), Admit(policy), AwsUnsign(), Guard(policy, mask), mcp,
+        mask, RateLimit(policy, mask), approve, InjectCredential(mask), Record(policy, audit), audit, control,
         Telemetry(policy, audit, control), Restore(mask),
     ])

@@ -13,9 +13,12 @@ from hoop_addon.identity.smuggling import encoded_forms, holds_encoded, holds_to
 from hoop_addon.identity.verifier import Identity, TokenError, Verifier
 from hoop_addon.masking.codec import decode
 from hoop_addon.masking.engine import MaskError
+from hoop_addon.mcp.metadata import challenge as with_metadata
+from hoop_addon.policy.model import Route
 from hoop_addon.providers import CREDENTIAL_HEADERS
 from hoop_addon.stages import Stage, hoop, note_api, refuse
 from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.metadata import resource_uri
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 
 REALM = "hoop"
@@ -41,8 +44,11 @@ class Identify(Stage):
     forwarding. A token in the query string (RFC 6750 §2.3) is always refused (401,
     `token_in_query`) and removed from the flow, so it is neither logged nor audited.
     Failure: 407 with `Proxy-Authenticate` for proxy credentials, else 401 with
-    `WWW-Authenticate: Bearer` (RFC 6750 §3); the upstream receives nothing, and the
-    refused flow keeps no token. A tunnel's token is verified again when the policy in
+    `WWW-Authenticate: Bearer` (RFC 6750 §3), on an MCP route with the
+    `resource_metadata` of its protected-resource metadata (RFC 9728 §5.1); the
+    upstream receives nothing, and the refused flow keeps no token. On an MCP route
+    naming its `resource`, a token whose `aud` does not hold that URI is refused too
+    (401 `wrong_resource`, RFC 8707). A tunnel's token is verified again when the policy in
     force changes or its signing key leaves the issuer's JWKS (an issuer removed by a
     reload, a key removed at the IdP end the tunnel's access). When
     the identity is verified, every other header holding a JWT of a trusted issuer,
@@ -133,6 +139,11 @@ class Identify(Stage):
         except TokenError as exc:
             self._refuse(flow, proxy, exc, active)
             return
+        route = _route(flow, active)
+        if route is not None and route.mcp is not None and route.mcp.resource and route.mcp.resource not in identity.audiences:
+            self._refuse(flow, proxy, TokenError(
+                "wrong_resource", f"the token's audience (aud) does not name this MCP server, {route.mcp.resource} (RFC 8707)"), active)
+            return
         headers.pop("Proxy-Authorization", None)
         # a gateway token never travels upstream, in any header or form
         for name in {n for n, v in headers.items(multi=True) if _holds_gateway_token(v, active.verifier)}:
@@ -171,9 +182,8 @@ class Identify(Stage):
 
     def _refuse(self, flow: http.HTTPFlow, proxy: bool, exc: TokenError, active: Enforcement) -> None:
         sources = active.policy.token_sources
-        if flow.request.method != "CONNECT":  # the refusal in the error shape of the route's API
-            request = flow.request
-            note_api(flow, active.policy.route_for(request.host, request.port, request.path.split("?", 1)[0], request.method))
+        route = _route(flow, active)
+        note_api(flow, route)  # the refusal in the error shape of the route's API
         _drop_tokens(flow.request)
         hoop(flow)["auth_failure"] = exc.reason
         if proxy:
@@ -187,7 +197,17 @@ class Identify(Stage):
             challenge = f'Bearer realm="{REALM}", error="invalid_token", error_description="{exc.reason}"'
             if exc.reason == "missing":
                 challenge = f'Bearer realm="{REALM}"'  # RFC 6750 §3.1: no error code without a token
+            if route is not None and route.mcp is not None:  # an MCP client finds its authorization server there
+                challenge = with_metadata(challenge, resource_uri(flow, route, flow.request.path.split("?", 1)[0]))
             refuse(flow, 401, "identity", exc.reason, str(exc), {"WWW-Authenticate": challenge})
+
+
+def _route(flow: http.HTTPFlow, active: Enforcement) -> Route | None:
+    """The route the request would be admitted under (None for a CONNECT or no route)."""
+    request = flow.request
+    if request.method == "CONNECT":
+        return None
+    return active.policy.route_for(request.host, request.port, request.path.split("?", 1)[0], request.method)
 
 
 def _record(identity: Identity, verifier: Verifier) -> dict[str, object]:

@@ -743,3 +743,52 @@ def test_under_pinning_alert_a_changed_tool_stays_listed_and_callable(tmp_path_f
             assert 'hoop_mcp_tool_changes_total{action="alert",route="tools"} 1.0' in httpx.get(f"{gw.control_url}/metrics").text
         finally:
             gw.stop()
+
+
+def test_a_401_points_to_the_protected_resource_metadata_served_without_a_token(mcp_gateway, mcp_server: McpServer,
+                                                                                idp: LocalIdP) -> None:
+    """RFC 9728 in reverse mode: the challenge names the metadata URL of the resource
+    as the client addresses it (the gateway's own address), and that URL answers,
+    without a token, with the policy's issuer as authorization server."""
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    refused = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, timeout=10)
+    origin = url.removesuffix("/mcp")
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"] == (
+        f'Bearer realm="hoop", resource_metadata="{origin}/.well-known/oauth-protected-resource/mcp"')
+    metadata = httpx.get(f"{origin}/.well-known/oauth-protected-resource/mcp", timeout=10)
+    assert metadata.status_code == 200 and metadata.headers["content-type"] == "application/json"
+    assert metadata.json() == {"resource": url, "authorization_servers": [idp.issuer], "bearer_methods_supported": ["header"],
+                               "resource_name": "tools"}
+    assert httpx.get(f"{origin}/.well-known/oauth-protected-resource/other", timeout=10).status_code == 401  # no MCP route there
+    assert len(mcp_server.requests) == seen  # none of it reached the server
+    (entry,) = [e for e in gw.audit() if e["path"] == "/.well-known/oauth-protected-resource/mcp"][-1:]
+    assert entry["decision"] == {"outcome": "served", "stage": "metadata"}
+
+
+RESOURCE = "https://tools.example/mcp"
+BOUND = POLICY.replace("    mcp:\n      default: deny\n", f"    mcp:\n      default: deny\n      resource: {RESOURCE}\n", 1)
+
+
+def test_a_route_naming_its_resource_accepts_only_tokens_for_it(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP,
+                                                               pki) -> None:
+    """RFC 8707: a token minted for the gateway but not for this resource is refused
+    (401, the challenge pointing to the resource's metadata); one whose aud names it
+    goes through, with the SDK client."""
+    with McpServer() as server:
+        gw, url = start(tmp_path_factory, idp, pki, server, BOUND)
+        try:
+            other = idp.mint(groups=["agents"], extra_claims={"aud": ["hoop-gateway", "https://other.example/mcp"]})
+            refused = raw(url, other, orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+            assert refused.status_code == 401 and refused.json()["error"] == "wrong_resource"
+            assert refused.headers["WWW-Authenticate"] == (
+                'Bearer realm="hoop", error="invalid_token", error_description="wrong_resource", '
+                'resource_metadata="https://tools.example/.well-known/oauth-protected-resource/mcp"')
+            assert server.requests == []
+            bound = idp.mint(groups=["agents"], extra_claims={"aud": ["hoop-gateway", RESOURCE]})
+            assert session(url, bound, lambda s: s.call_tool("echo", {"text": "bound"})).content[0].text == "echo: bound"
+            origin = url.removesuffix("/mcp")
+            assert httpx.get(f"{origin}/.well-known/oauth-protected-resource/mcp", timeout=10).json()["resource"] == RESOURCE
+        finally:
+            gw.stop()

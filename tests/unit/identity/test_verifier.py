@@ -89,7 +89,8 @@ class TestAccepted:
 
         identity = verify(verifier, token)
 
-        assert identity == Identity("agent-7", idp.issuer, ("agents", "ops"), claims["jti"], claims["exp"])
+        audiences = (claims["aud"],) if isinstance(claims["aud"], str) else tuple(claims["aud"])
+        assert identity == Identity("agent-7", idp.issuer, ("agents", "ops"), claims["jti"], claims["exp"], audiences=audiences)
         assert identity.record() == {
             "subject": "agent-7", "issuer": idp.issuer, "groups": ["agents", "ops"], "client_id": None, "scopes": [],
             "token_id": claims["jti"],
