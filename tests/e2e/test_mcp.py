@@ -1,6 +1,7 @@
 """MCP tool calls governed end to end: a real MCP server (the `mcp` SDK's MCPServer,
 FastMCP's successor, over streamable HTTP) on loopback behind the real gateway in
-base-URL mode (`hoop serve --reverse`), called by the SDK's own client
+base-URL mode (`hoop serve --reverse`), or over HTTPS through it as HTTPS_PROXY (TLS
+intercepted), called by the SDK's own client
 (`streamable_http_client` + `ClientSession`, revision 2025-11-25). The server counts
 what reaches it; each test asserts on what the client got, what the server saw, the
 audit log and the recording."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -89,8 +91,9 @@ class McpServer:
     tool calls that reached it, `requests` holds every HTTP request it got (method,
     headers, body)."""
 
-    def __init__(self, json_response: bool = False) -> None:
+    def __init__(self, json_response: bool = False, tls: tuple[Path, Path] | None = None) -> None:
         self.calls: Counter[str] = Counter()
+        self.scheme = "https" if tls else "http"
         self.requests: list[dict[str, Any]] = []
         server = MCPServer("hoop-test")
 
@@ -143,12 +146,13 @@ class McpServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=self.port, log_level="warning"))
+        tls_files = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+        self.server = uvicorn.Server(uvicorn.Config(recorder, host="127.0.0.1", port=self.port, log_level="warning", **tls_files))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> McpServer:
         self.thread.start()
@@ -483,6 +487,7 @@ class BrokenLister:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
+    scheme = "http"
     url = McpServer.url
     __enter__ = McpServer.__enter__
     __exit__ = McpServer.__exit__
@@ -790,5 +795,50 @@ def test_a_route_naming_its_resource_accepts_only_tokens_for_it(tmp_path_factory
             assert session(url, bound, lambda s: s.call_tool("echo", {"text": "bound"})).content[0].text == "echo: bound"
             origin = url.removesuffix("/mcp")
             assert httpx.get(f"{origin}/.well-known/oauth-protected-resource/mcp", timeout=10).json()["resource"] == RESOURCE
+        finally:
+            gw.stop()
+
+
+def test_the_sdk_client_through_https_proxy_is_governed_the_same(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP,
+                                                                pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward-proxy way in: an HTTPS MCP server, the SDK client given only
+    HTTPS_PROXY and SSL_CERT_FILE (the gateway's CA: TLS is intercepted), its own
+    bearer token inside the tunnel. Filtering, denial, masking and the RFC 9728
+    metadata (of the server's own origin) work as in base-URL mode."""
+    with McpServer(tls=(pki[1], pki[2])) as server:
+        work = tmp_path_factory.mktemp("mcp-forward")
+        gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path, env={"HOOP_TEST_MCP_KEY": MCP_KEY},
+                     serve=True)
+        gw.start()
+        try:
+            monkeypatch.setenv("HTTPS_PROXY", gw.proxy())
+            monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca_cert))
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            url = f"{server.url}/mcp"
+            token = idp.mint(subject="agent-1", groups=["agents"])
+
+            async def work_(s: ClientSession) -> tuple[list[str], str, MCPError]:
+                names = await listed(s)
+                text = (await s.call_tool("lookup_customer", {"customer_id": EMAIL})).content[0].text
+                with pytest.raises(MCPError) as denied:
+                    await s.call_tool("drop_table", {"table": "t"})
+                return names, text, denied.value
+
+            names, text, denied = session(url, token, work_)
+            assert names == ["delete_bucket", "echo", "lookup_customer"]
+            assert text == "customer [REDACTED:EMAIL]: [REDACTED:EMAIL]"
+            assert denied.message == "tools/call 'drop_table' denied by rule 'no-drop': tables are never dropped by agents"
+            assert server.calls["drop_table"] == 0 and server.calls["lookup_customer"] == 1
+            assert EMAIL.encode() not in server.bodies() and all(
+                ("authorization", f"Bearer {MCP_KEY}") in r["headers"] for r in server.requests)
+            (entry,) = entry_for(gw, "lookup_customer")
+            assert entry["mcp"]["calls"][0]["outcome"] == "allow"
+            assert_absent(recorded_bytes(gw), (EMAIL, token, MCP_KEY))
+            with httpx.Client(proxy=gw.proxy(), verify=ssl.create_default_context(cafile=gw.ca_cert), timeout=10) as http:
+                refused = http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+                assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].endswith(
+                    f'resource_metadata="{server.url}/.well-known/oauth-protected-resource/mcp"')
+                metadata = http.get(f"{server.url}/.well-known/oauth-protected-resource/mcp").json()
+                assert metadata["resource"] == url and metadata["authorization_servers"] == [idp.issuer]
         finally:
             gw.stop()
