@@ -8,6 +8,7 @@ RFC 8259, MCP revisions 2025-11-25 and 2026-07-28 (Mcp-Method / Mcp-Name headers
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,19 @@ def check_headers(messages: list[Message], is_batch: bool, mcp_method: str | Non
         raise JsonRpcError(INVALID_REQUEST, f"header Mcp-Method {mcp_method!r} disagrees with body method {msg.method!r}")
     if mcp_name is not None and mcp_name != msg.target:
         raise JsonRpcError(INVALID_REQUEST, f"header Mcp-Name {mcp_name!r} disagrees with body target {msg.target!r}")
+
+
+_REVISION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # MCP revisions are dates; our own fixed pattern
+
+
+def check_version(value: str | None) -> str | None:
+    """The revision an `MCP-Protocol-Version` request header (streamable HTTP, MCP
+    2025-06-18 on; None when absent) names, e.g. "2025-11-25". Raises `JsonRpcError`
+    (-32600) for a value that is not a revision date, which the server would refuse
+    too (and which the audit log would otherwise carry as the client wrote it)."""
+    if value is not None and not _REVISION.fullmatch(value):
+        raise JsonRpcError(INVALID_REQUEST, "header MCP-Protocol-Version must be a revision date (YYYY-MM-DD)")
+    return value
 
 
 def error_response(mid: Any, code: int, message: str) -> dict[str, Any]:

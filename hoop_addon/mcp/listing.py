@@ -46,10 +46,11 @@ def _filter_message(doc: Any, visible: Callable[[dict[str, Any]], bool], hidden:
     return len(kept) != len(tools)
 
 
-def _filter_events(text: str, visible: Callable[[dict[str, Any]], bool], hidden: list[str]) -> str | None:
-    """The event stream `text` with every tool list filtered, or None when unchanged.
-    An event's data lines are joined (newline) and read as one JSON-RPC message; events
-    without data (comments, `retry`, priming events) pass as they are."""
+def _visit_events(text: str, visit: Callable[[Any], bool]) -> str | None:
+    """Give each JSON-RPC message of the event stream `text` to `visit`, which may change
+    it in place and says so; the stream re-encoded with the changed messages, or None
+    when none changed. An event's data lines are joined (newline) and read as one
+    message; events without data (comments, `retry`, priming events) pass as they are."""
     lines = _LINE.split(text)
     out: list[str] = []
     changed = False
@@ -63,7 +64,7 @@ def _filter_events(text: str, visible: Callable[[dict[str, Any]], bool], hidden:
         data = [ln[5:].removeprefix(" ") for ln in event if ln.startswith("data:") or ln == "data"]
         if data and "\n".join(data).strip():
             doc = _load("\n".join(data).encode())
-            if _filter_message(doc, visible, hidden):
+            if visit(doc):
                 changed = True
                 event = [ln for ln in event if not (ln.startswith("data:") or ln == "data")]
                 event.append("data: " + orjson.dumps(doc).decode())
@@ -72,27 +73,50 @@ def _filter_events(text: str, visible: Callable[[dict[str, Any]], bool], hidden:
     return "".join(out) if changed else None
 
 
+def _visit_body(body: bytes, mime: str, visit: Callable[[Any], bool]) -> bytes | None:
+    """Give each JSON-RPC message of response `body` (decoded bytes) of media type
+    `mime` (`application/json`: one message or a batch's answers; `text/event-stream`)
+    to `visit` (see `_visit_events`); the body re-encoded, or None when unchanged.
+    Raises `JsonRpcError` for a body of another type, not UTF-8, not JSON (or
+    repeating a member name)."""
+    if mime == "application/json":
+        doc = _load(body)
+        changed = any([visit(d) for d in doc]) if isinstance(doc, list) else visit(doc)
+        return orjson.dumps(doc) if changed else None
+    if mime == "text/event-stream":
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise JsonRpcError(PARSE_ERROR, "the event stream is not UTF-8") from None
+        new = _visit_events(text, visit)
+        return new.encode() if new is not None else None
+    raise JsonRpcError(PARSE_ERROR, f"a response of type {mime or '(none)'!r} cannot be read as JSON-RPC")
+
+
 def filter_tools_list(
     body: bytes, mime: str, visible: Callable[[dict[str, Any]], bool]
 ) -> tuple[bytes | None, list[str]]:
     """Filter the tool lists in response `body` (decoded bytes) of media type `mime`
     (`application/json` or `text/event-stream`, lower case, no parameters): keep the
     tools `visible` accepts (it gets each tool object, with a string `name`, once).
-    Returns (the new body, or None when nothing was removed; the names removed). Raises `JsonRpcError` for a body of another type, not
-    UTF-8, not JSON (or repeating a member name), or with a malformed tool list."""
+    Returns (the new body, or None when nothing was removed; the names removed). Raises
+    `JsonRpcError` for a body of another type, not UTF-8, not JSON (or repeating a
+    member name), or with a malformed tool list."""
     hidden: list[str] = []
-    if mime == "application/json":
-        doc = _load(body)
-        if isinstance(doc, list):  # a batch's answers (a batch never carries tools/list: refused before)
-            changed = any([_filter_message(d, visible, hidden) for d in doc])
-        else:
-            changed = _filter_message(doc, visible, hidden)
-        return (orjson.dumps(doc) if changed else None), hidden
-    if mime == "text/event-stream":
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise JsonRpcError(PARSE_ERROR, "the event stream is not UTF-8") from None
-        new = _filter_events(text, visible, hidden)
-        return (new.encode() if new is not None else None), hidden
-    raise JsonRpcError(PARSE_ERROR, f"a tools/list response of type {mime or '(none)'!r} cannot be filtered")
+    return _visit_body(body, mime, lambda doc: _filter_message(doc, visible, hidden)), hidden
+
+
+def negotiated_version(body: bytes, mime: str) -> str | None:
+    """The protocol version an `initialize` answer `body` (decoded bytes, `mime` as for
+    `filter_tools_list`) gives: its `result.protocolVersion` (MCP lifecycle), or None
+    when it has none. Raises `JsonRpcError` for a body that cannot be read."""
+    found: list[str] = []
+
+    def visit(doc: Any) -> bool:
+        result = doc.get("result") if isinstance(doc, dict) else None
+        if isinstance(result, dict) and isinstance(version := result.get("protocolVersion"), str):
+            found.append(version)
+        return False
+
+    _visit_body(body, mime, visit)
+    return found[0] if found else None

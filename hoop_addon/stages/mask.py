@@ -162,8 +162,8 @@ class Mask(Stage):
         session = self.sessions.get(flow)
         response = flow.response
         mime = _mime(response)
-        if (hoop(flow).get("mcp") or {}).get("list"):
-            response.stream = False  # a tools/list answer: buffered, so that the MCP stage filters it first
+        if (hoop(flow).get("mcp") or {}).get("buffer"):
+            response.stream = False  # a tools/list or initialize answer: buffered, so that the MCP stage reads it first
             return
         if not rules and not session:
             if (mime == "text/event-stream" or mime in NDJSON_TYPES) and not _encoded(response):

@@ -16,8 +16,8 @@ from hoop_addon.control.metrics import MCP_TOOL_CHANGES, labelled
 from hoop_addon.control.server import pin_handlers
 from hoop_addon.masking.codec import BodyTooLarge, decode
 from hoop_addon.masking.engine import MaskError
-from hoop_addon.mcp.jsonrpc import JsonRpcError, check_headers, parse_body
-from hoop_addon.mcp.listing import filter_tools_list
+from hoop_addon.mcp.jsonrpc import JsonRpcError, check_headers, check_version, parse_body
+from hoop_addon.mcp.listing import filter_tools_list, negotiated_version
 from hoop_addon.mcp.pinning import Change, PinError, PinStore
 from hoop_addon.mcp.rules import decide, may_list
 from hoop_addon.policy.conditions import UninspectableBody, request_key
@@ -62,8 +62,11 @@ class Mcp(Stage):
       `pin_approvers` accepts it (control API `/mcp/pins`, audited `mcp_tool_accepted`).
 
     `hoop.mcp` records `{"batch", "calls": [{"method", "target", "id", "has_id",
-    "outcome", "rule"}], "list", "hidden", "changed": [{"tool", "old", "new"}]}`,
-    which the audit entry carries.
+    "outcome", "rule"}], "list", "hidden", "changed": [{"tool", "old", "new"}],
+    "protocol_version"}`, which the audit entry carries: the revision the request's
+    `MCP-Protocol-Version` header names (refused, 400, when it is not a revision
+    date), or for an `initialize` the one the server's answer negotiated (its answer
+    is buffered for that).
     """
 
     def __init__(self, policy: PolicyStage, mask: Mask, audit: Audit, control: Control,
@@ -97,6 +100,7 @@ class Mcp(Stage):
         try:
             messages, batch = parse_body(body)
             check_headers(messages, batch, request.headers.get("Mcp-Method"), request.headers.get("Mcp-Name"))
+            version = check_version(request.headers.get("MCP-Protocol-Version"))
         except JsonRpcError as exc:
             record["mcp"] = {"invalid": exc.code}
             refuse(flow, 400, "mcp", "invalid_jsonrpc", exc.message)
@@ -105,6 +109,8 @@ class Mcp(Stage):
             {"method": m.method, "target": m.target, "id": m.id, "has_id": m.has_id} for m in messages
         ]
         record["mcp"] = {"batch": batch, "calls": calls}
+        if version is not None:
+            record["mcp"]["protocol_version"] = version  # the revision the client says was negotiated
         identity = record["identity"]
         refused: dict[str, Any] | None = None  # the first call refused, which names why
         approval: dict[str, Any] | None = None
@@ -146,24 +152,29 @@ class Mcp(Stage):
             refuse(flow, 403, "mcp", "mcp_denied", refused["message"])
             record["decision"]["rule"] = refused.get("rule")
             return
-        if len(messages) == 1 and messages[0].method == "tools/list" and messages[0].kind == "request":
-            record["mcp"]["list"] = True  # the Mask stage buffers its answer too
+        if len(messages) == 1 and messages[0].kind == "request" and messages[0].method in ("tools/list", "initialize"):
+            # its answer is read whole (the Mask stage buffers it too): filtered, or its version noted
+            record["mcp"]["buffer"] = True
+            record["mcp"]["list" if messages[0].method == "tools/list" else "initialize"] = True
         if approval is not None and not record.get("approval"):  # one approval per request: a Guard rule's comes first
             key = request_key(self.secret, identity["issuer"], identity["subject"], record.get("route"), request.method,
                               request.url, body)
             record["approval"] = {"rule": approval["rule"], "status": "required", "key": key}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self._listing(flow):
-            flow.response.stream = False  # type: ignore[union-attr]  # buffered: filtered whole, in `response`
+        if self._buffered(flow):
+            flow.response.stream = False  # type: ignore[union-attr]  # read whole, in `response`
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if not self._listing(flow) or not allowed(flow):
+        if not self._buffered(flow) or not allowed(flow):
             return
         response, record = flow.response, hoop(flow)
         if response is None or not 200 <= response.status_code < 300:
             return  # an HTTP error carries no tool list the client would read
         mime = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if record["mcp"].get("initialize"):
+            self._note_version(flow, mime)
+            return
         identity, route = record["identity"], route_of(flow)
         policy = route.mcp  # type: ignore[union-attr]
         changes: list[Change] = []
@@ -237,7 +248,21 @@ class Mcp(Stage):
             logger.error(f"hoop: mcp: acceptance of tool {tool!r} on route {route!r} could not be audited: {exc}")
         return {"route": route, "tool": tool, "old": old, "new": new}
 
+    def _note_version(self, flow: http.HTTPFlow, mime: str) -> None:
+        """Note in `hoop.mcp.protocol_version` the revision the server's `initialize`
+        answer negotiated (MCP lifecycle); an answer that cannot be read goes on as it
+        is (nothing in it is filtered), its version unnoted."""
+        response = flow.response
+        try:
+            body = decode(response.raw_content or b"", response.headers.get("Content-Encoding", ""), self.mask.max_body)  # type: ignore[union-attr]
+            version = negotiated_version(body, mime)
+        except (JsonRpcError, MaskError) as exc:
+            logger.warning(f"hoop: mcp: the negotiated protocol version could not be read: {exc}")
+            return
+        if version is not None:
+            hoop(flow)["mcp"]["protocol_version"] = version[:32]  # the server's word, bounded
+
     @staticmethod
-    def _listing(flow: http.HTTPFlow) -> bool:
-        """True for the upstream's answer to a lone tools/list on an MCP route."""
-        return flow.response is not None and bool(hoop(flow).get("forwarded")) and bool((hoop(flow).get("mcp") or {}).get("list"))
+    def _buffered(flow: http.HTTPFlow) -> bool:
+        """True for the upstream's answer to a lone tools/list or initialize on an MCP route."""
+        return flow.response is not None and bool(hoop(flow).get("forwarded")) and bool((hoop(flow).get("mcp") or {}).get("buffer"))

@@ -245,6 +245,21 @@ def test_allowed_call_reaches_the_server_with_the_gateway_credential_only(mcp_ga
     (flow,) = recorded_flows(gw, entry)
     assert orjson.loads(flow.request.content)["params"] == {"name": "echo", "arguments": {"text": "hello"}}
     assert_absent(recorded_bytes(gw), (token, MCP_KEY))
+    # the negotiated revision: from the server's initialize answer, then the client's MCP-Protocol-Version header
+    (init,) = [e for e in gw.audit() if any(c["method"] == "initialize" for c in (e.get("mcp") or {}).get("calls", []))][-1:]
+    assert init["mcp"]["protocol_version"] == "2025-11-25" and entry["mcp"]["protocol_version"] == "2025-11-25"
+    initialize = [r for r in mcp_server.requests if b'"method":"initialize"' in bytes(r["body"]).replace(b" ", b"")][-1]
+    assert "mcp-protocol-version" not in dict(initialize["headers"])  # so the version came from the server's answer
+
+
+def test_an_invalid_protocol_version_header_is_refused(mcp_gateway, mcp_server: McpServer, idp: LocalIdP) -> None:
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    answer = raw(url, idp.mint(groups=["agents"]), orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+                 **{"MCP-Protocol-Version": "latest"})
+    assert answer.status_code == 400 and answer.json()["error"]["message"] == (
+        "header MCP-Protocol-Version must be a revision date (YYYY-MM-DD)")
+    assert len(mcp_server.requests) == seen
 
 
 def test_pii_in_arguments_and_results_is_masked_for_server_client_and_recording(mcp_gateway, mcp_server: McpServer,
@@ -464,6 +479,8 @@ def test_the_2026_revision_client_is_governed_the_same(mcp_gateway, mcp_server: 
     assert mcp_server.calls["drop_table"] == before.get("drop_table", 0) == 0
     sent = mcp_server.requests[seen:]
     assert any(("mcp-method", "tools/call") in r["headers"] and ("mcp-name", "echo") in r["headers"] for r in sent)
+    (entry,) = [e for e in entry_for(gw, "echo") if e["decision"]["outcome"] == "allow"][-1:]
+    assert entry["mcp"]["protocol_version"] == "2026-07-28"  # no handshake: the header names it
 
 
 class BrokenLister:

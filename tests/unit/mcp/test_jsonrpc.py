@@ -5,7 +5,7 @@ import random
 import orjson
 import pytest
 
-from hoop_addon.mcp.jsonrpc import INVALID_REQUEST, PARSE_ERROR, JsonRpcError, check_headers, parse_body
+from hoop_addon.mcp.jsonrpc import INVALID_REQUEST, PARSE_ERROR, JsonRpcError, check_headers, check_version, parse_body
 
 
 def call(name="echo", mid=1, **extra):
@@ -104,3 +104,11 @@ def test_fuzz_seeded():
                 parse_body(body)
     print("coverage", seen)
     assert all(v >= 300 for v in seen.values())
+
+
+def test_a_protocol_version_header_is_a_revision_date() -> None:
+    assert check_version("2025-11-25") == "2025-11-25" and check_version(None) is None
+    for bad in ("latest", "2025-11-25\n", "2025-11-25, 2026-07-28", "x" * 100, ""):
+        with pytest.raises(JsonRpcError) as caught:
+            check_version(bad)
+        assert caught.value.code == INVALID_REQUEST

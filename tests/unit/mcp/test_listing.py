@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from hoop_addon.mcp.jsonrpc import INVALID_REQUEST, PARSE_ERROR, REFUSED, JsonRpcError, refusal
-from hoop_addon.mcp.listing import filter_tools_list
+from hoop_addon.mcp.listing import filter_tools_list, negotiated_version
 
 TOOLS = [{"name": "echo", "inputSchema": {}}, {"name": "delete_bucket", "description": "x"}, {"name": "get_user"}]
 
@@ -131,3 +131,13 @@ def test_refusal_of_a_single_request_invalid_body_and_notification() -> None:
     status, body = refusal({"invalid": PARSE_ERROR}, 400, "invalid_jsonrpc", "not JSON", "mcp")
     assert (status, orjson.loads(body)) == (400, {"jsonrpc": "2.0", "id": None, "error": {"code": PARSE_ERROR, "message": "not JSON"}})
     assert refusal({"batch": False, "calls": [{"id": None, "has_id": False}]}, 403, "r", "m", "mcp") is None
+
+
+@pytest.mark.parametrize("mime", ["application/json", "text/event-stream"])
+def test_the_negotiated_version_is_read_from_an_initialize_answer(mime: str) -> None:
+    answer = orjson.dumps({"jsonrpc": "2.0", "id": 0, "result": {"protocolVersion": "2025-11-25", "capabilities": {}}})
+    body = answer if mime == "application/json" else b"event: message\r\ndata: " + answer + b"\r\n\r\n"
+    assert negotiated_version(body, mime) == "2025-11-25"
+    assert negotiated_version(orjson.dumps({"jsonrpc": "2.0", "id": 0, "error": {"code": 1, "message": "x"}}), "application/json") is None
+    with pytest.raises(JsonRpcError):
+        negotiated_version(b"data: {\n\n", "text/event-stream")
