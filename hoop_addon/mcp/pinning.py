@@ -47,20 +47,22 @@ class Pin:
     """The pinned fingerprint of one tool of one server, when it was first seen
     (`pinned_at`, Unix seconds), and a changed definition awaiting acceptance: its
     fingerprint (`changed`), the definition itself (`definition`: shown to the people
-    who may accept it, never audited) and when it was first seen (`changed_at`)."""
+    who may accept it, never audited), when it was first seen (`changed_at`) and
+    whether it was reported (`reported`)."""
 
     fingerprint: str
     pinned_at: float
     changed: str | None = None
     definition: dict[str, Any] | None = field(default=None, repr=False)
     changed_at: float | None = None
+    reported: bool = False  # the change is audited: later listings of it are not `first`
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A tool whose listed definition differs from its pin: `new` is seen for the first
-    time when `first` (then it is audited and alerted; later listings of the same
-    change are not)."""
+    """A tool whose listed definition differs from its pin: `first` when this change
+    is not reported yet (`PinStore.reported`: then it is audited and alerted; later
+    listings of the same change are not)."""
 
     route: str
     tool: str
@@ -70,8 +72,9 @@ class Change:
 
 
 class PinStore:
-    """Pins by (route name, tool name). `observe` records a listing, `held` says
-    whether a tool's changed definition awaits acceptance, `accept` makes it the pin."""
+    """Pins by (route name, tool name). `observe` records a listing, `reported` notes
+    a change audited, `held` says whether a tool's changed definition awaits
+    acceptance, `accept` makes it the pin."""
 
     def __init__(self, max_pins: int = MAX_PINS, clock=time.time) -> None:
         self._pins: dict[tuple[str, str], Pin] = {}
@@ -84,7 +87,7 @@ class PinStore:
         """Record that server `route` lists `tool` (a dict with a string `name`): pin it
         if it is new; a definition equal to the pin clears a pending change (the server
         went back); a different one is a `Change`, also returned for a change already
-        pending (with `first` False, or True when it changed yet again). Raises
+        pending (`first` False once reported, True again when it changed yet again). Raises
         `PinError` (`pins_full`) when a new tool cannot be pinned."""
         key, now = (route, tool["name"]), self._clock()
         seen = fingerprint(tool)
@@ -96,28 +99,41 @@ class PinStore:
             return None
         if seen == pin.fingerprint:
             pin.changed = pin.definition = pin.changed_at = None
+            pin.reported = False
             return None
-        first = seen != pin.changed
-        if first:
-            pin.changed, pin.definition, pin.changed_at = seen, tool, now
-        return Change(route, tool["name"], pin.fingerprint, seen, first)
+        if seen != pin.changed:
+            pin.changed, pin.definition, pin.changed_at, pin.reported = seen, tool, now, False
+        return Change(route, tool["name"], pin.fingerprint, seen, not pin.reported)
+
+    def reported(self, change: Change) -> None:
+        """Note that `change` was audited: until the tool changes again, later listings
+        of it are not `first`. (A change whose audit failed stays unreported, and held.)"""
+        pin = self._pins.get((change.route, change.tool))
+        if pin is not None and pin.changed == change.new:
+            pin.reported = True
 
     def held(self, route: str, tool: str) -> bool:
         """True when tool `tool` of `route` has a changed definition not yet accepted."""
         pin = self._pins.get((route, tool))
         return pin is not None and pin.changed is not None
 
-    def accept(self, route: str, tool: str, new: str) -> tuple[str, str]:
-        """Make the pending definition of `tool` on `route`, whose fingerprint must be
-        `new` (what the reviewer saw), its pin. Returns (old, new) fingerprints. Raises
-        `PinError`: `no_change` when nothing awaits acceptance, `stale_fingerprint`
-        when the pending definition is another one (it changed again)."""
+    def acceptable(self, route: str, tool: str, new: str) -> str:
+        """The pinned fingerprint that accepting `new` for `tool` on `route` would
+        replace. Raises `PinError`: `no_change` when nothing awaits acceptance,
+        `stale_fingerprint` when the pending definition is another one (it changed
+        again since the reviewer saw `new`)."""
         pin = self._pins.get((route, tool))
         if pin is None or pin.changed is None:
             raise PinError("no_change", f"no changed definition of tool '{tool}' on route '{route}' awaits acceptance")
         if pin.changed != new:
             raise PinError("stale_fingerprint", f"the pending definition of tool '{tool}' is {pin.changed}, not {new}")
-        old = pin.fingerprint
+        return pin.fingerprint
+
+    def accept(self, route: str, tool: str, new: str) -> tuple[str, str]:
+        """Make the pending definition of `tool` on `route`, whose fingerprint must be
+        `new` (what the reviewer saw), its pin. Returns (old, new) fingerprints. Raises
+        `PinError` as `acceptable` does."""
+        old = self.acceptable(route, tool, new)
         self._pins[(route, tool)] = Pin(new, self._clock())
         return old, new
 

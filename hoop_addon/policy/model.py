@@ -421,7 +421,8 @@ class Policy:
     `block_rules` and `approval_rules` apply in file order (first match);
     `max_pending` caps the approvals waiting at once. `recording` holds the recording
     and audit settings; a route's `retention` (seconds) overrides its default.
-    `limits` are the rate limits and budgets, all of which apply.
+    `limits` are the rate limits and budgets, all of which apply. `binds_resources`
+    (derived) is whether an MCP route names its `resource` (RFC 8707).
     """
 
     files: tuple[str, ...]
@@ -435,6 +436,12 @@ class Policy:
     max_pending: int = 100
     recording: RecordingPolicy = RecordingPolicy()
     limits: tuple[Limit, ...] = ()
+    binds_resources: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # once per policy: whether a route binds tokens to its resource (RFC 8707), so
+        # that identity looks the route up only then
+        object.__setattr__(self, "binds_resources", any(r.mcp is not None and r.mcp.resource for r in self.routes))
 
     def approval_rule(self, name: str) -> ApprovalRule | None:
         """The approval rule named `name`: of `approval_rules`, or of an MCP rule of a

@@ -139,7 +139,7 @@ class Identify(Stage):
         except TokenError as exc:
             self._refuse(flow, proxy, exc, active)
             return
-        route = _route(flow, active)
+        route = _route(flow, active) if active.policy.binds_resources else None
         if route is not None and route.mcp is not None and route.mcp.resource and route.mcp.resource not in identity.audiences:
             self._refuse(flow, proxy, TokenError(
                 "wrong_resource", f"the token's audience (aud) does not name this MCP server, {route.mcp.resource} (RFC 8707)"), active)

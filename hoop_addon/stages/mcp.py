@@ -200,7 +200,9 @@ class Mcp(Stage):
             for change in changes:
                 if change.first:
                     self._changed(flow, change, policy.pinning)
-        except OSError:
+                    self.pins.reported(change)
+        except OSError:  # unreported: the next listing reports it again
+
             refuse(flow, 502, "mcp", "audit_failed", "the MCP server's tools/list answer was withheld: a changed tool could not be audited")
             return
         if new is not None:
@@ -229,24 +231,30 @@ class Mcp(Stage):
         return found.mcp if found is not None else None
 
     def changed(self, approver: Approver) -> list[dict[str, Any]]:
+        """The pending changes (`PinStore.pending`) on routes whose `pin_approvers` name `approver`."""
         return [item for item in self.pins.pending()
                 if (policy := self._policy_of(item["route"])) is not None
                 and policy.may_accept(approver.issuer, approver.subject, approver.groups)]
 
     def accept(self, approver: Approver, route: str, tool: str, fingerprint: str) -> dict[str, Any]:
+        """Accept the changed definition `fingerprint` of `tool` on `route` for
+        `approver` (one of its `pin_approvers`), audited first (`mcp_tool_accepted`):
+        unaudited, nothing changes. Raises `ApprovalError`: 403 `not_an_approver`,
+        409 `no_change` / `stale_fingerprint`, 503 `audit_failed`."""
         policy = self._policy_of(route)
         if policy is None or not policy.may_accept(approver.issuer, approver.subject, approver.groups):
             raise ApprovalError("not_an_approver", 403, f"you may not accept tool definitions on route '{route}'")
         try:
-            old, new = self.pins.accept(route, tool, fingerprint)
+            old = self.pins.acceptable(route, tool, fingerprint)
         except PinError as exc:
             raise ApprovalError(exc.code, 409, str(exc)) from None
         try:
-            self.audit.event("mcp_tool_accepted", route=route, server=route, tool=tool, old=old, new=new,
+            self.audit.event("mcp_tool_accepted", route=route, server=route, tool=tool, old=old, new=fingerprint,
                              approver={"subject": approver.subject, "issuer": approver.issuer, "via": approver.via})
         except OSError as exc:
-            logger.error(f"hoop: mcp: acceptance of tool {tool!r} on route {route!r} could not be audited: {exc}")
-        return {"route": route, "tool": tool, "old": old, "new": new}
+            raise ApprovalError("audit_failed", 503, f"the acceptance could not be audited ({exc.strerror or exc}); nothing changed") from None
+        self.pins.accept(route, tool, fingerprint)
+        return {"route": route, "tool": tool, "old": old, "new": fingerprint}
 
     def _note_version(self, flow: http.HTTPFlow, mime: str) -> None:
         """Note in `hoop.mcp.protocol_version` the revision the server's `initialize`

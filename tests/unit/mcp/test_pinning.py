@@ -32,6 +32,8 @@ def test_first_listing_pins_a_change_is_reported_once_and_a_return_clears_it() -
     change = pins.observe("srv", evil)
     assert change is not None and change.first and (change.old, change.new) == (fingerprint(TOOL), fingerprint(evil))
     assert pins.held("srv", "echo") and not pins.held("other", "echo")
+    assert pins.observe("srv", evil).first  # not reported yet (its audit failed): reported again
+    pins.reported(change)
     again = pins.observe("srv", evil)
     assert again is not None and not again.first  # the same change: not reported twice
     (pending,) = pins.pending()
@@ -48,6 +50,7 @@ def test_accept_takes_only_the_definition_reviewed() -> None:
     with pytest.raises(PinError) as none:
         pins.accept("srv", "nope", fingerprint(first))
     assert none.value.code == "no_change"
+    pins.reported(pins.observe("srv", first))
     assert pins.observe("srv", second).first  # changed again before review
     with pytest.raises(PinError) as stale:
         pins.accept("srv", "echo", fingerprint(first))
