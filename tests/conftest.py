@@ -14,6 +14,7 @@ from hoop_addon.dev.tls import CA, issue_server_cert, make_ca
 from hoop_addon.dev.upstream import FakeOpenAI
 from hoop_addon.dev.gateway import Gateway
 from tests.support.idp import LocalIdP
+from tests.support.postgres import binaries, running_postgres
 
 UPSTREAM_KEY = "sk-upstream-real-key-0123456789abcdef"
 
@@ -115,3 +116,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session (see `tests.support.postgres`)."""
+    if binaries() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    with running_postgres() as url:
+        yield url

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hoop_addon.policy.model import ApprovalRule
+from hoop_addon.state.approvals import ApprovalStore, MemoryStore
 
-Outcome = Literal["approved", "denied", "timeout", "shutdown", "abandoned"]
-DECIDED_KEPT_S = 600.0
+Outcome = Literal["approved", "denied", "timeout", "shutdown", "abandoned", "unavailable"]
 
 LOCAL_OPERATOR = "local-operator"
 """The subject recorded for decisions taken in mitmproxy itself (console, mitmweb,
@@ -126,18 +126,21 @@ def _iso(t: float) -> str:
 
 
 class ApprovalQueue:
-    """Pending approvals by id, and decided tickets until their window ends.
+    """The rules of approval over a store of approvals (`hoop_addon.state`: in memory
+    by default, or shared by several processes).
 
     `clock` returns Unix seconds; `on_close` is called with each approval once its
-    outcome is set (for metrics). Not thread-safe: used from one event loop.
+    outcome is set by this process (for metrics). Every method may raise `StateError`
+    when a shared store fails. Not thread-safe: used from one event loop.
     """
 
     def __init__(
         self,
         clock: Callable[[], float] = time.time,
         on_close: Callable[[PendingApproval], None] | None = None,
+        store: ApprovalStore | None = None,
     ) -> None:
-        self.items: dict[str, PendingApproval] = {}
+        self.store = store if store is not None else MemoryStore()
         self.clock = clock
         self.on_close = on_close
 
@@ -145,10 +148,11 @@ class ApprovalQueue:
         self, rule: ApprovalRule, requester: dict[str, Any], request: dict[str, Any], key: str, max_pending: int
     ) -> PendingApproval:
         """Queue a request under `rule`; returns it with a fresh unguessable id.
-        Raises `QueueFull` when `max_pending` approvals are already pending."""
+        Raises `QueueFull` when `max_pending` approvals are already pending (in the
+        whole store: every process sharing it counts)."""
         self.expire()
-        if len(self.pending()) >= max_pending:
-            soonest = min(p.deadline for p in self.pending())
+        if len(pending := self.pending()) >= max_pending:
+            soonest = min(p.deadline for p in pending)
             raise QueueFull(max(1, int(soonest - self.clock()) + 1))
         now = self.clock()
         item = PendingApproval(
@@ -160,94 +164,107 @@ class ApprovalQueue:
             created=now,
             deadline=now + rule.timeout,
         )
-        self.items[item.id] = item
+        self.store.add(item)
         return item
 
     def get(self, approval_id: str) -> PendingApproval:
         """The approval with this id; raises `ApprovalError` (404) when unknown."""
         self.expire()
-        if (item := self.items.get(approval_id)) is None:
+        if (item := self.store.get(approval_id)) is None:
             raise ApprovalError("not_found", 404, f"no approval '{approval_id}' is known")
         return item
 
     def pending(self) -> list[PendingApproval]:
         """Undecided approvals, oldest first."""
-        return [p for p in self.items.values() if p.outcome is None]
+        return self.store.pending()
 
     def decide(self, approval_id: str, approver: Approver, approve: bool, reason: str) -> PendingApproval:
         """Record `approver`'s decision. Returns the approval (its `outcome` is set once
         decided). Raises `ApprovalError`: `not_found` (404), `already_decided` (409),
         `self_approval` (403), `not_an_approver` (403), `already_approved` (409: the
-        same approver twice)."""
-        item = self.get(approval_id)
-        if item.outcome is not None:
-            raise ApprovalError("already_decided", 409, f"approval '{item.id}' is already {item.outcome}")
-        if approver.subject == item.requester.get("subject"):
-            raise ApprovalError("self_approval", 403, "nobody may decide on their own request")
-        if not item.may_decide(approver):
-            raise ApprovalError("not_an_approver", 403, f"you are not an approver of rule '{item.rule.name}'")
-        if any(d["approver"] == approver.subject and d["approve"] for d in item.decisions):
-            raise ApprovalError("already_approved", 409, "you already approved this request")
+        same approver twice). The check and the write are one transaction of the
+        store, so they hold for decisions taken at once in several processes."""
+        self.expire()
         now = self.clock()
-        item.decisions.append(
-            {"approver": approver.subject, "issuer": approver.issuer, "via": approver.via,
-             "approve": approve, "reason": reason, "at": _iso(now)}
-        )
-        if not approve:
-            self.close(item, "denied", now)
-        elif sum(d["approve"] for d in item.decisions) >= item.rule.min_approvals:
-            self.close(item, "approved", now)
+
+        def apply(item: PendingApproval) -> None:
+            if item.outcome is not None:
+                raise ApprovalError("already_decided", 409, f"approval '{item.id}' is already {item.outcome}")
+            if approver.subject == item.requester.get("subject"):
+                raise ApprovalError("self_approval", 403, "nobody may decide on their own request")
+            if not item.may_decide(approver):
+                raise ApprovalError("not_an_approver", 403, f"you are not an approver of rule '{item.rule.name}'")
+            if any(d["approver"] == approver.subject and d["approve"] for d in item.decisions):
+                raise ApprovalError("already_approved", 409, "you already approved this request")
+            item.decisions.append(
+                {"approver": approver.subject, "issuer": approver.issuer, "via": approver.via,
+                 "approve": approve, "reason": reason, "at": _iso(now)}
+            )
+            if not approve:
+                item.outcome, item.decided_at = "denied", now
+            elif sum(d["approve"] for d in item.decisions) >= item.rule.min_approvals:
+                item.outcome, item.decided_at = "approved", now
+
+        if (item := self.store.update(approval_id, apply)) is None:
+            raise ApprovalError("not_found", 404, f"no approval '{approval_id}' is known")
+        if item.outcome is not None:
+            self._closed([item])
         return item
 
     def expire(self) -> list[PendingApproval]:
         """Time out pending approvals past their deadline (returned) and forget decided
         ones: tickets when their window ends, holds `DECIDED_KEPT_S` after the decision
         (until then a late decision gets `already_decided`, not `not_found`)."""
-        now = self.clock()
-        expired = []
-        for item in list(self.items.values()):
-            if item.outcome is None and now >= item.deadline:
-                self.close(item, "timeout", now)
-                expired.append(item)
-            elif item.outcome is not None and now >= item.decided_at + self._kept(item):  # type: ignore[operator]
-                del self.items[item.id]
-        return expired
+        return self._closed(self.store.expire(self.clock()))
 
-    @staticmethod
-    def _kept(item: PendingApproval) -> float:
-        return item.rule.ticket_window if item.rule.mode == "ticket" else DECIDED_KEPT_S
+    def heartbeat(self) -> list[PendingApproval]:
+        """Renew this process's lease in the store; returns the approvals of processes
+        that died (lease over), now closed as `abandoned`."""
+        return self._closed(self.store.heartbeat(self.clock()))
 
     def forget(self, approval_id: str) -> None:
         """Drop an approval now (a denied ticket, once its retry has been refused)."""
-        self.items.pop(approval_id, None)
+        self.store.delete(approval_id)
 
     def shutdown(self) -> list[PendingApproval]:
-        """Deny every pending approval with outcome `shutdown`; returns them."""
-        now = self.clock()
-        items = self.pending()
-        for item in items:
-            self.close(item, "shutdown", now)
-        return items
+        """Deny every pending approval of this process with outcome `shutdown`;
+        returns them."""
+        return self._closed(self.store.shutdown(self.clock()))
 
     def ticket(self, subject: str, key: str) -> PendingApproval | None:
         """The live ticket (pending, or decided within its window and not yet redeemed)
         of this identity for this request key, if any."""
         self.expire()
-        return next(
-            (p for p in self.items.values() if p.rule.mode == "ticket" and p.key == key
-             and p.requester.get("subject") == subject and not p.redeemed),
-            None,
-        )
+        return self.store.ticket(subject, key)
 
     def redeem(self, item: PendingApproval) -> None:
-        """Use an approved ticket: its request passes this once, never again."""
-        if item.outcome != "approved" or item.redeemed:
+        """Use an approved ticket: its request passes this once, never again (the
+        claim is atomic in the store: one process wins)."""
+        if item.outcome != "approved" or item.redeemed or not self.store.redeem(item.id):
             raise ApprovalError("not_redeemable", 409, "this ticket cannot be used")
         item.redeemed = True
-        del self.items[item.id]
+        self.store.delete(item.id)
 
-    def close(self, item: PendingApproval, outcome: Outcome, now: float | None = None) -> None:
-        """Set the outcome of an approval (e.g. `timeout` when its holder's timer fires)."""
-        item.outcome, item.decided_at = outcome, self.clock() if now is None else now
+    def close(self, item: PendingApproval, outcome: Outcome) -> PendingApproval:
+        """Set the outcome of an approval still pending (e.g. `timeout` when its
+        holder's timer fires). Returns the approval as the store has it: a decision
+        taken meanwhile elsewhere wins (then nothing changes)."""
+        now = self.clock()
+
+        def apply(current: PendingApproval) -> None:
+            if current.outcome is None:
+                current.outcome, current.decided_at = outcome, now
+
+        current = self.store.update(item.id, apply)
+        if current is None:  # gone from the store: close the caller's copy
+            item.outcome, item.decided_at = item.outcome or outcome, item.decided_at or now
+            current = item
+        if current.outcome == outcome and current.decided_at == now:
+            self._closed([current])
+        return current
+
+    def _closed(self, items: list[PendingApproval]) -> list[PendingApproval]:
         if self.on_close is not None:
-            self.on_close(item)
+            for item in items:
+                self.on_close(item)
+        return items

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +23,8 @@ from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
 from hoop_addon.stages.policy import PolicyStage
+from hoop_addon.state.approvals import StateError, redact
+from hoop_addon.state.url import open_store
 
 PREVIEW_CHARS = 2000
 DENIALS = {
@@ -29,8 +32,10 @@ DENIALS = {
     "timeout": (403, "approval_timeout", "nobody approved this request in time"),
     "shutdown": (403, "gateway_shutdown", "the gateway shut down before this request was approved"),
     "abandoned": (403, "client_gone", "the client closed its connection before a decision"),
+    "unavailable": (503, "approval_store_unavailable", "the shared approval store cannot be reached"),
 }
 CLIENT_CHECK_S = 0.5
+SWEEP_S = 1.0
 
 
 class Approve(Stage):
@@ -55,12 +60,25 @@ class Approve(Stage):
     Every outcome goes to `hoop.approval` (the record: approvers, times, reasons, time
     waited) and, without the masked preview, to `hoop.decision.approval` (the audit
     line). Owns option `hoop_webhook` (http(s) URL notified of each pending approval).
+
+    Options `hoop_state` (`memory`, `sqlite:///ABS/PATH`, `postgresql://...`: where
+    approvals live, see `hoop_addon.state`) and `hoop_state_lease` (seconds): with a
+    shared store, several processes act as one gateway for approvals. A held flow
+    stays here; any process's control API lists and decides it; this process wakes on
+    the store's notification (PostgreSQL) or poll (SQLite). A store that cannot be
+    reached at start-up stops start-up; later, held flows and new approvals are
+    refused (503 `approval_store_unavailable`) and `/healthz` fails until it answers.
+    This process renews its lease every `lease / 3` seconds and closes as
+    `approval_abandoned` the pending approvals of processes whose lease ran out.
     """
 
     def __init__(self, policy: PolicyStage, control: Control, audit: Audit) -> None:
         self.policy, self.control, self.audit = policy, control, audit
         self.queue = ApprovalQueue(on_close=_observe)
-        APPROVALS_PENDING.set_function(lambda: len(self.queue.pending()))
+        self.store_problem: str | None = None
+        self.lease_s = 15.0
+        self.last_heartbeat = 0.0
+        APPROVALS_PENDING.set_function(lambda: len(self._pending_or_none()))
         APPROVAL_OLDEST.set_function(self._oldest_wait)
         self.wakeups: dict[str, asyncio.Event] = {}
         self.held: dict[str, http.HTTPFlow] = {}
@@ -68,24 +86,77 @@ class Approve(Stage):
         self.webhook_url = ""
         self.notifications: set[asyncio.Task[bool]] = set()
         self.sweeper: asyncio.Task[None] | None = None
+        self.poller: asyncio.Task[None] | None = None
         for pattern, handler, kwargs in approval_handlers(self):
             control.server.add(pattern, handler, kwargs)
 
+    def _pending_or_none(self) -> list[PendingApproval]:
+        """Pending approvals for the metrics (none while the store fails: a scrape
+        must not raise)."""
+        try:
+            return self.queue.pending()
+        except StateError:
+            return []
+
     def _oldest_wait(self) -> float:
         """Seconds the oldest pending approval has waited (0 when none is pending)."""
-        pending = self.queue.pending()
+        pending = self._pending_or_none()
         return max(0.0, self.queue.clock() - min(p.created for p in pending)) if pending else 0.0
+
+    def _rule(self, name: str):
+        """The approval rule `name` of the policy in force (None: none such): rows a
+        shared store gives back carry the rule's name only."""
+        active = self.policy.active
+        return active.policy.approval_rule(name) if active else None
+
+    def problems(self) -> list[str]:
+        """For `/healthz`: the state store's failure, if it fails now."""
+        return [f"state store: {self.store_problem}"] if self.store_problem else []
 
     def load(self, loader) -> None:
         loader.add_option("hoop_webhook", str, "", "http(s) URL to POST each pending approval to (JSON with a Slack `text`).")
+        loader.add_option(
+            "hoop_state", str, "memory",
+            "Where approvals live: memory (this process only), sqlite:///ABSOLUTE/PATH (processes of one host) "
+            "or postgresql://... (several hosts).",
+        )
+        loader.add_option(
+            "hoop_state_lease", str, "15",
+            "Seconds a process's approvals outlive its last heartbeat in a shared store (then: approval_abandoned).",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if updated & {"hoop_state", "hoop_state_lease"}:
+            self._configure_store()
         if "hoop_webhook" in updated:
             url = ctx.options.hoop_webhook
             if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
                 self.config_error(f"hoop: hoop_webhook: '{url}' is not an http(s) URL")
                 return
             self.webhook_url = url
+
+    def _configure_store(self) -> None:
+        """Open the store `hoop_state` names (once, at start-up)."""
+        if self.started:
+            self.config_error("hoop: hoop_state and hoop_state_lease cannot change while the gateway runs")
+            return
+        try:
+            lease = float(ctx.options.hoop_state_lease)
+        except ValueError:
+            lease = 0.0
+        if not 1.0 <= lease <= 3600.0:
+            self.config_error(f"hoop: hoop_state_lease: '{ctx.options.hoop_state_lease}' is not a number of seconds "
+                              "from 1 to 3600")
+            return
+        try:
+            store = open_store(ctx.options.hoop_state, self._rule, lease)
+        except (ValueError, StateError) as exc:
+            self.config_error(f"hoop: hoop_state: {exc}")
+            return
+        self.queue.store.close()
+        self.queue.store, self.lease_s = store, lease
+        if store.name != "memory":
+            logger.info(f"hoop: approvals in the shared store {redact(ctx.options.hoop_state)} (lease {lease:g} s)")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         record = hoop(flow)
@@ -98,6 +169,17 @@ class Approve(Stage):
         if rule is None:
             _refuse(flow, 503, "approval_unavailable", "the approval rule is no longer in force; retry")
             return
+        try:
+            await self._approval(flow, record, rule, key, active.policy.max_pending)  # type: ignore[union-attr]
+        except StateError as exc:
+            self._store_failed(exc)
+            if flow.response is None:
+                _refuse(flow, 503, "approval_store_unavailable",
+                        "the shared approval store cannot be reached; the request was not forwarded")
+
+    async def _approval(self, flow: http.HTTPFlow, record: dict[str, Any], rule, key: str, max_pending: int) -> None:
+        """Use a ticket, answer with one, or hold the flow. Raises `StateError` when the
+        store fails before the flow is held (the caller refuses it)."""
         if rule.mode == "ticket" and (ticket := self.queue.ticket(record["identity"]["subject"], key)):
             self._use_ticket(flow, ticket)
             return
@@ -110,7 +192,7 @@ class Approve(Stage):
         if calls := (record.get("mcp") or {}).get("calls"):  # an MCP call: the approver sees which tool
             summary["mcp"] = {"method": calls[0]["method"], "target": calls[0]["target"]}
         try:
-            item = self.queue.open(rule, record["identity"], summary, key, active.policy.max_pending)  # type: ignore[union-attr]
+            item = self.queue.open(rule, record["identity"], summary, key, max_pending)
         except QueueFull as exc:
             _refuse(flow, 503, "approvals_full", str(exc), {"Retry-After": str(exc.retry_after)})
             return
@@ -141,19 +223,43 @@ class Approve(Stage):
             for task in waits:
                 task.cancel()
             del self.wakeups[item.id], self.held[item.id]
-        if item.outcome is None:
-            if not flow.intercepted:  # resumed in mitmproxy, not decided: fail closed
-                try:
-                    self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
-                except ApprovalError:  # the requester is the local operator
-                    self.queue.close(item, "denied")
-            else:
-                self.queue.close(item, "timeout" if _connected(flow) else "abandoned")
+        try:
+            item = self._conclude(flow, item)
+        except StateError as exc:  # fail closed: without the store, no decision can be trusted
+            self._store_failed(exc)
+            item.outcome, item.decided_at = "unavailable", self.queue.clock()
         self._settle(flow, item)
         flow.resume()
         ctx.master.addons.trigger(UpdateHook([flow]))
         if not self.held:
             self.finished.set()
+
+    def _conclude(self, flow: http.HTTPFlow, item: PendingApproval) -> PendingApproval:
+        """The held approval as the store has it once the wait ended, closed by this
+        process if nobody decided it (timeout, client gone, resumed in mitmproxy)."""
+        current = self.queue.store.get(item.id) or item
+        if current.outcome is not None:
+            return current
+        if not flow.intercepted:  # resumed in mitmproxy, not decided: fail closed
+            try:
+                return self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
+            except ApprovalError:  # the requester is the local operator
+                return self.queue.close(current, "denied")
+        return self.queue.close(current, "timeout" if _connected(flow) else "abandoned")
+
+    def _store_failed(self, exc: StateError) -> None:
+        """Note the store's failure for `/healthz` (once per failure) and release every
+        held flow: each is then refused, since its decision cannot be read."""
+        if self.store_problem is None:
+            logger.error(f"hoop: {exc}: approvals are refused until it answers")
+        self.store_problem = str(exc)
+        for wakeup in self.wakeups.values():
+            wakeup.set()
+
+    def _woken(self, approval_id: str) -> None:
+        """The store says `approval_id` was decided (by any process)."""
+        if (wakeup := self.wakeups.get(approval_id)) is not None:
+            wakeup.set()
 
     def _settle(self, flow: http.HTTPFlow, item: PendingApproval) -> None:
         """Write the outcome into the flow's record; refuse it unless approved, and
@@ -177,7 +283,11 @@ class Approve(Stage):
             self._ticket_answer(flow, ticket)
             return
         if ticket.outcome == "approved":
-            self.queue.redeem(ticket)  # passes this once
+            try:
+                self.queue.redeem(ticket)  # passes this once
+            except ApprovalError:  # another process redeemed it a moment ago
+                _refuse(flow, 409, "ticket_used", f"approval {ticket.id} was already used; send a new request")
+                return
         else:
             self.queue.forget(ticket.id)  # refused this once; a later retry asks again
         self._settle(flow, ticket)
@@ -217,16 +327,19 @@ class Approve(Stage):
         return Approver(identity.subject, identity.groups, identity.issuer)
 
     def visible(self, approver: Approver) -> list[dict[str, Any]]:
-        return [p.record() for p in self.queue.pending() if p.may_decide(approver)]
+        with _store_answers():
+            return [p.record() for p in self.queue.pending() if p.may_decide(approver)]
 
     def show(self, approver: Approver, approval_id: str) -> dict[str, Any]:
-        item = self.queue.get(approval_id)
+        with _store_answers():
+            item = self.queue.get(approval_id)
         if not item.may_decide(approver) and approver.subject != item.requester.get("subject"):
             raise ApprovalError("not_found", 404, f"no approval '{approval_id}' is known")
         return item.record()
 
     def decide(self, approver: Approver, approval_id: str, approve: bool, reason: str) -> dict[str, Any]:
-        item = self.queue.decide(approval_id, approver, approve, reason)
+        with _store_answers():
+            item = self.queue.decide(approval_id, approver, approve, reason)
         try:
             self.audit.event("approval_decided", identity=item.requester, route=item.request["route"],
                              approver={"subject": approver.subject, "issuer": approver.issuer, "via": approver.via},
@@ -245,7 +358,10 @@ class Approve(Stage):
         `expired`, ...)."""
         who = {"subject": approver.subject, "issuer": approver.issuer, "via": approver.via} if approver else None
         logger.warning(inert(f"hoop: approval {approval_id}: decision refused ({error.code}) for {who and who['subject']}"))
-        item = self.queue.items.get(approval_id)
+        try:
+            item = self.queue.store.get(approval_id)
+        except StateError:
+            item = None
         try:
             self.audit.event(
                 "approval_refused", identity=item.requester if item else None, route=item.request["route"] if item else None,
@@ -258,10 +374,14 @@ class Approve(Stage):
     def pending(self) -> Sequence[str]:
         """Pending approvals, one line each: id, rule, requester, method, URL, deadline
         (inert: controls and bidi characters from the request as visible escapes)."""
+        try:
+            pending = self.queue.pending()
+        except StateError as exc:
+            raise exceptions.CommandError(str(exc)) from None
         return [
             inert(f"{p.id} rule={p.rule.name} requester={p.requester['subject']} "
                   f"{p.request['method']} {p.request['url']} deadline={p.record()['deadline']}")
-            for p in self.queue.pending()
+            for p in pending
         ]
 
     @command.command("hoop.approve")
@@ -283,13 +403,58 @@ class Approve(Stage):
 
     def running(self) -> None:
         super().running()
-        self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        store = self.queue.store
+        store.watch(lambda approval_id: loop.call_soon_threadsafe(self._woken, approval_id))
+        # take the lease before the first approval and close what dead processes left, once
+        # every stage runs (the audit log writes start-up's entries first)
+        loop.call_soon(self._maintain)
+        self.sweeper = loop.create_task(self._sweep())
+        if store.poll_s is not None:
+            self.poller = loop.create_task(self._poll(store.poll_s))
 
     async def _sweep(self) -> None:
-        """Time out tickets nobody decided (held flows time out on their own timers)."""
+        """Every `SWEEP_S`: time out tickets nobody decided (held flows time out on
+        their own timers) and keep the lease."""
         while True:
-            await asyncio.sleep(1)
+            await asyncio.sleep(SWEEP_S)
+            self._maintain()
+
+    def _maintain(self) -> None:
+        try:
             self._audit_tickets(self.queue.expire())
+            if self.queue.clock() - self.last_heartbeat >= self.lease_s / 3:
+                self._audit_abandoned(self.queue.heartbeat())
+                self.last_heartbeat = self.queue.clock()
+            if self.store_problem is not None:
+                logger.warning("hoop: the state store answers again")
+            self.store_problem = None
+        except StateError as exc:
+            self._store_failed(exc)
+
+    async def _poll(self, interval: float) -> None:
+        """Every `interval` seconds while flows are held: wake those decided elsewhere
+        (SQLite has no notifications; for PostgreSQL, a missed NOTIFY)."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.held:
+                continue
+            try:
+                for approval_id in self.queue.store.decided(list(self.held)):
+                    self._woken(approval_id)
+            except StateError as exc:
+                self._store_failed(exc)
+
+    def _audit_abandoned(self, items: list[PendingApproval]) -> None:
+        """Audit `approval_abandoned` for approvals whose process died holding them
+        (its lease ran out): closed, never approved later against nothing."""
+        for item in items:
+            logger.warning(f"hoop: approval {item.id}: its gateway process stopped renewing its lease; abandoned")
+            try:
+                self.audit.event("approval_abandoned", identity=item.requester, route=item.request["route"],
+                                 reason="holder_lease_expired", approval=_audit_view(item))
+            except OSError as exc:
+                logger.error(f"hoop: approval {item.id}: abandonment not audited: {exc}")
 
     def _audit_tickets(self, items: list[PendingApproval]) -> None:
         """Audit tickets closed without a person (timeout, shutdown): no flow is waiting
@@ -306,9 +471,14 @@ class Approve(Stage):
     async def done(self) -> None:
         """Deny every pending approval (outcome `shutdown`) and give held flows a moment
         to be answered and audited before the later stages close their files."""
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-        denied = self.queue.shutdown()
+        for task in (self.sweeper, self.poller):
+            if task is not None:
+                task.cancel()
+        try:
+            denied = self.queue.shutdown()
+        except StateError as exc:
+            self._store_failed(exc)
+            denied = []
         if denied:
             logger.warning(f"hoop: shutting down: {len(denied)} pending approval(s) denied")
         self._audit_tickets(denied)
@@ -321,6 +491,16 @@ class Approve(Stage):
                 await asyncio.sleep(0.2)  # let their response hooks (record, audit) run
             except TimeoutError:
                 logger.error(f"hoop: {len(self.held)} held flow(s) did not finish before shutdown")
+        self.queue.store.close()
+
+
+@contextlib.contextmanager
+def _store_answers() -> Iterator[None]:
+    """A failing store, for the control API: `ApprovalError` 503 `state_unavailable`."""
+    try:
+        yield
+    except StateError as exc:
+        raise ApprovalError("state_unavailable", 503, str(exc)) from None
 
 
 def _observe(item: PendingApproval) -> None:

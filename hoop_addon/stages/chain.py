@@ -42,10 +42,10 @@ def build() -> list[Any]:
     audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
     control = Control()  # the control API; stages add their handlers to it
     mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
-    approve = Approve(policy, control, audit)
+    approve = Approve(policy, control, audit)  # Telemetry's /healthz reports its state store
     mcp = Mcp(policy, mask, audit, control, approve.authenticate)  # pins are accepted with approvers' tokens
     return guarded([
         policy, ResourceMetadata(policy), Identify(policy, mask), Admit(policy), AwsUnsign(), Guard(policy, mask), mcp,
         mask, RateLimit(policy, mask), approve, InjectCredential(mask), Record(policy, audit), audit, control,
-        Telemetry(policy, audit, control), Restore(mask),
+        Telemetry(policy, audit, control, approve), Restore(mask),
     ])

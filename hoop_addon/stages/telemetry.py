@@ -12,6 +12,7 @@ from hoop_addon.control.metrics import (
     BLOCKS, ENFORCING, JWT_FAILURES, MASKED_VALUES, REFUSALS, REQUESTS, SHADOW_MATCHES, exposition, labelled,
 )
 from hoop_addon.stages import Stage, hoop
+from hoop_addon.stages.approve import Approve
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
 from hoop_addon.stages.policy import PolicyStage
@@ -56,11 +57,11 @@ class Telemetry(Stage):
     gauge `hoop_enforcing` is 0, while enforcement cannot work: the chain not whole
     (see `hoop_addon.stages.sentinel`), no policy loaded, an
     issuer whose JWKS was never fetched, no signing key where the policy requires one,
-    no audit log open.
+    no audit log open, a shared state store that does not answer (`Approve.problems`).
     """
 
-    def __init__(self, policy: PolicyStage, audit: Audit, control: Control) -> None:
-        self.policy, self.audit = policy, audit
+    def __init__(self, policy: PolicyStage, audit: Audit, control: Control, approve: Approve) -> None:
+        self.policy, self.audit, self.approve = policy, audit, approve
         self.master: Any = None  # known once loaded
         control.server.add(r"/metrics", MetricsHandler, {"exposition": exposition})
         control.server.add(r"/healthz", HealthHandler, {"problems": self.problems})
@@ -79,7 +80,7 @@ class Telemetry(Stage):
             found.append("no signing key")
         if self.audit.log is None:
             found.append("no audit log open")
-        return found
+        return found + self.approve.problems() + self.approve.problems()
 
     def load(self, loader: Any) -> None:
         self.master = loader.master

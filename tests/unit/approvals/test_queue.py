@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hoop_addon.approvals.queue import DECIDED_KEPT_S, LOCAL_OPERATOR, ApprovalError, ApprovalQueue, Approver, QueueFull
+from hoop_addon.state.approvals import DECIDED_KEPT_S
+from hoop_addon.approvals.queue import LOCAL_OPERATOR, ApprovalError, ApprovalQueue, Approver, QueueFull
 from hoop_addon.policy.model import ApprovalRule, Conditions, Names
 from hoop_addon.approvals.webhook import payload, slack_quote
 

@@ -75,7 +75,7 @@ async def _console_commands_approve_as_the_local_operator(stage: Approve) -> Non
         approval_id = line.split()[0]
         assert "rule=risky requester=agent-1 POST" in line
         assert REGISTRY.get_sample_value("hoop_approvals_pending") == 1
-        stage.queue.clock = lambda: stage.queue.items[approval_id].created + 42.5
+        stage.queue.clock = lambda: stage.queue.store.items[approval_id].created + 42.5
         assert REGISTRY.get_sample_value("hoop_approval_oldest_pending_seconds") == 42.5
         tctx.master.commands.execute(f'hoop.approve {approval_id} "checked by hand"')
         await asyncio.wait_for(task, 5)
