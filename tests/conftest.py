@@ -123,5 +123,5 @@ def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server for the session (see `tests.support.postgres`)."""
     if binaries() is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
-    with running_postgres() as url:
-        yield url
+    with running_postgres() as server:
+        yield server.url

@@ -2,7 +2,7 @@
 
 `running_postgres()` initializes a cluster in a temporary directory (trust
 authentication on loopback, role `hoop`), starts it on a free port with `pg_ctl` and
-yields its URL; the server is stopped and the directory removed at the end. initdb
+yields it (`Postgres`: its `url`, `stop()`, `start()`); the server is stopped and the directory removed at the end. initdb
 and postgres refuse to run as root: as root, the cluster belongs to (and runs as) the
 `postgres` user that Debian's package creates.
 """
@@ -33,34 +33,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_postgres() -> Iterator[str]:
-    """Start a server; yields `postgresql://hoop@127.0.0.1:PORT/postgres`. Raises
+class Postgres:
+    """One throwaway server: `url` (`postgresql://hoop@127.0.0.1:PORT/postgres`),
+    `start()` and `stop()` (idempotent; `running_postgres` calls both). Raises
     `RuntimeError` naming what failed (with the server's log)."""
+
+    def __init__(self, bindir: Path, root: Path) -> None:
+        self.bindir, self.root = bindir, root
+        self.data, self.log, self.port = root / "data", root / "server.log", free_port()
+        self.url = f"postgresql://hoop@127.0.0.1:{self.port}/postgres"
+        self.as_user: list[str] = []
+        self.running = False
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(root, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.data), "-U", "hoop", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run([*self.as_user, str(self.bindir / program), *args], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            server_log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{program} {' '.join(args)} failed: {done.stderr.strip()}\n{server_log}")
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "-o", options, "start")
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.running = False
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    """A started server in a temporary directory, stopped and removed at the end.
+    Raises `RuntimeError` when the binaries are missing or the server fails."""
     bindir = binaries()
     if bindir is None:
         raise RuntimeError("PostgreSQL's binaries are not installed (/usr/lib/postgresql/*/bin)")
     root = Path(tempfile.mkdtemp(prefix="hoop-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, log, port = root / "data", root / "server.log", free_port()
-
-    def run(*args: str) -> None:
-        done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            server_log = log.read_text() if log.exists() else ""
-            raise RuntimeError(f"{' '.join(args)} failed: {done.stderr.strip()}\n{server_log}")
-
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-U", "hoop", "--auth=trust", "-E", "UTF8", "--no-sync")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "30", "-o",
-            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off", "start")
+        server = Postgres(bindir, root)
+        server.start()
         try:
-            yield f"postgresql://hoop@127.0.0.1:{port}/postgres"
+            yield server
         finally:
-            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+            server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
