@@ -16,6 +16,8 @@ issuer the policy trusts, RFC 6750):
     POST /approvals/{id}/approve     body (optional) {"reason": "..."}
     POST /approvals/{id}/deny        body (optional) {"reason": "..."}
 
+A shared state store that does not answer makes these 503 `state_unavailable`.
+
 MCP tool pins (the same tokens; a route's `mcp.pin_approvers` may accept):
 
     GET  /mcp/pins                   changed tool definitions awaiting acceptance

@@ -18,6 +18,7 @@ from hoop_addon.approvals.inert import inert
 from hoop_addon.approvals.queue import ApprovalError, ApprovalQueue, Approver, PendingApproval, QueueFull
 from hoop_addon.control.server import approval_handlers
 from hoop_addon.identity.verifier import TokenError
+from hoop_addon.policy.model import ApprovalRule
 from hoop_addon.control.metrics import APPROVAL_OLDEST, APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
 from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
 from hoop_addon.stages.audit import Audit
@@ -31,7 +32,8 @@ DENIALS = {
     "denied": (403, "approval_denied", "an approver denied this request"),
     "timeout": (403, "approval_timeout", "nobody approved this request in time"),
     "shutdown": (403, "gateway_shutdown", "the gateway shut down before this request was approved"),
-    "abandoned": (403, "client_gone", "the client closed its connection before a decision"),
+    # the client closed its connection, or (shared store) this process's lease ran out
+    "abandoned": (403, "client_gone", "the request was abandoned before a decision"),
     "unavailable": (503, "approval_store_unavailable", "the shared approval store cannot be reached"),
 }
 CLIENT_CHECK_S = 0.5
@@ -103,7 +105,7 @@ class Approve(Stage):
         pending = self._pending_or_none()
         return max(0.0, self.queue.clock() - min(p.created for p in pending)) if pending else 0.0
 
-    def _rule(self, name: str):
+    def _rule(self, name: str) -> ApprovalRule | None:
         """The approval rule `name` of the policy in force (None: none such): rows a
         shared store gives back carry the rule's name only."""
         active = self.policy.active
@@ -177,7 +179,7 @@ class Approve(Stage):
                 _refuse(flow, 503, "approval_store_unavailable",
                         "the shared approval store cannot be reached; the request was not forwarded")
 
-    async def _approval(self, flow: http.HTTPFlow, record: dict[str, Any], rule, key: str, max_pending: int) -> None:
+    async def _approval(self, flow: http.HTTPFlow, record: dict[str, Any], rule: ApprovalRule, key: str, max_pending: int) -> None:
         """Use a ticket, answer with one, or hold the flow. Raises `StateError` when the
         store fails before the flow is held (the caller refuses it)."""
         if rule.mode == "ticket" and (ticket := self.queue.ticket(record["identity"]["subject"], key)):
@@ -240,6 +242,8 @@ class Approve(Stage):
         current = self.queue.store.get(item.id) or item
         if current.outcome is not None:
             return current
+        if self.store_problem is not None:  # woken by a store failure, which is over already
+            return self.queue.close(current, "unavailable")
         if not flow.intercepted:  # resumed in mitmproxy, not decided: fail closed
             try:
                 return self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")

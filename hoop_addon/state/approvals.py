@@ -20,6 +20,7 @@ none raises `ApprovalError`: the queue decides what a missing row means.
 
 from __future__ import annotations
 
+import abc
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -47,7 +48,7 @@ def kept_s(item: PendingApproval) -> float:
     return float(item.rule.ticket_window) if item.rule.mode == "ticket" else DECIDED_KEPT_S
 
 
-class ApprovalStore:
+class ApprovalStore(abc.ABC):
     """Where approvals live. `owner` is this process's id; `poll_s` is how often the
     holder of flows asks for decisions made elsewhere (None: it never needs to, as
     in memory; PostgreSQL's NOTIFY wakes it, its `poll_s` is a fallback).
@@ -57,60 +58,61 @@ class ApprovalStore:
 
     poll_s: float | None = None
     lease_s: float = 15.0
-    name = "memory"
+    name: str
+    """The store's URL without its password, for messages."""
 
     def __init__(self) -> None:
         self.owner = secrets.token_hex(8)
 
+    @abc.abstractmethod
     def add(self, item: PendingApproval) -> None:
         """Store a new pending approval, owned by this process."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get(self, approval_id: str) -> PendingApproval | None:
         """The approval with this id, or None (unknown, or its rule is not in this
         process's policy)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pending(self) -> list[PendingApproval]:
         """Every undecided approval of every process, oldest first."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update(self, approval_id: str, change: Callable[[PendingApproval], None]) -> PendingApproval | None:
         """Atomically apply `change` (which mutates the item: decisions, outcome,
         decided_at; whatever it raises is re-raised and nothing is written) to the
         current row; returns the changed item, or None when there is no such row."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def redeem(self, approval_id: str) -> bool:
         """Claim an approved, unredeemed ticket: True for exactly one caller."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete(self, approval_id: str) -> None:
         """Forget an approval now."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ticket(self, subject: str, key: str) -> PendingApproval | None:
         """The oldest unredeemed ticket of `subject` for request key `key`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expire(self, now: float) -> list[PendingApproval]:
         """Close pending approvals past their deadline as `timeout` (returned: those
         this call closed) and delete decided ones kept long enough."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def shutdown(self, now: float) -> list[PendingApproval]:
         """Close this process's pending approvals as `shutdown` (returned) and end its
         lease."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def heartbeat(self, now: float) -> list[PendingApproval]:
         """Renew this process's lease until `now + lease_s`; close as `abandoned` the
         pending approvals of processes whose lease ended (returned)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decided(self, ids: list[str]) -> set[str]:
         """Which of `ids` have an outcome (or are gone)."""
-        raise NotImplementedError
 
     def watch(self, wake: Callable[[str], None]) -> None:
         """Call `wake(approval_id)` (from any thread) when an approval is decided
@@ -122,6 +124,8 @@ class ApprovalStore:
 
 class MemoryStore(ApprovalStore):
     """One process's approvals in a dict (the default: nothing is shared)."""
+
+    name = "memory"
 
     def __init__(self) -> None:
         super().__init__()

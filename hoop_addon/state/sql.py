@@ -16,6 +16,7 @@ PostgreSQL connection is opened again on the next call.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import sqlite3
 import threading
@@ -59,8 +60,9 @@ class SQLStore(ApprovalStore):
         self.rules, self.lease_s = rules, lease_s
         self.lock = threading.Lock()
 
+    @abc.abstractmethod
     def _transaction(self) -> contextlib.AbstractContextManager[Run]:
-        raise NotImplementedError
+        """A transaction on the store's connection, yielding `run(sql, *params) -> rows`."""
 
     def _notify(self, run: Run, ids: list[str]) -> None:
         """Wake the holders of `ids` (inside the deciding transaction)."""

@@ -57,10 +57,10 @@ defaults:
 LATENCY_ROUNDS = 20
 
 
-def serve(work: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], state: str) -> Gateway:
+def serve(work: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], state: str, lease: str = str(LEASE_S)) -> Gateway:
     rules = write_policy(work / "rules", idp, RULES)
     return Gateway(rules, work, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, serve=True,
-                   options={"hoop_state": state, "hoop_state_lease": str(LEASE_S)})
+                   options={"hoop_state": state, "hoop_state_lease": lease})
 
 
 def fresh_database(base: str) -> str:
@@ -269,16 +269,19 @@ def test_a_stopped_process_closes_its_approvals_and_a_killed_one_is_abandoned(
 
 
 def test_an_unreachable_store_stops_startup(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> None:
-    for state, expected in ((f"postgresql://hoop:s3cret@127.0.0.1:{free_port()}/postgres", "hoop_state: state store"),
-                            ("sqlite://relative.db", "ABSOLUTE"), ("mysql://x", "is not a state store")):
-        code, output = serve(tmp_path / secrets.token_hex(3), idp, pki, state).run_to_exit()
+    for state, lease, expected in (
+        (f"postgresql://hoop:s3cret@127.0.0.1:{free_port()}/postgres", "3", "hoop_state: state store"),
+        ("sqlite://relative.db", "3", "ABSOLUTE"), ("mysql://x", "3", "is not a state store"),
+        (f"sqlite://{tmp_path / 'ok.db'}", "0.5", "hoop_state_lease: '0.5' is not a number of seconds"),
+    ):
+        code, output = serve(tmp_path / secrets.token_hex(3), idp, pki, state, lease).run_to_exit()
         assert code == 1 and expected in output and "Traceback" not in output and "s3cret" not in output, output
 
 
 def test_a_store_lost_later_fails_closed(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path],
                                          upstream: FakeOpenAI) -> None:
     """Its own PostgreSQL, stopped under a held flow: the flow and new approvals are
-    refused, /healthz fails; plain requests (no approval) still pass."""
+    refused (and audited), /healthz fails; once the server is back, both recover."""
     with running_postgres() as server:
         gateway = serve(tmp_path, idp, pki, server.url).start()
         agent = Agent(gateway, upstream, idp.mint(subject="agent-1", groups=["agents"]))
@@ -297,6 +300,14 @@ def test_a_store_lost_later_fails_closed(tmp_path: Path, idp: LocalIdP, pki: tup
             assert not [r for r in upstream.received if marker in r.body.decode()]
             entry = wait_for(lambda: next((e for e in gateway.audit() if e["decision"].get("reason") == "approval_store_unavailable"), None))
             assert entry["status"] == 503
+
+            server.start()  # back: health recovers, approvals work again
+            wait_for(lambda: httpx.get(gateway.control_url + "/healthz").status_code == 200)
+            marker = secrets.token_hex(4)
+            future = agent.later(f"back {marker}", risk="high")
+            item = listed(gateway, alice, marker)
+            assert api(gateway, "POST", f"/approvals/{item['id']}/approve", alice).status_code == 200
+            assert future.result(15).status_code == 200
         finally:
             agent.close()
             gateway.stop()
