@@ -86,16 +86,16 @@ class ApprovalService(Protocol):
     async def authenticate(self, token: str) -> Approver:
         """The verified approver, or `ApprovalError` (401)."""
 
-    def visible(self, approver: Approver) -> list[dict[str, Any]]:
+    async def visible(self, approver: Approver) -> list[dict[str, Any]]:
         """Records of the pending approvals `approver` may decide."""
 
-    def show(self, approver: Approver, approval_id: str) -> dict[str, Any]:
+    async def show(self, approver: Approver, approval_id: str) -> dict[str, Any]:
         """One record, for its approvers and its requester; `ApprovalError` otherwise."""
 
-    def decide(self, approver: Approver, approval_id: str, approve: bool, reason: str) -> dict[str, Any]:
+    async def decide(self, approver: Approver, approval_id: str, approve: bool, reason: str) -> dict[str, Any]:
         """Record a decision; returns the record; raises `ApprovalError`."""
 
-    def refused(self, approval_id: str, approver: Approver | None, error: ApprovalError) -> None:
+    async def refused(self, approval_id: str, approver: Approver | None, error: ApprovalError) -> None:
         """Report a refused decision attempt (`approver` None: not authenticated)."""
 
 
@@ -113,7 +113,7 @@ class _ApprovalHandler(JSONHandler):
             return await self.service.authenticate(token.strip())
         except ApprovalError as exc:
             if approval_id is not None:
-                self.service.refused(approval_id, None, exc)
+                await self.service.refused(approval_id, None, exc)
             self.set_header("WWW-Authenticate", 'Bearer realm="hoop-control"')
             self.fail(exc.status, exc.code, str(exc))
             return None
@@ -122,7 +122,7 @@ class _ApprovalHandler(JSONHandler):
 class ApprovalsList(_ApprovalHandler):
     async def get(self) -> None:
         if (approver := await self.approver()) is not None:
-            self.send(200, {"approvals": self.service.visible(approver)})
+            self.send(200, {"approvals": await self.service.visible(approver)})
 
 
 class ApprovalShow(_ApprovalHandler):
@@ -130,7 +130,7 @@ class ApprovalShow(_ApprovalHandler):
         if (approver := await self.approver()) is None:
             return
         try:
-            self.send(200, self.service.show(approver, approval_id))
+            self.send(200, await self.service.show(approver, approval_id))
         except ApprovalError as exc:
             self.fail(exc.status, exc.code, str(exc))
 
@@ -148,9 +148,9 @@ class ApprovalDecide(_ApprovalHandler):
             self.fail(400, "bad_request", 'the body must be JSON {"reason": "..."}')
             return
         try:
-            self.send(200, self.service.decide(approver, approval_id, verb == "approve", reason[:MAX_REASON_CHARS]))
+            self.send(200, await self.service.decide(approver, approval_id, verb == "approve", reason[:MAX_REASON_CHARS]))
         except ApprovalError as exc:
-            self.service.refused(approval_id, approver, exc)
+            await self.service.refused(approval_id, approver, exc)
             self.fail(exc.status, exc.code, str(exc))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -38,6 +38,8 @@ DENIALS = {
 }
 CLIENT_CHECK_S = 0.5
 SWEEP_S = 1.0
+STORE_TIMEOUT_S = 5.0
+T = TypeVar("T")
 
 
 class Approve(Stage):
@@ -80,6 +82,8 @@ class Approve(Stage):
         self.store_problem: str | None = None
         self.lease_s = 15.0
         self.last_heartbeat = 0.0
+        self.pending_seen: list[PendingApproval] = []  # a shared store's pending, as of the last sweep
+        self.abandoned_seen: list[PendingApproval] = []  # closed by the first heartbeat, audited once running
         APPROVALS_PENDING.set_function(lambda: len(self._pending_or_none()))
         APPROVAL_OLDEST.set_function(self._oldest_wait)
         self.wakeups: dict[str, asyncio.Event] = {}
@@ -93,12 +97,21 @@ class Approve(Stage):
             control.server.add(pattern, handler, kwargs)
 
     def _pending_or_none(self) -> list[PendingApproval]:
-        """Pending approvals for the metrics (none while the store fails: a scrape
-        must not raise)."""
+        """Pending approvals for the metrics: a shared store's as of the last sweep
+        (a scrape must not wait for it, nor raise when it fails)."""
+        return self.pending_seen if self.queue.store.blocking else self.queue.pending()
+
+    async def _store(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)`, a call of the queue that reaches the store: on a worker
+        thread for a shared store (a store that hangs, e.g. a connection timing out,
+        must not stall the other flows on the event loop), inline in memory. Raises
+        `StateError` when the store fails or gives no answer within `STORE_TIMEOUT_S`."""
+        if not self.queue.store.blocking:
+            return call(*args)
         try:
-            return self.queue.pending()
-        except StateError:
-            return []
+            return await asyncio.wait_for(asyncio.to_thread(call, *args), STORE_TIMEOUT_S)
+        except TimeoutError:  # fail closed; the thread may still finish (a late commit wins in the store)
+            raise StateError(f"state store {self.queue.store.name}: no answer within {STORE_TIMEOUT_S:g} s") from None
 
     def _oldest_wait(self) -> float:
         """Seconds the oldest pending approval has waited (0 when none is pending)."""
@@ -157,8 +170,13 @@ class Approve(Stage):
             return
         self.queue.store.close()
         self.queue.store, self.lease_s = store, lease
-        if store.name != "memory":
+        if store.blocking:
             logger.info(f"hoop: approvals in the shared store {redact(ctx.options.hoop_state)} (lease {lease:g} s)")
+            try:  # the lease before the first approval; what dead processes left is audited once running
+                self.abandoned_seen = self.queue.heartbeat()
+                self.last_heartbeat = self.queue.clock()
+            except StateError as exc:
+                self.config_error(f"hoop: hoop_state: {exc}")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         record = hoop(flow)
@@ -182,8 +200,8 @@ class Approve(Stage):
     async def _approval(self, flow: http.HTTPFlow, record: dict[str, Any], rule: ApprovalRule, key: str, max_pending: int) -> None:
         """Use a ticket, answer with one, or hold the flow. Raises `StateError` when the
         store fails before the flow is held (the caller refuses it)."""
-        if rule.mode == "ticket" and (ticket := self.queue.ticket(record["identity"]["subject"], key)):
-            self._use_ticket(flow, ticket)
+        if rule.mode == "ticket" and (ticket := await self._store(self.queue.ticket, record["identity"]["subject"], key)):
+            await self._use_ticket(flow, ticket)
             return
         # Already masked by the Mask stage; read as UTF-8, as masking reads a body.
         preview = (flow.request.get_content(strict=False) or b"")[:4 * PREVIEW_CHARS].decode("utf-8", "replace")
@@ -194,14 +212,14 @@ class Approve(Stage):
         if calls := (record.get("mcp") or {}).get("calls"):  # an MCP call: the approver sees which tool
             summary["mcp"] = {"method": calls[0]["method"], "target": calls[0]["target"]}
         try:
-            item = self.queue.open(rule, record["identity"], summary, key, max_pending)
+            item = await self._store(self.queue.open, rule, record["identity"], summary, key, max_pending)
         except QueueFull as exc:
             _refuse(flow, 503, "approvals_full", str(exc), {"Retry-After": str(exc.retry_after)})
             return
         try:
             self.audit.event("approval_requested", flow, approval=_audit_view(item))
         except OSError:
-            self.queue.close(item, "denied")
+            await self._store(self.queue.close, item, "denied")
             _refuse(flow, 503, "audit_failed", "the gateway could not audit this approval request")
             return
         self._notify(item)
@@ -226,7 +244,7 @@ class Approve(Stage):
                 task.cancel()
             del self.wakeups[item.id], self.held[item.id]
         try:
-            item = self._conclude(flow, item)
+            item = await self._store(self._conclude, item, flow.intercepted, _connected(flow))
         except StateError as exc:  # fail closed: without the store, no decision can be trusted
             self._store_failed(exc)
             item.outcome, item.decided_at = "unavailable", self.queue.clock()
@@ -236,20 +254,21 @@ class Approve(Stage):
         if not self.held:
             self.finished.set()
 
-    def _conclude(self, flow: http.HTTPFlow, item: PendingApproval) -> PendingApproval:
+    def _conclude(self, item: PendingApproval, intercepted: bool, connected: bool) -> PendingApproval:
         """The held approval as the store has it once the wait ended, closed by this
-        process if nobody decided it (timeout, client gone, resumed in mitmproxy)."""
+        process if nobody decided it: timeout (the flow still `intercepted`, its
+        client `connected`), client gone, resumed in mitmproxy (not `intercepted`)."""
         current = self.queue.store.get(item.id) or item
         if current.outcome is not None:
             return current
         if self.store_problem is not None:  # woken by a store failure, which is over already
             return self.queue.close(current, "unavailable")
-        if not flow.intercepted:  # resumed in mitmproxy, not decided: fail closed
+        if not intercepted:  # resumed in mitmproxy, not decided: fail closed
             try:
                 return self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
             except ApprovalError:  # the requester is the local operator
                 return self.queue.close(current, "denied")
-        return self.queue.close(current, "timeout" if _connected(flow) else "abandoned")
+        return self.queue.close(current, "timeout" if connected else "abandoned")
 
     def _store_failed(self, exc: StateError) -> None:
         """Note the store's failure for `/healthz` (once per failure) and release every
@@ -282,18 +301,18 @@ class Approve(Stage):
         hoop(flow)["decision"]["approval"] = {**_audit_view(item), **({"client_gone": True} if gone else {})}
         logger.info(f"hoop: approval {item.id} {item.outcome}")
 
-    def _use_ticket(self, flow: http.HTTPFlow, ticket: PendingApproval) -> None:
+    async def _use_ticket(self, flow: http.HTTPFlow, ticket: PendingApproval) -> None:
         if ticket.outcome is None:
             self._ticket_answer(flow, ticket)
             return
         if ticket.outcome == "approved":
             try:
-                self.queue.redeem(ticket)  # passes this once
+                await self._store(self.queue.redeem, ticket)  # passes this once
             except ApprovalError:  # another process redeemed it a moment ago
                 _refuse(flow, 409, "ticket_used", f"approval {ticket.id} was already used; send a new request")
                 return
         else:
-            self.queue.forget(ticket.id)  # refused this once; a later retry asks again
+            await self._store(self.queue.forget, ticket.id)  # refused this once; a later retry asks again
         self._settle(flow, ticket)
         hoop(flow)["approval"]["redeemed"] = True
 
@@ -330,20 +349,24 @@ class Approve(Stage):
             raise ApprovalError(exc.reason, 401, str(exc)) from None
         return Approver(identity.subject, identity.groups, identity.issuer)
 
-    def visible(self, approver: Approver) -> list[dict[str, Any]]:
+    async def visible(self, approver: Approver) -> list[dict[str, Any]]:
         with _store_answers():
-            return [p.record() for p in self.queue.pending() if p.may_decide(approver)]
+            return [p.record() for p in await self._store(self.queue.pending) if p.may_decide(approver)]
 
-    def show(self, approver: Approver, approval_id: str) -> dict[str, Any]:
+    async def show(self, approver: Approver, approval_id: str) -> dict[str, Any]:
         with _store_answers():
-            item = self.queue.get(approval_id)
+            item = await self._store(self.queue.get, approval_id)
         if not item.may_decide(approver) and approver.subject != item.requester.get("subject"):
             raise ApprovalError("not_found", 404, f"no approval '{approval_id}' is known")
         return item.record()
 
-    def decide(self, approver: Approver, approval_id: str, approve: bool, reason: str) -> dict[str, Any]:
+    async def decide(self, approver: Approver, approval_id: str, approve: bool, reason: str) -> dict[str, Any]:
         with _store_answers():
-            item = self.queue.decide(approval_id, approver, approve, reason)
+            item = await self._store(self.queue.decide, approval_id, approver, approve, reason)
+        return self._decided(item, approver, approve, reason)
+
+    def _decided(self, item: PendingApproval, approver: Approver, approve: bool, reason: str) -> dict[str, Any]:
+        """Audit and log a decision taken here; wake its flow if this process holds it."""
         try:
             self.audit.event("approval_decided", identity=item.requester, route=item.request["route"],
                              approver={"subject": approver.subject, "issuer": approver.issuer, "via": approver.via},
@@ -356,14 +379,14 @@ class Approve(Stage):
             wakeup.set()
         return item.record()
 
-    def refused(self, approval_id: str, approver: Approver | None, error: ApprovalError) -> None:
+    async def refused(self, approval_id: str, approver: Approver | None, error: ApprovalError) -> None:
         """Audit a refused decision attempt (`approval_refused`): who tried (None: no
         valid token), on which approval, and why (`self_approval`, `not_an_approver`,
         `expired`, ...)."""
         who = {"subject": approver.subject, "issuer": approver.issuer, "via": approver.via} if approver else None
         logger.warning(inert(f"hoop: approval {approval_id}: decision refused ({error.code}) for {who and who['subject']}"))
         try:
-            item = self.queue.store.get(approval_id)
+            item = await self._store(self.queue.store.get, approval_id)
         except StateError:
             item = None
         try:
@@ -400,41 +423,44 @@ class Approve(Stage):
 
     def _local(self, approval_id: str, approve: bool, reason: str) -> None:
         by_flow = {f.id: i for i, f in self.held.items()}
-        try:
-            self.decide(Approver.local_operator(), by_flow.get(approval_id, approval_id), approve, reason)
+        operator = Approver.local_operator()
+        try:  # a command is synchronous: it waits for a shared store on the event loop
+            with _store_answers():
+                item = self.queue.decide(by_flow.get(approval_id, approval_id), operator, approve, reason)
         except ApprovalError as exc:
             raise exceptions.CommandError(str(exc)) from None
+        self._decided(item, operator, approve, reason)
 
     def running(self) -> None:
         super().running()
         loop = asyncio.get_running_loop()
         store = self.queue.store
         store.watch(lambda approval_id: loop.call_soon_threadsafe(self._woken, approval_id))
-        # take the lease before the first approval and close what dead processes left, once
-        # every stage runs (the audit log writes start-up's entries first)
-        loop.call_soon(self._maintain)
         self.sweeper = loop.create_task(self._sweep())
         if store.poll_s is not None:
             self.poller = loop.create_task(self._poll(store.poll_s))
 
     async def _sweep(self) -> None:
         """Every `SWEEP_S`: time out tickets nobody decided (held flows time out on
-        their own timers) and keep the lease."""
+        their own timers) and, with a shared store, keep the lease and note what is
+        pending (for the metrics). The first round runs once every stage runs (the
+        audit log writes start-up's entries first)."""
         while True:
+            abandoned, self.abandoned_seen = self.abandoned_seen, []  # first round: start-up's heartbeat
+            try:
+                self._audit_tickets(await self._store(self.queue.expire))
+                if self.queue.store.blocking:
+                    if self.queue.clock() - self.last_heartbeat >= self.lease_s / 3:
+                        abandoned += await self._store(self.queue.heartbeat)
+                        self.last_heartbeat = self.queue.clock()
+                    self.pending_seen = await self._store(self.queue.pending)
+                if self.store_problem is not None:
+                    logger.warning("hoop: the state store answers again")
+                self.store_problem = None
+            except StateError as exc:
+                self._store_failed(exc)
+            self._audit_abandoned(abandoned)
             await asyncio.sleep(SWEEP_S)
-            self._maintain()
-
-    def _maintain(self) -> None:
-        try:
-            self._audit_tickets(self.queue.expire())
-            if self.queue.clock() - self.last_heartbeat >= self.lease_s / 3:
-                self._audit_abandoned(self.queue.heartbeat())
-                self.last_heartbeat = self.queue.clock()
-            if self.store_problem is not None:
-                logger.warning("hoop: the state store answers again")
-            self.store_problem = None
-        except StateError as exc:
-            self._store_failed(exc)
 
     async def _poll(self, interval: float) -> None:
         """Every `interval` seconds while flows are held: wake those decided elsewhere
@@ -444,7 +470,7 @@ class Approve(Stage):
             if not self.held:
                 continue
             try:
-                for approval_id in self.queue.store.decided(list(self.held)):
+                for approval_id in await self._store(self.queue.store.decided, list(self.held)):
                     self._woken(approval_id)
             except StateError as exc:
                 self._store_failed(exc)
@@ -479,7 +505,7 @@ class Approve(Stage):
             if task is not None:
                 task.cancel()
         try:
-            denied = self.queue.shutdown()
+            denied = await self._store(self.queue.shutdown)
         except StateError as exc:
             self._store_failed(exc)
             denied = []

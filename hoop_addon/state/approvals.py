@@ -58,6 +58,8 @@ class ApprovalStore(abc.ABC):
 
     poll_s: float | None = None
     lease_s: float = 15.0
+    blocking = True
+    """Calls may wait on I/O (run them off the event loop); False for memory."""
     name: str
     """The store's URL without its password, for messages."""
 
@@ -126,6 +128,7 @@ class MemoryStore(ApprovalStore):
     """One process's approvals in a dict (the default: nothing is shared)."""
 
     name = "memory"
+    blocking = False
 
     def __init__(self) -> None:
         super().__init__()

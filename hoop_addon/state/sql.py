@@ -9,9 +9,10 @@ PostgreSQL's decider sends `NOTIFY hoop_approvals, '<id>'` in the deciding
 transaction and a listener thread in each process wakes the holder (the table stays
 the record: a missed notification is caught by a poll every `PG_POLL_S`).
 
-Calls are synchronous and serialized by a lock per store (the event loop calls them;
-each is one short transaction). Errors of the database become `StateError`; a lost
-PostgreSQL connection is opened again on the next call.
+Calls are synchronous and serialized by a lock per store, each one short
+transaction; the approval stage runs them on worker threads, with a time limit.
+Errors of the database become `StateError`; a lost PostgreSQL connection is opened
+again on the next call.
 """
 
 from __future__ import annotations
@@ -224,8 +225,11 @@ class PostgresStore(SQLStore):
                 run(statement)
 
     def _connect(self) -> psycopg.Connection[Any]:
+        # a peer that vanishes (lost host, partition) breaks the connection in seconds
+        # rather than at the kernel's default of ~15 minutes
         return psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True,
-                               options="-c statement_timeout=5000")
+                               options="-c statement_timeout=5000", keepalives=1, keepalives_idle=5,
+                               keepalives_interval=2, keepalives_count=2, tcp_user_timeout=10000)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Run]:

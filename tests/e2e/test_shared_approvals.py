@@ -12,16 +12,20 @@ plain round trip through the same gateway: figures, never asserted.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import secrets
 import signal
+import socket
 import ssl
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -311,3 +315,66 @@ def test_a_store_lost_later_fails_closed(tmp_path: Path, idp: LocalIdP, pki: tup
         finally:
             agent.close()
             gateway.stop()
+
+
+class Relay:
+    """A TCP relay to a server that can `hang`: while it hangs, it accepts and holds
+    connections but forwards nothing (a database that stopped answering, a network
+    partition), then forwards what waited once released."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.hang = target, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                while self.hang.is_set():
+                    time.sleep(0.01)
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_hanging_store_stalls_nothing_else(tmp_path: Path, idp: LocalIdP, pki: tuple[CA, Path, Path],
+                                             upstream: FakeOpenAI, postgres_url: str) -> None:
+    """A PostgreSQL that stops answering (no error, no data): the request needing an
+    approval is refused once the store's time limit passes, while requests needing
+    none are served meanwhile (store calls run off the event loop); once it answers
+    again, /healthz recovers."""
+    database = urlsplit(fresh_database(postgres_url))
+    relay = Relay((database.hostname, database.port))  # type: ignore[arg-type]
+    gateway = serve(tmp_path, idp, pki, database._replace(netloc=f"hoop@127.0.0.1:{relay.port}").geturl()).start()
+    agent = Agent(gateway, upstream, idp.mint(subject="agent-1", groups=["agents"]))
+    try:
+        relay.hang.set()
+        held = agent.later("needs the store", risk="high")
+        plain = [agent.post(f"plain {i}") for i in range(3)]
+        assert [r.status_code for r in plain] == [200] * 3 and not held.done()  # served while the store hangs
+        refused = held.result(30)
+        assert refused.status_code == 503 and refused.json()["error"] == "approval_store_unavailable"
+        assert "no answer within" in wait_for(lambda: (r := httpx.get(gateway.control_url + "/healthz")).status_code == 503
+                                              and r).json()["problems"][0]
+        relay.hang.clear()
+        wait_for(lambda: httpx.get(gateway.control_url + "/healthz").status_code == 200, timeout=30)
+    finally:
+        relay.hang.clear()
+        agent.close()
+        gateway.stop()
+        relay.close()
