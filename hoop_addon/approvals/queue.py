@@ -131,7 +131,8 @@ class ApprovalQueue:
 
     `clock` returns Unix seconds; `on_close` is called with each approval once its
     outcome is set by this process (for metrics). Every method may raise `StateError`
-    when a shared store fails. Not thread-safe: used from one event loop.
+    when a shared store fails. It keeps no state besides its store: callable from
+    several threads when the store is (the SQL stores are; memory is not).
     """
 
     def __init__(
