@@ -93,6 +93,8 @@ class Approve(Stage):
         self.notifications: set[asyncio.Task[bool]] = set()
         self.sweeper: asyncio.Task[None] | None = None
         self.poller: asyncio.Task[None] | None = None
+        self.opening = 0  # flows whose approval is being written to a shared store, not yet held
+        self.stopping = False
         for pattern, handler, kwargs in approval_handlers(self):
             control.server.add(pattern, handler, kwargs)
 
@@ -212,9 +214,15 @@ class Approve(Stage):
         if calls := (record.get("mcp") or {}).get("calls"):  # an MCP call: the approver sees which tool
             summary["mcp"] = {"method": calls[0]["method"], "target": calls[0]["target"]}
         try:
+            self.opening += 1
             item = await self._store(self.queue.open, rule, record["identity"], summary, key, max_pending)
         except QueueFull as exc:
             _refuse(flow, 503, "approvals_full", str(exc), {"Retry-After": str(exc.retry_after)})
+            return
+        finally:
+            self.opening -= 1
+        if self.stopping:  # shutdown began while the store wrote it: `done` may have missed it
+            self._settle(flow, await self._store(self.queue.close, item, "shutdown"))
             return
         try:
             self.audit.event("approval_requested", flow, approval=_audit_view(item))
@@ -263,6 +271,8 @@ class Approve(Stage):
             return current
         if self.store_problem is not None:  # woken by a store failure, which is over already
             return self.queue.close(current, "unavailable")
+        if self.stopping:  # held as `done` closed this process's approvals
+            return self.queue.close(current, "shutdown")
         if not intercepted:  # resumed in mitmproxy, not decided: fail closed
             try:
                 return self.queue.decide(item.id, Approver.local_operator(), False, "resumed in mitmproxy without hoop.approve")
@@ -501,6 +511,7 @@ class Approve(Stage):
     async def done(self) -> None:
         """Deny every pending approval (outcome `shutdown`) and give held flows a moment
         to be answered and audited before the later stages close their files."""
+        self.stopping = True
         for task in (self.sweeper, self.poller):
             if task is not None:
                 task.cancel()
@@ -512,6 +523,13 @@ class Approve(Stage):
         if denied:
             logger.warning(f"hoop: shutting down: {len(denied)} pending approval(s) denied")
         self._audit_tickets(denied)
+        opened = bool(self.opening)
+        for _ in range(int(STORE_TIMEOUT_S / 0.01)):  # approvals being opened: held, or refused, next
+            if not self.opening:
+                break
+            await asyncio.sleep(0.01)
+        if opened and not self.held:
+            await asyncio.sleep(0.2)  # let the refused flows' response hooks (record, audit) run
         if self.held:
             self.finished.clear()
             for wakeup in self.wakeups.values():
