@@ -19,6 +19,16 @@ from hoop_addon.masking.engine import MaskError, unique_members
 # Methods whose params name the governed target, and the member that names it.
 TARGET_MEMBER = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
+# The methods a client sends a server, in MCP revisions 2025-11-25 and 2026-07-28
+# (the spec's ClientRequest and ClientNotification unions; tasks/* of 2025-11-25).
+CLIENT_METHODS = frozenset({
+    "initialize", "ping", "server/discover", "subscriptions/listen", "completion/complete", "logging/setLevel",
+    "tools/list", "tools/call", "prompts/list", "prompts/get",
+    "resources/list", "resources/templates/list", "resources/read", "resources/subscribe", "resources/unsubscribe",
+    "tasks/get", "tasks/result", "tasks/list", "tasks/cancel",
+    "notifications/initialized", "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
+})
+
 # JSON-RPC 2.0 error codes (§5.1).
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600

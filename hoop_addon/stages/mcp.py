@@ -16,7 +16,7 @@ from hoop_addon.control.metrics import MCP_TOOL_CHANGES, labelled
 from hoop_addon.control.server import pin_handlers
 from hoop_addon.masking.codec import BodyTooLarge, decode
 from hoop_addon.masking.engine import MaskError
-from hoop_addon.mcp.jsonrpc import JsonRpcError, check_headers, check_version, parse_body
+from hoop_addon.mcp.jsonrpc import CLIENT_METHODS, JsonRpcError, check_headers, check_version, parse_body
 from hoop_addon.mcp.listing import filter_tools_list, negotiated_version
 from hoop_addon.mcp.pinning import Change, PinError, PinStore
 from hoop_addon.mcp.rules import decide, may_list
@@ -87,7 +87,13 @@ class Mcp(Stage):
             refuse(flow, 400, "mcp", "mcp_resumption",
                    "resuming an MCP event stream is not supported through the gateway; send the request again")
             return
+        if request.method not in ("POST", "GET", "DELETE"):
+            refuse(flow, 405, "mcp", "method_not_allowed",
+                   f"an MCP endpoint takes POST (messages), GET (the server's event stream) and DELETE (end of session), not {request.method}")
+            return
         if request.method != "POST":
+            if request.raw_content:  # a body the server might read as a message, judged by no rule
+                refuse(flow, 400, "mcp", "invalid_jsonrpc", f"an MCP {request.method} carries no body; send messages with POST")
             return
         try:
             body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
@@ -115,6 +121,13 @@ class Mcp(Stage):
         refused: dict[str, Any] | None = None  # the first call refused, which names why
         approval: dict[str, Any] | None = None
         for message, call in zip(messages, calls):
+            if message.method is not None and message.method not in CLIENT_METHODS:
+                # a misspelling (`Tools/Call`) or a method of no revision: a lenient server
+                # could still run it, and no rule would have judged it
+                call.update(outcome="deny", message=(
+                    f"method '{message.method}' is not one an MCP client sends (revisions 2025-11-25, 2026-07-28)"))
+                refused = refused or call
+                continue
             if message.method == "tools/list" and batch:
                 call.update(outcome="deny", message="tools/list must be sent alone, not in a batch (its answer is filtered)")
                 refused = refused or call

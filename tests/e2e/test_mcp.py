@@ -859,3 +859,31 @@ def test_the_sdk_client_through_https_proxy_is_governed_the_same(tmp_path_factor
                 assert metadata["resource"] == url and metadata["authorization_servers"] == [idp.issuer]
         finally:
             gw.stop()
+
+
+@pytest.mark.parametrize("method", ["Tools/Call", "tools/call ", "tasks/create", "tools/execute", "notifications/tools/call"])
+def test_a_method_no_mcp_client_sends_is_refused_never_forwarded(mcp_gateway, mcp_server: McpServer, idp: LocalIdP,
+                                                                 method: str) -> None:
+    """A misspelled or unknown method is judged by no rule; a lenient server could still
+    run it (an outside review found them forwarded despite `default: deny`)."""
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    answer = raw(url, idp.mint(groups=["agents"]),
+                 orjson.dumps({"jsonrpc": "2.0", "id": 5, "method": method, "params": {"name": "drop_table"}}))
+    assert answer.status_code == 200 and answer.json()["id"] == 5
+    assert f"method '{method}' is not one an MCP client sends" in answer.json()["error"]["message"]
+    assert len(mcp_server.requests) == seen
+
+
+@pytest.mark.parametrize("verb", ["PUT", "PATCH", "GET", "DELETE"])
+def test_a_message_sent_with_another_method_than_post_is_refused(mcp_gateway, mcp_server: McpServer, idp: LocalIdP,
+                                                                 verb: str) -> None:
+    """Only POST carries messages, and only POST is judged: a `tools/call` body sent with
+    PUT, or with a GET or DELETE, never reaches the server."""
+    gw, url = mcp_gateway
+    seen = len(mcp_server.requests)
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "drop_table"}})
+    answer = httpx.request(verb, url, content=body, timeout=10, headers={
+        "Authorization": f"Bearer {idp.mint(groups=['agents'])}", "Content-Type": "application/json"})
+    assert answer.status_code == (405 if verb in ("PUT", "PATCH") else 400), answer.text
+    assert len(mcp_server.requests) == seen and mcp_server.calls["drop_table"] == 0
