@@ -217,6 +217,7 @@ VALID: dict[str, dict[str, Callable[[Rng], str]]] = {
         "AIza": lambda r: "AIza" + _rand(r, B64URL, 35),
         "GOCSPX": lambda r: "GOCSPX-" + _rand(r, B64URL, 28),
         "ya29": lambda r: "ya29." + _rand(r, B64URL, 120),
+        "refresh 1//": lambda r: "1//0" + _rand(r, B64URL, 99),
     },
     "jwt": {"signed": lambda r: jwt(r, True), "unsigned": lambda r: jwt(r, False), "spaced header": jwt_spaced},
     "pem_private_key": {k or "pkcs8": (lambda k: lambda r: pem(r, k))(k) for k in ("RSA", "EC", "OPENSSH", "ENCRYPTED", "")},

@@ -266,8 +266,8 @@ BUILTIN: dict[str, Detector] = {
         Detector(
             "google_api_key",
             "GOOGLE_KEY",
-            # API keys, OAuth 2.0 client secrets, OAuth 2.0 access tokens
-            r"\b(?:AIza[0-9A-Za-z_-]{35}|GOCSPX-[0-9A-Za-z_-]{28}|ya29\.[0-9A-Za-z_-]{20,})",
+            # API keys, OAuth 2.0 client secrets, access tokens and refresh tokens
+            r"\b(?:AIza[0-9A-Za-z_-]{35}|GOCSPX-[0-9A-Za-z_-]{28}|ya29\.[0-9A-Za-z_-]{20,}|1//0[0-9A-Za-z_-]{40,})",
         ),
         Detector(
             "jwt",
