@@ -7,6 +7,11 @@ and trace/span ids as hex strings, not base64. So one JSONPath rule, e.g.
 `$..spans[*].attributes[?@.key=='user.email'].value.stringValue`, serves
 `application/x-protobuf` (parsed with `opentelemetry-proto`) and `application/json`.
 
+`bytesValue` (base64 in OTLP/JSON) is shown to rules as the text it holds when that is
+UTF-8, and written back as bytes; a bytes value that is not UTF-8 cannot be inspected,
+so an enforcing rule that selects it refuses the export. Numbers and booleans
+(`intValue`, `doubleValue`, `boolValue`) and kvlist and attribute keys are never masked.
+
 Fail closed: a body that does not parse as the export message of its path, or carries
 fields this version of opentelemetry-proto does not know, raises `MaskError`; nothing is
 forwarded that was not understood. A body nothing was masked in goes on as it came; a
@@ -32,7 +37,7 @@ from jsonpath_rfc9535 import compile as jsonpath
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
-from hoop_addon.masking.engine import Evidence, MaskContext, MaskError, mask_json, unique_members
+from hoop_addon.masking.engine import Evidence, Location, MaskContext, MaskError, leaves, mask_json, unique_members
 from hoop_addon.policy.model import MaskRule
 
 #: OTLP/HTTP paths (the spec's defaults, also matched as the end of a longer path: trace
@@ -45,12 +50,14 @@ SIGNALS: dict[str, tuple[type[Message], type[Message]]] = {
 PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
 JSON_TYPE = "application/json"
 
-#: What a rule without paths masks in an OTLP body: every string value (`AnyValue`, so
-#: attribute values of spans, events, links, resources and scopes, array and kvlist
-#: items, log bodies), span and event names, status and partial-success messages; never
-#: ids, keys, timestamps or other fields a detector could match but the format needs.
+#: What a rule without paths masks in an OTLP body: every string and bytes value
+#: (`AnyValue`, so attribute values of spans, events, links, resources and scopes, array
+#: and kvlist items, log bodies), span and event names, status and partial-success
+#: messages; never ids, keys, numbers, booleans, timestamps or other fields a detector
+#: could match but the format needs.
 STRING_PATHS = (
     "$..stringValue",
+    "$..bytesValue",
     "$.resourceSpans[*].scopeSpans[*].spans[*].name",
     "$.resourceSpans[*].scopeSpans[*].spans[*].events[*].name",
     "$.resourceSpans[*].scopeSpans[*].spans[*].status.message",
@@ -98,8 +105,12 @@ def mask_otlp(
         _camel_case(raw)
         msg = parse_json(raw, message)
     doc = to_dict(msg)  # canonical: enum names as numbers, defaults left out
+    otlp_rules = [_otlp_rule(r) for r in rules]
+    binary = _bytes_as_text(doc)
+    if opaque := {location: name for location, (_, _, name) in binary.items() if name is not None}:
+        _refuse_opaque(doc, opaque, otlp_rules)
     tally, changed_at = _Tally(evidence), []
-    doc, changed = mask_json(doc, [_otlp_rule(r) for r in rules], tally, context, changed_at)
+    doc, changed = mask_json(doc, otlp_rules, tally, context, changed_at)
     tally.finish("log_records" if "resourceLogs" in doc else "spans")
     if not changed:
         if mime not in PROTOBUF_TYPES:
@@ -107,14 +118,61 @@ def mask_otlp(
         return None
     for location in changed_at:  # the edits into the message: what is not text there is refused
         _write(msg, doc, location)
-    return msg.SerializeToString() if mime in PROTOBUF_TYPES else orjson.dumps(doc)
+    if mime in PROTOBUF_TYPES:
+        return msg.SerializeToString()
+    for holder, original, name in binary.values():  # OTLP/JSON bytes are base64
+        holder["bytesValue"] = original if name is not None else base64.b64encode(holder["bytesValue"].encode()).decode()
+    return orjson.dumps(doc)
+
+
+def _bytes_as_text(doc: dict) -> dict[Location, tuple[dict, str, str | None]]:
+    """Rewrites in place each `bytesValue` of `doc` (OTLP/JSON shape: base64) as the text
+    it holds when that is UTF-8, and as "" (nothing a rule could find) when it is not.
+    Returns, per location, (the `AnyValue` object, the base64 it had, None for text or,
+    for bytes that are not UTF-8, what holds them: `attribute 'k'`, a kvlist item's keys
+    after its attribute's, or `a log record body`)."""
+    found: dict[Location, tuple[dict, str, str | None]] = {}
+    stack: list[tuple[Any, Location, tuple[str, ...]]] = [(doc, (), ())]
+    while stack:
+        node, location, keys = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, (*location, i), keys) for i, item in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("key"), str):  # a KeyValue: what its value belongs to
+            keys = (*keys, node["key"])
+        for name, value in node.items():
+            if name == "bytesValue" and isinstance(value, str):
+                try:
+                    node[name] = base64.b64decode(value).decode("utf-8")
+                    found[(*location, name)] = (node, value, None)
+                except UnicodeDecodeError:
+                    node[name] = ""
+                    held = "attribute " + " > ".join(repr(k) for k in keys) if keys else "a log record body"
+                    found[(*location, name)] = (node, value, held)
+            else:
+                stack.append((value, (*location, name), keys))
+    return found
+
+
+def _refuse_opaque(doc: dict, opaque: dict[Location, str], rules: Sequence[MaskRule]) -> None:
+    """Raises `MaskError` if an enforcing rule selects one of the `opaque` locations
+    (bytes that are not UTF-8, mapped to what holds them): it cannot be inspected. A
+    shadow rule never refuses."""
+    for rule in rules:
+        if rule.shadow:
+            continue
+        for location, _, _ in leaves(doc, rule, numbers=False):
+            if (held := opaque.get(location)) is not None:
+                raise MaskError(f"OTLP {held} holds a bytes value that is not UTF-8 and cannot be inspected")
 
 
 def _write(msg: Message, doc: dict, location: tuple[str | int, ...]) -> None:
     """Sets the string field at `location` (OTLP/JSON names and indexes) of `msg` to the
-    value `doc` has there. Raises `MaskError` if that is not a singular string field (an
-    id, a number, a renamed field: masking made the export invalid, so it is refused,
-    never forwarded)."""
+    value `doc` has there (a bytes field, `bytesValue`, to that text as UTF-8). Raises
+    `MaskError` if that is not a singular string or bytes field (an id, a number, a
+    renamed field: masking made the export invalid, so it is refused, never forwarded)."""
     try:
         *steps, last = location
         node: Any = msg
@@ -129,9 +187,14 @@ def _write(msg: Message, doc: dict, location: tuple[str | int, ...]) -> None:
             doc = doc[step]
         field = node.DESCRIPTOR.fields_by_camelcase_name[last]
         new = doc[last]
-        if field.type != FieldDescriptor.TYPE_STRING or field.is_repeated or not isinstance(new, str):
+        if field.is_repeated or not isinstance(new, str):
             raise KeyError(last)
-        setattr(node, field.name, new)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            setattr(node, field.name, new)
+        elif field.type == FieldDescriptor.TYPE_BYTES and field.name == "bytes_value":  # never an id
+            setattr(node, field.name, new.encode())
+        else:
+            raise KeyError(last)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         where = ".".join(str(s) for s in location) or "(root)"
         raise MaskError(f"a masking rule changed OTLP field {where!r}, which is not text; the export would be invalid") from None

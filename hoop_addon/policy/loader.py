@@ -424,8 +424,8 @@ _ATTRIBUTE_GLOB = re.compile(r"[A-Za-z0-9_.:/@*?-]+")
 
 
 def otlp_attribute_path(glob: str, loc: _Loc, node: Node) -> str:
-    """The RFC 9535 JSONPath of a mask rule's `otlp_attributes` item: the string values
-    (arrays and kvlists included) of every OTLP attribute, of spans, events, links,
+    """The RFC 9535 JSONPath of a mask rule's `otlp_attributes` item: the string and
+    bytes values (arrays and kvlists included; bytes are read as UTF-8 text) of every OTLP attribute, of spans, events, links,
     resources, scopes and log records, whose key matches `glob` (`*`: any characters,
     `?`: one), in the OTLP/JSON shape (`hoop_addon.masking.otlp`). A key without
     wildcards is compared exactly; a glob becomes an I-Regexp (RFC 9485) for `match()`.
@@ -434,9 +434,9 @@ def otlp_attribute_path(glob: str, loc: _Loc, node: Node) -> str:
     if not _ATTRIBUTE_GLOB.fullmatch(glob):
         raise loc.error(node, f"attribute key glob {glob!r}: use letters, digits, '_ . : / @ -' and the wildcards * and ?")
     if "*" not in glob and "?" not in glob:
-        return f"$..attributes[?@.key=='{glob}'].value..stringValue"
+        return f"$..attributes[?@.key=='{glob}'].value..['stringValue','bytesValue']"
     pattern = glob.replace(".", "[.]").replace("*", ".*").replace("?", ".")
-    return f"$..attributes[?match(@.key, '{pattern}')].value..stringValue"
+    return f"$..attributes[?match(@.key, '{pattern}')].value..['stringValue','bytesValue']"
 
 
 def _flag(m: _Map, key: str, default: bool) -> bool:

@@ -8,6 +8,7 @@ planted value; a body that cannot be decoded is refused, never forwarded."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import gzip
 import json
@@ -25,6 +26,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -55,7 +57,7 @@ masking:
     detectors: [email, payment_card]
   - name: ssn-anywhere
     direction: request
-    detectors: [us_ssn]
+    detectors: [us_ssn, aws_access_key_id]
 routes:
   - name: traces
     match: {{hosts: [localhost], paths: [/v1/traces, /v1/logs], methods: [POST]}}
@@ -236,6 +238,69 @@ def test_a_block_rule_reads_the_protobuf_export_as_otlp_json(base, upstream: Fak
     assert upstream.received == []
     entry = gw.wait_audit(before + 1)[-1]
     assert entry["decision"]["outcome"] == "deny" and entry["decision"]["rule"] == "no-keys-in-traces"
+
+
+AWS_KEY, BYTES_EMAIL = "AKIAIOSFODNN7EXAMPLE", "bytes.user@example.org"  # not an email the other tests look for
+
+
+def _bytes_export(value: bytes, named: bytes | None = None) -> ExportTraceServiceRequest:
+    """The SDK's spans with `bytesValue` attributes: `blob` = `value` (only a no-path
+    rule reads it) on the first span, and `user.email` (a named attribute) = `named`
+    (default `value`) on the second."""
+    _, sent = _spans()
+    spans = sent.resource_spans[0].scope_spans[0].spans
+    spans[0].attributes.append(KeyValue(key="blob", value=AnyValue(bytes_value=value)))
+    spans[1].attributes.append(KeyValue(key="user.email", value=AnyValue(bytes_value=value if named is None else named)))
+    return sent
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "gzip", "json"])
+def test_a_bytes_value_is_masked_as_its_text(base, upstream: FakeOpenAI, idp: LocalIdP, encoding) -> None:
+    """A UTF-8 `bytesValue` holding an AWS key and an email is masked at the collector
+    (as bytes; base64 in OTLP/JSON) and in the recording, by the named-attribute rule
+    and by the no-path rule."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    sent = _bytes_export(f"key {AWS_KEY} for {BYTES_EMAIL}".encode())
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}
+    body = sent.SerializeToString()
+    if encoding == "gzip":
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    elif encoding == "json":
+        body, headers["Content-Type"] = orjson.dumps(to_dict(sent)), "application/json"
+    before = len(gw.audit())
+    reply = requests.post(f"{url}/v1/traces", data=body, headers=headers, timeout=10)
+    assert reply.status_code == 200, reply.text
+    (received,) = upstream.received
+    got_body = gzip.decompress(received.body) if encoding == "gzip" else received.body
+    got = (parse_json(orjson.loads(got_body), ExportTraceServiceRequest) if encoding == "json"
+           else parse_protobuf(got_body, ExportTraceServiceRequest))
+    spans = got.resource_spans[0].scope_spans[0].spans
+    assert _attrs(spans[0])["blob"].bytes_value == f"key [REDACTED:AWS_KEY] for {BYTES_EMAIL}".encode()  # us_ssn, aws only
+    assert _attrs(spans[1])["user.email"].bytes_value == b"key [REDACTED:AWS_KEY] for [REDACTED:EMAIL]"
+    entry = gw.wait_audit(before + 1)[-1]
+    assert entry["decision"]["outcome"] == "allow"
+    for data in (*_recorded_requests(gw), recorded_bytes(gw), got_body):
+        assert_absent(data, (AWS_KEY, base64.b64encode(f"key {AWS_KEY}".encode()).decode()[:16]))
+    recorded = [b for b in _recorded_requests(gw) if b"blob" in b]
+    assert recorded and all(AWS_KEY.encode() not in b for b in recorded)
+
+
+def test_a_bytes_value_that_is_not_utf8_is_refused_under_a_whole_body_rule(base, upstream: FakeOpenAI, idp: LocalIdP) -> None:
+    """`blob` holds bytes that are not UTF-8: the no-path rule cannot inspect them, so the
+    export is refused (422) naming the attribute, never its value; nothing is forwarded."""
+    gw, url = base
+    token = idp.mint(groups=["agents"])
+    before = len(gw.audit())
+    body = _bytes_export(b"\xff" + SSN.encode(), named=b"nobody").SerializeToString()
+    reply = requests.post(f"{url}/v1/traces", data=body, timeout=10,
+                          headers={"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {token}"})
+    assert reply.status_code == 422, reply.text
+    assert "'blob' holds a bytes value that is not UTF-8" in reply.text and SSN not in reply.text
+    assert upstream.received == []
+    entry = gw.wait_audit(before + 1)[-1]
+    assert entry["decision"]["outcome"] == "deny" and entry["decision"]["reason"] == "unmaskable_request"
+    assert_absent(recorded_bytes(gw), (SSN,))
 
 
 @pytest.mark.parametrize(("path", "ctype", "body", "status"), [

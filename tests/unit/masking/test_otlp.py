@@ -3,7 +3,9 @@ for both encodings; fail closed on bodies the codec cannot read."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import dataclasses
 import random
 
 import orjson
@@ -130,8 +132,10 @@ class _Gen:
             return AnyValue(int_value=4111111111111111), AnyValue(int_value=4111111111111111)  # a Luhn-valid number
         if choice == 1:
             return AnyValue(double_value=1.5), AnyValue(double_value=1.5)
-        if choice == 2:
-            return AnyValue(bytes_value=b"jane@bytes.example"), AnyValue(bytes_value=b"jane@bytes.example")
+        if choice == 2:  # UTF-8 bytes are masked as the text they hold
+            self.seen.add(f"{where}:bytes")
+            self.n += 1
+            return AnyValue(bytes_value=f"jane{self.n}@pii.example".encode()), AnyValue(bytes_value=MASK.encode())
         if choice == 3:
             sent, want = self.text(where)
             return AnyValue(string_value=sent), AnyValue(string_value=want)
@@ -212,7 +216,8 @@ def test_generated_exports_are_masked_everywhere_and_nothing_else_changes():
     """300 seeded trace and log exports, protobuf and OTLP/JSON: every planted email is
     masked wherever a string can be (attribute values of spans, events, links and resources,
     array and kvlist items, JSON in a string, log bodies, span and event names, status
-    messages); ids, numbers (Luhn-valid ones too), bytes, keys and order are unchanged."""
+    messages, UTF-8 bytes values); ids, numbers (Luhn-valid ones too), keys and order are
+    unchanged."""
     coverage: set[str] = set()
     masked_exports = 0
     for seed in SEEDS:
@@ -235,7 +240,7 @@ def test_generated_exports_are_masked_everywhere_and_nothing_else_changes():
             assert encode_protobuf(got, cls) == want.SerializeToString(), seed
         coverage |= gen.seen
     places = {"span.name", "status.message", "event.name", "resource", "span", "event", "link", "log.body", "log"}
-    want_cover = {f"{p}:{k}" for p in places for k in _KINDS} | {f"{p}:{k}" for p in places - {"span.name", "status.message", "event.name"} for k in ("array", "kvlist")}
+    want_cover = {f"{p}:{k}" for p in places for k in _KINDS} | {f"{p}:{k}" for p in places - {"span.name", "status.message", "event.name"} for k in ("array", "kvlist", "bytes")}
     assert want_cover <= coverage, sorted(want_cover - coverage)
     assert masked_exports > len(SEEDS)  # most exports held a planted value
     print(f"OTLP generator: {len(SEEDS)} seeds x 2 signals x 2 encodings, {len(coverage)} place/kind pairs covered, {masked_exports} masked exports")
@@ -293,6 +298,79 @@ class TestRules:
         # proto3's own JSON mapping writes ids in base64; OTLP/JSON in hex
         with pytest.raises(MaskError, match="hex"):
             mask_body(json_format.MessageToJson(_traces()).encode(), "application/json", [PII], "request", path="/v1/traces")
+
+
+def _with_bytes(value: bytes, key: str = "blob") -> ExportTraceServiceRequest:
+    req = _traces()
+    req.resource_spans[0].scope_spans[0].spans[0].attributes.append(KeyValue(key=key, value=AnyValue(bytes_value=value)))
+    return req
+
+
+class TestBytesValues:
+    """`bytesValue` is masked as the UTF-8 text it holds; bytes that are not UTF-8 cannot
+    be inspected, so an enforcing rule that selects them refuses the export."""
+
+    @pytest.mark.parametrize("selector", [(), ("$..attributes[?@.key=='blob'].value.bytesValue",)], ids=["whole", "path"])
+    def test_utf8_bytes_are_masked_in_protobuf_and_in_json(self, selector):
+        req = _with_bytes(b"key AKIAIOSFODNN7EXAMPLE of jane@bytes.example")
+        aws = rule(*selector, name="aws", detectors=("email", "aws_access_key_id"))
+        new, records = mask_body(req.SerializeToString(), PROTOBUF, [aws], "request", path="/v1/traces")
+        got = {a.key: a.value for a in ExportTraceServiceRequest.FromString(new).resource_spans[0].scope_spans[0].spans[0].attributes}
+        assert got["blob"] == AnyValue(bytes_value=b"key [REDACTED:AWS_KEY] of [REDACTED:EMAIL]")
+        assert got["user.email"].string_value == (MASK if not selector else "a@b.example")
+        assert records[0]["otlp"] == {"spans": 1, "attributes": 2 if not selector else 1}
+        assert records[0]["where"][-1].endswith("['bytesValue']")
+        jbody = orjson.dumps(decode_protobuf(req.SerializeToString(), ExportTraceServiceRequest))
+        jnew, _ = mask_body(jbody, "application/json", [aws], "request", path="/v1/traces")
+        assert b"AKIA" not in base64.b64decode(orjson.loads(jnew)["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"][2]["value"]["bytesValue"])
+        assert encode_protobuf(orjson.loads(jnew), ExportTraceServiceRequest) == new  # base64 again, the same bytes
+
+    def test_an_otlp_attributes_path_selects_bytes(self):
+        from hoop_addon.policy.loader import otlp_attribute_path
+
+        path = otlp_attribute_path("blob", None, None)
+        new, _ = mask_body(_with_bytes(b"jane@bytes.example").SerializeToString(), PROTOBUF, [rule(path)], "request", path="/v1/traces")
+        assert {a["key"]: a["value"] for a in _span_doc(new)["attributes"]}["blob"] == {"bytesValue": base64.b64encode(MASK.encode()).decode()}
+
+    def test_bytes_nothing_is_masked_in_stay_byte_identical(self):
+        req = _with_bytes(b"nothing here")
+        req.resource_spans[0].scope_spans[0].spans[0].attributes.append(KeyValue(key="raw", value=AnyValue(bytes_value=b"\xff\x00")))
+        one = rule("$..attributes[?@.key=='user.email'].value.stringValue")
+        new, _ = mask_body(req.SerializeToString(), PROTOBUF, [one], "request", path="/v1/traces")
+        got = {a.key: a.value for a in ExportTraceServiceRequest.FromString(new).resource_spans[0].scope_spans[0].spans[0].attributes}
+        assert got["raw"].bytes_value == b"\xff\x00" and got["blob"].bytes_value == b"nothing here"
+        assert got["user.email"].string_value == MASK
+        jbody = orjson.dumps(decode_protobuf(req.SerializeToString(), ExportTraceServiceRequest))
+        jnew, _ = mask_body(jbody, "application/json", [one], "request", path="/v1/traces")
+        assert encode_protobuf(orjson.loads(jnew), ExportTraceServiceRequest) == new
+
+    @pytest.mark.parametrize("mime", [PROTOBUF, "application/json"])
+    def test_bytes_that_are_not_utf8_under_an_enforcing_rule_are_refused_by_key(self, mime):
+        req = _with_bytes(b"\xffjane@bytes.example", key="payload.raw")
+        body = req.SerializeToString() if mime == PROTOBUF else orjson.dumps(decode_protobuf(req.SerializeToString(), ExportTraceServiceRequest))
+        with pytest.raises(MaskError, match="attribute 'payload.raw' holds a bytes value that is not UTF-8") as caught:
+            mask_body(body, mime, [PII], "request", path="/v1/traces")
+        assert "example" not in str(caught.value)
+
+    def test_kvlist_item_and_log_body_are_named(self):
+        req = _traces()
+        kv = AnyValue()
+        kv.kvlist_value.values.append(KeyValue(key="inner", value=AnyValue(bytes_value=b"\xfe")))
+        req.resource_spans[0].scope_spans[0].spans[0].attributes.append(KeyValue(key="outer", value=kv))
+        with pytest.raises(MaskError, match="attribute 'outer' > 'inner' holds"):
+            mask_body(req.SerializeToString(), PROTOBUF, [PII], "request", path="/v1/traces")
+        logs = ExportLogsServiceRequest()
+        logs.resource_logs.add().scope_logs.add().log_records.add().body.bytes_value = b"\xfe"
+        with pytest.raises(MaskError, match="a log record body holds"):
+            mask_body(logs.SerializeToString(), PROTOBUF, [PII], "request", path="/v1/logs")
+
+    def test_not_utf8_bytes_no_enforcing_rule_selects_pass(self):
+        req = _with_bytes(b"\xff\x00")
+        other = rule("$..attributes[?@.key=='user.email'].value.stringValue")
+        shadow = dataclasses.replace(PII, name="watch", action="log")
+        new, records = mask_body(req.SerializeToString(), PROTOBUF, [other, shadow], "request", path="/v1/traces")
+        got = {a.key: a.value for a in ExportTraceServiceRequest.FromString(new).resource_spans[0].scope_spans[0].spans[0].attributes}
+        assert got["blob"].bytes_value == b"\xff\x00" and got["user.email"].string_value == MASK
 
 
 class TestRefusals:

@@ -595,9 +595,9 @@ class TestOtlpAttributes:
     def test_keys_and_globs_select_string_values_of_matching_attributes(self, tmp_path: Path) -> None:
         rule = self.rule_of(tmp_path, '[gen_ai.input.messages, "llm.input_messages.*", "user.?d"]')
         assert [p for p, _ in rule.paths] == [
-            "$..attributes[?@.key=='gen_ai.input.messages'].value..stringValue",
-            "$..attributes[?match(@.key, 'llm[.]input_messages[.].*')].value..stringValue",
-            "$..attributes[?match(@.key, 'user[.].d')].value..stringValue",
+            "$..attributes[?@.key=='gen_ai.input.messages'].value..['stringValue','bytesValue']",
+            "$..attributes[?match(@.key, 'llm[.]input_messages[.].*')].value..['stringValue','bytesValue']",
+            "$..attributes[?match(@.key, 'user[.].d')].value..['stringValue','bytesValue']",
         ]
         def attr(key: str, value: dict) -> dict:
             return {"key": key, "value": value}
