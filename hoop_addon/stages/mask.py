@@ -476,7 +476,11 @@ def _merge(a: list[dict], b: list[dict]) -> list[dict]:
 def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:
     """Mask the values of the headers or cookies (`names`: the rule attribute) a rule
     names, in `fields` (mitmproxy `Headers` or a cookies view: `get_all`/`set_all`):
-    each value once, by all the rules naming it."""
+    each value once, by all the rules naming it, read percent-decoded (`_mask_field`).
+    Header names match case-insensitively (RFC 9110 §5.1; the policy lower-cases them),
+    cookie names exactly (RFC 6265 §5.3: `UID` is another cookie than `uid`). Raises
+    `MaskError` for a value that is not UTF-8 once percent-decoded, when an enforcing
+    rule names it."""
     named: dict[str, list[MaskRule]] = {}
     for rule in rules:
         for name in getattr(rule, names):
@@ -484,7 +488,34 @@ def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: M
     for name, covering in named.items():
         if values := fields.get_all(name):
             where = f"{names[:-1]}:{name}"
-            fields.set_all(name, [mask_text(v, covering, context, evidence, where) for v in values])
+            fields.set_all(name, [_mask_field(v, covering, context, evidence, where, names) for v in values])
+
+
+# What a percent-encoded value written back keeps literal, beside letters, digits and
+# `_.-~`: a cookie's cookie-octets (RFC 6265 §4.1.1), a header's visible characters and
+# space (RFC 9110 §5.5); never `%`, so the recipient's decoding gives the masked text.
+_LITERAL = {"cookies": "!#$&'()*+-./:<=>?@[]^_`{|}~", "headers": " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"}
+
+
+def _mask_field(
+    value: str, covering: list[MaskRule], context: MaskContext, evidence: Evidence, where: str, names: str
+) -> str:
+    """`value` of a header or cookie masked by `covering`, read as its recipient will:
+    percent-decoded (`jane.doe%40example.com`, as a query value is) when it holds a
+    percent-encoded octet, then written back percent-encoded (`_LITERAL[names]` kept
+    literal) if masking changed it; one level of decoding. Raises `MaskError` if the
+    decoded octets are not UTF-8 and an enforcing rule is among `covering` (they cannot
+    be inspected; shadow rules never refuse)."""
+    try:
+        decoded = unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        if all(r.shadow for r in covering):
+            return mask_text(value, covering, context, evidence, where)
+        raise MaskError(f"{where} is not UTF-8 once percent-decoded and cannot be inspected") from None
+    if decoded == value:
+        return mask_text(value, covering, context, evidence, where)
+    masked = mask_text(decoded, covering, context, evidence, where)
+    return value if masked is decoded else quote(masked, safe=_LITERAL[names])
 
 
 def _mask_target(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:

@@ -41,6 +41,7 @@ masking:
   - name: everything
     direction: both
     headers: [x-data]
+    cookies: [uid]
     query: true
     detectors: [email, phone, payment_card, us_ssn, iban, ipv4, ipv6, aws_access_key_id, aws_secret_access_key,
                 openai_api_key, anthropic_api_key, github_token, gitlab_token, slack_token, stripe_key,
@@ -353,6 +354,26 @@ def test_escaped_json_in_a_header_a_query_value_a_multipart_part_and_text_ndjson
     assert [json.loads(ln) for ln in first.body.splitlines()] == [{"a": "x"}, {"owner": "[REDACTED:EMAIL]"}]
     assert b'{"owner":"[REDACTED:EMAIL]"}' in second.body
     assert_nowhere((EMAIL, _escaped(EMAIL), _escaped(EMAIL)[:30]), first.body, second.body, first.path, evidence(leak_gateway))
+
+
+def test_percent_encoded_cookie_and_header_values_are_masked_upstream_and_in_the_recording(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    """`cookies: [uid]` and `headers: [x-data]` read a value percent-decoded, as a query
+    value is: the upstream gets it masked and still percent-encoded; `UID` is another
+    cookie (RFC 6265 names are case-sensitive), left as it is."""
+    encoded = "jane.doe%40example.com"
+    reply = agent.get(f"{scripted.url}/named-fields", headers={
+        "Cookie": f"uid=mail%3A%20{encoded}; theme=dark; UID=not-named", "X-Data": f"to%20{encoded}"})
+
+    assert reply.status_code == 200, reply.text
+    received = scripted.received[-1]
+    cookies = dict(pair.split("=", 1) for pair in received.headers["Cookie"].split("; "))
+    assert cookies == {"uid": "mail:%20[REDACTED:EMAIL]", "theme": "dark", "UID": "not-named"}
+    assert received.headers["X-Data"] == "to [REDACTED:EMAIL]"
+    entries = [e for e in leak_gateway.wait_audit(1) if e.get("path", "").startswith("/named-fields")]
+    assert entries and {"cookie:uid", "header:x-data"} <= {w for m in entries[-1]["masked"] for w in m["where"]}
+    assert_nowhere((EMAIL, encoded), received.headers["Cookie"], received.headers["X-Data"], evidence(leak_gateway))
 
 
 # --- item 3: places not covered yet: path, query names, trailers ------------------------

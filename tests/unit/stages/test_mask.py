@@ -8,7 +8,7 @@ import dataclasses
 import zlib
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, unquote, urlencode
 
 import jsonpath_rfc9535
 import orjson
@@ -226,6 +226,53 @@ def test_query_named_headers_and_cookies_are_masked_in_the_request() -> None:
     assert flow.request.cookies["uid"] == "[REDACTED:EMAIL]" and flow.request.cookies["theme"] == "dark"
     assert flow.request.content == EMAIL.encode()  # body: false
     assert hoop(flow)["masked"][0]["where"] == ["query", "cookie:uid", "header:x-user"]
+
+
+def _named_fields_flow(cookie: str, header: str, shadow: bool = False) -> http.HTTPFlow:
+    """A request with `Cookie: <cookie>` and `X-User: <header>` through a route whose
+    rule names cookie `uid` and header `x-user` (body and query not read)."""
+    fields = dataclasses.replace(rule(), body=False, headers=("x-user",), cookies=("uid",), action="log" if shadow else "mask")
+    mask = Mask()
+    route = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (fields,))
+    with taddons.context(mask):
+        flow = tflow.tflow()
+        flow.request.headers["Cookie"] = cookie
+        flow.request.headers["X-User"] = header
+        mark_admitted(flow, route)
+        hoop(flow)["identity"] = {"subject": "agent"}
+        mask.request(flow)
+    return flow
+
+
+@pytest.mark.parametrize("encoded", [quote_plus(EMAIL), EMAIL.replace("@", "%40").replace(".", "%2e"),
+                                     f"mail%3A%20{quote_plus(EMAIL)}%3B%20ok"])
+def test_percent_encoded_cookie_and_header_values_are_masked(encoded: str) -> None:
+    """A named cookie or header value is read percent-decoded, as a query value is, and
+    written back percent-encoded: the recipient decodes the masked text."""
+    flow = _named_fields_flow(f"uid={encoded}; theme=dark", encoded)
+    cookie, header = flow.request.cookies["uid"], flow.request.headers["X-User"]
+    assert "%40" not in cookie.lower() and "%40" not in header.lower() and "@" not in cookie + header
+    want = unquote(encoded).replace(EMAIL, "[REDACTED:EMAIL]")
+    assert unquote(cookie) == unquote(header) == want
+    assert all(c not in cookie for c in ' ";,\\') and flow.request.cookies["theme"] == "dark"
+    assert hoop(flow)["masked"][0]["where"] == ["cookie:uid", "header:x-user"]
+    assert hoop(flow)["masked"][0]["count"] == 2
+
+
+def test_cookie_names_match_exactly_and_plain_or_unmasked_values_keep_their_bytes() -> None:
+    flow = _named_fields_flow(f"UID={EMAIL}; uid=a%2Fb%20c", "100%25 sure")
+    assert flow.request.cookies["UID"] == EMAIL  # RFC 6265: another cookie
+    assert flow.request.cookies["uid"] == "a%2Fb%20c" and flow.request.headers["X-User"] == "100%25 sure"
+    assert hoop(flow).get("masked", []) == []
+
+
+def test_a_named_value_that_is_not_utf8_once_decoded_is_refused_unless_shadow() -> None:
+    flow = _named_fields_flow("uid=%FFjane.doe%40example.com", "ok")
+    assert flow.response is not None and flow.response.status_code == 422
+    assert b"cookie:uid is not UTF-8 once percent-decoded" in flow.response.content
+    assert b"example" not in flow.response.content
+    flow = _named_fields_flow("uid=%FFjane.doe%40example.com", "ok", shadow=True)
+    assert flow.response is None and flow.request.cookies["uid"] == "%FFjane.doe%40example.com"
 
 
 def test_policy_masking_keys(tmp_path: Any) -> None:
