@@ -52,15 +52,21 @@ JSON_TYPE = "application/json"
 
 #: What a rule without paths masks in an OTLP body: every string and bytes value
 #: (`AnyValue`, so attribute values of spans, events, links, resources and scopes, array
-#: and kvlist items, log bodies), span and event names, status and partial-success
-#: messages; never ids, keys, numbers, booleans, timestamps or other fields a detector
-#: could match but the format needs.
+#: and kvlist items, log bodies) and every other string field of the messages: span and
+#: event names, span and link trace states, status and partial-success messages, scope
+#: names and versions, schema URLs, log severity texts and event names; never ids, keys,
+#: numbers, booleans, timestamps or enums, which a detector could match but the format needs.
 STRING_PATHS = (
     "$..stringValue",
     "$..bytesValue",
-    "$.resourceSpans[*].scopeSpans[*].spans[*].name",
+    "$.resourceSpans[*].scopeSpans[*].spans[*]['name','traceState']",
     "$.resourceSpans[*].scopeSpans[*].spans[*].events[*].name",
+    "$.resourceSpans[*].scopeSpans[*].spans[*].links[*].traceState",
     "$.resourceSpans[*].scopeSpans[*].spans[*].status.message",
+    "$.resourceLogs[*].scopeLogs[*].logRecords[*]['severityText','eventName']",
+    "$['resourceSpans','resourceLogs'][*]['scopeSpans','scopeLogs'][*].scope['name','version']",
+    "$['resourceSpans','resourceLogs'][*]['schemaUrl']",
+    "$['resourceSpans','resourceLogs'][*]['scopeSpans','scopeLogs'][*]['schemaUrl']",
     "$.partialSuccess.errorMessage",
 )
 _STRING_QUERIES = tuple((p, jsonpath(p)) for p in STRING_PATHS)

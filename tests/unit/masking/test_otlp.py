@@ -373,6 +373,33 @@ class TestBytesValues:
         assert got["blob"].bytes_value == b"\xff\x00" and got["user.email"].string_value == MASK
 
 
+def test_a_rule_without_paths_masks_every_string_field_of_traces_and_logs():
+    """The string fields beside `AnyValue`s: trace states, scope names and versions,
+    schema URLs, log severity texts and event names; ids and numbers untouched."""
+    req = _traces()
+    rs = req.resource_spans[0]
+    rs.schema_url = rs.scope_spans[0].schema_url = "https://s.example/?by=a@b.example"
+    rs.scope_spans[0].scope.name, rs.scope_spans[0].scope.version = "lib a@b.example", "1 a@b.example"
+    span = rs.scope_spans[0].spans[0]
+    span.trace_state = span.links[0].trace_state = "vendor=a@b.example"
+    new, _ = mask_body(req.SerializeToString(), PROTOBUF, [PII], "request", path="/v1/traces")
+    got = ExportTraceServiceRequest.FromString(new)
+    assert b"a@b.example" not in new and got.resource_spans[0].scope_spans[0].spans[0].trace_id == TRACE_ID
+    assert got.resource_spans[0].scope_spans[0].spans[0].trace_state == MASK  # "=" may be in an address
+    assert got.resource_spans[0].scope_spans[0].scope.version == f"1 {MASK}"
+    logs = ExportLogsServiceRequest()
+    rl = logs.resource_logs.add()
+    rl.schema_url = "https://s.example/a@b.example"
+    sl = rl.scope_logs.add()
+    sl.scope.name = "a@b.example"
+    rec = sl.log_records.add(severity_text="a@b.example", event_name="login a@b.example", severity_number=9)
+    rec.trace_id = TRACE_ID
+    new, _ = mask_body(logs.SerializeToString(), PROTOBUF, [PII], "request", path="/v1/logs")
+    got = ExportLogsServiceRequest.FromString(new).resource_logs[0].scope_logs[0].log_records[0]
+    assert b"a@b.example" not in new and got.event_name == f"login {MASK}" and got.severity_number == 9
+    assert got.trace_id == TRACE_ID
+
+
 class TestRefusals:
     def test_protobuf_on_another_path_is_binary(self):
         with pytest.raises(UnsupportedMedia):
