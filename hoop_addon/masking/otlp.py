@@ -135,8 +135,9 @@ def _bytes_as_text(doc: dict) -> dict[Location, tuple[dict, str, str | None]]:
     """Rewrites in place each `bytesValue` of `doc` (OTLP/JSON shape: base64) as the text
     it holds when that is UTF-8, and as "" (nothing a rule could find) when it is not.
     Returns, per location, (the `AnyValue` object, the base64 it had, None for text or,
-    for bytes that are not UTF-8, what holds them: `attribute 'k'`, a kvlist item's keys
-    after its attribute's, or `a log record body`)."""
+    for bytes that are not UTF-8, what holds them: `attribute 'k'` (a kvlist item's keys
+    after its attribute's: `attribute 'k' > 'item'`), `log record body item 'item'`, or
+    `a log record body`)."""
     found: dict[Location, tuple[dict, str, str | None]] = {}
     stack: list[tuple[Any, Location, tuple[str, ...]]] = [(doc, (), ())]
     while stack:
@@ -155,7 +156,8 @@ def _bytes_as_text(doc: dict) -> dict[Location, tuple[dict, str, str | None]]:
                     found[(*location, name)] = (node, value, None)
                 except UnicodeDecodeError:
                     node[name] = ""
-                    held = "attribute " + " > ".join(repr(k) for k in keys) if keys else "a log record body"
+                    named = " > ".join(repr(k) for k in keys)
+                    held = f"attribute {named}" if "attributes" in location else f"log record body item {named}" if keys else "a log record body"
                     found[(*location, name)] = (node, value, held)
             else:
                 stack.append((value, (*location, name), keys))

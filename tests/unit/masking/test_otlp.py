@@ -363,6 +363,10 @@ class TestBytesValues:
         logs.resource_logs.add().scope_logs.add().log_records.add().body.bytes_value = b"\xfe"
         with pytest.raises(MaskError, match="a log record body holds"):
             mask_body(logs.SerializeToString(), PROTOBUF, [PII], "request", path="/v1/logs")
+        body = logs.resource_logs[0].scope_logs[0].log_records[0].body
+        body.kvlist_value.values.append(KeyValue(key="raw", value=AnyValue(bytes_value=b"\xfe")))
+        with pytest.raises(MaskError, match="log record body item 'raw' holds"):
+            mask_body(logs.SerializeToString(), PROTOBUF, [PII], "request", path="/v1/logs")
 
     def test_not_utf8_bytes_no_enforcing_rule_selects_pass(self):
         req = _with_bytes(b"\xff\x00")
