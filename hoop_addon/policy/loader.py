@@ -561,15 +561,7 @@ def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, st
         for value, loc, node in known:
             if value not in issuers:
                 raise loc.error(node, f"unknown issuer '{value}': one of {', '.join(sorted(issuers))}")
-        arguments = []
-        if w.has("arguments"):
-            aloc = w.loc.at("arguments")
-            for i, node in _seq(w.node("arguments"), aloc):
-                item = _Map(node, aloc.at(i))
-                path = item.text("path")
-                query = _jsonpath(path, item.loc.at("path"), item.node("path"))
-                arguments.append((path, query, _re2(item.text("matches"), item.loc.at("matches"), item.node("matches"))))
-                item.finish()
+        arguments = _json_conditions(w, "arguments")
         when = {"issuers": frozenset(issuers[v] for v, _, _ in known), "groups": _names(w, "groups", issuers),
                 "subjects": _names(w, "subjects", issuers), "arguments": tuple(arguments)}
         w.finish(("issuers", "groups", "subjects", "arguments"))
@@ -709,15 +701,7 @@ def _conditions(m: _Map, route_names: set[str], issuers: dict[str, str]) -> Cond
             hmap.read.add(header)
             pattern = _scalar(value_node, hmap.loc.at(header), str)
             headers.append((header.lower(), _re2(pattern, hmap.loc.at(header), value_node)))
-    json = []
-    if m.has("json"):
-        jloc = m.loc.at("json")
-        for i, node in _seq(m.node("json"), jloc):
-            item = _Map(node, jloc.at(i))
-            path = item.text("path")
-            query = _jsonpath(path, item.loc.at("path"), item.node("path"))
-            json.append((path, query, _re2(item.text("matches"), item.loc.at("matches"), item.node("matches"))))
-            item.finish()
+    json = _json_conditions(m, "json")
     when = Conditions(
         routes=frozenset(name for name, _, _ in m.listed("routes")),
         methods=frozenset(x.upper() for x in m.texts("methods", ())),
@@ -854,3 +838,18 @@ def _recording(rec: _Map | None, audit: _Map | None) -> RecordingPolicy:
             cp.finish()
         audit.finish(("checkpoint",))
     return RecordingPolicy(**settings)
+
+
+def _json_conditions(m: _Map, key: str) -> list[tuple[str, Any, Any]]:
+    """The `key` list of a rule's conditions: items `{path: JSONPath, matches: RE2}`, as
+    (JSONPath source, compiled RFC 9535 query, compiled RE2 pattern) triples."""
+    found = []
+    if m.has(key):
+        loc = m.loc.at(key)
+        for i, node in _seq(m.node(key), loc):
+            item = _Map(node, loc.at(i))
+            path = item.text("path")
+            query = _jsonpath(path, item.loc.at("path"), item.node("path"))
+            found.append((path, query, _re2(item.text("matches"), item.loc.at("matches"), item.node("matches"))))
+            item.finish()
+    return found
