@@ -240,7 +240,7 @@ def _named_fields_flow(cookie: str, header: str, shadow: bool = False) -> http.H
         flow.request.headers["X-User"] = header
         mark_admitted(flow, route)
         hoop(flow)["identity"] = {"subject": "agent"}
-        mask.request(flow)
+        call(mask.request, flow)
     return flow
 
 
