@@ -24,6 +24,8 @@ SIGNING_INPUT = re.compile(rb"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}")
 """A JWS's header and payload: the header is a JSON object, so it begins `eyJ` (`{"`)."""
 _BASE64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
 _JSON_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}|\\/")
+_PERCENT_EYJ = re.compile(rb"%(?:65|79|4[Aa])")  # `e`, `y` or `J` percent-encoded
+_JSON_EYJ = re.compile(rb"\\u00(?:65|79|4[Aa])")  # `e`, `y` or `J` as a JSON escape
 MAX_TOKEN_BYTES = 16 * 1024
 
 
@@ -56,11 +58,14 @@ def holds_token(data: bytes, trusted: Callable[[str], bool], base64_runs: bool =
 
 
 def _readings(data: bytes, base64_runs: bool) -> Iterator[bytes]:
-    """`data` as sent and as each decoding an agent could have applied reads it."""
+    """`data` as sent and as each decoding an agent could have applied reads it. A
+    decoding is tried only where it could produce a signing input's `eyJ` (the text
+    has it already, or one of its letters escaped), so a body on every request's path
+    is decoded only when it may hold an encoded token."""
     yield data
-    if b"%" in data:
+    if b"%" in data and (b"eyJ" in data or _PERCENT_EYJ.search(data)):
         yield unquote_to_bytes(data)
-    if b"\\" in data:
+    if b"\\" in data and (b"eyJ" in data or _JSON_EYJ.search(data)):
         yield _JSON_ESCAPE.sub(_unescape, data)
     if base64_runs:
         for run in _BASE64_RUN.finditer(data):
