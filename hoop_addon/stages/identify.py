@@ -30,6 +30,8 @@ _PROXY_SCHEMES = {"basic": "proxy_password", "bearer": "proxy_bearer"}
 _REQUEST_SOURCES = {"authorization": "Authorization: Bearer <JWT>", "x_api_key": "X-Api-Key: <JWT>"}
 # Headers that may carry a gateway token: each must appear at most once.
 _TOKEN_HEADERS = ("Proxy-Authorization", *CREDENTIAL_HEADERS)
+
+
 class Identify(Stage):
     """Attaches a verified `Identity` to each flow (`hoop.identity`), or refuses it.
 
@@ -168,6 +170,7 @@ class Identify(Stage):
         if active is not None and (holds_token(body, active.verifier.trusts_issuer, base64_runs=False) or holds_encoded(body, forms)):
             refuse(flow, 400, "identity", "token_in_body",
                    "the request body holds a gateway token: it is never sent upstream; send it only where the gateway reads it")
+            flow.request.raw_content = b""  # refused: the flow keeps no token (mitmproxy's UIs show it, may save it)
 
     async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
         """The tunnel's identity, verified again for each request: a hit of the
