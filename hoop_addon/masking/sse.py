@@ -313,7 +313,7 @@ class EventStreamMasker:
                     # `role`, `id`...) and no path names it: those are masked in their
                     # own event, never held and joined into a later one.
                     if isinstance(parent[key], str) and (
-                        (rule.paths and location in named) or is_delta(location) or not _names_event(location)
+                        (rule.paths and location in named) or not _names_event(location)  # a delta names no event
                     ):
                         event.streamed.setdefault(location, []).append(rule)
                         parents[location] = (parent, key)
