@@ -109,13 +109,19 @@ def scripted(pki: tuple[CA, Path, Path]) -> Iterator[Scripted]:
     server.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def leak_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
-    work = tmp_path_factory.mktemp("leak-gateway")
-    gw = Gateway(write_policy(work / "rules", idp, POLICY), work, pki[0].cert_path, options={"store_streamed_bodies": "true"})
+def _running(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path], name: str, policy: str,
+             options: dict[str, str] | None = None) -> Iterator[Gateway]:
+    """A gateway (mitmdump with the chain) on `policy`, running while the fixture lives."""
+    work = tmp_path_factory.mktemp(name)
+    gw = Gateway(write_policy(work / "rules", idp, policy), work, pki[0].cert_path, options=options)
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="module")
+def leak_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
+    yield from _running(tmp_path_factory, idp, pki, "leak-gateway", POLICY, {"store_streamed_bodies": "true"})
 
 
 @pytest.fixture
@@ -264,11 +270,7 @@ SHADOW = POLICY.replace("    direction: both\n", "    direction: both\n    actio
 
 @pytest.fixture(scope="module")
 def shadow_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
-    work = tmp_path_factory.mktemp("shadow-gateway")
-    gw = Gateway(write_policy(work / "rules", idp, SHADOW), work, pki[0].cert_path)
-    gw.start()
-    yield gw
-    gw.stop()
+    yield from _running(tmp_path_factory, idp, pki, "shadow-gateway", SHADOW)
 
 
 @pytest.mark.parametrize(
@@ -432,11 +434,7 @@ masking:
 
 @pytest.fixture(scope="module")
 def budget_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
-    work = tmp_path_factory.mktemp("budget-gateway")
-    gw = Gateway(write_policy(work / "rules", idp, SLOW_POLICY), work, pki[0].cert_path, options={"hoop_mask_budget": "0.05"})
-    gw.start()
-    yield gw
-    gw.stop()
+    yield from _running(tmp_path_factory, idp, pki, "budget-gateway", SLOW_POLICY, {"hoop_mask_budget": "0.05"})
 
 
 def test_a_body_past_the_masking_time_budget_is_refused_and_counted_never_forwarded(
@@ -536,11 +534,7 @@ def test_http2_response_trailers_are_masked_for_the_agent_and_the_recording(
 
 @pytest.fixture(scope="module")
 def patient_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki: tuple[CA, Path, Path]) -> Iterator[Gateway]:
-    work = tmp_path_factory.mktemp("patient-gateway")
-    gw = Gateway(write_policy(work / "rules", idp, SLOW_POLICY), work, pki[0].cert_path, options={"hoop_mask_budget": "30"})
-    gw.start()
-    yield gw
-    gw.stop()
+    yield from _running(tmp_path_factory, idp, pki, "patient-gateway", SLOW_POLICY, {"hoop_mask_budget": "30"})
 
 
 def test_a_costly_body_is_masked_off_the_event_loop_so_other_flows_go_on(

@@ -50,7 +50,7 @@ routes:
     match: {{hosts: [localhost], paths: ["/reviewed-*"], methods: [GET]}}
     allow: {{groups: [agents]}}
     masking: [pii]
-    credential:
+    credential: &aws-keys            # the same keys on both routes
       aws_sigv4:
         access_key_id: ${{HOOP_TEST_AWS_KEY_ID}}
         secret_access_key: ${{HOOP_TEST_AWS_SECRET}}
@@ -60,12 +60,7 @@ routes:
     match: {{hosts: [localhost]}}
     allow: {{groups: [agents]}}
     masking: [pii]
-    credential:
-      aws_sigv4:
-        access_key_id: ${{HOOP_TEST_AWS_KEY_ID}}
-        secret_access_key: ${{HOOP_TEST_AWS_SECRET}}
-        region: us-east-1
-        service: s3
+    credential: *aws-keys
 """
 EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"
 TRACE = {"trace_id": "t-1", "steps": [{"role": "user", "content": f"I am {EMAIL}, card {CARD}"},
