@@ -1,13 +1,32 @@
 """Finding a gateway token wherever an agent put it (pure: no mitmproxy).
 
 A gateway token is a bearer credential for the gateway itself: the upstream (or whoever
-reads its logs) must never get it, in any header, cookie or body, whole or in a form
-it can trivially be read back from. What counts as holding one: the signing input of a
-compact JWS (RFC 7515 §7.1: `BASE64URL(header) . BASE64URL(payload)`, whatever follows
-it: an altered signature is still the token to anyone who strips the addition) whose
-payload names an issuer the policy trusts, found in the text as sent, percent-decoded
-(RFC 3986 §2.1: any character may be escaped), with JSON escapes decoded (`\\u0065yJ`),
-or base64-decoded (RFC 4648 §4 and §5, in a Basic password or a header of its own).
+reads its logs) must never get it, in any header, cookie or body, whole, in pieces, or
+in a form it can trivially be read back from. Two searches, over the text as sent and
+over each reading of it (`readings`):
+
+- any token of a trusted issuer: the signing input of a compact JWS (RFC 7515 §7.1:
+  `BASE64URL(header) . BASE64URL(payload)`, whatever follows it: an altered signature is
+  still the token to anyone who strips the addition) whose payload names an issuer the
+  policy trusts (`holds_token`);
+- the caller's own token (`Fingerprint`): any `PIECE`-character piece of its signature,
+  as sent, hex-encoded or base64-encoded at any offset, so that of a token cut in two
+  (one half per header) the part that completes it is found, whichever it is.
+
+The readings: percent-decoded (RFC 3986 §2.1: any character may be escaped, and `%25`
+escapes the escape), JSON escapes decoded (`\\u0065yJ`), base64 (RFC 4648 §4, §5, in a
+Basic password or a header of its own) and hex (RFC 4648 §8) decoded, nested up to
+`MAX_DEPTH` decodings (`%2565yJ`, base64 of base64). In a header value every decoding
+is tried; in a body (large, on every request's path) only where it could spell a
+signing input's `eyJ` (the text has it, or one of its letters escaped, or its base64 or
+hex), so a body is decoded only when it may hold an encoded token.
+
+Limits, by construction: a token cut in three or more parts, each too short to be found
+(in a body, or in headers that are not adjacent: adjacent header values are searched
+joined too); a part re-encoded in a body without a trace of `eyJ` (percent-escaped,
+say); and any transformation beyond these decodings (reversed, encrypted). Bind tokens
+to the gateway (`aud`) and keep them short-lived: a token read off upstream is then
+worth little.
 """
 
 from __future__ import annotations
@@ -19,14 +38,48 @@ from collections.abc import Callable, Iterator
 from urllib.parse import unquote_to_bytes
 
 import orjson
+import re2
 
 SIGNING_INPUT = re.compile(rb"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}")
 """A JWS's header and payload: the header is a JSON object, so it begins `eyJ` (`{"`)."""
-_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
-_JSON_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}|\\/")
-_PERCENT_EYJ = re.compile(rb"%(?:65|79|4[Aa])")  # `e`, `y` or `J` percent-encoded
-_JSON_EYJ = re.compile(rb"\\u00(?:65|79|4[Aa])")  # `e`, `y` or `J` as a JSON escape
 MAX_TOKEN_BYTES = 16 * 1024
+MAX_DEPTH = 4
+"""Most decodings applied one over the other (`%252565` is three percent-decodings)."""
+READING_FACTOR = 8
+"""All readings of a text together may be this many times its size (plus 4 KiB); a
+text whose readings grow past that is treated as holding a token (bounded work)."""
+PIECE = 16
+"""Length, in characters, of the pieces of a caller's token's signature looked for (96
+random bits: no other text holds one)."""
+
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
+_HEX_RUN = re.compile(rb"[0-9A-Fa-f]{32,}")
+_JSON_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}|\\/")
+
+
+def _base64_cores(text: bytes) -> set[bytes]:
+    """The parts of `text`'s base64 encodings (both alphabets) that do not depend on
+    where in a longer base64 text it begins, nor on the bytes around it: at each of the
+    3 offsets, the characters whose 6 bits all come from `text`."""
+    cores = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + text + b"\0\0")
+        first = -(-8 * offset // 6)  # the first character whose bits all lie in `text`
+        last = 8 * (offset + len(text)) // 6  # one past the last such character
+        if core := encoded[first:last]:
+            cores |= {core, core.replace(b"+", b"-").replace(b"/", b"_")}
+    return cores
+
+
+# Where a body may hold an encoded signing input: `eyJ` percent-escaped (a letter of it,
+# or a `%25` escaping the escape), JSON-escaped, base64-encoded once or twice at any
+# offset, or hex-encoded (of itself or of its base64).
+_EYJ_BASE64 = _base64_cores(b"eyJ")
+_EYJ_BASE64_TWICE = {c for core in _EYJ_BASE64 for c in _base64_cores(core) if len(c) >= 3}
+_PERCENT_GATE = re.compile(rb"eyJ|%(?:65|79|4[Aa]|25)")
+_JSON_GATE = re.compile(rb"eyJ|\\u00(?:65|79|4[Aa])|\\\\")
+_BASE64_GATE = re.compile(b"|".join(sorted(_EYJ_BASE64 | _EYJ_BASE64_TWICE)))  # letters and digits only
+_HEX_GATE = re.compile(b"|".join(t.hex().encode() for t in sorted({b"eyJ", *_EYJ_BASE64})), re.IGNORECASE)
 
 
 def issuer_of(signing_input: bytes) -> str | None:
@@ -44,37 +97,94 @@ def issuer_of(signing_input: bytes) -> str | None:
     return issuer if isinstance(issuer, str) else None
 
 
-def holds_token(data: bytes, trusted: Callable[[str], bool], base64_runs: bool = True) -> bool:
-    """True when `data` (a header value or a decoded body, bytes) holds a gateway token
-    in any of the forms above: `trusted(issuer)` tells whether an `iss` is one the
-    policy trusts. `base64_runs`: also decode every run of 24 or more base64 characters
-    (header values; a body is checked in full only as sent, percent- and JSON-decoded,
-    and for the base64 of a known token with `holds_encoded`)."""
-    return any(
-        (issuer := issuer_of(m.group())) is not None and trusted(issuer)
-        for text in _readings(data, base64_runs)
-        for m in SIGNING_INPUT.finditer(text)
-    )
+class Fingerprint:
+    """What of one caller's token (`token`, a compact JWS, str) is looked for beside its
+    signing input: every `PIECE`-character piece of its signature, cut at fixed places,
+    as is, in hex (both cases) and as the offset-free base64 cores of the piece
+    (`_base64_cores`, both alphabets); and the base64 cores of the whole token. A part
+    of the signature of at least `2 * PIECE - 1` characters holds a whole piece. So a
+    token cut in two always leaves one part found: the one holding the signing input
+    (`holds_token`), or the one holding the most of the signature. The signature is
+    random, so no other text holds a piece of it (the header and claims are shared by
+    many tokens). One RE2 alternation of literals: a search is one pass over the text
+    (about 500 MB/s)."""
+
+    def __init__(self, token: str) -> None:
+        raw = token.encode()
+        signature = raw.rpartition(b".")[2]
+        forms = _base64_cores(raw)
+        for i in range(0, len(signature) - PIECE + 1, PIECE):
+            piece = signature[i:i + PIECE]
+            forms |= {piece, piece.hex().encode(), piece.hex().upper().encode(), *_base64_cores(piece)}
+        forms = {f for f in forms if len(f) >= PIECE}
+        self._search = re2.compile(b"|".join(re2.escape(f) for f in sorted(forms))).search if forms else None
+
+    def found_in(self, text: bytes) -> bool:
+        """True when `text` (one reading, bytes) holds a piece of the token in a form."""
+        return self._search is not None and self._search(text) is not None
 
 
-def _readings(data: bytes, base64_runs: bool) -> Iterator[bytes]:
-    """`data` as sent and as each decoding an agent could have applied reads it. A
-    decoding is tried only where it could produce a signing input's `eyJ` (the text
-    has it already, or one of its letters escaped), so a body on every request's path
-    is decoded only when it may hold an encoded token."""
+def holds_token(
+    data: bytes, trusted: Callable[[str], bool], fingerprint: Fingerprint | None = None, every_decoding: bool = True
+) -> bool:
+    """True when `data` (a header value or a decoded body, bytes) holds, in any of its
+    `readings`, a token of an issuer `trusted(issuer)` accepts, or a piece of the
+    caller's token (`fingerprint`), or whose readings add up to more than
+    `READING_FACTOR` times its size (it cannot be searched in bounded time: treated as
+    holding one). `every_decoding`: try every decoding (header values), else only those
+    gated on a trace of `eyJ` (bodies)."""
+    budget = READING_FACTOR * len(data) + 4096
+    for text in readings(data, every_decoding):
+        budget -= len(text)
+        if budget < 0:
+            return True
+        if fingerprint is not None and fingerprint.found_in(text):
+            return True
+        for m in SIGNING_INPUT.finditer(text):
+            if (issuer := issuer_of(m.group())) is not None and trusted(issuer):
+                return True
+    return False
+
+
+def readings(data: bytes, every_decoding: bool = True) -> Iterator[bytes]:
+    """`data`, then each text a decoding an agent could have applied gives, breadth
+    first, up to `MAX_DEPTH` decodings deep; each distinct text once."""
     yield data
-    if b"%" in data and (b"eyJ" in data or _PERCENT_EYJ.search(data)):
-        yield unquote_to_bytes(data)
-    if b"\\" in data and (b"eyJ" in data or _JSON_EYJ.search(data)):
-        yield _JSON_ESCAPE.sub(_unescape, data)
-    if base64_runs:
-        for run in _BASE64_RUN.finditer(data):
-            chunk = run.group().rstrip(b"=")
-            for alphabet in (base64.b64decode, base64.urlsafe_b64decode):
-                try:
-                    yield alphabet(chunk + b"=" * (-len(chunk) % 4))
-                except (binascii.Error, ValueError):
-                    continue
+    seen = {data}
+    frontier = [data]
+    for _ in range(MAX_DEPTH):
+        deeper = []
+        for text in frontier:
+            for decoded in _decodings(text, every_decoding):
+                if decoded not in seen:
+                    seen.add(decoded)
+                    deeper.append(decoded)
+                    yield decoded
+        if not deeper:
+            return
+        frontier = deeper
+
+
+def _decodings(text: bytes, every: bool) -> Iterator[bytes]:
+    """The texts one decoding of `text` gives (each gated unless `every`)."""
+    if b"%" in text and (every or _PERCENT_GATE.search(text)):
+        yield unquote_to_bytes(text)
+    if b"\\" in text and (every or _JSON_GATE.search(text)):
+        yield _JSON_ESCAPE.sub(_unescape, text.replace(b"\\\\", b"\\"))
+    for run in _HEX_RUN.finditer(text):
+        digits = run.group()
+        if every or _HEX_GATE.search(digits):
+            for start in (0, 1):  # the run may begin with a hex-looking character of the text around it
+                yield binascii.unhexlify(digits[start:start + (len(digits) - start) // 2 * 2])
+    for run in _BASE64_RUN.finditer(text):
+        chunk = run.group().rstrip(b"=")
+        if not (every or _BASE64_GATE.search(chunk)):
+            continue
+        for alphabet in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                yield alphabet(chunk + b"=" * (-len(chunk) % 4))
+            except (binascii.Error, ValueError):
+                continue
 
 
 def _unescape(m: re.Match[bytes]) -> bytes:
@@ -85,21 +195,6 @@ def _unescape(m: re.Match[bytes]) -> bytes:
 
 
 def encoded_forms(token: str) -> tuple[bytes, ...]:
-    """The parts of `token`'s base64 encodings (standard and URL-safe alphabets) that do
-    not depend on where in a longer base64 text it begins: for each of the 3 offsets,
-    the encoding of the token with its first and last partial groups cut off. A text
-    holding one of them holds the token base64-encoded (RFC 4648 §4, §5)."""
-    raw = token.encode()
-    found = []
-    for offset in range(3):
-        encoded = base64.b64encode(b"\0" * offset + raw)
-        start = 4 * ((offset + 2) // 3)  # the groups that mix in the bytes before the token
-        end = 4 * ((offset + len(raw)) // 3)  # the last group the token fills
-        core = encoded[start:end]
-        found += [core, core.replace(b"+", b"-").replace(b"/", b"_")]
-    return tuple(sorted(set(found), key=len, reverse=True))
-
-
-def holds_encoded(data: bytes, forms: tuple[bytes, ...]) -> bool:
-    """True when `data` holds one of `encoded_forms(token)`."""
-    return any(form in data for form in forms)
+    """The offset-free base64 cores of `token` (both alphabets), longest first: a text
+    holding one holds the token base64-encoded (RFC 4648 §4, §5)."""
+    return tuple(sorted(_base64_cores(token.encode()), key=len, reverse=True))

@@ -26,6 +26,12 @@ class BodyTooLarge(MaskError):
     """The body decodes to more than the limit (a decompression bomb, or just too big)."""
 
 
+def identity_encoded(encoding: str) -> bool:
+    """True when a Content-Encoding value (RFC 9110 §8.4) names no coding: empty or
+    `identity`, in any case and white space."""
+    return encoding.strip().lower() in ("", "identity")
+
+
 class Decoder:
     """Decodes one body fed in chunks. `encoding` is the Content-Encoding value
     (`identity` or empty for none; gzip, x-gzip, deflate, br or zstd, else `MaskError`); `limit`
@@ -38,7 +44,7 @@ class Decoder:
     def __init__(self, encoding: str, limit: int) -> None:
         self.encoding = encoding.strip().lower()
         self.limit, self.total = limit, 0
-        if self.encoding in ("", "identity"):
+        if identity_encoded(self.encoding):
             self._feed = self._identity
         elif self.encoding in ("gzip", "x-gzip"):
             self._z = zlib.decompressobj(31)

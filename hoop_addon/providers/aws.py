@@ -76,6 +76,13 @@ def chunked(headers: Mapping[str, str]) -> bool:
     return "aws-chunked" in encodings or headers.get("x-amz-content-sha256", "").upper().startswith("STREAMING-")
 
 
+def codings_after_dechunk(headers: Mapping[str, str]) -> str:
+    """The Content-Encoding of an `aws-chunked` body once dechunked: the other codings
+    it names, in order, joined by commas ("" when none)."""
+    codings = [e.strip() for e in headers.get("content-encoding", "").split(",")]
+    return ",".join(e for e in codings if e and e.lower() != "aws-chunked")
+
+
 def dechunk(body: bytes) -> tuple[bytes, dict[str, str]]:
     """The payload of an `aws-chunked` body (`<hex size>[;chunk-signature=...]\\r\\n<data>\\r\\n`
     ..., a zero-size chunk, then trailer lines `name:value` and an empty line), and its

@@ -6,7 +6,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from hoop_addon.masking.codec import decode
+from hoop_addon.masking.codec import decode, identity_encoded
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.masking.literal import SCRUBBED, StreamScrubber, forms, scrub
 from hoop_addon.providers import CREDENTIAL_HEADERS, aws
@@ -39,9 +39,8 @@ class AwsUnsign(Stage):
         try:
             if aws.chunked(request.headers):
                 payload, trailers = aws.dechunk(request.raw_content or b"")
-                rest = [e for e in request.headers.get("content-encoding", "").split(",") if e.strip() and e.strip().lower() != "aws-chunked"]
-                if rest:
-                    request.headers["content-encoding"] = ",".join(e.strip() for e in rest)
+                if rest := aws.codings_after_dechunk(request.headers):
+                    request.headers["content-encoding"] = rest
                 else:
                     request.headers.pop("content-encoding", None)
                 request.raw_content = payload
@@ -158,14 +157,15 @@ class InjectCredential(Stage):
             return
         # A streamed body was scrubbed as it passed; what is kept of it for the recording
         # is scrubbed here too (Mask may have put back the unrestored stream).
-        encoding = response.headers.get("Content-Encoding", "").strip().lower()
-        if encoding in ("", "identity"):
+        encoding = response.headers.get("Content-Encoding", "")
+        if identity_encoded(encoding):
             body = response.raw_content  # no size limit: nothing to inflate
         else:
             try:
                 body = decode(response.raw_content, encoding, self.mask.max_body)
-            except MaskError as exc:  # a download too large, or an encoding we do not read: it passes
-                logger.warning(f"hoop: the response could not be checked for an echoed credential: {exc}")
+            except MaskError as exc:  # a bomb, or a coding we do not read: it cannot be searched, so it is not passed on
+                refuse(flow, 502, "credential", "uninspectable_response",
+                       f"upstream response withheld: it could not be searched for the route's credential: {exc}")
                 return
         body, count = scrub(body, secret_forms)
         if count:

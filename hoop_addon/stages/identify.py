@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import weakref
 
+from collections.abc import Callable
+
 from mitmproxy import connection, http
 
-from hoop_addon.identity.smuggling import encoded_forms, holds_encoded, holds_token
+from hoop_addon.identity.smuggling import Fingerprint, holds_token
 from hoop_addon.identity.verifier import Identity, TokenError, Verifier
-from hoop_addon.masking.codec import decode
+from hoop_addon.masking.codec import decode, identity_encoded
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.mcp.metadata import challenge as with_metadata
 from hoop_addon.policy.model import Route
-from hoop_addon.providers import CREDENTIAL_HEADERS
+from hoop_addon.providers import CREDENTIAL_HEADERS, aws
 from hoop_addon.stages import Stage, hoop, note_api, refuse
 from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.metadata import resource_uri
@@ -68,8 +71,8 @@ class Identify(Stage):
     def __init__(self, policy: PolicyStage, mask: Mask) -> None:
         self.policy = policy
         self.mask = mask  # the Mask stage owns the decoded-size limit
-        # identified flow -> its token's base64 forms, until its body is checked
-        self.forms: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[bytes, ...]] = weakref.WeakKeyDictionary()
+        # identified flow -> its token's fingerprint, until its body is checked
+        self.fingerprints: weakref.WeakKeyDictionary[http.HTTPFlow, Fingerprint] = weakref.WeakKeyDictionary()
         # client connection -> the token its CONNECT authenticated with
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
 
@@ -147,30 +150,56 @@ class Identify(Stage):
                 "wrong_resource", f"the token's audience (aud) does not name this MCP server, {route.mcp.resource} (RFC 8707)"), active)
             return
         headers.pop("Proxy-Authorization", None)
-        # a gateway token never travels upstream, in any header or form
-        for name in {n for n, v in headers.items(multi=True) if _holds_gateway_token(v, active.verifier)}:
-            del headers[name]
-        self.forms[flow] = encoded_forms(token)
+        # a gateway token never travels upstream, in any header or form, whole or in pieces
+        fingerprint = _fingerprint(token)
+        trusted = active.verifier.trusts_issuer
+        _strip_token_headers(headers, trusted, fingerprint)
+        if holds_token(b"".join(value for _, value in headers.fields), trusted, fingerprint):
+            _drop_tokens(flow.request, trusted)
+            self._refuse(flow, proxy, TokenError(
+                "token_in_header", "the request's headers hold a gateway token split across them: it is never sent upstream"), active)
+            return
+        if holds_token(flow.request.data.path, trusted, fingerprint):
+            flow.request.data.path = b"/"  # refused: the token is not kept in the flow either
+            self._refuse(flow, proxy, TokenError("token_in_query", "tokens in the URL are refused: send them in a header"), active)
+            return
+        self.fingerprints[flow] = fingerprint
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
     def request(self, flow: http.HTTPFlow) -> None:
         """The body of an identified request must not hold a gateway token either (an
-        `api_key` field, a prompt quoting it): refused, 400 `token_in_body`. The body is
-        read decoded (gzip, br, ...: bounded by `hoop_mask_max_body`; one that cannot be
-        decoded is read as sent), percent- and JSON-decoded, and searched for the
-        caller's own token base64-encoded too."""
-        forms = self.forms.pop(flow, None)
-        if forms is None or flow.response is not None or not (raw := flow.request.raw_content):
+        `api_key` field, a prompt quoting it, a piece of it): refused, 400
+        `token_in_body`. The body is read decoded from its content-encoding (gzip,
+        br, ...: bounded by `hoop_mask_max_body`); an encoded body that cannot be
+        decoded cannot be searched and is refused (422 `uninspectable_body`). A flow
+        answered before its body arrived (refused at its headers) keeps no body: it
+        may hold a token, or values a later stage would have masked."""
+        fingerprint = self.fingerprints.pop(flow, None)
+        if flow.response is not None:
+            if not hoop(flow).get("forwarded"):
+                flow.request.raw_content = b""  # mitmproxy's UIs show the flow, and may save it
             return
+        if fingerprint is None or not (raw := flow.request.raw_content):
+            return
+        encoding = flow.request.headers.get("Content-Encoding", "")
+        trailers: dict[str, str] = {}
         try:
-            body = decode(raw, flow.request.headers.get("Content-Encoding", ""), self.mask.max_body)
-        except MaskError:
-            body = raw
+            if aws.chunked(flow.request.headers):  # S3 uploads: the payload read without its framing
+                raw, trailers = aws.dechunk(raw)
+                encoding = aws.codings_after_dechunk(flow.request.headers)
+            body = decode(raw, encoding, self.mask.max_body)
+        except (MaskError, aws.SigningError) as exc:
+            if not identity_encoded(encoding):
+                refuse(flow, 422, "identity", "uninspectable_body",
+                       f"the request body could not be decoded to search it for gateway tokens: {exc}")
+                return
+            body = raw  # too large to mask, but as sent it is the whole body: searched as is
         active = self.policy.active
-        if active is not None and (holds_token(body, active.verifier.trusts_issuer, base64_runs=False) or holds_encoded(body, forms)):
+        if trailers:
+            body += b"\n" + "\n".join(trailers.values()).encode()
+        if active is None or holds_token(body, active.verifier.trusts_issuer, fingerprint, every_decoding=False):
             refuse(flow, 400, "identity", "token_in_body",
                    "the request body holds a gateway token: it is never sent upstream; send it only where the gateway reads it")
-            flow.request.raw_content = b""  # refused: the flow keeps no token (mitmproxy's UIs show it, may save it)
 
     async def _tunnel_identity(self, client: connection.Client, token: str, active: Enforcement) -> Identity:
         """The tunnel's identity, verified again for each request: a hit of the
@@ -187,7 +216,7 @@ class Identify(Stage):
         sources = active.policy.token_sources
         route = _route(flow, active)
         note_api(flow, route)  # the refusal in the error shape of the route's API
-        _drop_tokens(flow.request)
+        _drop_tokens(flow.request, active.verifier.trusts_issuer)
         hoop(flow)["auth_failure"] = exc.reason
         if proxy:
             schemes = [s for s, source in _PROXY_SCHEMES.items() if source in sources] or ["basic"]
@@ -235,18 +264,29 @@ def _proxy_token(header: str, sources: frozenset[str]) -> str:
     return token
 
 
-def _holds_gateway_token(value: str, verifier: Verifier) -> bool:
-    """True when header `value` holds a JWT of an issuer `verifier` trusts, in any form
-    (`hoop_addon.identity.smuggling`: with anything around it, percent-, JSON- or
-    base64-encoded, in a Basic password)."""
-    return holds_token(value.encode("utf-8", "surrogateescape"), verifier.trusts_issuer)
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(token: str) -> Fingerprint:
+    """The `Fingerprint` of `token`, built once per token (about 1 ms: one RE2 program)."""
+    return Fingerprint(token)
 
 
-def _drop_tokens(request: http.Request) -> None:
+def _strip_token_headers(headers: http.Headers, trusted: Callable[[str], bool], fingerprint: Fingerprint | None = None) -> None:
+    """Remove every header whose value holds a JWT of an issuer `trusted` accepts, or a
+    piece of the caller's token (`fingerprint`), in any form
+    (`hoop_addon.identity.smuggling`: with anything around it, percent-, JSON-, hex- or
+    base64-encoded, in a Basic password, inside a cookie)."""
+    for name in {n for n, v in headers.fields if holds_token(v, trusted, fingerprint)}:
+        del headers[name.decode("utf-8", "surrogateescape")]
+
+
+def _drop_tokens(request: http.Request, trusted: Callable[[str], bool] | None = None) -> None:
     """Remove what may carry a token from a flow that is not forwarded: it is still
-    shown in mitmproxy's UIs and output, and may be saved by them."""
+    shown in mitmproxy's UIs and output, and may be saved by them. The token headers
+    always; with `trusted` (the policy's issuers), every header holding a token."""
     for name in _TOKEN_HEADERS:
         request.headers.pop(name, None)
+    if trusted is not None:
+        _strip_token_headers(request.headers, trusted)
 
 
 def _utf8(request: http.Request) -> bool:

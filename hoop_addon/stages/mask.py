@@ -21,7 +21,7 @@ from hoop_addon.masking.body import NDJSON_TYPES, UnsupportedMedia, mask_body
 from hoop_addon.masking.engine import Evidence, MaskBudgetExceeded, MaskContext, MaskError, mask_text
 from hoop_addon.masking.sse import EventStreamMasker
 from hoop_addon.masking.vault import TokenSession, Vault
-from hoop_addon.masking.codec import Decoder, decode
+from hoop_addon.masking.codec import Decoder, decode, identity_encoded
 from hoop_addon.policy.model import Direction, MaskRule
 from hoop_addon.providers.errors import error_body, stream_error_event
 from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse, route_of
@@ -65,8 +65,8 @@ class Mask(Stage):
         self.secret: bytes | None = None
         self.max_body = 16 * 1024 * 1024
         self.budget = 2.0
-        # large bodies are masked here, off the event loop (see `_off_loop`): one at a time
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hoop-mask")
+        # large bodies are masked here, off the event loop (see `_off_loop`), one per core
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="hoop-mask")
         self.vault = Vault()
         self.sessions: weakref.WeakKeyDictionary[http.HTTPFlow, TokenSession] = weakref.WeakKeyDictionary()
         self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, EventStreamMasker] = weakref.WeakKeyDictionary()
@@ -378,14 +378,24 @@ class Mask(Stage):
         return mask_body(body, content_type, rules, part, context, path)
 
     async def _off_loop(self, work: Callable[[], Any], context: MaskContext) -> Any:
-        """Run `work` (masking a large body) on the stage's worker thread, so that a
-        costly scan holds up that flow only, not the event loop and every other flow
-        (RE2 releases the GIL while it scans). Past the flow's masking deadline the flow
-        is refused (`MaskBudgetExceeded`) at once; the worker stops at its next check."""
-        remaining = max(0.0, (context.deadline or 0.0) - time.monotonic())
-        future = asyncio.get_running_loop().run_in_executor(self.pool, work)
+        """Run `work` (masking a large body) on one of the stage's worker threads, so
+        that a costly scan holds up that flow only, not the event loop and every other
+        flow (RE2 releases the GIL while it scans). The flow's masking budget runs from
+        when a worker starts on it, not from when it was queued: bodies queued behind a
+        slow one wait for it, they are not refused for it. Past the budget the flow is
+        refused (`MaskBudgetExceeded`) at once; the worker stops at its next check."""
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def run() -> Any:
+            context.deadline = time.monotonic() + self.budget
+            loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+            return work()
+
+        future = asyncio.wrap_future(self.pool.submit(run))
+        await asyncio.wait((started, future), return_when=asyncio.FIRST_COMPLETED)
         try:
-            return await asyncio.wait_for(future, remaining)
+            return await asyncio.wait_for(future, self.budget)
         except TimeoutError:
             raise MaskBudgetExceeded("masking took longer than its time budget (hoop_mask_budget)") from None
 
@@ -444,7 +454,7 @@ def _mime(message: http.Message) -> str:
 
 def _encoded(message: http.Message) -> bool:
     """Whether the message has a content-coding other than identity."""
-    return message.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity")
+    return not identity_encoded(message.headers.get("Content-Encoding", ""))
 
 
 def _textual(mime: str) -> bool:
@@ -497,25 +507,45 @@ def _mask_named(fields: Any, names: str, rules: tuple[MaskRule, ...], context: M
 _LITERAL = {"cookies": "!#$&'()*+-./:<=>?@[]^_`{|}~", "headers": " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"}
 
 
+MAX_PERCENT_LEVELS = 4
+"""Most percent-decodings a named header or cookie value is read through (`%2540` is two)."""
+
+
 def _mask_field(
     value: str, covering: list[MaskRule], context: MaskContext, evidence: Evidence, where: str, names: str
 ) -> str:
-    """`value` of a header or cookie masked by `covering`, read as its recipient will:
-    percent-decoded (`jane.doe%40example.com`, as a query value is) when it holds a
-    percent-encoded octet, then written back percent-encoded (`_LITERAL[names]` kept
-    literal) if masking changed it; one level of decoding. Raises `MaskError` if the
-    decoded octets are not UTF-8 and an enforcing rule is among `covering` (they cannot
-    be inspected; shadow rules never refuse)."""
-    try:
-        decoded = unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        if all(r.shadow for r in covering):
-            return mask_text(value, covering, context, evidence, where)
-        raise MaskError(f"{where} is not UTF-8 once percent-decoded and cannot be inspected") from None
-    if decoded == value:
-        return mask_text(value, covering, context, evidence, where)
-    masked = mask_text(decoded, covering, context, evidence, where)
-    return value if masked is decoded else quote(masked, safe=_LITERAL[names])
+    """`value` of a header or cookie masked by `covering`, read as its recipient may:
+    percent-decoded (`jane.doe%40example.com`, as a query value is) until it no longer
+    changes, up to `MAX_PERCENT_LEVELS` times (`jane.doe%2540example.com` is encoded
+    twice), then, if masking changed it, written back encoded as many times
+    (`_LITERAL[names]` kept literal). Raises `MaskError`, when an enforcing rule is
+    among `covering` (shadow rules never refuse), if the decoded octets are not UTF-8
+    or the value is still encoded after `MAX_PERCENT_LEVELS` decodings: it cannot be
+    inspected."""
+    text, levels = value, 0
+    while "%" in text:
+        try:
+            decoded = unquote(text, errors="strict")
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 once percent-decoded"
+            break
+        if decoded == text:
+            problem = ""
+            break
+        if levels == MAX_PERCENT_LEVELS:
+            problem = f"is percent-encoded more than {MAX_PERCENT_LEVELS} times"
+            break
+        text, levels = decoded, levels + 1
+    else:
+        problem = ""
+    if problem and not all(r.shadow for r in covering):
+        raise MaskError(f"{where} {problem} and cannot be inspected")
+    masked = mask_text(text, covering, context, evidence, where)
+    if masked is text:
+        return value
+    for _ in range(levels):
+        masked = quote(masked, safe=_LITERAL[names])
+    return masked
 
 
 def _mask_target(request: http.Request, rules: tuple[MaskRule, ...], context: MaskContext, evidence: Evidence) -> None:

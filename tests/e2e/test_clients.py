@@ -292,6 +292,19 @@ def _smuggled(token: str, rng) -> list[tuple[str, dict[str, str], str, bytes]]:
             (f"json body {wrap_name}", {}, "/v1/echo", _json.dumps({"api_key": carried}).encode()),
             (f"query {wrap_name}", {}, f"/v1/echo?q={quote(carried, safe='%')}", b"{}"),
         ]
+    hexed = rng.choice([str.lower, str.upper])(token.encode().hex())
+    twice = quote(quote(token, safe=""), safe="")  # %2565%2579...: a second decoding reads the token
+    cut = rng.randint(40, len(token) - 40)
+    attempts += [
+        ("header hex", {"X-Custom": hexed}, "/v1/echo", b"{}"),
+        ("query hex", {}, f"/v1/echo?q={hexed}", b"{}"),
+        ("json body hex", {}, "/v1/echo", _json.dumps({"api_key": hexed}).encode()),
+        ("header percent twice", {"X-Custom": twice}, "/v1/echo", b"{}"),
+        ("form body percent twice", {"Content-Type": "application/x-www-form-urlencoded"}, "/v1/echo", f"key={twice}".encode()),
+        ("split across two headers", {"X-A": token[:cut], "X-B": token[cut:]}, "/v1/echo", b"{}"),
+        ("split across apart headers", {"X-A": token[:cut], "X-Z": "z", "X-B": token[cut:]}, "/v1/echo", b"{}"),
+        ("split in the body", {}, "/v1/echo", _json.dumps({"a": token[:cut], "note": "x", "b": token[cut:]}).encode()),
+    ]
     escaped = "".join(f"\\u{ord(c):04x}" if i % 7 == 0 else c for i, c in enumerate(token))
     attempts.append(("json body \\u-escaped", {}, "/v1/echo", ('{"api_key": "' + escaped + '"}').encode()))
     attempts.append(("url path", {}, f"/v1/echo/{token}x", b"{}"))
@@ -315,6 +328,7 @@ def test_a_gateway_token_smuggled_in_any_form_never_reaches_the_upstream_or_the_
     token = idp.mint(subject="smuggler", groups=["agents"])
     signing_input = token.rsplit(".", 1)[0]
     looks_for = (signing_input.encode(), *encoded_forms(token))
+    hexed = token.encode().hex()
     outcomes: dict[str, int] = {}
     for name, headers, target, body in _smuggled(token, rng):
         before = len(upstream.received)
@@ -326,10 +340,13 @@ def test_a_gateway_token_smuggled_in_any_form_never_reaches_the_upstream_or_the_
             assert answer.status_code in (200, 404), (name, answer.status_code, answer.text)
             (received,) = forwarded
             seen = (received.path.encode() + repr(received.headers).encode() + received.body)
+            joined = "".join(v for _, v in received.headers).encode() + received.body  # parts put back together
             from urllib.parse import unquote_to_bytes
             for form in looks_for:
-                assert form not in seen and form not in unquote_to_bytes(seen), name
+                assert form not in seen and form not in unquote_to_bytes(unquote_to_bytes(seen)), name
+                assert form not in joined, name
+            assert hexed.lower().encode() not in seen.lower(), name
         outcomes[name] = answer.status_code
     assert_absent(recorded_bytes(gw), (signing_input, token))
-    assert len(outcomes) == 26 and set(outcomes.values()) <= {200, 400, 401, 404}
+    assert len(outcomes) == 34 and set(outcomes.values()) <= {200, 400, 401, 404}
     print(f"smuggling attempts: {len(outcomes)}; refused {sum(v != 200 for v in outcomes.values())}")

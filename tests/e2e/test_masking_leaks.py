@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import random
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -276,7 +277,6 @@ def shadow_gateway(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP, pki:
 @pytest.mark.parametrize(
     ("headers", "body"),
     [
-        pytest.param({"Content-Type": "text/plain", "Content-Encoding": "gzip, br"}, b"\x1f\x8b not really", id="gzip-br"),
         pytest.param({"Content-Type": "application/x-protobuf"}, PROTOBUF, id="protobuf"),
         pytest.param({"Content-Type": "application/json"}, b'{"not": json', id="invalid-json"),
         pytest.param({"Content-Type": "text/plain"}, b"\xff\xfe\x00bin", id="not-utf8"),
@@ -292,6 +292,23 @@ def test_a_shadow_only_policy_forwards_what_it_cannot_read(
 
     assert reply.status_code == 200, reply.text
     assert scripted.received[-1].body == body  # as the agent sent it
+
+
+def test_a_body_no_stage_can_decode_is_refused_even_under_shadow_rules(
+    shadow_gateway: Gateway, scripted: Scripted, idp: LocalIdP
+) -> None:
+    """Shadow rules never refuse, but the search for gateway tokens must read every body
+    of an identified request: one in a content-coding it cannot decode is refused (422
+    `uninspectable_body`), and nothing is forwarded."""
+    trust = ssl.create_default_context(cafile=str(shadow_gateway.ca_cert))
+    token = idp.mint(subject="shadow-agent", groups=["agents"])
+    before = len(scripted.received)
+    with httpx.Client(proxy=shadow_gateway.proxy(token), verify=trust, timeout=10) as client:
+        reply = client.post(f"{scripted.url}/shadow", content=b"\x1f\x8b not really",
+                            headers={"Content-Type": "text/plain", "Content-Encoding": "gzip, br"})
+
+    assert reply.status_code == 422 and reply.json()["error"] == "uninspectable_body", reply.text
+    assert len(scripted.received) == before
 
 
 def test_a_shadow_only_stream_goes_out_as_the_upstream_sent_it(shadow_gateway: Gateway, scripted: Scripted, idp: LocalIdP) -> None:
@@ -376,6 +393,39 @@ def test_percent_encoded_cookie_and_header_values_are_masked_upstream_and_in_the
     entries = [e for e in leak_gateway.wait_audit(1) if e.get("path", "").startswith("/named-fields")]
     assert entries and {"cookie:uid", "header:x-data"} <= {w for m in entries[-1]["masked"] for w in m["where"]}
     assert_nowhere((EMAIL, encoded), received.headers["Cookie"], received.headers["X-Data"], evidence(leak_gateway))
+
+
+def test_a_named_value_encoded_several_times_is_masked_at_its_depth_and_past_four_refused(
+    leak_gateway: Gateway, scripted: Scripted, agent: httpx.Client
+) -> None:
+    """Seeded: the email percent-encoded 1 to 4 times (`%2540` is two), in the named
+    cookie and header: the upstream gets it masked, encoded as many times, never the
+    value at any depth; encoded 5 times it cannot be read to the end: refused (422),
+    nothing forwarded. (An outside attack found `jane.doe%2540example.com` passing.)"""
+    from urllib.parse import quote, unquote
+
+    rng = random.Random(2)
+    for _ in range(8):
+        depth = rng.randint(1, 4)
+        value = EMAIL
+        for _ in range(depth):
+            value = quote(value, safe="")
+        reply = agent.get(f"{scripted.url}/named-fields", headers={"Cookie": f"uid={value}", "X-Data": value})
+        assert reply.status_code == 200, reply.text
+        received = scripted.received[-1]
+        cookie, header = received.headers["Cookie"].removeprefix("uid="), received.headers["X-Data"]
+        for sent in (cookie, header):
+            for _ in range(depth):
+                sent = unquote(sent)
+            assert sent == "[REDACTED:EMAIL]", (depth, cookie, header)
+    too_deep = EMAIL
+    for _ in range(5):
+        too_deep = quote(too_deep, safe="")
+    before = len(scripted.received)
+    reply = agent.get(f"{scripted.url}/named-fields", headers={"X-Data": too_deep})
+    assert reply.status_code == 422 and "4 times" in reply.text, reply.text
+    assert len(scripted.received) == before
+    assert_nowhere((EMAIL, "jane.doe%40", "jane.doe%2540", "jane.doe%252540"), evidence(leak_gateway))
 
 
 # --- item 3: places not covered yet: path, query names, trailers ------------------------
