@@ -57,3 +57,23 @@ def test_every_hook_is_timed_into_a_standard_histogram() -> None:
     requests = [s for m in REGISTRY.collect() for s in m.samples
                 if s.name == "hoop_stage_seconds_count" and s.labels == {"stage": "Timed", "hook": "request"}]
     assert requests[0].value == 1
+
+
+def test_a_refused_request_keeps_no_body_and_a_forwarded_one_keeps_its_own() -> None:
+    """refuse() before forwarding drops the request body (it may hold a token or values
+    not masked yet: mitmproxy's UIs show the flow, and may save it); after forwarding,
+    the request as sent stays."""
+    from mitmproxy.test import tflow
+
+    from hoop_addon.stages import hoop, refuse
+
+    refused = tflow.tflow()
+    refused.request.content = b'{"email": "jane.doe@example.com"}'
+    refuse(refused, 422, "mask", "unmaskable_request", "request could not be inspected")
+    assert refused.request.raw_content == b"" and refused.response.status_code == 422
+
+    forwarded = tflow.tflow()
+    forwarded.request.content = b'{"email": "[REDACTED:EMAIL]"}'
+    hoop(forwarded)["forwarded"] = True
+    refuse(forwarded, 502, "mask", "unmaskable_response", "upstream response withheld")
+    assert forwarded.request.raw_content == b'{"email": "[REDACTED:EMAIL]"}'
