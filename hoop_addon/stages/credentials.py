@@ -59,7 +59,8 @@ class InjectCredential(Stage):
     header, and the query parameter for the query kind) and sets the route's
     credential, then marks the flow `hoop.forwarded`. An `aws_sigv4` credential signs
     the request as it goes, masked (`_sign`), and a masked response's
-    `x-amz-checksum-*` are recomputed or dropped (`_aws_checksums`).
+    `x-amz-checksum-*` are recomputed or dropped (`_aws_checksums`); dropped from a
+    response masked as it streams.
 
     Once the request has gone (`responseheaders`, or `error`), the credential is
     replaced by `[SCRUBBED]` in the flow itself, so that nothing later (recording,
@@ -117,6 +118,13 @@ class InjectCredential(Stage):
             response.headers.fields = tuple((name, value) for name, (value, _) in scrubbed)
             self._echoed(flow, count)
         if callable(inner := response.stream):  # masked as it streams (Mask set it first)
+            route = route_of(flow)
+            if route is not None and route.credential is not None and route.credential.aws is not None and any(
+                not r.shadow for r in route.rules_for("response")
+            ):  # the masked body is not known before it is sent: no checksum can vouch for it
+                for name in aws.checksum_headers(list(response.headers.keys())):
+                    response.headers.pop(name, None)
+                response.headers.pop("Content-MD5", None)
             scrubber = StreamScrubber(secret_forms)
 
             def stream(chunk: bytes) -> list[bytes]:
