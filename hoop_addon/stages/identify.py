@@ -197,7 +197,7 @@ class Identify(Stage):
         active = self.policy.active
         if trailers:
             body += b"\n" + "\n".join(trailers.values()).encode()
-        if active is None or holds_token(body, active.verifier.trusts_issuer, fingerprint, every_decoding=False):
+        if active is None or holds_token(body, active.verifier.trusts_issuer, fingerprint):
             refuse(flow, 400, "identity", "token_in_body",
                    "the request body holds a gateway token: it is never sent upstream; send it only where the gateway reads it")
 
