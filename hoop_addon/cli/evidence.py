@@ -8,6 +8,11 @@
     hoop audit [--log FILE] [--subject S] [--group G] [--route R] [--since T] [--until T]
                [--decision D] [--rule R] [--event E] [--tool NAME] [--json]
     hoop evidence --since T --until T -o FILE --public-key FILE [--recordings DIR] [--log FILE]
+
+Without `--log`, `audit` and `evidence` read every audit chain of the recordings
+directory (`audit.jsonl`, and `audit-<I>.jsonl` of each gateway worker) as one log:
+`audit` merges them by time (with several chains, each JSON line names its `chain` and
+the table has a `chain` column), `evidence` packs each chain's slice.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import orjson
 
 from hoop_addon.evidence import bundle, keys
-from hoop_addon.evidence.audit_log import as_object, select
+from hoop_addon.evidence.audit_log import as_object, chains, select
 from hoop_addon.evidence.verify import VerifyError, parse_checkpoint, verify_paths
 
 
@@ -91,8 +96,12 @@ def _time(text: str) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _log(args: argparse.Namespace) -> Path:
-    return Path(args.log or Path(args.recordings) / "audit.jsonl")
+def _logs(args: argparse.Namespace) -> list[Path]:
+    """`--log`, else every audit chain of `--recordings` (else its `audit.jsonl`, which
+    then names what is missing when read)."""
+    if args.log:
+        return [Path(args.log)]
+    return chains(Path(args.recordings)) or [Path(args.recordings) / "audit.jsonl"]
 
 
 COLUMNS = ("seq", "time", "event", "subject", "route", "decision", "status", "masked", "approval", "recording")
@@ -115,31 +124,36 @@ def _row(e: dict[str, Any]) -> tuple[str, ...]:
 
 
 def audit(args: argparse.Namespace) -> int:
-    """Print the audit entries matching the filters: a table, or JSON lines."""
-    path = _log(args)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        print(f"error: {path}: {exc.strerror}", file=sys.stderr)
-        return 2
+    """Print the audit entries matching the filters: a table, or JSON lines. Several
+    chains (gateway workers) are merged by time, each entry naming its `chain`."""
+    paths = _logs(args)
     entries = []
-    for number, line in enumerate(data.splitlines(), 1):
+    for path in paths:
         try:
-            entry = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            entry = None
-        if not isinstance(entry, dict):
-            print(f"error: {path}: line {number} is not an audit entry (check the log with `hoop verify`)", file=sys.stderr)
-            return 1
-        entries.append(entry)
+            data = path.read_bytes()
+        except OSError as exc:
+            print(f"error: {path}: {exc.strerror}", file=sys.stderr)
+            return 2
+        for number, line in enumerate(data.splitlines(), 1):
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict):
+                print(f"error: {path}: line {number} is not an audit entry (check the log with `hoop verify`)", file=sys.stderr)
+                return 1
+            entries.append({**entry, "chain": path.name} if len(paths) > 1 else entry)
+    if len(paths) > 1:  # stable: each chain's own order is kept within a second
+        entries.sort(key=lambda e: str(e.get("time", "")))
     chosen = select(entries, subject=args.subject, group=args.group, route=args.route, since=args.since,
                     until=args.until, decision=args.decision, rule=args.rule, event=args.event, tool=args.tool)
     if args.json:
         for entry in chosen:
             print(orjson.dumps(entry).decode())
         return 0
-    rows = [COLUMNS, *(_row(e) for e in chosen)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    columns = (*COLUMNS, "chain") if len(paths) > 1 else COLUMNS
+    rows = [columns, *(_row(e) + ((str(e["chain"]),) if len(paths) > 1 else ()) for e in chosen)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
@@ -148,7 +162,7 @@ def audit(args: argparse.Namespace) -> int:
 def evidence_cmd(args: argparse.Namespace) -> int:
     """Build an evidence bundle and print its verify report."""
     try:
-        report, valid = bundle.build(_log(args), Path(args.recordings), args.since, args.until, Path(args.output),
+        report, valid = bundle.build(_logs(args), Path(args.recordings), args.since, args.until, Path(args.output),
                                      [Path(p) for p in args.public_key])
     except (OSError, ValueError, keys.KeyFileError, VerifyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -181,7 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     aud = sub.add_parser("audit", help="query the audit log")
     aud.add_argument("--recordings", default="recordings", help="recordings directory (default recordings)")
-    aud.add_argument("--log", help="audit log (default <recordings>/audit.jsonl)")
+    aud.add_argument("--log", help="one audit log (default: every chain of <recordings>, audit.jsonl and audit-<worker>.jsonl)")
     for name in ("subject", "group", "route", "decision", "rule", "event"):
         aud.add_argument(f"--{name}")
     aud.add_argument("--tool", help="MCP tool (or prompt name, resource URI) an entry's calls name")
@@ -196,5 +210,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("-o", "--output", required=True, help="the bundle (.tar.gz)")
     ev.add_argument("--public-key", action="append", required=True, metavar="FILE")
     ev.add_argument("--recordings", default="recordings")
-    ev.add_argument("--log", help="audit log (default <recordings>/audit.jsonl)")
+    ev.add_argument("--log", help="one audit log (default: every chain of <recordings>, audit.jsonl and audit-<worker>.jsonl)")
     ev.set_defaults(run=evidence_cmd)

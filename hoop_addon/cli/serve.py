@@ -2,7 +2,8 @@
 
     hoop serve [--rules DIR] [--home DIR] [--confdir DIR] [--signing-key FILE]
                [--recordings DIR] [--listen-host H] [--listen-port P] [--control H:P]
-               [--reverse URL@PORT ...] [--ready-timeout SECONDS] [mitmdump options...]
+               [--reverse URL@PORT ...] [--ready-timeout SECONDS] [--workers N]
+               [mitmdump options...]
 
 The chain (`hoop_addon.stages.chain`) is added to the master before any option is read,
 so every hoop option is known when the command line is applied: an option given twice or
@@ -20,6 +21,12 @@ proxy on `--listen-port`: an agent sets its SDK's base URL to
 as the API key. The same chain judges both ways in. Streamed bodies are kept for the
 recording by default (`store_streamed_bodies`; `--set store_streamed_bodies=false`
 turns it off): streams are most of an agent's traffic.
+
+Workers: `--workers N` (N > 1) runs N such gateways behind the same addresses, under a
+supervisor (`hoop_addon.cli.workers`): each is this command with `--worker I/N`, whose
+listeners (proxy, base-URL and the shared control port) bind with `SO_REUSEPORT`, so
+the kernel spreads connections over them. "hoop: ready ..." is printed once, by the
+supervisor, when every worker's own control port (PORT + 1 + I) answers `/healthz`.
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from hoop_addon.evidence.audit_log import parse_worker
 
 logger = logging.getLogger("hoop")
 READY_POLL_S = 0.1
@@ -56,6 +66,11 @@ def register(sub: Any) -> None:
     p.add_argument("--reverse", action="append", default=[], metavar="URL@PORT", type=_reverse,
                    help="base-URL mode: also listen on PORT, sending every request to URL (repeatable)")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /healthz (default 30)")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="worker processes on the same ports (default 1); N > 1 needs a shared hoop_state "
+                        "(default then sqlite:///HOME/state.db)")
+    p.add_argument("--worker", type=_worker, metavar="I/N",
+                   help="run as worker I of N (what --workers starts; for a supervisor of your own)")
     p.set_defaults(run=serve, passthrough=True)
 
 
@@ -69,6 +84,7 @@ def mitmdump_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
         "hoop_signing_key": args.signing_key or str(home / "signing.key"),
         "hoop_recordings": args.recordings,
         "hoop_control": args.control,
+        **({"hoop_worker": f"{args.worker[0]}/{args.worker[1]}"} if args.worker else {}),
     }
     # the forward proxy stays on --listen-port beside the base-URL listeners
     modes = ["regular", *(f"reverse:{spec}" for spec in args.reverse)] if args.reverse else []
@@ -78,6 +94,50 @@ def mitmdump_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
         *(arg for name, value in options.items() for arg in ("--set", f"{name}={value}")),
         *extra,
     ]
+
+
+def _workers(text: str) -> int:
+    """A `--workers` value: an integer from 1 to 64; `argparse.ArgumentTypeError` else."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of workers from 1 to 64")
+    return int(text)
+
+
+def _worker(text: str) -> tuple[int, int]:
+    """A `--worker` value, `I/N`, as (I, N); `argparse.ArgumentTypeError` else."""
+    try:
+        worker = parse_worker(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if worker is None:
+        raise argparse.ArgumentTypeError("expected I/N, e.g. 0/2")
+    return worker
+
+
+def _listen_with_reuse_port() -> None:
+    """Make every proxy listener of this process bind with `SO_REUSEPORT` (a worker
+    only: N processes then bind one port and the kernel spreads connections).
+
+    mitmproxy has no option for it: `AsyncioServerInstance.listen` in
+    `mitmproxy.proxy.mode_servers` calls `asyncio.start_server(handle, host, port)`, and
+    its mode registry admits one server class per mode, so a subclass cannot take a
+    mode's place. The least invasive hook is that module's own name `asyncio`: it is
+    pointed at a view of asyncio whose `start_server` adds `reuse_port=True`. Every mode
+    (regular, reverse:...) goes through it; nothing else in the process (the control
+    API, upstream connections, other modules) sees the change."""
+    from mitmproxy.proxy import mode_servers
+
+    class ReusePortAsyncio:
+        """asyncio, but for `start_server`, which binds with `SO_REUSEPORT`."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        @staticmethod
+        async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+            return await asyncio.start_server(*args, reuse_port=True, **kwargs)
+
+    mode_servers.asyncio = ReusePortAsyncio()  # type: ignore[assignment]
 
 
 def _reverse(spec: str) -> str:
@@ -97,7 +157,9 @@ class Readiness:
     """The master's last addon: once the proxy runs, polls the control API's
     `/healthz` every `READY_POLL_S` seconds for at most `timeout` seconds; prints
     "hoop: ready ..." at the first 200, else logs what `/healthz` reported and shuts
-    the master down (`failed` is then True: the exit status is 1)."""
+    the master down (`failed` is then True: the exit status is 1). A worker polls its
+    own control port and prints "hoop: worker I/N ready ..." instead: the supervisor
+    says when all are."""
 
     def __init__(self, master: Any, timeout: float) -> None:
         self.master, self.timeout = master, timeout
@@ -114,6 +176,10 @@ class Readiness:
         control = self.master.options.hoop_control
         if not control:
             return self._fail("hoop serve needs the control API (--control) to check readiness")
+        worker = parse_worker(self.master.options.hoop_worker)
+        shared = control
+        if worker is not None:  # the shared port may answer for another worker: ask this one's
+            control = f"{control.rpartition(':')[0]}:{self.master.addons.get('control').worker_port}"
         client = AsyncHTTPClient(force_instance=True)
         deadline = time.monotonic() + self.timeout
         problems: list[str] = ["/healthz did not answer"]
@@ -128,7 +194,11 @@ class Readiness:
                 if answer.code == 200:
                     addresses = dict.fromkeys(f"{h}:{p}" for h, p, *_ in self.master.addons.get("proxyserver").listen_addrs())
                     proxy = ", ".join(addresses)  # each once: a listener may report an address per socket
-                    print(f"hoop: ready: proxy on {proxy}, control API on http://{control}", flush=True)
+                    if worker is not None:
+                        print(f"hoop: worker {worker[0]}/{worker[1]} ready (pid {os.getpid()}): proxy on {proxy}, "
+                              f"control API on http://{shared}, this worker's on http://{control}", flush=True)
+                    else:
+                        print(f"hoop: ready: proxy on {proxy}, control API on http://{control}", flush=True)
                     return None
                 if answer.code == 503 and answer.body:
                     try:
@@ -148,7 +218,15 @@ class Readiness:
 
 def serve(args: argparse.Namespace, extra: list[str]) -> int:
     """Run the gateway until SIGINT/SIGTERM. Returns 0 after a clean stop, 1 when it
-    did not become ready (mitmproxy itself exits with 1 on a start-up error)."""
+    did not become ready (mitmproxy itself exits with 1 on a start-up error), 2 on a
+    usage error. `--workers N` (N > 1) runs the supervisor instead (`hoop_addon.cli.workers`)."""
+    if args.workers > 1:
+        if args.worker:
+            print("error: --workers starts workers itself; --worker I/N is for one of them", file=sys.stderr)
+            return 2
+        from hoop_addon.cli.workers import supervise
+
+        return supervise(args, extra)
     from mitmproxy.tools import cmdline
     from mitmproxy.tools.dump import DumpMaster
     from mitmproxy.tools.main import run
@@ -167,5 +245,7 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
             readiness.append(Readiness(self, args.ready_timeout))
             self.addons.add(readiness[0])
 
+    if args.worker:
+        _listen_with_reuse_port()
     run(HoopMaster, cmdline.mitmdump, mitmdump_args(args, extra))
     return 1 if readiness and readiness[0].failed else 0

@@ -238,8 +238,10 @@ class _NotFound(JSONHandler):
 
 class ControlServer:
     """A tornado HTTP server for the control API. `add(pattern, handler, kwargs)`
-    before `start(host, port)` (which binds at once: `OSError` if it cannot);
-    `stop()` closes the listening socket."""
+    before `start(host, port, worker_port=None)` (which binds at once: `OSError` if it
+    cannot); `stop()` closes the listening sockets. With `worker_port` (a gateway
+    worker), `port` is bound with `SO_REUSEPORT`, shared by all workers, and the same
+    API also answers on `worker_port`, this worker's alone."""
 
     def __init__(self) -> None:
         self.handlers: list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]] = []
@@ -248,10 +250,16 @@ class ControlServer:
     def add(self, pattern: str, handler: type[tornado.web.RequestHandler], kwargs: dict[str, Any] | None = None) -> None:
         self.handlers.append((pattern, handler, kwargs or {}))
 
-    def start(self, host: str, port: int) -> None:
+    def start(self, host: str, port: int, worker_port: int | None = None) -> None:
         app = tornado.web.Application(self.handlers, default_handler_class=_NotFound)
         self.server = tornado.httpserver.HTTPServer(app, xheaders=False, max_body_size=64 * 1024)
-        self.server.listen(port, address=host)
+        try:
+            self.server.listen(port, address=host, reuse_port=worker_port is not None)
+            if worker_port is not None:
+                self.server.listen(worker_port, address=host)
+        except OSError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.server is not None:

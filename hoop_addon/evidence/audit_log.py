@@ -29,14 +29,17 @@ here): `request` (every finished flow: decision, status, masked counts, recordin
 approval still open when the previous gateway process stopped uncleanly),
 `mcp_tool_changed` (server, tool, old and new fingerprints, action: an MCP tool's
 definition changed since it was pinned), `mcp_tool_accepted` (server, tool, old, new,
-approver), `checkpoint`.
+approver), `workers` (worker, count, chains: a worker's start, see below), `checkpoint`.
 
 One writer per chain: while an `AuditLog` has a log open, the log file itself is locked
 (`flock` on the file's own descriptor: the lock belongs to the inode, so a symlink or a
 hard link to the same file meets the same lock), and a second gateway on the same chain,
 by whatever path, refuses to start instead of forking the hash chain. Gateway workers
-each write their own chain (`audit-<worker>.jsonl`, its own lock) in one recordings
-directory; `hoop verify` reads every `*.jsonl` there as one body of evidence.
+(`hoop serve --workers N`) each write their own chain, `audit-<worker>.jsonl` (see
+`chain_name`), with its own lock, in one recordings directory; each chain's first
+entries after a start include `workers` (`worker`: its id, `count`: N, `chains`: the
+file names of all N chains), so that `hoop verify`, which reads every `*.jsonl` of a
+directory as one body of evidence, notices a chain that was deleted.
 """
 
 from __future__ import annotations
@@ -54,6 +57,35 @@ from hoop_addon.evidence.keys import Signer, canonical, sha256
 
 GENESIS = "0" * 64
 CHECKPOINT = "checkpoint"
+
+
+WORKERS = "workers"
+
+
+def parse_worker(text: str) -> tuple[int, int] | None:
+    """A worker's place, `"I/N"` (worker I of N, 0 <= I < N <= 64), as (I, N); None for
+    the empty string (a single gateway). Raises `ValueError` with a sentence."""
+    if not text:
+        return None
+    index, sep, count = text.partition("/")
+    if not sep or not (index.isascii() and index.isdigit() and count.isascii() and count.isdigit()):
+        raise ValueError(f"'{text}' is not I/N (worker I of N, e.g. 0/2)")
+    if not 0 <= int(index) < int(count) <= 64:
+        raise ValueError(f"'{text}': expected 0 <= I < N <= 64")
+    return int(index), int(count)
+
+
+def chain_name(worker: tuple[int, int] | None) -> str:
+    """The file name of a gateway's audit chain in its recordings directory:
+    `audit.jsonl` for a single gateway (`worker` None), `audit-<I>.jsonl` for worker I."""
+    return "audit.jsonl" if worker is None else f"audit-{worker[0]}.jsonl"
+
+
+def chains(directory: Path) -> list[Path]:
+    """The gateways' audit chains in a recordings directory, sorted: `audit.jsonl` and
+    the workers' `audit-<I>.jsonl` (see `chain_name`); empty when there is none."""
+    return sorted(p for p in directory.glob("audit*.jsonl")
+                  if p.name == "audit.jsonl" or p.name.removeprefix("audit-").removesuffix(".jsonl").isdigit())
 
 
 class AuditError(OSError):

@@ -2,13 +2,16 @@
 
 `build()` writes a gzip'd tar with one directory `evidence/`:
 
-- `audit.jsonl`: the audit log's slice from the first entry at or after `since` to the
-  first checkpoint at or after the last entry before `until` (so the slice ends signed),
-  or later, until it holds the sealing of every recording it references;
-- every recording (flow file + manifest) the slice references and that still exists;
+- each audit chain's slice under the chain's name (`audit.jsonl`; one per gateway
+  worker, `audit-<I>.jsonl`): from the first entry at or after `since` to the first
+  checkpoint at or after the last entry before `until` (so the slice ends signed), or
+  later, until it holds the sealing of every recording it references; a chain with no
+  entry in the window gives its nearest checkpoint (it shows the chain was there);
+- every recording (flow file + manifest) the slices reference and that still exists;
 - `keys/*.pub`: the public keys given;
-- `bundle.json`: `{"since", "until", "created", "audit_start": {"seq", "prev"}}` (where
-  the slice starts in the chain);
+- `bundle.json`: `{"since", "until", "created", "audit_start": {CHAIN: {"seq", "prev"}}}`
+  (where each slice starts in its chain; bundles of one chain used to write one
+  `{"seq", "prev"}`, which verify still reads as `audit.jsonl`'s);
 - `report.txt`: the verify report at packing time.
 
 `hoop verify BUNDLE.tar.gz --public-key KEY` checks it like a recordings directory.
@@ -28,7 +31,7 @@ import orjson
 from hoop_addon.evidence.audit_log import CHECKPOINT
 from hoop_addon.evidence.keys import TrustedKeys
 from hoop_addon.evidence.recording import manifest_path
-from hoop_addon.evidence.verify import BUNDLE_INFO, verify_paths
+from hoop_addon.evidence.verify import BUNDLE_INFO, verify_packed
 
 
 def _slice(lines: list[bytes], since: str, until: str) -> list[bytes]:
@@ -40,8 +43,10 @@ def _slice(lines: list[bytes], since: str, until: str) -> list[bytes]:
         raise ValueError("the audit log holds a line that is not an audit entry: run `hoop verify` on it")
     first = next((i for i, e in enumerate(entries) if e["time"] >= since), len(entries))
     last = max((i for i, e in enumerate(entries) if e["time"] <= until), default=-1)
-    if last < first:
-        return []
+    if last < first:  # nothing in the window: the nearest checkpoint, if any
+        near = [i for i, e in enumerate(entries) if e["event"] == CHECKPOINT]
+        before = [i for i in near if entries[i]["time"] <= until]
+        return [lines[before[-1] if before else near[0]]] if near else []
 
     def checkpoint_after(i: int) -> int:
         return next((j for j in range(i, len(entries)) if entries[j]["event"] == CHECKPOINT), len(entries) - 1)
@@ -56,30 +61,39 @@ def _slice(lines: list[bytes], since: str, until: str) -> list[bytes]:
         end = checkpoint_after(sealed)
 
 
+def _entry_in(lines: list[bytes], since: str, until: str) -> bool:
+    """True when a slice holds an entry of the window (not only a nearest checkpoint)."""
+    return any(since <= orjson.loads(line)["time"] <= until for line in lines)
+
+
 def _name(entry: dict) -> str | None:
     name = entry.get("recording")
     return Path(name).name if isinstance(name, str) and name else None
 
 
 def build(
-    audit_log: Path, recordings: Path, since: str, until: str, output: Path, public_keys: Iterable[Path]
+    audit_logs: list[Path], recordings: Path, since: str, until: str, output: Path, public_keys: Iterable[Path]
 ) -> tuple[list[str], bool]:
     """Pack the evidence for entries with `since <= time <= until` (RFC 3339 UTC
-    strings as in the log) into `output` (.tar.gz). Returns the verify report lines
-    and whether every item is OK (a bundle is written either way: it documents what
-    was found). Raises `OSError` when a file cannot be read or written, `ValueError`
-    when the window holds no audit entry or the log is not JSON lines."""
-    lines = audit_log.read_bytes().splitlines()
-    chosen = _slice(lines, since, until)
-    if not chosen:
+    strings as in the logs) of the audit chains `audit_logs` (one body of evidence:
+    a gateway's, or one per worker) into `output` (.tar.gz). Returns the verify report
+    lines and whether every item is OK (a bundle is written either way: it documents
+    what was found). Raises `OSError` when a file cannot be read or written,
+    `ValueError` when the window holds no audit entry or a log is not JSON lines."""
+    slices = {log.name: _slice(log.read_bytes().splitlines(), since, until) for log in audit_logs}
+    if not any(_entry_in(chosen, since, until) for chosen in slices.values()):
         raise ValueError(f"no audit entries between {since} and {until}")
-    head = orjson.loads(chosen[0])
     keys = list(public_keys)
     with tempfile.TemporaryDirectory(prefix="hoop-evidence-") as tmp:
         root = Path(tmp) / "evidence"
         (root / "keys").mkdir(parents=True)
-        (root / "audit.jsonl").write_bytes(b"\n".join(chosen) + b"\n")
-        names = {_name(orjson.loads(line)) for line in chosen} - {None}
+        starts = {}
+        for chain, chosen in slices.items():
+            if chosen:
+                (root / chain).write_bytes(b"\n".join(chosen) + b"\n")
+                head = orjson.loads(chosen[0])
+                starts[chain] = {"seq": head["seq"], "prev": head["prev"]}
+        names = {_name(orjson.loads(line)) for chosen in slices.values() for line in chosen} - {None}
         for name in sorted(names):
             for path in (recordings / name, manifest_path(recordings / name)):
                 if path.exists():
@@ -87,9 +101,9 @@ def build(
         for key in keys:
             shutil.copy2(key, root / "keys" / key.name)
         info = {"since": since, "until": until, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "audit_start": {"seq": head["seq"], "prev": head["prev"]}}
+                "audit_start": starts}
         (root / BUNDLE_INFO).write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
-        items = list(verify_paths([root], TrustedKeys.load(keys)))
+        items = list(verify_packed(root, TrustedKeys.load(keys)))  # slices start where bundle.json says
         report = [item.line().replace(str(root) + "/", "") for item in items]
         # An open session's unsigned tail is reported (UNSEALED), as verify's
         # --allow-unsealed-tail would accept it; anything INVALID fails the bundle.

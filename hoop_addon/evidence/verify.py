@@ -3,8 +3,9 @@
 `verify_paths(paths, keys, ...)` checks every recording (`*.mitm` and its manifest, see
 `hoop_addon.evidence.recording`), every audit log (`*.jsonl`, see `hoop_addon.evidence.audit_log`) and every
 evidence bundle (`*.tar.gz`, see `hoop_addon.evidence.bundle`) under the given paths, and
-cross-checks each directory's recordings against its audit log. It yields one `Item`
-per recording, audit log and cross-check problem:
+cross-checks each directory's recordings against its audit logs (one chain per
+gateway worker, all of them one body of evidence). It yields one `Item` per
+recording, audit log and cross-check problem:
 
 - `OK`: signed by a trusted key, every hash and the chain match.
 - `INVALID`: the reasons say what is wrong: `bad signature`, `unknown key <id>`,
@@ -12,7 +13,8 @@ per recording, audit log and cross-check problem:
   `unreadable flow i`, `n bytes after the last sealed flow`, `chain break at seq N`, `sequence gap
   at seq N (deleted entries)`, `sequence out of order at seq N`, `truncated below
   trusted checkpoint seq N`, `recording missing`, `not referenced by the audit log`,
-  `manifest differs from the one sealed at seq N`, ...
+  `manifest differs from the one sealed at seq N`, `audit chain missing` (a worker's
+  chain that another chain's `workers` entry names), ...
 - `UNSEALED`: valid up to the last signed checkpoint, but not closed cleanly (a crash):
   the tail after it is not signed. A failure unless unsealed tails are allowed.
 """
@@ -31,7 +33,7 @@ from typing import Any, Literal
 import orjson
 from mitmproxy.io import tnetstring
 
-from hoop_addon.evidence.audit_log import CHECKPOINT
+from hoop_addon.evidence.audit_log import CHECKPOINT, WORKERS
 from hoop_addon.evidence.audit_log import GENESIS as AUDIT_GENESIS
 from hoop_addon.evidence.keys import TrustedKeys, sha256
 from hoop_addon.evidence.recording import FORMAT, GENESIS, chain_next, manifest_path
@@ -195,7 +197,9 @@ class AuditFacts:
     `sealed` (seq, manifest sha256, flows), `deleted` (seq, manifest sha256), `flows`
     (how many `request` entries name it: the recording holds at least as many) and
     `heads` (seq, flow index, the recording's running hash after that flow: the last
-    one the log names). `logs` are the names of the audit logs read."""
+    one the log names). `logs` are the names of the audit logs read; `chains` the
+    audit chains their `workers` entries name (name -> (log, seq) that first names it):
+    each must be among the logs."""
 
     referenced: dict[str, int] = field(default_factory=dict)
     sealed: dict[str, tuple[int, str, int]] = field(default_factory=dict)
@@ -203,6 +207,7 @@ class AuditFacts:
     flows: dict[str, int] = field(default_factory=dict)
     heads: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     logs: set[str] = field(default_factory=set)
+    chains: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def update(self, other: AuditFacts) -> None:
         """Add what another log of the same body of evidence says."""
@@ -216,6 +221,8 @@ class AuditFacts:
             if name not in self.heads or head[1] > self.heads[name][1]:
                 self.heads[name] = head
         self.logs |= other.logs
+        for name, where in other.chains.items():
+            self.chains.setdefault(name, where)
 
 
 def verify_audit(
@@ -272,6 +279,9 @@ def verify_audit(
         else:
             unsigned += 1
         _collect(entry, seq, facts)
+        if entry["event"] == WORKERS and isinstance(entry.get("chains"), list):
+            for name in entry["chains"]:
+                facts.chains.setdefault(str(name), (path.name, seq))
         expected, prev = seq + 1, digest
     item.info.update(entries=len(lines), last_checkpoint=f"{last_checkpoint['seq']}:{last_checkpoint['sha256']}" if last_checkpoint else None)
     for seq, digest in trusted:
@@ -374,16 +384,20 @@ def _flows_against_log(name: str, item: Item, facts: AuditFacts) -> None:
         item.invalid(f"its audit log {chain_log} is missing")
 
 
-def _bundle_start(directory: Path) -> tuple[int, str] | None:
-    """Where an evidence bundle's audit excerpt starts, from its `bundle.json`. Only
-    called for a bundle archive that verify extracted itself (see `_tree`)."""
+def _bundle_starts(directory: Path) -> dict[str, tuple[int, str]]:
+    """Where each of an evidence bundle's audit excerpts starts (chain name -> (seq,
+    prev)), from its `bundle.json` (`audit_start`: per chain, or, in bundles of one
+    chain, one `{seq, prev}`, `audit.jsonl`'s). Only called for a bundle archive that
+    verify extracted itself (see `_tree`)."""
     info = directory / BUNDLE_INFO
     if not info.exists():
-        return None
+        return {}
     try:
-        doc = orjson.loads(info.read_bytes())
-        return int(doc["audit_start"]["seq"]), str(doc["audit_start"]["prev"])
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        starts = orjson.loads(info.read_bytes())["audit_start"]
+        if "seq" in starts:
+            starts = {"audit.jsonl": starts}
+        return {str(chain): (int(start["seq"]), str(start["prev"])) for chain, start in starts.items()}
+    except (OSError, orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise VerifyError(f"{info}: not a valid evidence bundle description ({type(exc).__name__})") from None
 
 
@@ -402,17 +416,22 @@ def _tree(
     plain directory anyone who deletes the head of the audit log could drop one there
     to make the gap look like an excerpt's start. There it is ignored, and a missing
     head stays a sequence gap."""
-    start = _bundle_start(directories[0]) if bundle else None
+    starts = _bundle_starts(directories[0]) if bundle else {}
     recordings = {p.name: p for d in directories for p in sorted(d.glob("*.mitm"))}
     orphan_manifests = {p.name.removesuffix(".manifest.json") + ".mitm": d
                         for d in directories for p in d.glob("*.manifest.json")}
     logs = sorted({*(p for d in directories for p in d.glob("*.jsonl")), *(logs or [])})
     facts = AuditFacts()
     for log in logs:
-        item, found = verify_audit(log, keys, trusted, start)
+        item, found = verify_audit(log, keys, trusted, starts.get(log.name))
         facts.update(found)
         tick()
         yield item
+    for name, (log, seq) in sorted(facts.chains.items()):
+        if name not in facts.logs:  # a worker's whole chain deleted or renamed
+            missing = Item(str(directories[0] / name), "audit")
+            missing.invalid(f"audit chain missing: {log} names it at seq {seq} as one of the gateway workers' chains")
+            yield missing
     if not logs and audit_required and (recordings or orphan_manifests):
         missing = Item(str(directories[0] / "audit.jsonl"), "audit")
         missing.invalid("audit log missing: recordings cannot be cross-checked "
@@ -489,6 +508,13 @@ def verify_paths(
         return
     for directory in directories:
         yield from _tree([directory], keys, trusted, tick, audit_required=audit_required)
+
+
+def verify_packed(directory: Path, keys: TrustedKeys) -> Iterator[Item]:
+    """Verify the `evidence/` directory `hoop_addon.evidence.bundle` has just written
+    (before packing it), as verify will read the archive: its audit slices start where
+    its own `bundle.json` says."""
+    yield from _tree([directory], keys, [], lambda: None, bundle=True)
 
 
 def _bundle(path: Path, keys: TrustedKeys, trusted: list[tuple[int, str]], tick: Any) -> Iterator[Item]:

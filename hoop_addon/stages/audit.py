@@ -11,17 +11,21 @@ from typing import Any
 from mitmproxy import ctx, flow as mitmflow, http
 from mitmproxy.connection import ConnectionState
 
-from hoop_addon.evidence.audit_log import AuditLog
+from hoop_addon.evidence.audit_log import WORKERS, AuditLog, chain_name, parse_worker
 from hoop_addon.evidence.keys import KeyFileError, Signer, load_signer
 from hoop_addon.stages import Stage, hoop, logger, refuse
 from hoop_addon.stages.policy import PolicyStage
 
 
 class Audit(Stage):
-    """Owns options `hoop_audit_log` (a file; empty means `<hoop_recordings>/audit.jsonl`)
-    and `hoop_signing_key` (an Ed25519 private key from `hoop keygen`; it signs the
-    audit checkpoints and the recordings' manifests). Without a key the gateway does not
-    start, unless the policy says `recording: {signing: unsigned}` (development).
+    """Owns options `hoop_audit_log` (a file; empty means `<hoop_recordings>/audit.jsonl`),
+    `hoop_signing_key` (an Ed25519 private key from `hoop keygen`; it signs the
+    audit checkpoints and the recordings' manifests) and `hoop_worker` (`I/N`: this
+    process is worker I of N of `hoop serve --workers N`; empty: a single gateway).
+    Without a key the gateway does not start, unless the policy says
+    `recording: {signing: unsigned}` (development). A worker writes its own chain,
+    `<hoop_recordings>/audit-<I>.jsonl` (`hoop_audit_log` cannot be set then), opened
+    by a `workers` entry naming all N chains; workers need a shared `hoop_state`.
 
     Writes one `request` entry per finished flow (`response`, `error`) and a `connect`
     entry per refused CONNECT; `policy_loaded` when a new policy is first in force,
@@ -38,6 +42,7 @@ class Audit(Stage):
         self.policy = policy
         self.log: AuditLog | None = None
         self.signer: Signer | None = None
+        self.worker: tuple[int, int] | None = None  # (I, N) of `hoop_worker`
         self._policy_hash: str | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._startup: list[tuple[str, dict[str, Any]]] = []  # entries held until the gateway runs
@@ -47,9 +52,27 @@ class Audit(Stage):
             "hoop_audit_log", str, "", "Audit log file (JSON lines); default <hoop_recordings>/audit.jsonl."
         )
         loader.add_option("hoop_signing_key", str, "", "Ed25519 private key (PEM) signing recordings and audit checkpoints.")
+        loader.add_option("hoop_worker", str, "", "I/N: this process is worker I of N (set by `hoop serve --workers N`).")
 
     def configure(self, updated: set[str]) -> None:
-        if not {"hoop_audit_log", "hoop_recordings", "hoop_signing_key", "hoop_rules"} & updated:
+        if not {"hoop_audit_log", "hoop_recordings", "hoop_signing_key", "hoop_rules", "hoop_worker", "hoop_state"} & updated:
+            return
+        if "hoop_worker" in updated and self.started:
+            self.config_error("hoop: hoop_worker cannot change while the gateway runs")
+            return
+        try:
+            self.worker = parse_worker(ctx.options.hoop_worker)
+        except ValueError as exc:
+            self.config_error(f"hoop: hoop_worker: {exc}")
+            return
+        if self.worker is not None and ctx.options.hoop_audit_log:
+            self.config_error("hoop: hoop_audit_log: a worker writes its own chain, <hoop_recordings>/audit-<worker>.jsonl: "
+                              "leave hoop_audit_log unset with hoop_worker")
+            return
+        if self.worker is not None and self.worker[1] > 1 and ctx.options.hoop_state == "memory":
+            # approvals and tickets must look the same from every worker
+            self.config_error("hoop: hoop_state: several workers need a shared store (sqlite:///PATH or postgresql://...), "
+                              "not memory")
             return
         signer = None
         if ctx.options.hoop_signing_key:
@@ -65,7 +88,7 @@ class Audit(Stage):
                 "or `recording: {signing: unsigned}` in the policy for development"
             )
             return
-        path = Path(ctx.options.hoop_audit_log or Path(ctx.options.hoop_recordings) / "audit.jsonl")
+        path = Path(ctx.options.hoop_audit_log or Path(ctx.options.hoop_recordings) / chain_name(self.worker))
         previous = self.signer.key_id if self.signer else None
         if self.log is not None and (self.log.path == path or self.log.is_file(path)):
             if signer != self.signer:  # same chain (and lock), new key: sign what the old key covers first
@@ -90,6 +113,10 @@ class Audit(Stage):
                                                       "approval": {**(e.get("approval") or {}), "status": "abandoned"},
                                                       "requested_seq": e.get("seq"), "reason": reason})
                               for e in log.open_approvals.values()]
+            if self.worker is not None:  # first: the worker set, so that verify notices a chain deleted
+                index, count = self.worker
+                self._startup.insert(0, (WORKERS, {"worker": index, "count": count,
+                                                   "chains": [chain_name((i, count)) for i in range(count)]}))
         if signer is not None and previous is not None and previous != signer.key_id:
             self._startup.append(("key_rotated", {"key_id": signer.key_id, "previous_key_id": previous}))
         if self.started:

@@ -5,17 +5,24 @@ from __future__ import annotations
 from mitmproxy import ctx
 
 from hoop_addon.control.server import ControlServer, parse_listen
+from hoop_addon.evidence.audit_log import parse_worker
 from hoop_addon.stages import Stage, logger
 
 
 class Control(Stage):
     """Owns option `hoop_control` (`HOST:PORT` on loopback; empty: no control API).
     Other stages add handlers to `server` when they are constructed; the server starts
-    in `running` (a port it cannot bind stops start-up) and stops in `done`."""
+    in `running` (a port it cannot bind stops start-up) and stops in `done`.
+
+    Worker I of N (`hoop_worker`, see the Audit stage) shares the port with the other
+    workers (`SO_REUSEPORT`: approvals live in the shared store, so any worker answers
+    for all) and also listens on its own port, PORT + 1 + I (`worker_port`): its
+    `/metrics` and `/healthz`, one scrape target per worker."""
 
     def __init__(self) -> None:
         self.server = ControlServer()
         self.listen: tuple[str, int] | None = None
+        self.worker_port: int | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -41,9 +48,12 @@ class Control(Stage):
 
     def running(self) -> None:
         if self.listen and self.server.server is None:
+            worker = parse_worker(ctx.options.hoop_worker)  # validated by the Audit stage's configure
+            self.worker_port = self.listen[1] + 1 + worker[0] if worker else None
             try:
-                self.server.start(*self.listen)
-                logger.info(f"hoop: control API on {self.url}")
+                self.server.start(*self.listen, worker_port=self.worker_port)
+                logger.info(f"hoop: control API on {self.url}" + (f" (this worker's: port {self.worker_port})"
+                                                                  if self.worker_port else ""))
             except OSError as exc:
                 logger.error(f"hoop: hoop_control: cannot listen on {self.url}: {exc.strerror}")
         super().running()

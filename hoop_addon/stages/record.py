@@ -7,6 +7,7 @@ import asyncio
 import calendar
 import os
 import time
+import zlib
 from pathlib import Path
 
 import orjson
@@ -129,9 +130,14 @@ class Record(Stage):
 
     def sweep(self, now: float) -> None:
         """Delete the recordings whose retention has passed: the audit entry is written
-        first, so a deletion is never unexplained. Raises `OSError` if it cannot audit."""
+        first, so a deletion is never unexplained. Raises `OSError` if it cannot audit.
+        Workers share the directory: worker I of N takes the recordings whose name's
+        CRC-32 is I modulo N, so each is deleted and audited once, with no lock."""
         open_paths = {s.path.name for s in self.sessions.values()}
+        worker = self.audit.worker
         for manifest in sorted(self.directory.glob("*.manifest.json")):
+            if worker is not None and zlib.crc32(manifest.name.encode()) % worker[1] != worker[0]:
+                continue
             try:
                 data = manifest.read_bytes()
                 doc = orjson.loads(data)

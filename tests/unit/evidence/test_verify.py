@@ -619,3 +619,88 @@ def test_generated_tampering_is_detected(tmp_path: Path, capsys: pytest.CaptureF
           f"({len(covered)} of {len(classes)} classes applicable and run); {detected} detected, by design undetected: {dict(by_design)}")
     assert not missed, missed[:3]
     assert ran >= 300 and len(covered) >= 45 and detected == ran - sum(by_design.values())
+
+
+@pytest.fixture
+def workers_tree(tmp_path: Path) -> Path:
+    """`tmp_path/rec` as two gateway workers leave it: chains `audit-0.jsonl` and
+    `audit-1.jsonl`, each opened by its `workers` entry, each with its own recordings."""
+    keys.generate(tmp_path / "key")
+    signer = keys.load_signer(tmp_path / "key")
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    for worker, sessions in ((0, ["alice"]), (1, ["bob", "carol"])):
+        log = AuditLog(directory / audit_module.chain_name((worker, 2)), signer, checkpoint_entries=2)
+        log.append("workers", worker=worker, count=2, chains=["audit-0.jsonl", "audit-1.jsonl"])
+        for session in sessions:
+            record(directory, log, signer, session, ["one flow", "another"])
+        log.close()
+    return directory
+
+
+def test_the_chains_of_all_workers_verify_as_one_body(workers_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = verify(workers_tree, capsys)
+    assert code == 0, out
+    assert out.count("OK ") == 5 and "audit-0.jsonl" in out and "audit-1.jsonl" in out
+
+
+@pytest.mark.parametrize("chain", ["audit-0.jsonl", "audit-1.jsonl"])
+def test_a_deleted_worker_chain_is_missing(workers_tree: Path, capsys: pytest.CaptureFixture[str], chain: str) -> None:
+    (workers_tree / chain).unlink()
+    code, out = verify(workers_tree, capsys)
+    assert code == 1 and f"INVALID {workers_tree / chain}: audit chain missing" in out, out
+
+
+def test_a_chain_the_workers_entry_does_not_name_is_still_verified(workers_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A chain of a later, larger worker set (audit-2) deleted: the others name it once they restart."""
+    signer = keys.load_signer(workers_tree.parent / "key")
+    log = AuditLog(workers_tree / "audit-0.jsonl", signer)
+    log.append("workers", worker=0, count=3, chains=["audit-0.jsonl", "audit-1.jsonl", "audit-2.jsonl"])
+    log.close()
+    code, out = verify(workers_tree, capsys)
+    assert code == 1 and "audit-2.jsonl: audit chain missing: audit-0.jsonl names it at seq" in out, out
+
+
+def test_audit_merges_the_chains_naming_each(workers_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "--recordings", str(workers_tree), "--event", "request", "--json"]) == 0
+    entries = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted((e["chain"], e["identity"]["subject"]) for e in entries) == sorted(
+        [("audit-0.jsonl", "alice")] * 2 + [("audit-1.jsonl", "bob")] * 2 + [("audit-1.jsonl", "carol")] * 2)
+    assert [e["time"] for e in entries] == sorted(e["time"] for e in entries)
+    assert main(["audit", "--recordings", str(workers_tree), "--subject", "carol"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-1] == "chain" and all(row.endswith("audit-1.jsonl") for row in table[1:]) and len(table) == 3
+
+
+def test_an_evidence_bundle_of_worker_chains_verifies_and_keeps_an_idle_chain(workers_tree: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "workers.tar.gz"
+    pub = str(tmp_path / "key.pub")
+    assert main(["evidence", "--since", "2000-01-01", "--until", "2999-01-01", "-o", str(bundle),
+                 "--recordings", str(workers_tree), "--public-key", pub]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    with tarfile.open(bundle) as archive:
+        names = set(archive.getnames())
+        info = orjson.loads(archive.extractfile("evidence/bundle.json").read())
+    assert {"evidence/audit-0.jsonl", "evidence/audit-1.jsonl", "evidence/alice-p1.mitm", "evidence/carol-p1.mitm"} <= names
+    assert set(info["audit_start"]) == {"audit-0.jsonl", "audit-1.jsonl"}
+    assert main(["verify", str(bundle), "--public-key", pub]) == 0, capsys.readouterr().out
+    # a window in which only worker 1 wrote: worker 0's chain is there as its nearest checkpoint
+    lines = (workers_tree / "audit-1.jsonl").read_bytes().splitlines()
+    for i, line in enumerate(lines):  # worker 1's entries a day later than worker 0's, re-chained and re-signed
+        entry = orjson.loads(line)
+        entry["time"] = "2030-01-01T00:00:00Z"
+        entry["prev"] = keys.sha256(lines[i - 1]) if i else audit_module.GENESIS
+        if entry["event"] == "checkpoint":
+            entry.pop("signature")
+            entry["signature"] = keys.load_signer(tmp_path / "key").sign(entry)
+        lines[i] = keys.canonical(entry)
+    (workers_tree / "audit-1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert main(["evidence", "--since", "2030-01-01", "--until", "2030-01-02", "-o", str(bundle),
+                 "--recordings", str(workers_tree), "--public-key", pub]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    with tarfile.open(bundle) as archive:
+        idle = archive.extractfile("evidence/audit-0.jsonl").read().splitlines()
+        names = set(archive.getnames())
+    assert [orjson.loads(line)["event"] for line in idle] == ["checkpoint"] and "evidence/alice-p1.mitm" not in names
+    assert main(["verify", str(bundle), "--public-key", pub]) == 0, capsys.readouterr().out
