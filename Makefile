@@ -8,6 +8,8 @@ HOME_DIR ?= .hoop
 HOST    ?= 127.0.0.1
 PORT    ?= 8080
 ARGS    ?=
+# Gateway workers on the same ports (`hoop serve --workers N`; N > 1: approvals in .hoop/state.db)
+WORKERS ?= 1
 # Base-URL listeners (`hoop serve --reverse UPSTREAM@PORT`): an SDK's base URL points at
 # the port, and every request there goes through the chain to that upstream.
 REVERSE ?= http://127.0.0.1:9000@8090 https://api.openai.com@8091 https://api.anthropic.com@8092
@@ -24,10 +26,10 @@ endif
 .PHONY: help venv init run test demo bench bench-engine bench-masking soak policy-check clean
 
 help:
-	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options (hoop serve --help)"
+	@echo "make run    start the gateway on $(HOST):$(PORT) (policy: rules/); ARGS='--set ...' adds mitmproxy options (hoop serve --help); WORKERS=2 runs two workers on the same ports"
 	@echo "make test   install and run the whole test suite"
 	@echo "make demo   local upstream + gateway + an openai-SDK agent, end to end"
-	@echo "make bench  the gateway against bare mitmdump and direct calls (ratios; QUICK=1 for a smoke run)"
+	@echo "make bench  the gateway against bare mitmdump and direct calls, then 1 and 2 workers (ratios; QUICK=1 for a smoke run)"
 	@echo "make bench-engine   the masking engine alone: MB/s on 8 KB, 64 KB, 1 MB bodies"
 	@echo "make bench-masking  planted-data corpus: recall and false positives per detector, format and body shape"
 	@echo "make soak   200 agents for 60 s with upstream and JWKS restarts; then verify (HOOP_SOAK_SECONDS=...)"
@@ -62,7 +64,7 @@ run: init
 	ANTHROPIC_API_KEY=$${ANTHROPIC_API_KEY:-unset-set-ANTHROPIC_API_KEY} \
 	HOOP_LOCAL_LLM_KEY=$${HOOP_LOCAL_LLM_KEY:-local-llm-key} \
 	$(VENV)/bin/hoop serve --rules rules --home $(HOME_DIR) \
-		--listen-host $(HOST) --listen-port $(PORT) $(foreach r,$(REVERSE),--reverse $(r)) $(ARGS)
+		--listen-host $(HOST) --listen-port $(PORT) $(foreach r,$(REVERSE),--reverse $(r)) --workers $(WORKERS) $(ARGS)
 
 # Node agents (the `openai` npm package) for the end-to-end tests, when Node is here.
 tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
@@ -80,6 +82,7 @@ soak: venv
 bench: venv
 	$(PY) bench/chain.py $(if $(QUICK),--quick)
 	$(PY) bench/streams.py $(if $(QUICK),--streams 100 --rounds 1)
+	$(PY) bench/workers.py $(if $(QUICK),--quick)
 
 bench-engine: venv
 	$(PY) bench/engine.py
