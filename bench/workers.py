@@ -12,8 +12,10 @@ ratios taken in that round and their median reported; a proxy's CPU per request 
 its processes (the workers, not the supervisor). Decision latency across workers: a
 request held by one worker is approved through the other worker's own control port;
 measured from sending the decision to the held client's answer (forwarding and the
-upstream's answer included), p50 and p99 over the rounds' samples. Figures are
-machine-bound: the ratios are the result.
+upstream's answer included), p50 and p99 over the rounds' samples. The load generator
+and the upstream share the machine: their CPU per request is measured too, so the
+cores each configuration's rate needs in all (proxy + client + upstream) are printed
+beside the machine's count. Figures are machine-bound: the ratios are the result.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -107,6 +110,18 @@ def _held(gateway: Gateway) -> tuple[str, int]:
     raise RuntimeError("no held request appeared in the audit chains")
 
 
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """User + system CPU seconds of this process (the clients), all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def percentile(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] if len(samples) > 1 else samples[0]
 
@@ -140,6 +155,8 @@ def main() -> int:
                       serve=True, args=["--workers", "2", "--home", str(work / "two" / "home")]).start(timeout=60)
         measured: dict[str, list[tuple[float, float | None]]] = {"bare": [], "1 worker": [], "2 workers": []}
         latencies: list[float] = []
+        load_cpu, load_requests = 0.0, 0.0  # the clients' and the upstream's CPU, and the requests it served
+        load_average = os.getloadavg()[0]
         try:
             targets = [
                 Target("bare", url, bare.proxy(), bare.ca_cert, bare.proc.pid),
@@ -149,9 +166,15 @@ def main() -> int:
             for i in range(rounds):
                 print(f"round {i + 1}/{rounds} ...", file=sys.stderr)
                 order = targets[i % 3:] + targets[:i % 3]  # each goes first in turn
-                for name, value in throughput(order, CLIENTS, 2.0 if args.quick else 6.0, 2 if args.quick else 6).items():
+                seconds = 2.0 if args.quick else 6.0
+                before = own_cpu() + cpu_of(upstream.pid)
+                for name, value in throughput(order, CLIENTS, seconds, 2 if args.quick else 6).items():
                     measured[name].append(value)
+                    load_requests += value[0] * seconds + CLIENTS  # the slices, and each client's first request
+                load_cpu += own_cpu() + cpu_of(upstream.pid) - before
                 latencies += decision_latency(two, url, token, approver, 5 if args.quick else 20)
+            split = [sum(b'"event":"request"' in line for line in (two.recordings / f"audit-{w}.jsonl").read_bytes().splitlines())
+                     for w in (0, 1)]  # how the kernel spread the connections: requests per worker
         except Exception:
             print(f"2 workers' log tail:\n{two.output[-3000:]}", file=sys.stderr)
             raise
@@ -175,9 +198,16 @@ def main() -> int:
                                                "samples": len(latencies)},
         "rounds_measured": measured,
     }
-    print(f"{'throughput, 32 clients, plain HTTP':<36}{'req/s':>9}{'cpu ms/req':>12}")
+    load_ms = load_cpu / load_requests * 1e3  # client + upstream, per request (the same for every target)
+    cores = {name: rates[name] * (cpu[name] + load_ms) / 1e3 for name in measured}
+    result.update({"client + upstream cpu ms/req": load_ms, "cores needed": cores, "load average before": load_average,
+                   "requests per worker": split})
+    print(f"{'throughput, 32 clients, plain HTTP':<36}{'req/s':>9}{'cpu ms/req':>12}{'cores needed':>14}")
     for name in measured:
-        print(f"{name:<36}{rates[name]:>9.1f}{cpu[name]:>12.2f}")
+        print(f"{name:<36}{rates[name]:>9.1f}{cpu[name]:>12.2f}{cores[name]:>14.2f}")
+    print(f"(cores needed: the rate times proxy + client + upstream CPU per request, the latter {load_ms:.2f} ms; "
+          f"this machine has {os.cpu_count()}, load average {load_average:.2f} before the run)")
+    print(f"requests served by worker 0 / worker 1 (SO_REUSEPORT's spread): {split[0]} / {split[1]}")
     print(f"2 workers / 1 worker: {result['2 workers / 1 worker']:.2f}x (target >= 1.6x); 1 worker / bare: "
           f"{result['1 worker / bare']:.2f}x; 2 workers / bare: {result['2 workers / bare']:.2f}x")
     lat = result["decision latency across workers ms"]
