@@ -114,9 +114,9 @@ def _worker(text: str) -> tuple[int, int]:
     return worker
 
 
-def _listen_with_reuse_port() -> None:
-    """Make every proxy listener of this process bind with `SO_REUSEPORT` (a worker
-    only: N processes then bind one port and the kernel spreads connections).
+def _listen_with_reuse_port(index: int) -> None:
+    """Make every TCP proxy listener of this process bind with `SO_REUSEPORT` (worker
+    `index` only: N processes then bind one port and the kernel spreads connections).
 
     mitmproxy has no option for it: `AsyncioServerInstance.listen` in
     `mitmproxy.proxy.mode_servers` calls `asyncio.start_server(handle, host, port)`, and
@@ -124,7 +124,13 @@ def _listen_with_reuse_port() -> None:
     mode's place. The least invasive hook is that module's own name `asyncio`: it is
     pointed at a view of asyncio whose `start_server` adds `reuse_port=True`. Every mode
     (regular, reverse:...) goes through it; nothing else in the process (the control
-    API, upstream connections, other modules) sees the change."""
+    API, upstream connections, other modules) sees the change.
+
+    UDP cannot be shared so: an `https://` base-URL listener also opens a UDP socket
+    (HTTP/3), bound in mitmproxy_rs without `SO_REUSEPORT`. Worker 0 binds it as a
+    single gateway does; the others open none (`start_udp_based_server` answers with a
+    listener of no sockets, which `listen_addrs` skips and `_stop` closes), so HTTP/3
+    on those ports is served by worker 0 alone."""
     from mitmproxy.proxy import mode_servers
 
     class ReusePortAsyncio:
@@ -137,7 +143,20 @@ def _listen_with_reuse_port() -> None:
         async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
             return await asyncio.start_server(*args, reuse_port=True, **kwargs)
 
+    class NoSockets:
+        """A UDP listener left to worker 0: no sockets, nothing to close."""
+
+        sockets = ()
+
+        def close(self) -> None:
+            pass
+
+    async def left_to_worker_0(self: Any, host: str, port: int) -> NoSockets:
+        return NoSockets()
+
     mode_servers.asyncio = ReusePortAsyncio()  # type: ignore[assignment]
+    if index > 0:
+        mode_servers.AsyncioServerInstance.start_udp_based_server = left_to_worker_0  # type: ignore[method-assign,assignment]
 
 
 def _reverse(spec: str) -> str:
@@ -246,6 +265,6 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
             self.addons.add(readiness[0])
 
     if args.worker:
-        _listen_with_reuse_port()
+        _listen_with_reuse_port(args.worker[0])
     run(HoopMaster, cmdline.mitmdump, mitmdump_args(args, extra))
     return 1 if readiness and readiness[0].failed else 0

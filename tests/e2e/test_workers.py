@@ -1,7 +1,7 @@
 """End to end: `hoop serve --workers 2`, two gateway workers on one set of ports.
 
-Both workers bind the proxy and control ports (`SO_REUSEPORT`, seen with `ss`) and
-both serve; 200 concurrent agents (httpx, async, each its own connection) with 20 held
+Both workers bind the proxy, base-URL and control ports (`SO_REUSEPORT`, seen with
+`ss`; the UDP socket of HTTP/3 is worker 0's alone) and both serve; 200 concurrent agents (httpx, async, each its own connection) with 20 held
 for approval, decided through the other worker's control API: none lost, none
 forwarded twice (counted at the upstream), each audited once in its worker's chain.
 A worker killed with -9 is restarted while the other keeps serving; `hoop verify`
@@ -30,7 +30,7 @@ import httpx
 import orjson
 import pytest
 
-from hoop_addon.dev.gateway import ROOT, Gateway
+from hoop_addon.dev.gateway import ROOT, Gateway, free_port
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
 from tests.conftest import POLICY, UPSTREAM_KEY, write_policy
@@ -56,10 +56,15 @@ def plain_upstream() -> Iterator[FakeOpenAI]:
 
 
 def workers_gateway(work: Path, idp: LocalIdP, pki: tuple[CA, Path, Path], rules: str = RULES) -> Gateway:
-    """`hoop serve --workers 2` on a fresh home (so the default store, HOME/state.db)."""
+    """`hoop serve --workers 2` on a fresh home (so the default store, HOME/state.db),
+    with an https:// base-URL listener (TCP and UDP) on `gateway.reverse_port`."""
     policy = write_policy(work / "rules", idp, rules)
-    return Gateway(policy, work, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, serve=True,
-                   args=["--workers", "2", "--home", str(work / "home"), "--set", "hoop_reload=1"])
+    reverse_port = free_port()
+    gateway = Gateway(policy, work, pki[0].cert_path, env={"HOOP_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, serve=True,
+                      args=["--workers", "2", "--home", str(work / "home"), "--set", "hoop_reload=1",
+                            "--reverse", f"https://127.0.0.1:9@{reverse_port}"])
+    gateway.reverse_port = reverse_port  # type: ignore[attr-defined]
+    return gateway
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +88,10 @@ def workers(gateway: Gateway) -> dict[int, int]:
     return found
 
 
-def listeners(port: int) -> set[int]:
-    """The pids with a TCP socket listening on `port` (ss -ltnp)."""
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+def listeners(port: int, udp: bool = False) -> set[int]:
+    """The pids with a TCP socket listening on `port` (ss -ltnp), or a UDP socket bound to it."""
+    out = subprocess.run(["ss", "-Hlunp" if udp else "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout
     return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
 
 
@@ -112,6 +118,8 @@ def test_both_workers_listen_on_the_shared_ports(gw: Gateway) -> None:
     assert sorted(pids) == [0, 1] and gw.proc.pid not in pids.values()
     assert listeners(gw.port) == set(pids.values())  # two sockets, one per worker, on the proxy port
     assert listeners(gw.control_port) == set(pids.values())  # and on the shared control port
+    assert listeners(gw.reverse_port) == set(pids.values())  # and on the base-URL port
+    assert listeners(gw.reverse_port, udp=True) == {pids[0]}  # its HTTP/3 socket: worker 0's alone
     for worker, pid in pids.items():  # each worker's own control port: its metrics
         assert listeners(gw.control_port + 1 + worker) == {pid}
         assert httpx.get(f"http://127.0.0.1:{gw.control_port + 1 + worker}/healthz").json() == {"status": "ok"}
