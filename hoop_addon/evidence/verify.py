@@ -208,6 +208,7 @@ class AuditFacts:
     heads: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     logs: set[str] = field(default_factory=set)
     chains: dict[str, tuple[str, int]] = field(default_factory=dict)
+    reached: set[tuple[int, str]] = field(default_factory=set)
 
     def update(self, other: AuditFacts) -> None:
         """Add what another log of the same body of evidence says."""
@@ -223,14 +224,19 @@ class AuditFacts:
         self.logs |= other.logs
         for name, where in other.chains.items():
             self.chains.setdefault(name, where)
+        self.reached |= other.reached
 
 
 def verify_audit(
-    path: Path, keys: TrustedKeys, trusted: Iterable[tuple[int, str]] = (), start: tuple[int, str] | None = None
+    path: Path, keys: TrustedKeys, trusted: Iterable[tuple[int, str]] = (), start: tuple[int, str] | None = None,
+    *, one_of: bool = False,
 ) -> tuple[Item, AuditFacts]:
     """Check an audit log's sequence, chain and checkpoint signatures, and that it
     reaches every `trusted` checkpoint (seq, line sha256). `start` (seq, prev) is where
-    a slice (from an evidence bundle) begins; a whole log starts at (1, 64 zeros)."""
+    a slice (from an evidence bundle) begins; a whole log starts at (1, 64 zeros).
+    `one_of`: the log is one of several chains (gateway workers), and a trusted
+    checkpoint is another chain's as likely: those it holds go to `facts.reached`,
+    and the caller checks that every one is reached by some chain."""
     item, facts = Item(str(path), "audit"), AuditFacts(logs={path.name})
     try:
         lines = path.read_bytes().split(b"\n")
@@ -285,7 +291,10 @@ def verify_audit(
         expected, prev = seq + 1, digest
     item.info.update(entries=len(lines), last_checkpoint=f"{last_checkpoint['seq']}:{last_checkpoint['sha256']}" if last_checkpoint else None)
     for seq, digest in trusted:
-        if seq not in hashes:
+        if one_of:
+            if hashes.get(seq) == digest:
+                facts.reached.add((seq, digest))
+        elif seq not in hashes:
             item.invalid(f"truncated below trusted checkpoint seq {seq} (the log ends at seq {expected - 1})")
         elif hashes[seq] != digest:
             item.invalid(f"trusted checkpoint seq {seq} does not match (rewritten log)")
@@ -423,10 +432,16 @@ def _tree(
     logs = sorted({*(p for d in directories for p in d.glob("*.jsonl")), *(logs or [])})
     facts = AuditFacts()
     for log in logs:
-        item, found = verify_audit(log, keys, trusted, starts.get(log.name))
+        item, found = verify_audit(log, keys, trusted, starts.get(log.name), one_of=len(logs) > 1)
         facts.update(found)
         tick()
         yield item
+    for seq, digest in trusted if len(logs) > 1 else ():
+        if (seq, digest) not in facts.reached:
+            cut = Item(str(directories[0]), "audit")
+            cut.invalid(f"trusted checkpoint seq {seq} is in none of the {len(logs)} audit chains "
+                        "(its chain truncated below it, rewritten or deleted)")
+            yield cut
     for name, (log, seq) in sorted(facts.chains.items()):
         if name not in facts.logs:  # a worker's whole chain deleted or renamed
             missing = Item(str(directories[0] / name), "audit")

@@ -704,3 +704,15 @@ def test_an_evidence_bundle_of_worker_chains_verifies_and_keeps_an_idle_chain(wo
         names = set(archive.getnames())
     assert [orjson.loads(line)["event"] for line in idle] == ["checkpoint"] and "evidence/alice-p1.mitm" not in names
     assert main(["verify", str(bundle), "--public-key", pub]) == 0, capsys.readouterr().out
+
+
+def test_a_trusted_checkpoint_of_one_worker_chain_is_checked_against_all(workers_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = verify(workers_tree, capsys, "--json")
+    checkpoints = {Path(x["path"]).name: x["last_checkpoint"] for x in map(orjson.loads, out.splitlines()) if x.get("kind") == "audit"}
+    code, out = verify(workers_tree, capsys, "--trusted-checkpoint", checkpoints["audit-1.jsonl"])
+    assert code == 0, out
+    lines = (workers_tree / "audit-1.jsonl").read_bytes().splitlines(keepends=True)
+    (workers_tree / "audit-1.jsonl").write_bytes(b"".join(lines[:-1]))  # cut below it
+    code, out = verify(workers_tree, capsys, "--trusted-checkpoint", checkpoints["audit-1.jsonl"], "--allow-unsealed-tail")
+    seq = checkpoints["audit-1.jsonl"].split(":")[0]
+    assert code == 1 and f"trusted checkpoint seq {seq} is in none of the 2 audit chains" in out, out
