@@ -9,8 +9,9 @@
     hoop keygen | verify | audit | evidence   signing keys, recordings, the audit log:
                                         see `hoop_addon.cli.evidence`
     hoop approvals list | approve ID | deny ID   decide requests waiting for approval
-    hoop serve [--rules DIR] [mitmdump options...]
-                                        run the gateway: see `hoop_addon.cli.serve`
+    hoop serve [--rules DIR] [--workers N] [mitmdump options...]
+                                        run the gateway (N workers on the same ports):
+                                        see `hoop_addon.cli.serve`, `hoop_addon.cli.workers`
     hoop dev-upstream [--port 9000]     a fake OpenAI/Anthropic upstream, offline
 
 Exit codes: 0 success, 1 invalid input found, 2 usage or I/O error.
