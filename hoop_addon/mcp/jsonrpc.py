@@ -29,6 +29,20 @@ CLIENT_METHODS = frozenset({
     "notifications/initialized", "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
 })
 
+# The requests a server sends a client (the spec's ServerRequest union, 2025-11-25,
+# tasks/* included) and the notifications it sends (ServerNotification, 2025-11-25 and
+# 2026-07-28): what may reach a client on an answer stream or the GET stream.
+SERVER_REQUESTS = frozenset({
+    "ping", "sampling/createMessage", "elicitation/create", "roots/list",
+    "tasks/get", "tasks/result", "tasks/list", "tasks/cancel",
+})
+SERVER_NOTIFICATIONS = frozenset({
+    "notifications/cancelled", "notifications/progress", "notifications/message",
+    "notifications/resources/updated", "notifications/resources/list_changed", "notifications/tools/list_changed",
+    "notifications/prompts/list_changed", "notifications/elicitation/complete", "notifications/tasks/status",
+    "notifications/subscriptions/acknowledged",
+})
+
 # JSON-RPC 2.0 error codes (§5.1).
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -91,6 +105,19 @@ def _message(obj: Any) -> Message:
     return Message("request" if has_id else "notification", method, mid, has_id, params, target, obj)
 
 
+def _document(raw: bytes, what: str) -> Any:
+    """`raw` read as JSON, refused (`JsonRpcError` -32700, naming `what`) when it is not
+    UTF-8 JSON or repeats a member name (a server reads the last of them)."""
+    try:
+        doc = orjson.loads(raw)
+        unique_members(raw)
+    except orjson.JSONDecodeError:
+        raise JsonRpcError(PARSE_ERROR, f"{what} is not valid UTF-8 JSON") from None
+    except MaskError as e:
+        raise JsonRpcError(PARSE_ERROR, str(e)) from None
+    return doc
+
+
 def parse_body(raw: bytes) -> tuple[list[Message], bool]:
     """Parse a POST body `raw` (UTF-8 JSON bytes) into `(messages, is_batch)`.
 
@@ -98,18 +125,23 @@ def parse_body(raw: bytes) -> tuple[list[Message], bool]:
     -32600 for an empty batch or any invalid message: one bad item refuses the whole body,
     so nothing is forwarded half-checked.
     """
-    try:
-        doc = orjson.loads(raw)
-        unique_members(raw)
-    except orjson.JSONDecodeError:
-        raise JsonRpcError(PARSE_ERROR, "the body is not valid UTF-8 JSON") from None
-    except MaskError as e:
-        raise JsonRpcError(PARSE_ERROR, str(e)) from None
+    doc = _document(raw, "the body")
     if isinstance(doc, list):
         if not doc:
             raise JsonRpcError(INVALID_REQUEST, "an empty batch is not a valid JSON-RPC request")
         return [_message(item) for item in doc], True
     return [_message(doc)], False
+
+
+def parse_message(raw: bytes) -> Message:
+    """Parse one JSON-RPC message `raw` (UTF-8 JSON bytes: an SSE event's data, which
+    carries exactly one message since revision 2025-06-18 dropped batching) as strictly
+    as `parse_body`. Raises `JsonRpcError` (-32700 invalid JSON or a repeated member
+    name, -32600 a batch or an invalid message)."""
+    doc = _document(raw, "the message")
+    if isinstance(doc, list):
+        raise JsonRpcError(INVALID_REQUEST, "an event carries one JSON-RPC message, not a batch")
+    return _message(doc)
 
 
 def check_headers(messages: list[Message], is_batch: bool, mcp_method: str | None, mcp_name: str | None) -> None:
@@ -160,8 +192,9 @@ def refusal(note: dict[str, Any], status: int, reason: str, message: str, stage:
 
     `note` is the MCP stage's `hoop.mcp`: `{"invalid": code}` for a body that is not
     valid JSON-RPC (answered HTTP 400 with one error, id null, as the streamable-HTTP
-    transport asks), else `{"batch": bool, "calls": [{"id", "has_id", "message"?}]}`:
-    each call with an id gets an error response carrying it (code `REFUSED`; its own
+    transport asks), else `{"batch": bool, "calls": [{"method", "id", "has_id", "message"?}]}`:
+    each request (a call with a method and an id: a client's answer to the server, with
+    no method, awaits no answer) gets an error response carrying its id (code `REFUSED`; its own
     `message` when the stage gave it one, else `message`), with HTTP 200, since MCP
     clients report an HTTP error status as a transport failure and drop the reason.
     `status`, `reason` and `stage` go into each error's `data`. Returns (HTTP status,
@@ -170,7 +203,7 @@ def refusal(note: dict[str, Any], status: int, reason: str, message: str, stage:
         return 400, orjson.dumps(error_response(None, code, message))
     answers = []
     for call in note.get("calls") or ():
-        if call.get("has_id"):
+        if call.get("has_id") and call.get("method") is not None:
             answer = error_response(call["id"], REFUSED, call.get("message") or message)
             answer["error"]["data"] = {"reason": reason, "stage": stage, "status": status}
             answers.append(answer)

@@ -17,6 +17,7 @@ import orjson
 
 from hoop_addon.masking.engine import MaskError, unique_members
 from hoop_addon.mcp.jsonrpc import INVALID_REQUEST, PARSE_ERROR, JsonRpcError
+from hoop_addon.mcp.stream import event_data
 
 _LINE = re.compile(r"\r\n|\r|\n")
 
@@ -61,9 +62,8 @@ def _visit_events(text: str, visit: Callable[[Any], bool]) -> str | None:
             continue
         if not event:
             continue
-        data = [ln[5:].removeprefix(" ") for ln in event if ln.startswith("data:") or ln == "data"]
-        if data and "\n".join(data).strip():
-            doc = _load("\n".join(data).encode())
+        if (data := event_data(event)) is not None:
+            doc = _load(data.encode())
             if visit(doc):
                 changed = True
                 event = [ln for ln in event if not (ln.startswith("data:") or ln == "data")]

@@ -52,3 +52,18 @@ def may_list(policy: McpPolicy, tool: str, identity: dict[str, Any]) -> bool:
         if not rule.arguments:
             return False
     return policy.default == "allow"
+
+
+def decide_server(policy: McpPolicy, method: str, identity: dict[str, Any]) -> tuple[str, ToolRule | None]:
+    """The outcome ("allow" or "deny") of a message the server sends the client with
+    `method` (one of `hoop_addon.mcp.jsonrpc.SERVER_REQUESTS` / `SERVER_NOTIFICATIONS`:
+    the caller refuses any other) on the stream of `identity`, and the rule that decided
+    it: the first rule whose `server_methods` globs match `method` and whose identity
+    conditions hold; none: "allow" (the revision's methods are allowed unless a rule
+    denies them; the block's `default` is for the client's calls)."""
+    for rule in policy.rules:
+        if any(fnmatch.fnmatchcase(method, g) for g in rule.server_methods) and rule.holds_for(
+            identity.get("issuer"), identity.get("subject", ""), identity.get("groups") or ()
+        ):
+            return rule.action, rule
+    return "allow", None

@@ -519,7 +519,9 @@ def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) ->
     """A route's `mcp:` block: `default` (allow | deny; default deny), `pinning`
     (alert | hide; default alert), `pin_approvers` (`groups`, `subjects`; required with
     hide), `resource` (the route's resource URI, RFC 8707) and `rules`, each with `name`, at least one of `tools` / `prompts` / `resources` (globs of tool
-    names, prompt names, resource URIs), an optional `when` (`issuers`: issuer names;
+    names, prompt names, resource URIs) / `server_methods` (globs of the methods of the
+    server's requests and notifications to the client; such a rule is allow or deny and
+    has no `arguments`), an optional `when` (`issuers`: issuer names;
     `groups`; `subjects`; `arguments`: a list of `{path: JSONPath, matches: RE2}` on
     the call's `params.arguments`), `action` (allow | deny | approve), `reason`, and for
     `approve` only: `approvers` (`groups`, `subjects`), `timeout` (seconds, 1..86400),
@@ -550,10 +552,13 @@ def _mcp(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) ->
 
 def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, str]) -> ToolRule:
     name = _name(m, names, "MCP rule")
-    globs = {key: m.texts(key, ()) for key in MCP_TARGETS}
+    globs = {key: m.texts(key, ()) for key in (*MCP_TARGETS, "server_methods")}
     if not any(globs.values()):
-        raise m.loc.error(m.mapping, "an MCP rule names what it governs: tools, prompts or resources (globs)")
+        raise m.loc.error(m.mapping, "an MCP rule names what it governs: tools, prompts, resources or server_methods (globs)")
     action = _choice(m.text("action"), MCP_ACTIONS, m.loc.at("action"), m.node("action"))
+    if globs["server_methods"] and action == "approve":
+        # nobody holds a server's request: the client waits on its own call meanwhile
+        raise m.loc.at("action").error(m.node("action"), "a rule with server_methods is allow or deny: a server's request cannot be held for approval")
     when: dict[str, Any] = {}
     if m.has("when"):
         w = m.sub("when")
@@ -562,6 +567,8 @@ def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, st
             if value not in issuers:
                 raise loc.error(node, f"unknown issuer '{value}': one of {', '.join(sorted(issuers))}")
         arguments = _json_conditions(w, "arguments")
+        if arguments and globs["server_methods"]:
+            raise w.loc.at("arguments").error(w.node("arguments"), "arguments are a call's: a rule with server_methods cannot have them")
         when = {"issuers": frozenset(issuers[v] for v, _, _ in known), "groups": _names(w, "groups", issuers),
                 "subjects": _names(w, "subjects", issuers), "arguments": tuple(arguments)}
         w.finish(("issuers", "groups", "subjects", "arguments"))
@@ -581,8 +588,9 @@ def _tool_rule(m: _Map, route: str, issuers: dict[str, str], names: dict[str, st
         for key in ("approvers", "timeout", "min_approvals"):
             if m.has(key):
                 raise m.loc.at(key).error(m.items[key][0], f"only an 'approve' rule has {key} (this one is '{action}')")
-    m.finish(("name", *MCP_TARGETS, "when", "action", "reason", "approvers", "timeout", "min_approvals"))
-    return ToolRule(name, action, reason, globs["tools"], globs["prompts"], globs["resources"], approval=approval, **when)  # type: ignore[arg-type]
+    m.finish(("name", *MCP_TARGETS, "server_methods", "when", "action", "reason", "approvers", "timeout", "min_approvals"))
+    return ToolRule(name, action, reason, globs["tools"], globs["prompts"], globs["resources"], globs["server_methods"],  # type: ignore[arg-type]
+                    approval=approval, **when)
 
 
 CREDENTIAL_KINDS = ("header", "bearer", "basic", "query", "aws_sigv4")

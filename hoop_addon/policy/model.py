@@ -149,7 +149,10 @@ class ToolRule:
     `subjects`, and one of `arguments` ((JSONPath source, compiled RFC 9535 query, RE2
     pattern) triples, evaluated on `params.arguments`) selects a string it is found in.
     `action` "approve" holds the call for `approval` (an `ApprovalRule` of the same
-    name, hold mode)."""
+    name, hold mode). `server_methods` are globs of the methods of messages the server
+    sends the client (`sampling/createMessage`, `elicitation/*`, `notifications/message`),
+    judged by the identity conditions only ("allow" or "deny": a server's request
+    cannot be held), see `hoop_addon.mcp.rules.decide_server`."""
 
     name: str
     action: McpAction
@@ -157,6 +160,7 @@ class ToolRule:
     tools: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     resources: tuple[str, ...] = ()
+    server_methods: tuple[str, ...] = ()
     issuers: frozenset[str] = frozenset()
     groups: Names = Names()
     subjects: Names = Names()

@@ -5,7 +5,8 @@ In hook order: protected-resource metadata (RFC 9728, for MCP routes: served
 without a token) -> identify -> admit (route) -> AWS unsign (de-chunk, drop the agent's
 signature; `aws_sigv4` routes) -> guard (block rules; approval needed?) -> MCP calls
 (tool rules; tools/list answers filtered) -> mask request -> rate limits and budgets ->
-approve (hold or ticket) -> inject credential -> upstream -> mask response -> count the
+approve (hold or ticket) -> inject credential -> upstream -> mask response -> MCP server
+messages (each event of an MCP stream judged, see `McpStream`) -> count the
 response's token usage -> record
 -> audit -> telemetry (metrics, decision log) -> restore (tokenized values, for the
 client only). (Rate limits count requests in `requestheaders`, before any body is
@@ -27,7 +28,7 @@ from hoop_addon.stages.guard import Guard
 from hoop_addon.stages.identify import Identify
 from hoop_addon.stages.limit import RateLimit
 from hoop_addon.stages.mask import Mask, Restore
-from hoop_addon.stages.mcp import Mcp
+from hoop_addon.stages.mcp import Mcp, McpStream
 from hoop_addon.stages.metadata import ResourceMetadata
 from hoop_addon.stages.policy import PolicyStage
 from hoop_addon.stages.record import Record
@@ -46,6 +47,6 @@ def build() -> list[Any]:
     mcp = Mcp(policy, mask, audit, control, approve.authenticate)  # pins are accepted with approvers' tokens
     return guarded([
         policy, ResourceMetadata(policy), Identify(policy, mask), Admit(policy), AwsUnsign(), Guard(policy, mask), mcp,
-        mask, RateLimit(policy, mask), approve, InjectCredential(mask), Record(policy, audit), audit, control,
+        mask, McpStream(mcp), RateLimit(policy, mask), approve, InjectCredential(mask), Record(policy, audit), audit, control,
         Telemetry(policy, audit, control, approve), Restore(mask),
     ])

@@ -8,20 +8,27 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from mitmproxy import ctx, http
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from hoop_addon.approvals import webhook
 from hoop_addon.approvals.queue import ApprovalError, Approver
 from hoop_addon.control.metrics import MCP_TOOL_CHANGES, labelled
 from hoop_addon.control.server import pin_handlers
-from hoop_addon.masking.codec import BodyTooLarge, decode
+from hoop_addon.masking.codec import BodyTooLarge, Decoder, decode
 from hoop_addon.masking.engine import MaskError
-from hoop_addon.mcp.jsonrpc import CLIENT_METHODS, JsonRpcError, check_headers, check_version, parse_body
+from hoop_addon.mcp.jsonrpc import (
+    CLIENT_METHODS, REFUSED, SERVER_NOTIFICATIONS, SERVER_REQUESTS, JsonRpcError, Message, check_headers, check_version,
+    error_response, parse_body, refusal,
+)
 from hoop_addon.mcp.listing import filter_tools_list, negotiated_version
 from hoop_addon.mcp.pinning import Change, PinError, PinStore
-from hoop_addon.mcp.rules import decide, may_list
+from hoop_addon.mcp.rules import decide, decide_server, may_list
+from hoop_addon.mcp.stream import AwaitedAnswers, EventGate, id_key
 from hoop_addon.policy.conditions import UninspectableBody, request_key
-from hoop_addon.policy.model import McpPolicy
+from hoop_addon.policy.model import McpPolicy, Route
+from hoop_addon.providers.errors import stream_error_event
 from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, route_of
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
@@ -51,8 +58,13 @@ class Mcp(Stage):
       streamable-HTTP transport) is buffered (within `hoop_mask_max_body` once decoded)
       and rewritten so that the identity sees only the tools it may call; a response
       that cannot be read is withheld (a JSON-RPC error), never passed unfiltered.
-    - GET streams pass (out of scope), except a resumption (`Last-Event-ID`), which
-      could replay an unfiltered `tools/list` answer: refused.
+    - A GET (the server's event stream) is governed by `McpStream`; a resumption
+      (`Last-Event-ID`), which could replay an unfiltered `tools/list` answer, is refused.
+    - A client's answer to a server's request (a message with `result` or `error` and
+      no method) is forwarded only when the gateway gave the client that request in
+      the same conversation (route, identity, `Mcp-Session-Id`) and it was not
+      answered yet (`self.awaited`, filled by `McpStream`): a forged or replayed answer
+      is refused (HTTP 403, the body never forwarded).
     - Tool definitions are pinned (`hoop_addon.mcp.pinning`, per route and tool, in
       this process's memory) the first time a `tools/list` answer lists them; a
       changed one is audited (`mcp_tool_changed`: tool, old and new fingerprints),
@@ -75,6 +87,7 @@ class Mcp(Stage):
         self.authenticate = authenticate  # approvers' tokens, verified as the approvals API does
         self.secret = secrets.token_bytes(32)  # approval keys: per process, never written down
         self.pins = PinStore()
+        self.awaited = AwaitedAnswers()  # the server's requests given to clients, awaiting their answers
         self.notifications: set[asyncio.Task[bool]] = set()
         for pattern, handler, kwargs in pin_handlers(self):
             control.server.add(pattern, handler, kwargs)
@@ -94,6 +107,8 @@ class Mcp(Stage):
         if request.method != "POST":
             if request.raw_content:  # a body the server might read as a message, judged by no rule
                 refuse(flow, 400, "mcp", "invalid_jsonrpc", f"an MCP {request.method} carries no body; send messages with POST")
+            elif request.method == "DELETE":  # the session ends: no answer of it is awaited any more
+                self.awaited.forget(conversation(flow, route))
             return
         try:
             body = decode(request.raw_content or b"", request.headers.get("Content-Encoding", ""), self.mask.max_body)
@@ -120,7 +135,17 @@ class Mcp(Stage):
         identity = record["identity"]
         refused: dict[str, Any] | None = None  # the first call refused, which names why
         approval: dict[str, Any] | None = None
+        answers = []  # the server's requests this body answers
         for message, call in zip(messages, calls):
+            if message.kind == "response":
+                if not self.awaited.awaits(conversation(flow, route), message.id):
+                    call.update(outcome="deny", message=(
+                        "an answer to no request the server sent this client through the gateway "
+                        "(or one already answered, or one the gateway withheld)"))
+                    refused = refused or call
+                else:
+                    answers.append(message.id)
+                continue
             if message.method is not None and message.method not in CLIENT_METHODS:
                 # a misspelling (`Tools/Call`) or a method of no revision: a lenient server
                 # could still run it, and no rule would have judged it
@@ -165,6 +190,8 @@ class Mcp(Stage):
             refuse(flow, 403, "mcp", "mcp_denied", refused["message"])
             record["decision"]["rule"] = refused.get("rule")
             return
+        for mid in answers:
+            self.awaited.answered(conversation(flow, route), mid)
         if len(messages) == 1 and messages[0].kind == "request" and messages[0].method in ("tools/list", "initialize"):
             # its answer is read whole (the Mask stage buffers it too): filtered, or its version noted
             record["mcp"]["buffer"] = True
@@ -184,7 +211,7 @@ class Mcp(Stage):
         response, record = flow.response, hoop(flow)
         if response is None or not 200 <= response.status_code < 300:
             return  # an HTTP error carries no tool list the client would read
-        mime = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        mime = media_type(response)
         if record["mcp"].get("initialize"):
             self._note_version(flow, mime)
             return
@@ -287,3 +314,227 @@ class Mcp(Stage):
     def _buffered(flow: http.HTTPFlow) -> bool:
         """True for the upstream's answer to a lone tools/list or initialize on an MCP route."""
         return flow.response is not None and bool(hoop(flow).get("forwarded")) and bool((hoop(flow).get("mcp") or {}).get("buffer"))
+
+
+def media_type(message: http.Message) -> str:
+    """The media type of `message`'s `Content-Type` (lower case, no parameters; "" when absent)."""
+    return message.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def conversation(flow: http.HTTPFlow, route: Route) -> tuple[str, str | None, str, str | None]:
+    """Whose exchange with the MCP server `flow` is part of: (route, issuer, subject,
+    `Mcp-Session-Id`), the scope in which the server's requests await the client's answers."""
+    identity = hoop(flow).get("identity") or {}
+    return route.name, identity.get("issuer"), identity.get("subject", ""), flow.request.headers.get("Mcp-Session-Id")
+
+
+MAX_NOTED = 64
+"""Most server messages listed in a flow's audit entry (`mcp.server.messages`); all are counted."""
+
+
+class McpStream(Stage):
+    """After the Mask stage (so on what the client would get, masked): govern what the
+    MCP server sends the client on an event stream, the answer stream of a POST and
+    the stream a client opens with GET (MCP 2025-11-25), event by event
+    (`hoop_addon.mcp.stream.EventGate`).
+
+    - Every event's data must be one valid JSON-RPC message (read as strictly as POST
+      bodies); one that is not ends the stream: nothing of it or after it goes on, and
+      the client gets a last event saying why (on a POST's stream, a JSON-RPC error for
+      each of its requests; on the GET stream an `event: error`).
+    - A server request (`SERVER_REQUESTS`: `sampling/createMessage`,
+      `elicitation/create`, `roots/list`, `ping`, `tasks/*`) or notification
+      (`SERVER_NOTIFICATIONS`) passes unless a rule of the route's `mcp:` block with
+      `server_methods` denies it (`hoop_addon.mcp.rules.decide_server`); any other
+      method is withheld. A withheld event is replaced by an SSE comment (`: hoop:
+      withheld ...`), and a withheld request is answered to the server on the client's
+      behalf (a POST of a JSON-RPC error, code -32001, with the gateway-held
+      credential), so that the server's tool does not wait for an answer that cannot
+      come. Each server request, and each withheld message, gets an audit entry
+      (`mcp_server_message`: method, kind, id, outcome, rule, stream); one that cannot
+      be written ends the stream. A request that passes is remembered (`Mcp.awaited`)
+      so that only the client's answer to it is forwarded.
+    - A response passes on a POST's stream only for an id of that POST's requests; on
+      the GET stream none does (only a resumed stream carries one, and resumption is
+      refused): either would carry an answer no rule judged (an unfiltered tools/list).
+    - A lone `tools/list` or `initialize` answer, buffered, is read whole the same way.
+
+    The flow's `hoop.mcp.server` notes `{"messages": [{"method", "kind", "outcome",
+    "rule"}...] (at most MAX_NOTED), "count", "withheld"}`."""
+
+    def __init__(self, mcp: Mcp) -> None:
+        self.mcp = mcp
+        self.answers: set[asyncio.Task[None]] = set()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if (route := self._governed(flow)) is None or (hoop(flow).get("mcp") or {}).get("buffer"):
+            return  # a buffered answer is read in `response`
+        response = flow.response
+        gate = EventGate(self._judge(flow, route))
+        inner = response.stream if callable(response.stream) else None  # type: ignore[union-attr]
+        decoder: Decoder | None = None
+        if inner is None:  # no masking reads it (nor decodes it): this stage does
+            try:
+                decoder = Decoder(response.headers.get("Content-Encoding", ""), self.mcp.mask.max_body)  # type: ignore[union-attr]
+            except MaskError as exc:
+                refuse(flow, 502, "mcp", "unreadable_server_stream", f"the MCP server's event stream cannot be read: {exc}")
+                return
+            response.headers.pop("Content-Encoding", None)  # type: ignore[union-attr]
+            if response.headers.pop("Content-Length", None) is not None and flow.request.http_version == "HTTP/1.1":  # type: ignore[union-attr]
+                response.headers["Transfer-Encoding"] = "chunked"  # type: ignore[union-attr]
+        ended = False
+
+        def stream(chunk: bytes) -> list[bytes]:
+            # A list, never b"": an empty HTTP/1.1 chunk would end the response.
+            nonlocal ended
+            if ended:
+                return []
+            try:
+                if inner is not None:
+                    out = inner(chunk)
+                    data = out if isinstance(out, bytes) else b"".join(out)
+                    decision = hoop(flow).get("decision") or {}
+                    if decision.get("outcome") == "deny" and decision.get("stage") == "mask":
+                        ended = True  # the Mask stage ended it, with its own last event
+                        return [data] if data else []
+                else:
+                    data = decoder.feed(chunk) if chunk else decoder.feed(b"")  # type: ignore[union-attr]
+                passed = gate.feed(data, final=not chunk)
+                return [passed] if passed else []
+            except Exception as exc:  # fail closed: end the stream, audit why
+                ended = True
+                return [self._end(flow, exc)]
+
+        response.stream = stream  # type: ignore[union-attr]
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if (route := self._governed(flow)) is None or not (hoop(flow).get("mcp") or {}).get("buffer") or flow.response.stream:  # type: ignore[union-attr]
+            return
+        response = flow.response
+        try:
+            body = decode(response.raw_content or b"", response.headers.get("Content-Encoding", ""), self.mcp.mask.max_body)  # type: ignore[union-attr]
+            gate = EventGate(self._judge(flow, route))
+            new = gate.feed(body, final=True)
+        except Exception as exc:  # the stages before read it: only a server message can fail here
+            message = exc.message if isinstance(exc, JsonRpcError) else str(exc)
+            refuse(flow, 502, "mcp", "unreadable_server_message", f"the MCP server's answer was withheld: {message}")
+            return
+        if gate.withheld:
+            response.content = new  # type: ignore[union-attr]  # re-encoded with the response's Content-Encoding
+
+    @staticmethod
+    def _governed(flow: http.HTTPFlow) -> Route | None:
+        """The route of `flow` when its response is an MCP server's event stream to govern."""
+        response = flow.response
+        if response is None or not hoop(flow).get("forwarded") or not allowed(flow):
+            return None
+        if (route := route_of(flow)) is None or route.mcp is None:
+            return None
+        if not 200 <= response.status_code < 300 or media_type(response) != "text/event-stream":
+            return None
+        return route
+
+    def _judge(self, flow: http.HTTPFlow, route: Route) -> Callable[[Message], str | None]:
+        """The `EventGate` judge of `flow`'s stream (see the class)."""
+        record = hoop(flow)
+        note = record.setdefault("mcp", {}).setdefault("server", {"messages": [], "count": 0, "withheld": 0})
+        on_get = flow.request.method == "GET"
+        calls = record["mcp"].get("calls") or ()
+        expected = {id_key(c["id"]) for c in calls if c.get("has_id") and c.get("method") is not None}
+        identity, policy = record.get("identity") or {}, route.mcp
+
+        def judge(message: Message) -> str | None:
+            note["count"] += 1
+            if message.kind == "response":
+                if not on_get and id_key(message.id) in expected:
+                    return None
+                why = "a response on the GET stream" if on_get else "a response to no request of this POST"
+                return self._withhold(flow, note, {"method": None, "kind": "response", "id": message.id,
+                                                   "outcome": "deny", "rule": None}, why)
+            method = message.method or ""
+            known = method in (SERVER_REQUESTS if message.kind == "request" else SERVER_NOTIFICATIONS)
+            outcome, rule = decide_server(policy, method, identity) if known else ("deny", None)  # type: ignore[arg-type]
+            entry = {"method": method[:100], "kind": message.kind, "id": message.id if message.has_id else None,
+                     "outcome": outcome, "rule": rule.name if rule else None}
+            if outcome == "allow":
+                if message.kind == "request":
+                    self._audit(flow, entry)
+                    self.mcp.awaited.expect(conversation(flow, route), message.id)
+                if len(note["messages"]) < MAX_NOTED:
+                    note["messages"].append(entry)
+                return None
+            if not known:
+                why = f"a server {message.kind} of a method no MCP server sends"
+                said = f"the gateway refused {why}"
+            else:
+                why = f"{method} denied by rule '{rule.name}': {rule.reason}"  # type: ignore[union-attr]
+                said = f"{why} (the gateway withheld it from the client)"
+            if message.kind == "request":
+                self._answer_server(flow, route, message.id, said)
+            return self._withhold(flow, note, entry, why)
+
+        return judge
+
+    def _withhold(self, flow: http.HTTPFlow, note: dict[str, Any], entry: dict[str, Any], why: str) -> str:
+        """Audit a withheld server message and note it; the comment that replaces it."""
+        self._audit(flow, entry)
+        note["withheld"] += 1
+        if len(note["messages"]) < MAX_NOTED:
+            note["messages"].append(entry)
+        logger.warning(f"hoop: mcp: withheld from the client: {why}")
+        return f"withheld {why}"
+
+    def _audit(self, flow: http.HTTPFlow, entry: dict[str, Any]) -> None:
+        """The audit entry of one server message (raises `OSError`: the stream ends)."""
+        self.mcp.audit.event("mcp_server_message", flow, stream=flow.request.method, **entry)
+
+    def _end(self, flow: http.HTTPFlow, exc: Exception) -> bytes:
+        """The last event of a stream this stage ended on `exc`, the decision recorded:
+        on a POST's stream a JSON-RPC error for each of its requests, else `event: error`."""
+        message = exc.message if isinstance(exc, JsonRpcError) else (
+            f"an audit entry could not be written ({exc})" if isinstance(exc, OSError) else str(exc) or type(exc).__name__)
+        said = f"the MCP server's stream was ended by the gateway: {message}"
+        logger.error(f"hoop: mcp: stream of {flow.request.pretty_url} ended: {message}")
+        record = hoop(flow)
+        record["decision"] = {"outcome": "deny", "stage": "mcp", "reason": "unreadable_server_message", "message": said}
+        answer = refusal({"batch": record["mcp"].get("batch"), "calls": record["mcp"].get("calls")}, 502,
+                         "unreadable_server_message", said, "mcp") if flow.request.method == "POST" else None
+        if answer is not None:
+            return b"event: message\ndata: " + answer[1] + b"\n\n"
+        return stream_error_event(record.get("api"), "unreadable_server_message", said, "mcp")
+
+    def _answer_server(self, flow: http.HTTPFlow, route: Route, mid: Any, message: str) -> None:
+        """Answer the server's request `mid`, withheld from the client, with a JSON-RPC
+        error on its behalf: a POST to the MCP endpoint `flow` went to, in its session,
+        with the route's credential (the client's token never). Best effort: a
+        credential the gateway signs per request (`aws_sigv4`) or a failed POST leaves
+        the server to its own timeout, logged."""
+        credential = route.credential
+        if credential is not None and credential.aws is not None:
+            logger.warning("hoop: mcp: a withheld server request is not answered on an aws_sigv4 route")
+            return
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        for name in ("Mcp-Session-Id", "MCP-Protocol-Version"):
+            if name in flow.request.headers:
+                headers[name] = flow.request.headers[name]
+        if credential is not None and credential.param is None:
+            headers[credential.header] = credential.value  # a query credential is in the URL already
+        answer = error_response(mid, REFUSED, message)
+        answer["error"]["data"] = {"reason": "mcp_denied", "stage": "mcp", "status": 403}
+        request = HTTPRequest(
+            flow.request.url, method="POST", headers=headers, body=orjson.dumps(answer), request_timeout=webhook.TIMEOUT_S,
+            validate_cert=not ctx.options.ssl_insecure, ca_certs=ctx.options.ssl_verify_upstream_trusted_ca or None,
+        )
+
+        async def send() -> None:
+            try:
+                reply = await AsyncHTTPClient().fetch(request, raise_error=False)
+            except Exception as exc:  # the server then waits for its own timeout
+                logger.warning(f"hoop: mcp: the server's withheld request could not be answered: {exc}")
+                return
+            if reply.code >= 300:
+                logger.warning(f"hoop: mcp: the server refused the gateway's answer to its withheld request: HTTP {reply.code}")
+
+        task = asyncio.ensure_future(send())
+        self.answers.add(task)
+        task.add_done_callback(self.answers.discard)

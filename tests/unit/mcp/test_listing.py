@@ -114,9 +114,10 @@ def test_seeded_streams_never_leak_a_hidden_tool() -> None:
 
 def test_refusal_answers_each_request_of_a_batch_with_its_id() -> None:
     note = {"batch": True, "calls": [
-        {"id": 1, "has_id": True, "message": "tools/call 'x' denied by rule 'r': no"},
-        {"id": None, "has_id": False},
-        {"id": "b", "has_id": True},
+        {"method": "tools/call", "id": 1, "has_id": True, "message": "tools/call 'x' denied by rule 'r': no"},
+        {"method": "notifications/progress", "id": None, "has_id": False},
+        {"method": None, "id": 5, "has_id": True},  # the client's answer to a server request awaits no answer
+        {"method": "ping", "id": "b", "has_id": True},
     ]}
     status, body = refusal(note, 403, "mcp_denied", "batch refused", "mcp")
     answers = orjson.loads(body)
@@ -126,7 +127,7 @@ def test_refusal_answers_each_request_of_a_batch_with_its_id() -> None:
 
 
 def test_refusal_of_a_single_request_invalid_body_and_notification() -> None:
-    status, body = refusal({"batch": False, "calls": [{"id": 7, "has_id": True}]}, 503, "approvals_full", "full", "approve")
+    status, body = refusal({"batch": False, "calls": [{"method": "ping", "id": 7, "has_id": True}]}, 503, "approvals_full", "full", "approve")
     assert status == 200 and orjson.loads(body)["id"] == 7 and orjson.loads(body)["error"]["message"] == "full"
     status, body = refusal({"invalid": PARSE_ERROR}, 400, "invalid_jsonrpc", "not JSON", "mcp")
     assert (status, orjson.loads(body)) == (400, {"jsonrpc": "2.0", "id": None, "error": {"code": PARSE_ERROR, "message": "not JSON"}})

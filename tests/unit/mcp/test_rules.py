@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from hoop_addon.mcp.jsonrpc import parse_body
-from hoop_addon.mcp.rules import decide, may_list
+from hoop_addon.mcp.rules import decide, decide_server, may_list
 from hoop_addon.policy.conditions import UninspectableBody
 from hoop_addon.policy.loader import PolicyError, load_policy
 from hoop_addon.policy.model import McpPolicy
@@ -181,6 +181,11 @@ RULE = "routes:\n  - name: t\n    match: {{hosts: [m]}}\n    allow: {{groups: [a
     ("      pinning: block\n", "routes[0].mcp.pinning", "one of"),
     ("      pinning: hide\n", "routes[0].mcp", "name pin_approvers.groups"),
     ("      pin_approvers: {grups: [a]}\n", "routes[0].mcp.pin_approvers.grups", "did you mean 'groups'"),
+    ("      rules:\n        - {name: r, server_methods: [sampling/*], action: approve, approvers: {groups: [a]}}\n",
+     "routes[0].mcp.rules[0].action", "a server's request cannot be held"),
+    ("      rules:\n        - {name: r, server_methods: [x], action: deny, when: {arguments: [{path: $.a, matches: b}]}}\n",
+     "routes[0].mcp.rules[0].when.arguments", "cannot have them"),
+    ("      rules:\n        - {name: r, server_method: [x], action: deny}\n", "routes[0].mcp.rules[0]", "names what it governs"),
 ])
 def test_invalid_blocks_are_refused_with_file_line_and_key(tmp_path: Path, block: str, key: str, says: str) -> None:
     with pytest.raises(PolicyError) as caught:
@@ -222,3 +227,20 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
     assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "dev-x"}), agent)[0] == "approve"
     assert decide(route.mcp, message("resources/read", "ticket://42"), agent)[0] == "allow"
     assert decide(route.mcp, message("tools/call", "shell"), agent)[0] == "deny"
+
+
+def test_server_methods_rules_judge_what_the_server_sends_first_match_else_allow(tmp_path: Path) -> None:
+    mcp = load(tmp_path, RULE.format(block="""\
+      rules:
+        - {name: echo-ok, tools: [echo], action: allow}
+        - {name: interns-no-sampling, server_methods: [sampling/*], when: {groups: [interns]}, action: deny}
+        - {name: quiet, server_methods: ["notifications/message", "elicitation/*"], action: deny, reason: quiet please}
+""")).routes[0].mcp
+    assert [(r.name, r.server_methods) for r in mcp.rules][1:] == [
+        ("interns-no-sampling", ("sampling/*",)), ("quiet", ("notifications/message", "elicitation/*"))]
+    assert decide_server(mcp, "sampling/createMessage", INTERN)[1].name == "interns-no-sampling"
+    assert decide_server(mcp, "sampling/createMessage", AGENT) == ("allow", None)
+    assert decide_server(mcp, "elicitation/create", AGENT)[0] == "deny"
+    assert decide_server(mcp, "notifications/progress", AGENT) == ("allow", None)
+    assert decide_server(mcp, "echo", AGENT) == ("allow", None)  # a tool glob never judges a server's method
+    assert may_list(mcp, "echo", AGENT)
