@@ -330,6 +330,8 @@ def conversation(flow: http.HTTPFlow, route: Route) -> tuple[str, str | None, st
 
 MAX_NOTED = 64
 """Most server messages listed in a flow's audit entry (`mcp.server.messages`); all are counted."""
+ANSWER_TIMEOUT_S = 5.0
+"""How long the gateway's answer to a withheld server request may take."""
 
 
 class McpStream(Stage):
@@ -415,7 +417,7 @@ class McpStream(Stage):
             body = decode(response.raw_content or b"", response.headers.get("Content-Encoding", ""), self.mcp.mask.max_body)  # type: ignore[union-attr]
             gate = EventGate(self._judge(flow, route))
             new = gate.feed(body, final=True)
-        except Exception as exc:  # the stages before read it: only a server message can fail here
+        except (JsonRpcError, MaskError, OSError) as exc:  # a message that cannot be read, an audit entry not written
             message = exc.message if isinstance(exc, JsonRpcError) else str(exc)
             refuse(flow, 502, "mcp", "unreadable_server_message", f"the MCP server's answer was withheld: {message}")
             return
@@ -522,7 +524,7 @@ class McpStream(Stage):
         answer = error_response(mid, REFUSED, message)
         answer["error"]["data"] = {"reason": "mcp_denied", "stage": "mcp", "status": 403}
         request = HTTPRequest(
-            flow.request.url, method="POST", headers=headers, body=orjson.dumps(answer), request_timeout=webhook.TIMEOUT_S,
+            flow.request.url, method="POST", headers=headers, body=orjson.dumps(answer), request_timeout=ANSWER_TIMEOUT_S,
             validate_cert=not ctx.options.ssl_insecure, ca_certs=ctx.options.ssl_verify_upstream_trusted_ca or None,
         )
 

@@ -26,7 +26,7 @@ from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPError
 
 from hoop_addon.dev.gateway import Gateway
-from tests.e2e.test_mcp import EMAIL, McpServer, POLICY, start
+from tests.e2e.test_mcp import EMAIL, POLICY, McpServer, recorded_flows, start
 from tests.support.agents import assert_absent, recorded_bytes
 from tests.support.idp import LocalIdP
 
@@ -250,9 +250,11 @@ def test_log_notifications_on_the_get_stream_and_the_call_stream_reach_the_clien
     assert sorted(client.logs) == [f"in-call {MASKED}", f"standalone {MASKED}"]
     deadline = time.monotonic() + 10
     logged = {"method": "notifications/message", "kind": "notification", "id": None, "outcome": "allow", "rule": None}
-    while not [e for e in gw.audit() if e["method"] == "GET" and logged in (e.get("mcp") or {}).get("server", {}).get("messages", [])]:
+    while not (gets := [e for e in gw.audit() if e["method"] == "GET" and logged in (e.get("mcp") or {}).get("server", {}).get("messages", [])]):
         assert time.monotonic() < deadline, "the GET stream's audit entry, noting the notification"
         time.sleep(0.05)
+    (flow,) = recorded_flows(gw, gets[-1])
+    assert f"standalone {MASKED}".encode() in flow.response.content  # the recording keeps the masked GET stream
     assert_absent(recorded_bytes(gw), (EMAIL,))
     assert MASKED.encode() in recorded_bytes(gw)
 
@@ -337,3 +339,62 @@ def test_the_get_stream_passes_only_valid_allowed_messages(tmp_path_factory: pyt
         assert ": hoop: withheld" in got.text and '"data":"after"' in got.text.replace(" ", "")
         (audited,) = events
         assert audited["outcome"] == "deny" and audited["stream"] == "GET" and entry["mcp"]["server"]["withheld"] == 1
+
+
+SHELL = b'data: {"jsonrpc": "2.0", "id": 9, "method": "shell/exec", "params": {}}\n\n'
+
+
+@pytest.mark.parametrize("method", ["tools/call", "tools/list"], ids=["streamed-answer", "buffered-tools-list"])
+def test_a_posts_answer_stream_passes_only_allowed_methods_and_its_own_answers(tmp_path_factory: pytest.TempPathFactory,
+                                                                              idp: LocalIdP, pki, method: str) -> None:
+    """A rogue server answers a POST with an unknown request and a tools/list answer:
+    the request is withheld; the answer passes (filtered) only to the tools/list
+    whose id it carries, and is withheld from the tools/call (id 1) that never asked."""
+    params = {"name": "echo", "arguments": {"text": "a"}} if method == "tools/call" else {}
+    listing = b"data: " + orjson.dumps(SMUGGLED_LIST) + b"\n\n"
+    with RogueUpstream((SHELL, listing)) as rogue:
+        gw, url = start(tmp_path_factory, idp, pki, rogue, policy=STREAM_POLICY)  # type: ignore[arg-type]
+        try:
+            got = httpx.post(url, headers={"Authorization": f"Bearer {idp.mint(groups=['agents'])}",
+                                           "Accept": "application/json, text/event-stream"},
+                             json={"jsonrpc": "2.0", "id": 1 if method == "tools/call" else 3, "method": method, "params": params})
+            entries = gw.wait_audit(1)
+            events = gw.audit(("mcp_server_message",))
+        finally:
+            gw.stop()
+    assert got.status_code == 200 and "shell/exec" not in got.text and "drop_table" not in got.text
+    assert got.text.count(": hoop: withheld") == (2 if method == "tools/call" else 1)
+    if method == "tools/list":  # its own answer, filtered: the denied tool removed
+        assert '"result":{"tools":[]}' in got.text.replace(" ", "")
+    assert [(e["kind"], e["outcome"], e["stream"]) for e in events] == [("request", "deny", "POST")] + (
+        [("response", "deny", "POST")] if method == "tools/call" else [])
+    (entry,) = entries
+    assert entry["mcp"]["server"]["withheld"] == len(events)
+
+
+def test_the_get_stream_needs_an_admitted_identity(stream_gateway, stream_server: StreamServer, idp: LocalIdP) -> None:
+    gw, url = stream_gateway
+    seen = len(stream_server.requests)
+    assert httpx.get(url, headers={"Accept": "text/event-stream"}).status_code == 401
+    outsider = httpx.get(url, headers={"Authorization": f"Bearer {idp.mint(groups=['visitors'])}", "Accept": "text/event-stream"})
+    assert outsider.status_code == 403
+    assert stream_server.requests[seen:] == []
+
+
+def test_an_unreadable_event_on_a_posts_stream_ends_it_with_an_error_for_the_call(tmp_path_factory: pytest.TempPathFactory,
+                                                                                  idp: LocalIdP, pki) -> None:
+    policy = STREAM_POLICY.replace("    masking: [pii]\n", "")  # this stage reads it, not the masker
+    with RogueUpstream((b'data: {"jsonrpc": "2.0", "id": 1, "result": {}, "result": {"x": 1}}\n\n', SHELL)) as rogue:
+        gw, url = start(tmp_path_factory, idp, pki, rogue, policy=policy)  # type: ignore[arg-type]
+        try:
+            got = httpx.post(url, headers={"Authorization": f"Bearer {idp.mint(groups=['agents'])}",
+                                           "Accept": "application/json, text/event-stream"},
+                             json={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {}}})
+            (entry,) = gw.wait_audit(1)
+        finally:
+            gw.stop()
+    last = got.text.rstrip("\n").rsplit("\n\n", 1)[-1]
+    assert last.startswith("event: message\ndata: ") and "shell/exec" not in got.text and '"x"' not in got.text
+    error = orjson.loads(last.split("data: ", 1)[1])
+    assert error["id"] == 1 and error["error"]["code"] == -32001 and "repeats a member name" in error["error"]["message"]
+    assert entry["decision"]["reason"] == "unreadable_server_message"

@@ -220,13 +220,17 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(example)
     policy = load_policy(tmp_path / "policy.yaml", resolve_env=False)
     (route,) = policy.routes
-    assert route.mcp is not None and [r.name for r in route.mcp.rules] == ["no-prod-deletes", "deletes-need-review", "readers"]
+    assert route.mcp is not None and [r.name for r in route.mcp.rules] == [
+        "no-prod-deletes", "deletes-need-review", "readers", "no-sampling-for-contractors"]
     assert route.mcp.pinning == "hide" and route.mcp.may_accept(None, "s", ["sre"])
     agent = {"issuer": "https://corp.okta.com/oauth2/default", "subject": "a", "groups": ["agents"]}
     assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "prod-x"}), agent)[0] == "deny"
     assert decide(route.mcp, message("tools/call", "delete_ticket", {"project": "dev-x"}), agent)[0] == "approve"
     assert decide(route.mcp, message("resources/read", "ticket://42"), agent)[0] == "allow"
     assert decide(route.mcp, message("tools/call", "shell"), agent)[0] == "deny"
+    contractor = {**agent, "groups": ["agents", "contractors"]}
+    assert decide_server(route.mcp, "elicitation/create", contractor)[0] == "deny"
+    assert decide_server(route.mcp, "sampling/createMessage", agent) == ("allow", None)
 
 
 def test_server_methods_rules_judge_what_the_server_sends_first_match_else_allow(tmp_path: Path) -> None:
