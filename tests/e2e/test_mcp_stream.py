@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +27,8 @@ from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPError
 
 from hoop_addon.dev.gateway import Gateway
-from tests.e2e.test_mcp import EMAIL, POLICY, McpServer, recorded_flows, start
+from tests.conftest import write_policy
+from tests.e2e.test_mcp import EMAIL, MCP_KEY, POLICY, McpServer, recorded_flows, start
 from tests.support.agents import assert_absent, recorded_bytes
 from tests.support.idp import LocalIdP
 
@@ -60,8 +62,8 @@ class StreamServer(McpServer):
     """The test MCPServer with tools that speak to the client: sampling (on the
     call's stream, or on the GET stream), elicitation, roots, log notifications."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        super().__init__(tls=tls)
         server = self.mcp
         self.errors: list[str] = []
 
@@ -398,3 +400,31 @@ def test_an_unreadable_event_on_a_posts_stream_ends_it_with_an_error_for_the_cal
     error = orjson.loads(last.split("data: ", 1)[1])
     assert error["id"] == 1 and error["error"]["code"] == -32001 and "repeats a member name" in error["error"]["message"]
     assert entry["decision"]["reason"] == "unreadable_server_message"
+
+
+def test_through_https_proxy_a_denied_request_is_answered_to_the_tls_server(tmp_path_factory: pytest.TempPathFactory, idp: LocalIdP,
+                                                                           pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward-proxy mode, TLS intercepted: the gateway's own answer to a withheld
+    request goes to the HTTPS server, trusted as mitmproxy trusts its upstreams; an
+    allowed sampling request passes masked."""
+    with StreamServer(tls=(pki[1], pki[2])) as server:
+        work = tmp_path_factory.mktemp("mcp-stream-forward")
+        gw = Gateway(write_policy(work / "rules", idp, STREAM_POLICY), work, pki[0].cert_path, env={"HOOP_TEST_MCP_KEY": MCP_KEY},
+                     serve=True)
+        gw.start()
+        try:
+            monkeypatch.setenv("HTTPS_PROXY", gw.proxy())
+            monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca_cert))
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            url = f"{server.url}/mcp"
+            client = Client()
+            message = run(url, idp.mint(groups=["agents", "interns"]), client, refused("ask_user"))
+            assert client.elicited == [] and "denied by rule 'interns-are-not-asked'" in message
+            answers = [m for m in posted(server, 0) if "error" in m and "method" not in m]
+            assert [a["error"]["code"] for a in answers] == [-32001]
+            assert all(("authorization", f"Bearer {MCP_KEY}") in r["headers"] for r in server.requests)
+            result = run(url, idp.mint(groups=["agents"]), client, lambda s: s.call_tool("summarize", {"topic": "tls"}))
+            assert client.sampled == [f"summarize tls for {MASKED}"] and result.content[0].text == f"model said: done, mail {MASKED}"
+            assert_absent(recorded_bytes(gw), (EMAIL,))
+        finally:
+            gw.stop()
