@@ -75,13 +75,15 @@ class EventGate:
         if not self._started and text:
             self._started = True
             text = text.removeprefix("\ufeff")
-        self._pending += text
+        pending = self._pending + text
         out: list[str] = []
-        while (end := _TERMINATOR.search(self._pending, self._scanned)) is not None:
-            if not final and end.end() == len(self._pending) and self._pending.endswith("\r"):
+        start = 0  # of the current event; sliced once, not per event (a buffered body holds many)
+        while (end := _TERMINATOR.search(pending, max(start, self._scanned))) is not None:
+            if not final and end.end() == len(pending) and pending.endswith("\r"):
                 break  # the CR may be the first half of a CRLF still to come: one terminator, not two
-            out.append(self._event(self._pending[:end.end()], self._pending[:end.start()]))
-            self._pending, self._scanned = self._pending[end.end():], 0
+            out.append(self._event(pending[start:end.end()], pending[start:end.start()]))
+            start = end.end()
+        self._pending = pending[start:]
         if len(self._pending) > self.max_event:
             raise JsonRpcError(PARSE_ERROR, f"an event of the stream is longer than {self.max_event} characters")
         # a line end may still grow (CR, then LF): resume the search just before it
