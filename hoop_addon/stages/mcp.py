@@ -447,16 +447,16 @@ class McpStream(Stage):
 
         def judge(message: Message) -> str | None:
             note["count"] += 1
+            mid = message.id[:100] if isinstance(message.id, str) else message.id  # the server's words, bounded
             if message.kind == "response":
                 if not on_get and id_key(message.id) in expected:
                     return None
                 why = "a response on the GET stream" if on_get else "a response to no request of this POST"
-                return self._withhold(flow, note, {"method": None, "kind": "response", "id": message.id,
-                                                   "outcome": "deny", "rule": None}, why)
+                return self._withhold(flow, note, {"method": None, "kind": "response", "id": mid, "outcome": "deny", "rule": None}, why)
             method = message.method or ""
             known = method in (SERVER_REQUESTS if message.kind == "request" else SERVER_NOTIFICATIONS)
             outcome, rule = decide_server(policy, method, identity) if known else ("deny", None)  # type: ignore[arg-type]
-            entry = {"method": method[:100], "kind": message.kind, "id": message.id if message.has_id else None,
+            entry = {"method": method[:100], "kind": message.kind, "id": mid if message.has_id else None,
                      "outcome": outcome, "rule": rule.name if rule else None}
             if outcome == "allow":
                 if message.kind == "request":
