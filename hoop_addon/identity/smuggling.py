@@ -45,15 +45,19 @@ SIGNING_INPUT = re.compile(rb"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}")
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_DEPTH = 4
 """Most decodings applied one over the other (`%252565` is three percent-decodings)."""
-READING_FACTOR = 8
+READING_FACTOR = 16
 """All readings of a text together may be this many times its size (plus 4 KiB); a
 text whose readings grow past that is treated as holding a token (bounded work)."""
 PIECE = 16
 """Length, in characters, of the pieces of a caller's token's signature looked for (96
 random bits: no other text holds one)."""
 
-_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
-_HEX_RUN = re.compile(rb"[0-9A-Fa-f]{32,}")
+# RE2, linear: Python's re scans runs at about 20 MB/s
+_BASE64_RUN = re2.compile(rb"[A-Za-z0-9+/_-]{24,}={0,2}")
+_HEX_RUN = re2.compile(rb"[0-9A-Fa-f]{32,}")
+_TEXT_RUN = re2.compile(rb"[\x20-\x7e]{24,}")
+"""What of a decoded text is read on: an encoded token decodes to printable ASCII at
+every level, and random bytes (a base64 image decoded) almost never hold 24 in a row."""
 _JSON_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}|\\/")
 
 
@@ -71,19 +75,29 @@ def _base64_cores(text: bytes) -> set[bytes]:
     return cores
 
 
-# Where a body may hold an encoded signing input: `eyJ` percent-escaped (a letter of it,
-# or a `%25` escaping the escape), JSON-escaped, base64-encoded once or twice at any
-# offset, or hex-encoded (of itself or of its base64).
-_EYJ_BASE64 = _base64_cores(b"eyJ")
-_EYJ_BASE64_TWICE = {c for core in _EYJ_BASE64 for c in _base64_cores(core) if len(c) >= 3}
-_PERCENT_GATE = re.compile(rb"eyJ|%(?:65|79|4[Aa]|25)")
-_JSON_GATE = re.compile(rb"eyJ|\\u00(?:65|79|4[Aa])|\\\\")
-_BASE64_GATE = re.compile(b"|".join(sorted(_EYJ_BASE64 | _EYJ_BASE64_TWICE)))  # letters and digits only
-_HEX_GATE = re.compile(b"|".join(t.hex().encode() for t in sorted({b"eyJ", *_EYJ_BASE64})), re.IGNORECASE)
-# All the gates in one RE2 pass (about 500 MB/s; Python's re takes 50-100 us on 8 KB for
-# each): a body that passes none of them is read only as sent.
-_ANY_GATE = re2.compile(b"|".join(f"(?:{g.pattern.decode()})".encode() for g in (_PERCENT_GATE, _JSON_GATE, _BASE64_GATE))
-                        + b"|(?i:" + _HEX_GATE.pattern + b")")
+def _traces(levels: int) -> set[bytes]:
+    """What `eyJ` becomes through up to `levels` encodings, base64 (at any offset, both
+    alphabets) and hex (both cases) in any order: the literals a text holding an
+    encoded signing input must contain. Deeper traces shorter than 4 characters are
+    left out (they would gate most long base64 texts)."""
+    found = level = {b"eyJ"}
+    for depth in range(levels):
+        level = {
+            t for text in level
+            for t in (*_base64_cores(text), text.hex().encode(), text.hex().upper().encode())
+            if len(t) >= (3 if depth == 0 else 4)
+        }
+        found = found | level
+    return found
+
+
+# Where a text may hold an encoded signing input: a trace of `eyJ` (`_traces`), or a
+# letter of it percent-escaped (or a `%25` escaping the escape) or JSON-escaped, or an
+# escaped backslash. All in one RE2 pass (about 500 MB/s; Python's re takes 50-100 us
+# on 8 KB for each alternation): a text with none of them is read only as sent.
+_TRACES = _traces(MAX_DEPTH - 1)
+_TRACE = re2.compile(b"|".join(re2.escape(t) for t in sorted(_TRACES)))
+_ANY_GATE = re2.compile(_TRACE.pattern + rb"|%(?:65|79|4[Aa]|25)|\\u00(?:65|79|4[Aa])|\\\\")
 
 
 def issuer_of(signing_input: bytes) -> str | None:
@@ -169,28 +183,35 @@ def readings(data: bytes) -> Iterator[bytes]:
 
 
 def _decodings(text: bytes) -> Iterator[bytes]:
-    """The texts one decoding of `text` gives, each tried only past its gate."""
+    """The texts one decoding of `text` gives, where it may hold a trace of `eyJ`."""
     if _ANY_GATE.search(text) is None:
         return
-    if b"%" in text and _PERCENT_GATE.search(text):
+    if b"%" in text:
         yield unquote_to_bytes(text)
-    if b"\\" in text and _JSON_GATE.search(text):
+    if b"\\" in text:
         yield _JSON_ESCAPE.sub(_unescape, text.replace(b"\\\\", b"\\"))
-    # the run patterns cost a pass each (about 20 MB/s): run only on a text the gate lets through
-    for run in _HEX_RUN.finditer(text) if _HEX_GATE.search(text) else ():
+    if _TRACE.search(text) is None:
+        return
+    # the run patterns cost a pass each (about 20 MB/s): run only past the gates
+    for run in _HEX_RUN.finditer(text):
         digits = run.group()
-        if _HEX_GATE.search(digits):
+        if _TRACE.search(digits):
             for start in (0, 1):  # the run may begin with a hex-looking character of the text around it
-                yield binascii.unhexlify(digits[start:start + (len(digits) - start) // 2 * 2])
-    for run in _BASE64_RUN.finditer(text) if _BASE64_GATE.search(text) else ():
+                decoded = binascii.unhexlify(digits[start:start + (len(digits) - start) // 2 * 2])
+                yield from (m.group() for m in _TEXT_RUN.finditer(decoded))
+    for run in _BASE64_RUN.finditer(text):
         chunk = run.group().rstrip(b"=")
-        if not _BASE64_GATE.search(chunk):
+        if not _TRACE.search(chunk):
             continue
-        for alphabet in (base64.b64decode, base64.urlsafe_b64decode):
-            try:
-                yield alphabet(chunk + b"=" * (-len(chunk) % 4))
-            except (binascii.Error, ValueError):
-                continue
+        for start in range(4):  # the run may begin with characters of the text around it
+            part = chunk[start:]
+            part = part[:len(part) - (len(part) % 4 == 1)]  # a lone last character decodes to nothing
+            for alphabet in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    decoded = alphabet(part + b"=" * (-len(part) % 4))
+                except (binascii.Error, ValueError):
+                    continue
+                yield from (m.group() for m in _TEXT_RUN.finditer(decoded))
 
 
 def _unescape(m: re.Match[bytes]) -> bytes:

@@ -88,17 +88,20 @@ def refuse(
     POST (noted `hoop.mcp` by the MCP stage) it is a JSON-RPC error response instead,
     HTTP 200, carrying the request's id (`hoop_addon.mcp.jsonrpc.refusal`). The decision
     keeps the shadow rules noted before (`decision.shadow`). A request refused before it
-    was forwarded loses its body.
+    was forwarded loses its body and its query.
     """
     body = error_body(hoop(flow).get("api"), status, reason, message, stage)
     if (note := hoop(flow).get("mcp")) is not None and (answer := refusal(note, status, reason, message, stage)) is not None:
         status, body = answer
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json", **(headers or {})})
-    if not hoop(flow).get("forwarded") and flow.request.raw_content:
-        # A refused request keeps no body: it may hold a token, or values masking has not
-        # replaced yet (mitmproxy's UIs show the flow, and may save it). A body that
-        # arrives after a refusal at its headers is dropped by `Identify.request`.
-        flow.request.raw_content = b""
+    if not hoop(flow).get("forwarded"):
+        # A refused request keeps no body and no query: they may hold a token, or values
+        # masking has not replaced yet (mitmproxy's UIs show the flow, and may save it).
+        # A body that arrives after a refusal at its headers is dropped by `Identify.request`.
+        if flow.request.raw_content:
+            flow.request.raw_content = b""
+        if b"?" in flow.request.data.path:
+            flow.request.data.path = flow.request.data.path.split(b"?", 1)[0]
     decision = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
     if shadow := hoop(flow).get("decision", {}).get("shadow"):
         decision["shadow"] = shadow  # what shadow rules saw stays in the audit line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -20,7 +21,7 @@ from hoop_addon.mcp.metadata import challenge as with_metadata
 from hoop_addon.policy.model import Route
 from hoop_addon.providers import CREDENTIAL_HEADERS, aws
 from hoop_addon.stages import Stage, hoop, note_api, refuse
-from hoop_addon.stages.mask import Mask
+from hoop_addon.stages.mask import OFFLOAD_BYTES, Mask
 from hoop_addon.stages.metadata import resource_uri
 from hoop_addon.stages.policy import Enforcement, PolicyStage
 
@@ -153,11 +154,12 @@ class Identify(Stage):
         # a gateway token never travels upstream, in any header or form, whole or in pieces
         fingerprint = _fingerprint(token)
         trusted = active.verifier.trusts_issuer
-        _strip_token_headers(headers, trusted, fingerprint)
-        if holds_token(b"".join(value for _, value in headers.fields), trusted, fingerprint):
-            _drop_tokens(flow.request, trusted)
+        cut = _strip_token_headers(headers, trusted, fingerprint)
+        if cut or holds_token(b"".join(name + value for name, value in headers.fields), trusted, fingerprint):
+            # a part of the caller's token in one header, or a token only the headers together spell
+            _drop_tokens(flow.request, trusted, fingerprint)
             self._refuse(flow, proxy, TokenError(
-                "token_in_header", "the request's headers hold a gateway token split across them: it is never sent upstream"), active)
+                "token_in_header", "the request's headers hold a gateway token cut across them: it is never sent upstream"), active)
             return
         if holds_token(flow.request.data.path, trusted, fingerprint):
             flow.request.data.path = b"/"  # refused: the token is not kept in the flow either
@@ -166,12 +168,13 @@ class Identify(Stage):
         self.fingerprints[flow] = fingerprint
         hoop(flow)["identity"] = _record(identity, active.verifier)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         """The body of an identified request must not hold a gateway token either (an
         `api_key` field, a prompt quoting it, a piece of it): refused, 400
         `token_in_body`. The body is read decoded from its content-encoding (gzip,
         br, ...: bounded by `hoop_mask_max_body`); an encoded body that cannot be
-        decoded cannot be searched and is refused (422 `uninspectable_body`). A flow
+        decoded cannot be searched and is refused (422 `uninspectable_body`). Bodies of
+        `OFFLOAD_BYTES` or more are searched on the masking stage's worker threads. A flow
         answered before its body arrived (refused at its headers) keeps no body: it
         may hold a token, or values a later stage would have masked."""
         fingerprint = self.fingerprints.pop(flow, None)
@@ -197,7 +200,9 @@ class Identify(Stage):
         active = self.policy.active
         if trailers:
             body += b"\n" + "\n".join(trailers.values()).encode()
-        if active is None or holds_token(body, active.verifier.trusts_issuer, fingerprint):
+        search = functools.partial(holds_token, body, active.verifier.trusts_issuer, fingerprint) if active else None
+        # a large body (a base64 image: about 40 ms per MB) is searched off the event loop
+        if search is None or (search() if len(body) < OFFLOAD_BYTES else await asyncio.wrap_future(self.mask.pool.submit(search))):
             refuse(flow, 400, "identity", "token_in_body",
                    "the request body holds a gateway token: it is never sent upstream; send it only where the gateway reads it")
 
@@ -270,23 +275,29 @@ def _fingerprint(token: str) -> Fingerprint:
     return Fingerprint(token)
 
 
-def _strip_token_headers(headers: http.Headers, trusted: Callable[[str], bool], fingerprint: Fingerprint | None = None) -> None:
-    """Remove every header whose value holds a JWT of an issuer `trusted` accepts, or a
-    piece of the caller's token (`fingerprint`), in any form
+def _strip_token_headers(headers: http.Headers, trusted: Callable[[str], bool], fingerprint: Fingerprint | None = None) -> bool:
+    """Remove every header whose name or value holds a JWT of an issuer `trusted`
+    accepts, or a piece of the caller's token (`fingerprint`), in any form
     (`hoop_addon.identity.smuggling`: with anything around it, percent-, JSON-, hex- or
-    base64-encoded, in a Basic password, inside a cookie)."""
-    for name in {n for n, v in headers.fields if holds_token(v, trusted, fingerprint)}:
+    base64-encoded, in a Basic password, inside a cookie). Returns True when one held
+    only a piece of the caller's token, no whole token: the token was cut, and its other
+    part may be in a header that looks clean."""
+    found = {n for n, v in headers.fields if holds_token(n + b":" + v, trusted, fingerprint)}
+    cut = any(not holds_token(n + b":" + v, trusted) for n, v in headers.fields if n in found)
+    for name in found:
         del headers[name.decode("utf-8", "surrogateescape")]
+    return cut
 
 
-def _drop_tokens(request: http.Request, trusted: Callable[[str], bool] | None = None) -> None:
+def _drop_tokens(request: http.Request, trusted: Callable[[str], bool] | None = None, fingerprint: Fingerprint | None = None) -> None:
     """Remove what may carry a token from a flow that is not forwarded: it is still
     shown in mitmproxy's UIs and output, and may be saved by them. The token headers
-    always; with `trusted` (the policy's issuers), every header holding a token."""
+    always; with `trusted` (the policy's issuers), every header holding a token (or a
+    piece of the caller's, `fingerprint`)."""
     for name in _TOKEN_HEADERS:
         request.headers.pop(name, None)
     if trusted is not None:
-        _strip_token_headers(request.headers, trusted)
+        _strip_token_headers(request.headers, trusted, fingerprint)
 
 
 def _utf8(request: http.Request) -> bool:

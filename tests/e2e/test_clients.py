@@ -304,6 +304,12 @@ def _smuggled(token: str, rng) -> list[tuple[str, dict[str, str], str, bytes]]:
         ("split across two headers", {"X-A": token[:cut], "X-B": token[cut:]}, "/v1/echo", b"{}"),
         ("split across apart headers", {"X-A": token[:cut], "X-Z": "z", "X-B": token[cut:]}, "/v1/echo", b"{}"),
         ("split in the body", {}, "/v1/echo", _json.dumps({"a": token[:cut], "note": "x", "b": token[cut:]}).encode()),
+        # a third outside attack: a header's name, text glued to nested base64, mixed chains
+        ("header name", {f"X-{token}": "1"}, "/v1/echo", b"{}"),
+        ("header glued base64 twice", {"X-Foo": "pre" + b64(b64(token, False), True)}, "/v1/echo", b"{}"),
+        ("json body base64 three times", {}, "/v1/echo", _json.dumps({"a": b64(b64(b64(token, False), False), True)}).encode()),
+        ("json body base64 of hex", {}, "/v1/echo", _json.dumps({"a": "p" + b64(token.encode().hex(), False)}).encode()),
+        ("query glued base64 twice", {}, f"/v1/echo?q=pre{quote(b64(b64(token, True), False), safe='')}", b"{}"),
     ]
     escaped = "".join(f"\\u{ord(c):04x}" if i % 7 == 0 else c for i, c in enumerate(token))
     attempts.append(("json body \\u-escaped", {}, "/v1/echo", ('{"api_key": "' + escaped + '"}').encode()))
@@ -348,5 +354,5 @@ def test_a_gateway_token_smuggled_in_any_form_never_reaches_the_upstream_or_the_
             assert hexed.lower().encode() not in seen.lower(), name
         outcomes[name] = answer.status_code
     assert_absent(recorded_bytes(gw), (signing_input, token))
-    assert len(outcomes) == 34 and set(outcomes.values()) <= {200, 400, 401, 404}
+    assert len(outcomes) == 39 and set(outcomes.values()) <= {200, 400, 401, 404}
     print(f"smuggling attempts: {len(outcomes)}; refused {sum(v != 200 for v in outcomes.values())}")

@@ -47,6 +47,11 @@ ENCODINGS = {
     "base64 twice": lambda t, rng: _b64(_b64(t, rng), rng),
     "base64 of percent": lambda t, rng: _b64(quote(t, safe=""), rng),
     "hex of base64": lambda t, rng: _b64(t, rng).encode().hex(),
+    # an outside attack: text glued on without a separator, three levels, mixed chains
+    "glued base64 twice": lambda t, rng: rng.choice(["p", "pr", "pre"]) + _b64(_b64(t, rng), rng),
+    "base64 three times": lambda t, rng: _b64(_b64(_b64(t, rng), rng), rng),
+    "base64 of hex": lambda t, rng: rng.choice(["", "p", "pr"]) + _b64(t.encode().hex(), rng),
+    "hex of base64 twice": lambda t, rng: _b64(_b64(t, rng), rng).encode().hex(),
 }
 
 
