@@ -7,13 +7,14 @@ flow was admitted under, a weak side table (a `Route` is not JSON).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from mitmproxy import exceptions, http
 
@@ -22,12 +23,32 @@ from hoop_addon.mcp.jsonrpc import refusal
 from hoop_addon.policy.model import Route
 from hoop_addon.providers.errors import error_body
 from hoop_addon.stages.sentinel import mark
+from hoop_addon.state.approvals import ApprovalStore, StateError
 
 logger = logging.getLogger("hoop")
 
 SESSION_HEADER = "X-Hoop-Session"
 
 _routes: weakref.WeakKeyDictionary[http.HTTPFlow, Route] = weakref.WeakKeyDictionary()
+
+
+STORE_TIMEOUT_S = 5.0
+"""Longest wait for one call of a shared state store before the flow fails closed."""
+T = TypeVar("T")
+
+
+async def store_call(store: ApprovalStore, call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, a call that reaches the state store `store`: on a worker thread
+    for a shared store (a store that hangs, e.g. a connection timing out, must not
+    stall the other flows on the event loop), inline in memory. Raises `StateError`
+    when the store fails or gives no answer within `STORE_TIMEOUT_S` (the thread may
+    still finish: a late commit wins in the store)."""
+    if not store.blocking:
+        return call(*args)
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(call, *args), STORE_TIMEOUT_S)
+    except TimeoutError:
+        raise StateError(f"state store {store.name}: no answer within {STORE_TIMEOUT_S:g} s") from None
 
 
 def hoop(flow: http.HTTPFlow) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from hoop_addon.control.server import approval_handlers
 from hoop_addon.identity.verifier import TokenError
 from hoop_addon.policy.model import ApprovalRule
 from hoop_addon.control.metrics import APPROVAL_OLDEST, APPROVAL_WAIT, APPROVALS_DECIDED, APPROVALS_PENDING
-from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
+from hoop_addon.stages import STORE_TIMEOUT_S, Stage, allowed, hoop, logger, refuse, store_call
 from hoop_addon.stages.audit import Audit
 from hoop_addon.stages.control import Control
 from hoop_addon.stages.policy import PolicyStage
@@ -38,7 +38,6 @@ DENIALS = {
 }
 CLIENT_CHECK_S = 0.5
 SWEEP_S = 1.0
-STORE_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
@@ -104,16 +103,8 @@ class Approve(Stage):
         return self.pending_seen if self.queue.store.blocking else self.queue.pending()
 
     async def _store(self, call: Callable[..., T], *args: Any) -> T:
-        """`call(*args)`, a call of the queue that reaches the store: on a worker
-        thread for a shared store (a store that hangs, e.g. a connection timing out,
-        must not stall the other flows on the event loop), inline in memory. Raises
-        `StateError` when the store fails or gives no answer within `STORE_TIMEOUT_S`."""
-        if not self.queue.store.blocking:
-            return call(*args)
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(call, *args), STORE_TIMEOUT_S)
-        except TimeoutError:  # fail closed; the thread may still finish (a late commit wins in the store)
-            raise StateError(f"state store {self.queue.store.name}: no answer within {STORE_TIMEOUT_S:g} s") from None
+        """`call(*args)`, a call of the queue that reaches the store (`store_call`)."""
+        return await store_call(self.queue.store, call, *args)
 
     def _oldest_wait(self) -> float:
         """Seconds the oldest pending approval has waited (0 when none is pending)."""

@@ -42,8 +42,8 @@ def build() -> list[Any]:
     policy = PolicyStage()
     audit = Audit(policy)  # stages that report events (approvals, ...) take it as an argument
     control = Control()  # the control API; stages add their handlers to it
-    mask = Mask()  # Restore, last, puts tokenized values back after recording and audit
-    approve = Approve(policy, control, audit)  # Telemetry's /healthz reports its state store
+    approve = Approve(policy, control, audit)  # opens the state store; Telemetry's /healthz reports it
+    mask = Mask(lambda: approve.queue.store)  # Restore, last, puts tokenized values back after recording and audit
     mcp = Mcp(policy, mask, audit, control, approve.authenticate)  # pins are accepted with approvers' tokens
     return guarded([
         policy, ResourceMetadata(policy), Identify(policy, mask), Admit(policy), AwsUnsign(), Guard(policy, mask), mcp,

@@ -24,7 +24,10 @@ from hoop_addon.masking.vault import TokenSession, Vault
 from hoop_addon.masking.codec import Decoder, decode, identity_encoded
 from hoop_addon.policy.model import Direction, MaskRule
 from hoop_addon.providers.errors import error_body, stream_error_event
-from hoop_addon.stages import SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse, route_of
+from hoop_addon.stages import (STORE_TIMEOUT_S, SESSION_HEADER, Stage, allowed, client_session, hoop, logger, refuse,
+                               route_of, store_call)
+from hoop_addon.state.approvals import ApprovalStore, MemoryStore, StateError
+from hoop_addon.state.vault import SharedSession, SharedVault
 
 OFFLOAD_BYTES = 64 * 1024
 """Bodies of at least this many bytes (as sent) are masked on the stage's worker thread."""
@@ -59,9 +62,20 @@ class Mask(Stage):
     plus the `X-Hoop-Session` request header (removed before forwarding), or on an
     MCP route the identity plus the `Mcp-Session-Id` the MCP server gave the client
     (revision 2025-11-25; its DELETE ends the session and forgets the tokens).
+
+    With a shared state store (`hoop_state`, which `state` gives), header and MCP
+    sessions live in the store (`hoop_addon.state.vault`), sealed with keys derived
+    from `hoop_mask_secret`: a token minted by one process restores on every other.
+    Such a flow loads its session from the store and is masked off the event loop
+    (minting is a store call); a store that fails or hangs refuses the request (503
+    `vault_unavailable`), never forwards it unmasked. A connection's session stays in
+    this process's memory, as with the default `memory` store.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, state: Callable[[], ApprovalStore] | None = None) -> None:
+        memory = MemoryStore()
+        self.state = state or (lambda: memory)  # None: tokens live in this process only
+        self.shared: SharedVault | None = None
         self.secret: bytes | None = None
         self.max_body = 16 * 1024 * 1024
         self.budget = 2.0
@@ -147,13 +161,35 @@ class Mask(Stage):
                     self.vault.drop(key)
             else:
                 key = (flow.client_conn.id, subject)
-            self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
+            if key[0] in ("header", "mcp") and self.state().blocking:
+                try:
+                    self.sessions[flow] = await self._shared_session(flow, key)
+                except StateError as exc:  # fail closed: a value the vault cannot keep is not sent on
+                    logger.error(f"hoop: mask: request of {_where(flow)} refused: {exc}")
+                    refuse(flow, 503, "mask", "vault_unavailable",
+                           f"the shared token vault cannot be used; the request was not forwarded: {exc}")
+                    return
+            else:
+                self.sessions[flow] = self.vault.session(key)  # type: ignore[assignment]
         try:
             if flow.request.stream and any(not r.shadow for r in rules):
                 raise MaskError("request body was streamed and cannot be inspected")
             await self._mask(flow, flow.request, rules, "request")
         except Exception as exc:  # fail closed: whatever went wrong, nothing goes upstream
             self._fail(flow, "request", exc, rules)
+
+    async def _shared_session(self, flow: http.HTTPFlow, key: Hashable) -> SharedSession:
+        """Session `key` from the shared store (dropped first on an MCP DELETE).
+        Raises `StateError` (the store fails, hangs, or no secret seals it)."""
+        store = self.state()
+        if self.shared is None:
+            if self.secret is None:
+                raise StateError(f"state store {store.name}: a shared vault is sealed with hoop_mask_secret, "
+                                 "which is not set")
+            self.shared = SharedVault(store, self.secret)  # type: ignore[arg-type]
+        if flow.request.method == "DELETE" and key[0] == "mcp":  # type: ignore[index]
+            await store_call(store, self.shared.drop, key)
+        return await store_call(store, self.shared.session, key)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or (route := route_of(flow)) is None or not hoop(flow).get("forwarded"):
@@ -338,28 +374,57 @@ class Mask(Stage):
 
     async def _mask(self, flow: http.HTTPFlow, message: http.Message, rules: tuple[MaskRule, ...], part: Direction) -> None:
         context = MaskContext(self.secret, self.sessions.get(flow), time.monotonic() + self.budget)
+        if isinstance(context.tokens, SharedSession):
+            # minting reaches the store: the whole message is masked on a thread (the
+            # flow waits for it; nothing else touches the flow or its session meanwhile)
+            def whole() -> None:
+                records, work = self._mask_parts(flow, message, rules, part, context)
+                self._masked(flow, message, records, work() if work else None)
+
+            try:
+                await asyncio.wait_for(asyncio.to_thread(whole), self.budget + STORE_TIMEOUT_S)
+            except TimeoutError:
+                raise StateError(f"state store {self.state().name}: masking with the shared vault took longer "
+                                 f"than {self.budget + STORE_TIMEOUT_S:g} s") from None
+            return
+        records, work = self._mask_parts(flow, message, rules, part, context)
+        if work is None:
+            masked = None
+        elif len(message.raw_content or b"") < OFFLOAD_BYTES or context.tokens is not None:
+            masked = work()  # a memory vault session is used by the event loop only
+        else:
+            masked = await self._off_loop(work, context)
+        self._masked(flow, message, records, masked)
+
+    def _mask_parts(self, flow: http.HTTPFlow, message: http.Message, rules: tuple[MaskRule, ...], part: Direction,
+                    context: MaskContext) -> tuple[list[dict[str, Any]], Callable[[], Any] | None]:
+        """Mask what `message` carries outside its body, now; returns the evidence
+        records and the work that masks the body (`_mask_raw`; None: no body rule
+        reads one)."""
         evidence = Evidence()
         if isinstance(message, http.Request):
             _mask_target(message, rules, context, evidence)
             _mask_named(message.cookies, "cookies", rules, context, evidence)
         _mask_named(message.headers, "headers", rules, context, evidence)
         _mask_trailers(message, rules, context, evidence)
-        records = evidence.records(part)
         raw = message.raw_content
-        if raw and any(r.body for r in rules):
-            work = functools.partial(
-                self._mask_raw, raw, message.headers.get("Content-Encoding", ""), message.headers.get("Content-Type", ""),
-                rules, part, context, flow.request.path,
-            )
-            if len(raw) < OFFLOAD_BYTES or context.tokens is not None:  # the vault is not shared across threads
-                masked = work()
-            else:
-                masked = await self._off_loop(work, context)
-            if masked is not None:
-                new, body_records = masked
-                if new is not None:
-                    message.content = new  # re-encoded with the message's Content-Encoding
-                records = _merge(records, body_records)
+        if not raw or not any(r.body for r in rules):
+            return evidence.records(part), None
+        return evidence.records(part), functools.partial(
+            self._mask_raw, raw, message.headers.get("Content-Encoding", ""), message.headers.get("Content-Type", ""),
+            rules, part, context, flow.request.path,
+        )
+
+    @staticmethod
+    def _masked(flow: http.HTTPFlow, message: http.Message, records: list[dict[str, Any]],
+                masked: tuple[bytes | None, list[dict[str, Any]]] | None) -> None:
+        """Put a masked body (`_mask_raw`'s result, None: no body masked) and the
+        evidence `records` in place."""
+        if masked is not None:
+            new, body_records = masked
+            if new is not None:
+                message.content = new  # re-encoded with the message's Content-Encoding
+            records = _merge(records, body_records)
         hoop(flow).setdefault("masked", []).extend(records)
 
     def _mask_raw(
@@ -408,6 +473,9 @@ class Mask(Stage):
         if isinstance(exc, MaskBudgetExceeded):
             status, where = (422, "request could not be inspected") if part == "request" else (502, "upstream response withheld")
             refuse(flow, status, "mask", "mask_budget_exceeded", f"{where}: {message}")
+        elif isinstance(exc, StateError) and part == "request":
+            refuse(flow, 503, "mask", "vault_unavailable", f"the shared token vault cannot be used; the request was not "
+                   f"forwarded: {message}")
         elif isinstance(exc, UnsupportedMedia) and part == "request":
             refuse(flow, 415, "mask", "unsupported_media_type", f"request could not be inspected: {message}")
         elif part == "request":
@@ -419,12 +487,15 @@ class Mask(Stage):
 class Restore(Stage):
     """After the recording and the audit line: puts the session's `tokenize` tokens
     back into a buffered response for the client (streams are restored as they pass),
-    so that the recording keeps the tokens and the client gets its own values."""
+    so that the recording keeps the tokens and the client gets its own values. A
+    shared session (`hoop_state`) whose response holds tokens the flow did not load
+    reads the store again first (another process may have minted them since); if
+    the store fails, the tokens it cannot restore stay tokens."""
 
     def __init__(self, mask: Mask) -> None:
         self.mask = mask
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         session = self.mask.sessions.get(flow)
         response = flow.response
         if not session or response is None or not hoop(flow).get("forwarded") or not allowed(flow):
@@ -435,6 +506,11 @@ class Restore(Stage):
             text = decode(response.raw_content, response.headers.get("Content-Encoding", ""), self.mask.max_body).decode()
         except (MaskError, UnicodeDecodeError):
             return  # nothing restorable; the masked body stands
+        if isinstance(session, SharedSession) and session.unknown(text):
+            try:
+                await store_call(self.mask.state(), session.refresh)
+            except StateError as exc:
+                logger.warning(f"hoop: restore: {_where(flow)}: tokens minted elsewhere stay tokens: {exc}")
         restored, count = session.restore(text, escape="json" in _mime(response))
         if count:
             response.content = restored.encode()
@@ -465,7 +541,7 @@ def _textual(mime: str) -> bool:
 def _message(exc: Exception) -> str:
     """What to tell the client: a `MaskError`'s message (never body content), or only
     the kind of an unexpected error."""
-    return str(exc) if isinstance(exc, MaskError) else f"masking failed ({type(exc).__name__})"
+    return str(exc) if isinstance(exc, (MaskError, StateError)) else f"masking failed ({type(exc).__name__})"
 
 
 def _merge(a: list[dict], b: list[dict]) -> list[dict]:

@@ -46,12 +46,21 @@ SCHEMA = (
         outcome TEXT, decided_at DOUBLE PRECISION, redeemed INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS hoop_approvals_pending ON hoop_approvals (outcome, created)",
     "CREATE TABLE IF NOT EXISTS hoop_holders (owner TEXT PRIMARY KEY, expires DOUBLE PRECISION NOT NULL)",
+    # the tokenize vault (`hoop_addon.state.vault`): keys are HMACs, values AES-GCM sealed
+    """CREATE TABLE IF NOT EXISTS hoop_vault (
+        sid TEXT NOT NULL, token TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, vkey TEXT NOT NULL,
+        sealed TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL, PRIMARY KEY (sid, token), UNIQUE (sid, vkey))""",
+    "CREATE INDEX IF NOT EXISTS hoop_vault_expires ON hoop_vault (expires)",
+    """CREATE TABLE IF NOT EXISTS hoop_vault_next (
+        sid TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, expires DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (sid, label))""",
+    "CREATE INDEX IF NOT EXISTS hoop_vault_next_expires ON hoop_vault_next (expires)",
 )
 Run = Callable[..., list[tuple[Any, ...]]]
 
 
 class SQLStore(ApprovalStore):
-    """The statements both backends share; subclasses provide `_transaction` (a
+    """The statements both backends share; subclasses provide `transaction` (a
     context yielding `run(sql, *params) -> rows`), `_for_update` and `_notify`."""
 
     _for_update = ""
@@ -62,7 +71,7 @@ class SQLStore(ApprovalStore):
         self.lock = threading.Lock()
 
     @abc.abstractmethod
-    def _transaction(self) -> contextlib.AbstractContextManager[Run]:
+    def transaction(self) -> contextlib.AbstractContextManager[Run]:
         """A transaction on the store's connection, yielding `run(sql, *params) -> rows`."""
 
     def _notify(self, run: Run, ids: list[str]) -> None:
@@ -83,7 +92,7 @@ class SQLStore(ApprovalStore):
         return [item for row in rows if (item := self._item(row)) is not None]
 
     def add(self, item: PendingApproval) -> None:
-        with self._transaction() as run:
+        with self.transaction() as run:
             run(f"INSERT INTO hoop_approvals ({COLUMNS}) VALUES ({', '.join('?' * 15)})",
                 item.id, self.owner, item.rule.name, item.rule.mode, item.requester.get("subject"), item.key,
                 orjson.dumps(item.requester).decode(), orjson.dumps(item.request).decode(), item.created,
@@ -91,16 +100,16 @@ class SQLStore(ApprovalStore):
                 int(item.redeemed))
 
     def get(self, approval_id: str) -> PendingApproval | None:
-        with self._transaction() as run:
+        with self.transaction() as run:
             rows = run(f"SELECT {COLUMNS} FROM hoop_approvals WHERE id = ?", approval_id)
         return self._item(rows[0]) if rows else None
 
     def pending(self) -> list[PendingApproval]:
-        with self._transaction() as run:
+        with self.transaction() as run:
             return self._items(run(f"SELECT {COLUMNS} FROM hoop_approvals WHERE outcome IS NULL ORDER BY created"))
 
     def update(self, approval_id: str, change: Callable[[PendingApproval], None]) -> PendingApproval | None:
-        with self._transaction() as run:
+        with self.transaction() as run:
             rows = run(f"SELECT {COLUMNS} FROM hoop_approvals WHERE id = ?{self._for_update}", approval_id)
             if not rows or (item := self._item(rows[0])) is None:
                 return None
@@ -113,16 +122,16 @@ class SQLStore(ApprovalStore):
             return item
 
     def redeem(self, approval_id: str) -> bool:
-        with self._transaction() as run:
+        with self.transaction() as run:
             return bool(run("UPDATE hoop_approvals SET redeemed = 1 WHERE id = ? AND outcome = 'approved' "
                             "AND redeemed = 0 RETURNING id", approval_id))
 
     def delete(self, approval_id: str) -> None:
-        with self._transaction() as run:
+        with self.transaction() as run:
             run("DELETE FROM hoop_approvals WHERE id = ?", approval_id)
 
     def ticket(self, subject: str, key: str) -> PendingApproval | None:
-        with self._transaction() as run:
+        with self.transaction() as run:
             rows = run(f"SELECT {COLUMNS} FROM hoop_approvals WHERE mode = 'ticket' AND subject = ? AND key = ? "
                        "AND redeemed = 0 ORDER BY created", subject, key)
         return next(iter(self._items(rows)), None)
@@ -134,19 +143,19 @@ class SQLStore(ApprovalStore):
         return self._items(rows)
 
     def expire(self, now: float) -> list[PendingApproval]:
-        with self._transaction() as run:
+        with self.transaction() as run:
             expired = self._close_where(run, "timeout", now, "deadline <= ?", now)
             run("DELETE FROM hoop_approvals WHERE outcome IS NOT NULL AND decided_at + keep_s <= ?", now)
         return expired
 
     def shutdown(self, now: float) -> list[PendingApproval]:
-        with self._transaction() as run:
+        with self.transaction() as run:
             closed = self._close_where(run, "shutdown", now, "owner = ?", self.owner)
             run("DELETE FROM hoop_holders WHERE owner = ?", self.owner)
         return closed
 
     def heartbeat(self, now: float) -> list[PendingApproval]:
-        with self._transaction() as run:
+        with self.transaction() as run:
             run("INSERT INTO hoop_holders (owner, expires) VALUES (?, ?) "
                 "ON CONFLICT (owner) DO UPDATE SET expires = excluded.expires", self.owner, now + self.lease_s)
             # a row whose owner has no live lease: its process died (kill -9, lost host)
@@ -158,7 +167,7 @@ class SQLStore(ApprovalStore):
     def decided(self, ids: list[str]) -> set[str]:
         if not ids:
             return set()
-        with self._transaction() as run:
+        with self.transaction() as run:
             undecided = {row[0] for row in run(f"SELECT id FROM hoop_approvals WHERE outcome IS NULL AND id IN "
                                                f"({', '.join('?' * len(ids))})", *ids)}
         return set(ids) - undecided
@@ -178,14 +187,14 @@ class SQLiteStore(SQLStore):
             self.conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
-            with self._transaction() as run:
+            with self.transaction() as run:
                 for statement in SCHEMA:
                     run(statement)
         except sqlite3.Error as exc:
             raise StateError(f"state store {self.name}: {exc}") from None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Run]:
+    def transaction(self) -> Iterator[Run]:
         def run(sql: str, *params: Any) -> list[tuple[Any, ...]]:
             return self.conn.execute(sql, params).fetchall()
 
@@ -219,7 +228,7 @@ class PostgresStore(SQLStore):
         self.conn: psycopg.Connection[Any] | None = None
         self.stopping = threading.Event()
         self.listener: threading.Thread | None = None
-        with self._transaction() as run:
+        with self.transaction() as run:
             run("SELECT pg_advisory_xact_lock(7201620)")  # two processes creating the tables at once
             for statement in SCHEMA:
                 run(statement)
@@ -232,7 +241,7 @@ class PostgresStore(SQLStore):
                                keepalives_interval=2, keepalives_count=2, tcp_user_timeout=10000)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Run]:
+    def transaction(self) -> Iterator[Run]:
         with self.lock:
             try:
                 if self.conn is None or self.conn.closed:

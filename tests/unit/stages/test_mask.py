@@ -434,7 +434,7 @@ def test_restore_puts_the_session_values_back_in_a_buffered_response(content_typ
         mask.responseheaders(flow)
         call(mask.response, flow)
         recorded = flow.response.content
-        Restore(mask).response(flow)
+        call(Restore(mask).response, flow)
 
     assert orjson.loads(flow.request.content) == {"v": "<EMAIL_1>"}
     assert recorded == reply.encode()  # what Record, before Restore, keeps
