@@ -7,8 +7,9 @@ its edge. `Counters` keeps one window per (limit name, key, kind), bounded: the 
 recently used windows are forgotten first (an idle key's count would be 0 anyway by
 the time it is forgotten, unless more than `max_windows` keys are active at once).
 
-The scale-out issue's shared store will implement the same `Counters` interface
-(`charge`, `release`, `used`, `retry_after`) across workers; until then counts are per process.
+The rate-limit stage uses `take` (check and charge, all or nothing) and `settle`
+(release a reservation, charge what was used); `hoop_addon.state.counters` implements
+the same two across the processes sharing a state store.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 
 class Window:
@@ -78,6 +79,14 @@ class Window:
         return self.span
 
 
+Need = tuple[str, Hashable, str, float, float, bool]
+"""(limit name, key, kind, amount, the limit's value for that kind, enforced: False
+for a shadow limit, which refuses nothing)."""
+Settlement = tuple[str, Hashable, str, float, float, float]
+"""(limit name, key, kind, when the reservation was made (Unix seconds), amount
+reserved, amount used)."""
+
+
 # Each kind of limit: its window span (seconds) and slot count (resolution span/slots).
 KINDS: dict[str, tuple[float, int]] = {
     "requests_per_minute": (60.0, 60),
@@ -124,3 +133,19 @@ class Counters:
     def used(self, name: str, key: Hashable, kind: str) -> float:
         """What the window holds now."""
         return self._window(name, key, kind).used(self.clock())
+
+    def take(self, needs: Sequence[Need]) -> list[float]:
+        """For each need, the seconds until it fits (0: now; `math.inf`: never), as
+        `retry_after`; when every enforced need fits, all needs are charged now (else
+        none is)."""
+        waits = [self.retry_after(name, key, kind, amount, limit) for name, key, kind, amount, limit, _ in needs]
+        if not any(wait and enforced for wait, (*_, enforced) in zip(waits, needs)):
+            for name, key, kind, amount, _, _ in needs:
+                self.charge(name, key, kind, amount)
+        return waits
+
+    def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Release each reservation (see `release`) and charge what was used now."""
+        for name, key, kind, at, reserved, used in settlements:
+            self.release(name, key, kind, at, reserved)
+            self.charge(name, key, kind, used)

@@ -10,15 +10,17 @@ from typing import Any
 from mitmproxy import http
 
 from hoop_addon.control.metrics import RATE_LIMITED, labelled
-from hoop_addon.limits.counter import Counters
+from hoop_addon.limits.counter import Counters, Need
 from hoop_addon.limits.usage import StreamUsage, Usage, output_bound, usage_in_body
 from hoop_addon.masking.codec import decode
 from hoop_addon.masking.engine import MaskError
 from hoop_addon.policy.conditions import estimate_tokens
 from hoop_addon.policy.model import Limit
-from hoop_addon.stages import Stage, allowed, hoop, logger, refuse
+from hoop_addon.stages import Stage, allowed, hoop, logger, refuse, store_call
 from hoop_addon.stages.mask import Mask
 from hoop_addon.stages.policy import PolicyStage
+from hoop_addon.state.approvals import StateError
+from hoop_addon.state.counters import SharedCounters
 
 _TOKEN_KINDS = ("tokens_per_minute", "tokens_per_day")
 Charge = tuple[Limit, tuple[Any, ...]]
@@ -52,13 +54,17 @@ class RateLimit(Stage):
     A limit with `action: log` (shadow mode) refuses nothing: an excess is noted in
     `hoop.shadow` (`{"rule", "action": "limit", "reason"}`) and the audit line's
     decision. Counted in `hoop_rate_limited_total{limit}`, enforced or shadow. Counts
-    live in this process (the shared store of the scale-out work will hold them across
-    workers).
+    live in this process, or, with a shared state store (`hoop_state`, the one the
+    Mask stage's `state` gives), in the store: a limit then holds across every process
+    sharing it (`hoop_addon.state.counters`; checking and charging is one transaction).
+    A store that fails refuses the flow (503 `limit_store_unavailable`); a settlement
+    that fails is logged (the reservation stays charged).
     """
 
     def __init__(self, policy: PolicyStage, mask: Mask) -> None:
         self.policy, self.mask = policy, mask  # the Mask stage owns the decoded-size limit
-        self.counters = Counters()
+        self.counters: Counters | SharedCounters = Counters()
+        self.shared = False  # whether `counters` is the shared store's
         self.charges: weakref.WeakKeyDictionary[http.HTTPFlow, list[Charge]] = weakref.WeakKeyDictionary()
         self.streams: weakref.WeakKeyDictionary[http.HTTPFlow, StreamUsage] = weakref.WeakKeyDictionary()
         self.upstream: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = weakref.WeakKeyDictionary()
@@ -78,18 +84,45 @@ class RateLimit(Stage):
             for key in limit.keys(route, identity)
         ]
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _counting(self) -> Counters | SharedCounters:
+        """The counters in force: the shared store's once one is open (fixed at start-up)."""
+        store = self.mask.state()
+        if store.blocking and not self.shared:
+            self.counters, self.shared = SharedCounters(store), True  # type: ignore[arg-type]
+        return self.counters
+
+    async def _take(self, flow: http.HTTPFlow, needs: list[tuple[Limit, tuple[Any, ...], int]], kinds: tuple[str, ...],
+                    prompt: int | None = None, declared: int | None = None) -> bool:
+        """Check and charge `needs` ((limit, key, amount)) in each of `kinds` the limit
+        sets, all or nothing; refuse the flow (True) when one does not fit (429) or the
+        shared store fails (503)."""
+        counters = self._counting()
+        which = [(limit, key, need, kind) for kind in kinds for limit, key, need in needs if getattr(limit, kind)]
+        asks: list[Need] = [(limit.name, key, kind, need, getattr(limit, kind), limit.action != "log")
+                            for limit, key, need, kind in which]
+        try:
+            waits = await store_call(self.mask.state(), counters.take, asks)
+        except StateError as exc:  # fail closed: a limit that cannot be counted lets nothing through
+            logger.error(f"hoop: rate limits: {exc}")
+            refuse(flow, 503, "limit", "limit_store_unavailable",
+                   f"the shared rate-limit store cannot be reached; the request was not forwarded: {exc}")
+            return True
+        for kind in kinds:
+            if self._over(flow, [(limit, need, wait) for (limit, _, need, k), wait in zip(which, waits) if k == kind],
+                          kind, prompt, declared):
+                return True
+        return False
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         charges = self._applicable(flow)
         if not charges:
             return
         counted = [(limit, key, 1) for limit, key in charges if limit.requests_per_minute]
-        if self._over(flow, counted, "requests_per_minute"):
+        if counted and await self._take(flow, counted, ("requests_per_minute",)):
             return
-        for limit, key, _ in counted:
-            self.counters.charge(limit.name, key, "requests_per_minute", 1)
         self.charges[flow] = charges
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if (charges := self.charges.get(flow)) is None or flow.response is not None or not allowed(flow):
             return
         counted = [(limit, key) for limit, key in charges if limit.tokens_per_minute or limit.tokens_per_day]
@@ -102,14 +135,9 @@ class RateLimit(Stage):
             body = request.raw_content or b""  # the masking stage refuses what cannot be decoded
         estimate, declared = estimate_tokens(body), output_bound(body)
         reserve = [(lim, k, estimate + (declared or lim.default_output_tokens)) for lim, k in counted]
-        for kind in _TOKEN_KINDS:
-            if self._over(flow, [r for r in reserve if getattr(r[0], kind)], kind, estimate, declared):
-                return
-        for limit, key, need in reserve:
-            for kind in _TOKEN_KINDS:
-                if getattr(limit, kind):
-                    self.counters.charge(limit.name, key, kind, need)
-        self.reserved[flow] = (self.counters.clock(), reserve, declared)
+        if await self._take(flow, reserve, _TOKEN_KINDS, estimate, declared):
+            return
+        self.reserved[flow] = (self._counting().clock(), reserve, declared)
         hoop(flow)["usage"] = {"prompt_estimate": estimate, "output_reserved": max(n for *_, n in reserve) - estimate,
                                "prompt": None, "completion": None, "completion_estimated": None}
 
@@ -130,13 +158,13 @@ class RateLimit(Stage):
 
         flow.response.stream = stream
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._settle(flow)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._settle(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._settle(flow)  # a stream cut short still used the tokens it carried
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._settle(flow)  # a stream cut short still used the tokens it carried
 
-    def _settle(self, flow: http.HTTPFlow) -> None:
+    async def _settle(self, flow: http.HTTPFlow) -> None:
         """Charge the completion tokens the provider reported (else the estimate of the
         upstream body), and correct the prompt estimate by its reported count."""
         record = hoop(flow)
@@ -162,22 +190,23 @@ class RateLimit(Stage):
             if declared is not None:
                 completion = min(completion, declared)
         used = (usage.prompt if usage.prompt is not None else usage_record["prompt_estimate"]) + completion
-        for limit, key, reserved in reserve:  # the reservation goes, what was used stays
-            for kind in _TOKEN_KINDS:
-                if getattr(limit, kind):
-                    self.counters.release(limit.name, key, kind, at, reserved)
-                    self.counters.charge(limit.name, key, kind, used)
         usage_record.update(prompt=usage.prompt, completion=completion, completion_estimated=estimated)
+        # the reservation goes, what was used stays
+        settlements = [(limit.name, key, kind, at, reserved, used) for limit, key, reserved in reserve
+                       for kind in _TOKEN_KINDS if getattr(limit, kind)]
+        try:
+            await store_call(self.mask.state(), self._counting().settle, settlements)
+        except StateError as exc:  # the answer is gone already: the reservation stays charged
+            logger.error(f"hoop: rate limits: usage of {flow.request.pretty_url} not settled: {exc}")
 
-    def _over(self, flow: http.HTTPFlow, needs: list[tuple[Limit, tuple[Any, ...], int]], kind: str,
+    def _over(self, flow: http.HTTPFlow, needs: list[tuple[Limit, int, float]], kind: str,
               prompt: int | None = None, declared: int | None = None) -> bool:
         """Refuse the flow (True) if a need does not fit in its enforced limit's `kind`
-        window (`needs`: (limit, key, amount)); note shadow limits it does not fit
-        either. `prompt` and `declared` (the token estimate and the declared output
-        bound) explain a token need in the message."""
+        window (`needs`: (limit, amount, seconds until it fits)); note shadow limits it
+        does not fit either. `prompt` and `declared` (the token estimate and the
+        declared output bound) explain a token need in the message."""
         worst: tuple[float, Limit, int] | None = None
-        for limit, key, need in needs:
-            wait = self.counters.retry_after(limit.name, key, kind, need, getattr(limit, kind))
+        for limit, need, wait in needs:
             if not wait:
                 continue
             labelled(RATE_LIMITED, limit.name).inc()

@@ -55,6 +55,11 @@ SCHEMA = (
         sid TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, expires DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (sid, label))""",
     "CREATE INDEX IF NOT EXISTS hoop_vault_next_expires ON hoop_vault_next (expires)",
+    # rate-limit windows (`hoop_addon.state.counters`): one row per window and slot
+    """CREATE TABLE IF NOT EXISTS hoop_counters (
+        ident TEXT NOT NULL, slot BIGINT NOT NULL, n DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (ident, slot))""",
+    "CREATE INDEX IF NOT EXISTS hoop_counters_expires ON hoop_counters (expires)",
 )
 Run = Callable[..., list[tuple[Any, ...]]]
 
