@@ -171,7 +171,8 @@ class PinService(Protocol):
         """The verified approver, or `ApprovalError` (401)."""
 
     def changed(self, approver: Approver) -> list[dict[str, Any]]:
-        """The changed tool definitions awaiting acceptance that `approver` may accept."""
+        """The changed tool definitions awaiting acceptance that `approver` may accept;
+        raises `ApprovalError` (503 `state_unavailable`)."""
 
     def accept(self, approver: Approver, route: str, tool: str, fingerprint: str) -> dict[str, Any]:
         """Accept a changed definition; returns `{"route", "tool", "old", "new"}`;
@@ -180,8 +181,12 @@ class PinService(Protocol):
 
 class PinsList(_ApprovalHandler):
     async def get(self) -> None:
-        if (approver := await self.approver()) is not None:
+        if (approver := await self.approver()) is None:
+            return
+        try:
             self.send(200, {"changed": self.service.changed(approver)})
+        except ApprovalError as exc:  # a shared store that fails: 503 state_unavailable
+            self.fail(exc.status, exc.code, str(exc))
 
 
 class PinAccept(_ApprovalHandler):

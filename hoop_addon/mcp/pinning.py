@@ -5,9 +5,11 @@ tool name, a new description or input schema) is caught (pure: no mitmproxy).
 A fingerprint is the SHA-256 (FIPS 180-4) of the tool's canonical JSON: the object
 `{"description", "inputSchema", "name"}` (an absent member as null) serialized with
 sorted member names, no whitespace, UTF-8 (orjson `OPT_SORT_KEYS`), as lower-case hex.
-Pins are kept per server (the route) and tool name, in this process's memory only: a
-restart pins afresh and each gateway worker pins on its own (the scale-out issue will
-share them through the state store).
+Pins are kept per server (the route) and tool name: `PinStore` in this process's
+memory (a restart pins afresh), or with a shared state store `hoop_addon.state.pins`,
+which applies the same rules (`revise`, `acceptable_pin`) to rows every gateway
+process sees: a rug pull one process saw is held on all, an acceptance through one
+control API holds on all.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ cannot be pinned, and its listing is withheld (fail closed)."""
 
 class PinError(ValueError):
     """A pin that cannot be kept or accepted: `code` (a reason code for metrics and the
-    control API: `pins_full`, `no_change`, `stale_fingerprint`) and a sentence."""
+    control API: `pins_full`, `no_change`, `stale_fingerprint`; `state_unavailable`
+    when a shared store fails) and a sentence."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -56,6 +59,30 @@ class Pin:
     definition: dict[str, Any] | None = field(default=None, repr=False)
     changed_at: float | None = None
     reported: bool = False  # the change is audited: later listings of it are not `first`
+
+
+def revise(pin: Pin, route: str, tool: dict[str, Any], seen: str, now: float) -> Change | None:
+    """Apply a listing of `tool` (fingerprint `seen`, at `now`) to its existing `pin`
+    (mutated): equal to the pin clears a pending change (None); a different one is
+    the pending change (a new one unreported) and is returned as a `Change`."""
+    if seen == pin.fingerprint:
+        pin.changed = pin.definition = pin.changed_at = None
+        pin.reported = False
+        return None
+    if seen != pin.changed:
+        pin.changed, pin.definition, pin.changed_at, pin.reported = seen, tool, now, False
+    return Change(route, tool["name"], pin.fingerprint, seen, not pin.reported)
+
+
+def acceptable_pin(pin: Pin | None, route: str, tool: str, new: str) -> str:
+    """The fingerprint of `pin` (tool `tool` of `route`) that accepting `new` would
+    replace. Raises `PinError` `no_change` (nothing awaits acceptance) or
+    `stale_fingerprint` (the pending definition is another one)."""
+    if pin is None or pin.changed is None:
+        raise PinError("no_change", f"no changed definition of tool '{tool}' on route '{route}' awaits acceptance")
+    if pin.changed != new:
+        raise PinError("stale_fingerprint", f"the pending definition of tool '{tool}' is {pin.changed}, not {new}")
+    return pin.fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +124,7 @@ class PinStore:
                 raise PinError("pins_full", f"more than {self._max} MCP tools are pinned in this gateway process")
             self._pins[key] = Pin(seen, now)
             return None
-        if seen == pin.fingerprint:
-            pin.changed = pin.definition = pin.changed_at = None
-            pin.reported = False
-            return None
-        if seen != pin.changed:
-            pin.changed, pin.definition, pin.changed_at, pin.reported = seen, tool, now, False
-        return Change(route, tool["name"], pin.fingerprint, seen, not pin.reported)
+        return revise(pin, route, tool, seen, now)
 
     def reported(self, change: Change) -> None:
         """Note that `change` was audited: until the tool changes again, later listings
@@ -122,12 +143,7 @@ class PinStore:
         replace. Raises `PinError`: `no_change` when nothing awaits acceptance,
         `stale_fingerprint` when the pending definition is another one (it changed
         again since the reviewer saw `new`)."""
-        pin = self._pins.get((route, tool))
-        if pin is None or pin.changed is None:
-            raise PinError("no_change", f"no changed definition of tool '{tool}' on route '{route}' awaits acceptance")
-        if pin.changed != new:
-            raise PinError("stale_fingerprint", f"the pending definition of tool '{tool}' is {pin.changed}, not {new}")
-        return pin.fingerprint
+        return acceptable_pin(self._pins.get((route, tool)), route, tool, new)
 
     def accept(self, route: str, tool: str, new: str) -> tuple[str, str]:
         """Make the pending definition of `tool` on `route`, whose fingerprint must be

@@ -26,6 +26,7 @@ from hoop_addon.mcp.listing import filter_tools_list, negotiated_version
 from hoop_addon.mcp.pinning import Change, PinError, PinStore
 from hoop_addon.mcp.rules import decide, decide_server, may_list
 from hoop_addon.mcp.stream import AwaitedAnswers, EventGate, id_key
+from hoop_addon.state.pins import SharedPinStore
 from hoop_addon.policy.conditions import UninspectableBody, request_key
 from hoop_addon.policy.model import McpPolicy, Route
 from hoop_addon.providers.errors import stream_error_event
@@ -86,7 +87,8 @@ class Mcp(Stage):
         self.policy, self.mask, self.audit, self.control = policy, mask, audit, control  # Mask owns the decoded-size limit
         self.authenticate = authenticate  # approvers' tokens, verified as the approvals API does
         self.secret = secrets.token_bytes(32)  # approval keys: per process, never written down
-        self.pins = PinStore()
+        self.local_pins = PinStore()
+        self.shared_pins: SharedPinStore | None = None
         self.awaited = AwaitedAnswers()  # the server's requests given to clients, awaiting their answers
         self.notifications: set[asyncio.Task[bool]] = set()
         for pattern, handler, kwargs in pin_handlers(self):
@@ -262,6 +264,17 @@ class Mcp(Stage):
             self.notifications.add(task)
             task.add_done_callback(self.notifications.discard)
 
+    @property
+    def pins(self) -> PinStore | SharedPinStore:
+        """The pins in force: the shared state store's once one is open (`hoop_state`,
+        fixed at start-up; every process then sees the same pins), else this process's."""
+        store = self.mask.state()
+        if not store.blocking:
+            return self.local_pins
+        if self.shared_pins is None:
+            self.shared_pins = SharedPinStore(store)  # type: ignore[arg-type]
+        return self.shared_pins
+
     # The pins service, for the control API.
 
     def _policy_of(self, route: str) -> McpPolicy | None:
@@ -272,7 +285,11 @@ class Mcp(Stage):
 
     def changed(self, approver: Approver) -> list[dict[str, Any]]:
         """The pending changes (`PinStore.pending`) on routes whose `pin_approvers` name `approver`."""
-        return [item for item in self.pins.pending()
+        try:
+            pending = self.pins.pending()
+        except PinError as exc:  # state_unavailable
+            raise ApprovalError(exc.code, 503, str(exc)) from None
+        return [item for item in pending
                 if (policy := self._policy_of(item["route"])) is not None
                 and policy.may_accept(approver.issuer, approver.subject, approver.groups)]
 
@@ -287,13 +304,16 @@ class Mcp(Stage):
         try:
             old = self.pins.acceptable(route, tool, fingerprint)
         except PinError as exc:
-            raise ApprovalError(exc.code, 409, str(exc)) from None
+            raise ApprovalError(exc.code, 503 if exc.code == "state_unavailable" else 409, str(exc)) from None
         try:
             self.audit.event("mcp_tool_accepted", route=route, server=route, tool=tool, old=old, new=fingerprint,
                              approver={"subject": approver.subject, "issuer": approver.issuer, "via": approver.via})
         except OSError as exc:
             raise ApprovalError("audit_failed", 503, f"the acceptance could not be audited ({exc.strerror or exc}); nothing changed") from None
-        self.pins.accept(route, tool, fingerprint)
+        try:
+            self.pins.accept(route, tool, fingerprint)
+        except PinError as exc:  # changed again, or the store failed, since `acceptable`
+            raise ApprovalError(exc.code, 503 if exc.code == "state_unavailable" else 409, str(exc)) from None
         return {"route": route, "tool": tool, "old": old, "new": fingerprint}
 
     def _note_version(self, flow: http.HTTPFlow, mime: str) -> None:

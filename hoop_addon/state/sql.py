@@ -60,15 +60,20 @@ SCHEMA = (
         ident TEXT NOT NULL, slot BIGINT NOT NULL, n DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (ident, slot))""",
     "CREATE INDEX IF NOT EXISTS hoop_counters_expires ON hoop_counters (expires)",
+    # MCP tool pins (`hoop_addon.state.pins`)
+    """CREATE TABLE IF NOT EXISTS hoop_pins (
+        route TEXT NOT NULL, tool TEXT NOT NULL, fingerprint TEXT NOT NULL, pinned_at DOUBLE PRECISION NOT NULL,
+        changed TEXT, definition TEXT, changed_at DOUBLE PRECISION, reported INTEGER NOT NULL,
+        PRIMARY KEY (route, tool))""",
 )
 Run = Callable[..., list[tuple[Any, ...]]]
 
 
 class SQLStore(ApprovalStore):
     """The statements both backends share; subclasses provide `transaction` (a
-    context yielding `run(sql, *params) -> rows`), `_for_update` and `_notify`."""
+    context yielding `run(sql, *params) -> rows`), `for_update` and `_notify`."""
 
-    _for_update = ""
+    for_update = ""
 
     def __init__(self, rules: Rules, lease_s: float) -> None:
         super().__init__()
@@ -115,7 +120,7 @@ class SQLStore(ApprovalStore):
 
     def update(self, approval_id: str, change: Callable[[PendingApproval], None]) -> PendingApproval | None:
         with self.transaction() as run:
-            rows = run(f"SELECT {COLUMNS} FROM hoop_approvals WHERE id = ?{self._for_update}", approval_id)
+            rows = run(f"SELECT {COLUMNS} FROM hoop_approvals WHERE id = ?{self.for_update}", approval_id)
             if not rows or (item := self._item(rows[0])) is None:
                 return None
             before = item.outcome
@@ -225,7 +230,7 @@ class PostgresStore(SQLStore):
     that LISTENs on its own connection and wakes the holder."""
 
     poll_s = PG_POLL_S
-    _for_update = " FOR UPDATE"
+    for_update = " FOR UPDATE"
 
     def __init__(self, url: str, rules: Rules, lease_s: float) -> None:
         super().__init__(rules, lease_s)
