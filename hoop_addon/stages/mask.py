@@ -31,6 +31,7 @@ from hoop_addon.state.vault import SharedSession, SharedVault
 
 OFFLOAD_BYTES = 64 * 1024
 """Bodies of at least this many bytes (as sent) are masked on the stage's worker thread."""
+SECRET_DEFAULT = "env:HOOP_MASK_SECRET"
 MCP_SESSION_HEADER = "Mcp-Session-Id"  # MCP streamable HTTP, revision 2025-11-25
 _TEXT_TYPES = ("application/json", "application/x-ndjson", "application/x-www-form-urlencoded")
 
@@ -87,9 +88,12 @@ class Mask(Stage):
 
     def load(self, loader) -> None:
         loader.add_option(
-            "hoop_mask_secret", str, "env:HOOP_MASK_SECRET",
+            "hoop_mask_secret", str, SECRET_DEFAULT,
             "HMAC key of the `hash` masking operator: env:NAME or a file path.",
         )
+        # `hoop serve` adds the chain before the command line is read, and mitmproxy then
+        # configures only the options given: the default's secret is read here
+        self._read_secret(SECRET_DEFAULT)
         loader.add_option("hoop_mask_max_body", str, "16m", "Most bytes a body may decode to before it is refused.")
         loader.add_option(
             "hoop_mask_budget", str, "2",
@@ -119,19 +123,20 @@ class Mask(Stage):
                 self.config_error(f"hoop: hoop_mask_budget: not a number of seconds in (0, 60]: {ctx.options.hoop_mask_budget!r}")
                 return
             self.budget = budget
-        if "hoop_mask_secret" in updated:
-            where = ctx.options.hoop_mask_secret
-            if where.startswith("env:"):
-                value = os.environ.get(where[4:], "")
-                self.secret = value.encode() or None
-            else:
-                try:
-                    self.secret = Path(where).read_bytes().strip() or None
-                except OSError as exc:
-                    self.config_error(f"hoop: hoop_mask_secret: cannot read {where}: {exc.strerror}")
-                    return
-                if self.secret is None:
-                    self.config_error(f"hoop: hoop_mask_secret: {where} is empty")
+        if "hoop_mask_secret" in updated and (problem := self._read_secret(ctx.options.hoop_mask_secret)):
+            self.config_error(f"hoop: hoop_mask_secret: {problem}")
+
+    def _read_secret(self, where: str) -> str | None:
+        """Set `secret` from `where` (`env:NAME`: None when unset; else a file path);
+        returns what is wrong with a file (unreadable, empty), else None."""
+        if where.startswith("env:"):
+            self.secret = os.environ.get(where[4:], "").encode() or None
+            return None
+        try:
+            self.secret = Path(where).read_bytes().strip() or None
+        except OSError as exc:
+            return f"cannot read {where}: {exc.strerror}"
+        return f"{where} is empty" if self.secret is None else None
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.vault.drop((client.id,))
