@@ -1,10 +1,11 @@
 """End to end: two `hoop serve` processes on two ports ("two hosts") sharing one state
 store (a real PostgreSQL, and SQLite) share the `tokenize` vault and the rate-limit
-counters. A token minted through A restores through B (and B's next value continues
-A's numbering); a limit of 10 requests a minute lets exactly 10 of 24 requests
-through, sent at once through both; with the store's server stopped, a request of a
-shared session is refused (503 `vault_unavailable`, audited), nothing reaches the
-upstream, and `/healthz` names the store."""
+counters, and (PostgreSQL) the MCP tool pins. A token minted through A restores
+through B (and B's next value continues A's numbering); a limit of 10 requests a
+minute lets exactly 10 of 24 requests through, sent at once through both; a rug pull
+A saw is held on B and accepted through B; with the store's server stopped, a request
+of a shared session is refused (503 `vault_unavailable`, audited), nothing reaches
+the upstream, and `/healthz` names the store."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ import pytest
 from hoop_addon.dev.gateway import Gateway
 from hoop_addon.dev.tls import CA
 from hoop_addon.dev.upstream import FakeOpenAI
+from mcp.client.session import ClientSession
+from mcp.shared.exceptions import MCPError
+
 from tests.conftest import UPSTREAM_KEY, write_policy
+from tests.e2e.test_mcp import PINNING, RUG_PULL, McpServer, listed, session, start
 from tests.e2e.test_shared_approvals import fresh_database, wait_for
 from tests.support.idp import LocalIdP
 from tests.support.postgres import running_postgres
@@ -155,3 +160,41 @@ def test_a_store_lost_refuses_a_shared_session(tmp_path: Path, idp: LocalIdP, pk
                 assert answer(chat(http, upstream, "<EMAIL_1>", "s1")).startswith(f"Echo: {ANN}")
         finally:
             gateway.stop()
+
+
+def test_a_rug_pull_seen_through_a_is_held_on_b_and_accepted_through_b(tmp_path_factory: pytest.TempPathFactory,
+                                                                       idp: LocalIdP, pki, postgres_url: str) -> None:
+    """MCP pins (`pinning: hide`) in one PostgreSQL: A lists the tools (pinned), the
+    server changes echo's description, A's next listing catches it (audited once); B,
+    which never listed it, denies echo's calls and hides it, auditing nothing again;
+    an acceptance through B's control API makes echo callable through A."""
+    state = fresh_database(postgres_url)
+    with McpServer() as server:
+        a, url_a = start(tmp_path_factory, idp, pki, server, PINNING, {"hoop_state": state})
+        b, url_b = start(tmp_path_factory, idp, pki, server, PINNING, {"hoop_state": state})
+        try:
+            agent, alice = idp.mint(subject="agent-1", groups=["agents"]), idp.mint(subject="alice", groups=["reviewers"])
+            assert session(url_a, agent, listed) == ["delete_bucket", "echo", "lookup_customer"]
+            server.describe("echo", RUG_PULL)
+            assert session(url_a, agent, listed) == ["delete_bucket", "lookup_customer"]
+            (event,) = a.audit(("mcp_tool_changed",))
+
+            async def on_b(s: ClientSession) -> tuple[MCPError, list[str]]:
+                with pytest.raises(MCPError) as denied:
+                    await s.call_tool("echo", {"text": "hi"})
+                return denied.value, await listed(s)
+
+            denied, names = session(url_b, agent, on_b)
+            assert denied.message.startswith("tools/call 'echo' denied: its definition changed")
+            assert names == ["delete_bucket", "lookup_customer"] and server.calls["echo"] == 0
+            assert b.audit(("mcp_tool_changed",)) == []  # reported once, by A
+            bearer = {"Authorization": f"Bearer {alice}"}
+            (pending,) = httpx.get(f"{b.control_url}/mcp/pins", headers=bearer, timeout=10).json()["changed"]
+            assert pending["changed"] == event["new"]
+            accepted = httpx.post(f"{b.control_url}/mcp/pins/accept", headers=bearer, timeout=10,
+                                  json={"route": "tools", "tool": "echo", "fingerprint": event["new"]})
+            assert accepted.status_code == 200
+            assert session(url_a, agent, lambda s: s.call_tool("echo", {"text": "back"})).content[0].text == "echo: back"
+        finally:
+            a.stop()
+            b.stop()
