@@ -29,10 +29,11 @@ TOKENIZE = op_rule("tokenize", "$.v", directions=frozenset({"request"}))
 ROUTE = Route("r", ("*",), ("*",), frozenset(), Names(frozenset({"g"})), Names(), (TOKENIZE,))
 
 
-def process(store: SQLStore, secret: bytes | None = b"the gateway secret") -> Mask:
-    mask = Mask(lambda: store)
-    mask.secret = secret
-    return mask
+SECRET = b"the gateway secret"
+
+
+def process(store: SQLStore) -> Mask:
+    return Mask(lambda: store)
 
 
 @pytest.fixture
@@ -70,6 +71,7 @@ def test_tokens_minted_through_one_process_restore_through_the_other(database: s
     a, b = process(store_a), process(store_b)  # type: ignore[arg-type]
     try:
         with taddons.context(a):  # one mitmproxy context; b needs no options of its own
+            a.secret = b.secret = SECRET  # as `hoop_mask_secret` would set it
             on_a = send(a, EMAIL)
             assert orjson.loads(on_a.request.content) == {"v": "<EMAIL_1>"}
             on_b = send(b, OTHER)
@@ -94,6 +96,7 @@ def test_a_store_that_is_down_refuses_the_request() -> None:
         mask = process(store)  # type: ignore[arg-type]
         try:
             with taddons.context(mask):
+                mask.secret = SECRET
                 held = send(mask, EMAIL)
                 server.stop()
                 refused = send(mask, OTHER)
@@ -107,9 +110,10 @@ def test_a_store_that_is_down_refuses_the_request() -> None:
             store.close()
 
 
-def test_without_a_secret_a_shared_session_is_refused(database: str) -> None:
+def test_without_a_secret_a_shared_session_is_refused(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOOP_MASK_SECRET", raising=False)  # the default hoop_mask_secret: unset
     store = open_store(database, lambda n: None)  # type: ignore[arg-type]
-    mask = process(store, secret=None)  # type: ignore[arg-type]
+    mask = process(store)  # type: ignore[arg-type]
     try:
         with taddons.context(mask):
             flow = send(mask, EMAIL)
