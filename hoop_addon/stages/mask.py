@@ -123,8 +123,10 @@ class Mask(Stage):
                 self.config_error(f"hoop: hoop_mask_budget: not a number of seconds in (0, 60]: {ctx.options.hoop_mask_budget!r}")
                 return
             self.budget = budget
-        if "hoop_mask_secret" in updated and (problem := self._read_secret(ctx.options.hoop_mask_secret)):
-            self.config_error(f"hoop: hoop_mask_secret: {problem}")
+        if "hoop_mask_secret" in updated:
+            self.shared = None  # a shared vault's keys derive from the secret: derived again at next use
+            if problem := self._read_secret(ctx.options.hoop_mask_secret):
+                self.config_error(f"hoop: hoop_mask_secret: {problem}")
 
     def _read_secret(self, where: str) -> str | None:
         """Set `secret` from `where` (`env:NAME`: None when unset; else a file path);
