@@ -523,11 +523,18 @@ class Approve(Stage):
             await asyncio.sleep(0.2)  # let the refused flows' response hooks (record, audit) run
         if self.held:
             self.finished.clear()
+            flows = list(self.held.values())
             for wakeup in self.wakeups.values():
                 wakeup.set()
             try:
                 await asyncio.wait_for(self.finished.wait(), 5.0)
-                await asyncio.sleep(0.2)  # let their response hooks (record, audit) run
+                # answered (mitmproxy marks a flow not live once its response is sent and its
+                # hooks, record and audit, ran): under load 0.2 s was not always enough
+                for _ in range(500):
+                    if not any(f.live for f in flows):
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
             except TimeoutError:
                 logger.error(f"hoop: {len(self.held)} held flow(s) did not finish before shutdown")
         self.queue.store.close()
