@@ -29,7 +29,9 @@ here): `request` (every finished flow: decision, status, masked counts, recordin
 approval still open when the previous gateway process stopped uncleanly),
 `mcp_tool_changed` (server, tool, old and new fingerprints, action: an MCP tool's
 definition changed since it was pinned), `mcp_tool_accepted` (server, tool, old, new,
-approver), `workers` (worker, count, chains: a worker's start, see below), `checkpoint`.
+approver), `mcp_server_message` (stream, method, kind, id, outcome, rule: a message an MCP
+server sent its client, judged by the route's `server_methods` rules), `workers` (worker,
+count, chains: a worker's start, see below), `checkpoint`.
 
 One writer per chain: while an `AuditLog` has a log open, the log file itself is locked
 (`flock` on the file's own descriptor: the lock belongs to the inode, so a symlink or a
