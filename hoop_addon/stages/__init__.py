@@ -109,7 +109,8 @@ def refuse(
     POST (noted `hoop.mcp` by the MCP stage) it is a JSON-RPC error response instead,
     HTTP 200, carrying the request's id (`hoop_addon.mcp.jsonrpc.refusal`). The decision
     keeps the shadow rules noted before (`decision.shadow`). A request refused before it
-    was forwarded loses its body and its query.
+    was forwarded loses its body, its query, and the headers and cookies its route's
+    request rules mask.
     """
     body = error_body(hoop(flow).get("api"), status, reason, message, stage)
     if (note := hoop(flow).get("mcp")) is not None and (answer := refusal(note, status, reason, message, stage)) is not None:
@@ -123,6 +124,12 @@ def refuse(
             flow.request.raw_content = b""
         if b"?" in flow.request.data.path:
             flow.request.data.path = flow.request.data.path.split(b"?", 1)[0]
+        if (route := route_of(flow)) is not None:  # and the headers and cookies its rules mask
+            rules = route.rules_for("request")
+            for name in {n for r in rules for n in r.headers}:
+                flow.request.headers.pop(name, None)
+            if any(r.cookies for r in rules):
+                flow.request.headers.pop("Cookie", None)
     decision = {"outcome": "deny", "stage": stage, "reason": reason, "message": message}
     if shadow := hoop(flow).get("decision", {}).get("shadow"):
         decision["shadow"] = shadow  # what shadow rules saw stays in the audit line

@@ -77,3 +77,27 @@ def test_a_refused_request_keeps_no_body_and_a_forwarded_one_keeps_its_own() -> 
     hoop(forwarded)["forwarded"] = True
     refuse(forwarded, 502, "mask", "unmaskable_response", "upstream response withheld")
     assert forwarded.request.raw_content == b'{"email": "[REDACTED:EMAIL]"}'
+
+
+def test_a_refused_admitted_request_drops_the_headers_and_cookies_its_rules_mask() -> None:
+    """Under a route whose request rules name `x-user-email` and cookie `uid`, a refusal
+    before forwarding removes them (unmasked yet) with the body and the query."""
+    import dataclasses
+
+    from mitmproxy.test import tflow
+
+    from hoop_addon.policy.model import Route
+    from hoop_addon.stages import mark_admitted, refuse
+    from tests.support.masking import rule
+
+    named = dataclasses.replace(rule(), headers=("x-user-email",), cookies=("uid",))
+    from hoop_addon.policy.model import Names
+
+    route = Route("r", ("example.com",), ("*",), frozenset(), Names(), Names(), (named,))
+    flow = tflow.tflow()
+    flow.request.path = "/v1/x?owner=jane.doe@example.com"
+    flow.request.headers.update({"X-User-Email": "jane.doe@example.com", "Cookie": "uid=jane.doe@example.com", "Accept": "*/*"})
+    mark_admitted(flow, route)
+    refuse(flow, 422, "mask", "unmaskable_request", "request could not be inspected")
+    assert "X-User-Email" not in flow.request.headers and "Cookie" not in flow.request.headers
+    assert flow.request.headers["Accept"] == "*/*" and flow.request.path == "/v1/x"
